@@ -1,0 +1,148 @@
+"""One typed training config. Every default lives here; YAML <-> config; `--set key=value`.
+
+Unknown keys and bad values are errors that name the file and the field (pydantic with
+extra="forbid"): a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import TunelabError
+from tunelab.models import DEFAULT_MODEL
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainConfig(_Strict):
+    model: str = Field(DEFAULT_MODEL, description="builtin alias, model folder, .gguf or hub id")
+    train_file: Path = Field(..., description="JSONL of {'messages': [...]} conversations")
+    valid_file: Path | None = Field(None, description="JSONL for validation loss during training")
+    output_dir: Path = Path("runs/latest")
+    overwrite: bool = Field(False, description="replace an existing output_dir")
+
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = LoraSettings()
+
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(8, ge=1, description="examples per device per step")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float | None = Field(None, gt=0, description="default: 2e-4 LoRA, 2e-5 full")
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    max_length: int = Field(1024, ge=8, description="tokens per example; longer ones are cut")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the hardware has it (CUDA or AVX-512 BF16 CPUs)")
+    gradient_checkpointing: bool = False
+    group_by_length: bool = Field(True, description="batch similar lengths: less padding")
+
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="default: ~5 evaluations per run")
+    seed: int = 42
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: cores we may use")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.method == "full" and "lora" in self.model_fields_set:
+            raise ValueError("'lora' settings given but method is 'full'")
+        return self
+
+    @property
+    def lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-4 if self.method == "lora" else 2e-5
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise TunelabError(f"cannot set '{key}': '{p}' is not a section", field=key)
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise TunelabError(f"--set expects key=value, got '{item}'")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _field_names(loc: tuple) -> list[str]:
+    model: Any = TrainConfig
+    for part in loc[:-1]:
+        f = model.model_fields.get(part) if isinstance(part, str) else None
+        model = f.annotation if f is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
+
+
+def build_config(data: dict[str, Any], *, file: str | Path | None = None) -> TrainConfig:
+    try:
+        return TrainConfig(**data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or None
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _field_names(loc), n=1)
+            msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+        elif err["type"] == "missing":
+            msg = "required"
+        else:
+            msg = err["msg"]
+        raise TunelabError(msg, file=file, field=field) from None
+    except TypeError as e:
+        raise TunelabError(str(e), file=file) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise TunelabError("config file not found", file=path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise TunelabError(f"not valid YAML: {getattr(e, 'problem', e)}", file=path,
+                               line=mark.line + 1 if mark else None) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise TunelabError("expected a mapping of config keys", file=path)
+        data = loaded or {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return build_config(data, file=path)

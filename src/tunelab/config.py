@@ -73,6 +73,17 @@ class TrainConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+# Names users bring from TRL / transformers / other tools, to point them at ours.
+_KNOWN_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "lr": "learning_rate", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "max_seq_length": "max_length",
+    "model_name_or_path": "model", "base_model": "model", "dataset": "train_file",
+    "eval_file": "valid_file", "validation_file": "valid_file", "lr_scheduler_type": "lr_scheduler",
+    "warmup_steps": "warmup_ratio", "bf16": "precision", "fp16": "precision",
+}
+
+
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node = data
     *parents, leaf = key.split(".")
@@ -118,7 +129,10 @@ def build_config(data: dict[str, Any], *, file: str | Path | None = None) -> Tra
         loc = tuple(err["loc"])
         field = ".".join(str(p) for p in loc) or None
         if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _field_names(loc), n=1)
+            names = _field_names(loc)
+            alias = _KNOWN_ALIASES.get(str(loc[-1]))
+            close = [alias] if alias in names else \
+                difflib.get_close_matches(str(loc[-1]), names, n=1)
             msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
         elif err["type"] == "missing":
             msg = "required"

@@ -50,16 +50,18 @@ def chat_text(tokenizer, messages: Sequence[dict[str, Any]], *, add_generation_p
 
 
 def _special_token_strings(tokenizer) -> list[str]:
+    # Cached on the tokenizer, keyed on what changes when special tokens are added or set.
+    key = (len(tokenizer), tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token)
     cached = getattr(tokenizer, "_tunelab_special_strings", None)
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] == key:
+        return cached[1]
     specials = set(tokenizer.all_special_tokens)
     for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
         if getattr(tok, "special", False):
             specials.add(str(tok))
     found = sorted((s for s in specials if s), key=len, reverse=True)  # longest match first
     try:
-        tokenizer._tunelab_special_strings = found
+        tokenizer._tunelab_special_strings = (key, found)
     except AttributeError:
         pass
     return found

@@ -135,8 +135,11 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
-    """Fine-tune `cfg.model` on `cfg.train_file`; returns where everything was written."""
+def train(cfg: TrainConfig, *, quiet: bool = False, callbacks: list | None = None) -> TrainResult:
+    """Fine-tune `cfg.model` on `cfg.train_file`; returns where everything was written.
+
+    `callbacks`: extra transformers TrainerCallbacks (they see the live model).
+    """
     from tunelab import models
     from tunelab.runtime import resolve_precision, set_threads
 
@@ -185,7 +188,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
             data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX,
                                                  padding=True),
             processing_class=tokenizer,
-            callbacks=[metrics],
+            callbacks=[metrics, *(callbacks or [])],
         )
         output = trainer.train()
         valid_loss = metrics.last_valid_loss

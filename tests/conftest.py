@@ -1,0 +1,64 @@
+"""Shared fixtures: the real SmolLM2 tokenizer, a tiny random-weight model built on it, and a
+tiny short-answer task. Built once per test session."""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+
+from tunelab.data.io import write_jsonl
+
+SOUNDS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "sheep": "baa",
+          "owl": "hoot"}
+PHRASINGS = ["What sound does a {a} make?", "Which noise comes from a {a}?",
+             "Tell me the sound of a {a}.", "A {a} says what?", "What does the {a} say?",
+             "Sound of the {a}?", "Name the noise a {a} makes.", "Hey, what does a {a} sound like?"]
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from tunelab.models import load_tokenizer
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture
+def fresh_tokenizer(smol_tokenizer):
+    """A copy a test may change (templates, special tokens) without touching the others."""
+    return copy.deepcopy(smol_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    """A 2-layer, 64-wide Llama with random weights and the real SmolLM2 tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = smol_tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def sound_rows():
+    rows = [{"messages": [{"role": "user", "content": p.format(a=a)},
+                          {"role": "assistant", "content": s}]}
+            for p in PHRASINGS for a, s in SOUNDS.items()]
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def sound_task(tmp_path_factory):
+    """Animal -> sound: 40 train / 8 held-out test conversations (unseen phrasing+animal pairs)."""
+    folder = tmp_path_factory.mktemp("sounds")
+    rows = sound_rows()
+    write_jsonl(folder / "train.jsonl", rows[:40])
+    write_jsonl(folder / "test.jsonl", rows[40:])
+    return {"train": folder / "train.jsonl", "test": folder / "test.jsonl", "dir": folder}

@@ -3,7 +3,11 @@ tiny short-answer task. Built once per test session."""
 from __future__ import annotations
 
 import copy
+import os
 import random
+
+# Tests never reach a model hub: fail fast instead of retrying a network that is not there.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 

@@ -44,16 +44,31 @@ def full_run(tmp_path_factory, tiny_model_dir, sound_task):
     return result, snap
 
 
+PERMUTED = {"woof": "meow", "meow": "moo", "moo": "quack", "quack": "baa", "baa": "hoot",
+            "hoot": "woof"}
+
+
 @pytest.fixture(scope="session")
-def lora_run(tmp_path_factory, tiny_model_dir, sound_task):
-    out = tmp_path_factory.mktemp("lora") / "run"
+def lora_run(tmp_path_factory, full_run):
+    """LoRA on top of the fully fine-tuned tiny model: re-learn the task with permuted answers
+    (a random base with frozen embeddings cannot learn much through rank-16 adapters)."""
+    from conftest import sound_rows
+    from tunelab.data.io import write_jsonl
+    folder = tmp_path_factory.mktemp("lora")
+    rows = sound_rows()
+    for r in rows:
+        r["messages"][1]["content"] = PERMUTED[r["messages"][1]["content"]]
+    write_jsonl(folder / "train.jsonl", rows[:40])
+    write_jsonl(folder / "test.jsonl", rows[40:])
     snap = ParamSnapshot()
-    result = tunelab.train({"model": str(tiny_model_dir), "train_file": str(sound_task["train"]),
-                            "valid_file": str(sound_task["test"]), "output_dir": str(out),
-                            "method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                            "epochs": 6, "learning_rate": 5e-3, "precision": "fp32"},
+    base = full_run[0].model_dir
+    result = tunelab.train({"model": str(base), "train_file": str(folder / "train.jsonl"),
+                            "valid_file": str(folder / "test.jsonl"),
+                            "output_dir": str(folder / "run"), "method": "lora",
+                            "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "epochs": 20,
+                            "learning_rate": 5e-3, "precision": "fp32"},
                            quiet=True, callbacks=[snap])
-    return result, snap
+    return result, snap, base, folder / "test.jsonl"
 
 
 def test_full_finetune_learns_the_task(full_run, sound_task):
@@ -85,23 +100,25 @@ def test_full_output_folder(full_run):
     assert len([e for e in entries if "valid_loss" in e]) >= 5
 
 
-def test_lora_trains_only_the_adapter(lora_run, tiny_model_dir):
-    result, snap = lora_run
+def test_lora_trains_only_the_adapter_and_learns(lora_run):
+    result, snap, base, test_file = lora_run
     assert snap.trainable and all("lora_" in n for n in snap.trainable)
     assert snap.changed() == snap.trainable             # every adapter weight moved ...
     frozen = set(snap.before) - snap.trainable
     assert frozen and not (snap.changed() & frozen)      # ... and no base weight did
     train_losses = losses(result.metrics_file, "train_loss")
     assert train_losses[-1] < 0.5 * train_losses[0]
+    tuned = evaluate(*models.load(result.model_dir), test_file)
+    before = evaluate(*models.load(base), test_file)
+    assert tuned.exact_match >= 0.9 and before.exact_match == 0.0, tuned.predictions
 
 
-def test_lora_outputs_adapter_and_merged_model(lora_run, tiny_model_dir):
-    result, _ = lora_run
+def test_lora_outputs_adapter_and_merged_model(lora_run):
+    result, _, base_dir, _ = lora_run
     assert (result.adapter_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(result.model_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    differs = [n for n, p in merged.named_parameters()
-               if not torch.equal(p, dict(base.named_parameters())[n])]
+    base = dict(AutoModelForCausalLM.from_pretrained(base_dir).named_parameters())
+    differs = [n for n, p in merged.named_parameters() if not torch.equal(p, base[n])]
     assert differs and all("proj" in n for n in differs)   # LoRA targets the linear layers
     # the adapter folder is itself a model spec: base + adapter, merged on load
     via_adapter, _ = models.load(result.adapter_dir)

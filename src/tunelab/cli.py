@@ -11,20 +11,12 @@ from typing import Optional
 
 import typer
 
+from tunelab.cli_data import data_app, quiet_libraries
 from tunelab.errors import TunelabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune open language models on your examples.")
-data_app = typer.Typer(no_args_is_help=True, help="Inspect and prepare training data.")
 app.add_typer(data_app, name="data")
-
-
-def _quiet_libraries(quiet: bool = True) -> None:
-    import os
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # weight-loading bars; the Trainer keeps its own
 
 
 @app.command()
@@ -35,7 +27,7 @@ def train(config: Path = typer.Argument(..., help="YAML config"),
     from tunelab.config import load_config
     from tunelab.train import train as run_train
     cfg = load_config(config, set_)
-    _quiet_libraries(quiet)
+    quiet_libraries()
     result = run_train(cfg, quiet=quiet)
     if not quiet:
         print(f"model: {result.model_dir}")
@@ -64,7 +56,7 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
     from tunelab.evaluate import evaluate
     from tunelab.runtime import set_threads
     convs = read_conversations(data)[:limit] if limit else read_conversations(data)
-    _quiet_libraries(quiet or as_json)
+    quiet_libraries()
     set_threads()
     m, tok = models.load(model)
     with tqdm(total=len(convs), desc="generating", disable=quiet or as_json, unit="ex") as bar:
@@ -91,7 +83,7 @@ def chat(model: str = typer.Argument("smollm2-135m-instruct", help="model spec")
     from tunelab import models
     from tunelab.inference import generate
     from tunelab.runtime import set_threads
-    _quiet_libraries(True)
+    quiet_libraries()
     set_threads()
     m, tok = models.load(model)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -122,46 +114,6 @@ def chat(model: str = typer.Argument("smollm2-135m-instruct", help="model spec")
             print(f"model> {answer(text)}")
 
 
-@data_app.command("render")
-def data_render(file: Path = typer.Argument(..., help="JSONL of conversations"),
-                tokenizer: str = typer.Option("smollm2-135m-instruct", "--tokenizer", "-t",
-                                              help="model spec whose tokenizer and template to use"),
-                as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
-                max_length: Optional[int] = typer.Option(None),
-                limit: Optional[int] = typer.Option(None, help="render the first N examples")):
-    """Show exactly which tokens are trained (labels != -100)."""
-    from tunelab import models
-    from tunelab.data.conversation import read_conversations
-    from tunelab.data.render import render
-    _quiet_libraries(True)
-    tok = models.load_tokenizer(tokenizer)
-    convs = read_conversations(file)[:limit] if limit else read_conversations(file)
-    for i, conv in enumerate(convs):
-        row = render(conv.messages, tok, max_length=max_length, source=conv.source)
-        if as_json:
-            print(json.dumps({"line": int(conv.source.rsplit(":", 1)[1]), **row}))
-            continue
-        trained = sum(1 for x in row["labels"] if x != -100)
-        print(f"--- {conv.source}: {len(row['input_ids'])} tokens, {trained} trained "
-              "(trained text is [[bracketed]]) ---")
-        print(_visualize(tok, row))
-
-
-def _visualize(tok, row) -> str:
-    out, in_span = [], False
-    for tid, lab in zip(row["input_ids"], row["labels"]):
-        trained = lab != -100
-        if trained and not in_span:
-            out.append("[[")
-        elif not trained and in_span:
-            out.append("]]")
-        in_span = trained
-        out.append(tok.decode([tid]))
-    if in_span:
-        out.append("]]")
-    return "".join(out)
-
-
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
          examples: int = typer.Option(900, help="reviews to generate"),
@@ -169,7 +121,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
          quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Offline end-to-end demo: sentiment task, base vs LoRA fine-tuned SmolLM2-135M."""
     from tunelab.demo import run_demo
-    _quiet_libraries(quiet)
+    quiet_libraries()
     report = run_demo(out, n_examples=examples, epochs=epochs, quiet=quiet)
     if quiet:
         print(json.dumps({k: report[k] for k in ("base", "fine_tuned")}, default=str))

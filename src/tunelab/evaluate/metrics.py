@@ -63,7 +63,8 @@ def test_loss(model, tokenizer, conversations: list[Conversation], *, batch_size
         ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in batch])
         labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"]))
                                for r in batch])
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(r["input_ids"]) for r in batch])[:, None]).long()
+        lengths = torch.tensor([len(r["input_ids"]) for r in batch])
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]

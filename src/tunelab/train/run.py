@@ -100,7 +100,7 @@ def _training_arguments(cfg: TrainConfig, work: Path, n_train: int, has_valid: b
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         logging_steps=min(cfg.logging_steps, max(1, total // 5)),
         logging_first_step=True,
         eval_strategy="steps" if has_valid else "no",
@@ -135,13 +135,21 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def train(cfg: TrainConfig, *, quiet: bool = False, callbacks: list | None = None) -> TrainResult:
+def train(cfg: TrainConfig | dict | str | Path, *, quiet: bool = False,
+          callbacks: list | None = None) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.train_file`; returns where everything was written.
 
+    `cfg`: a TrainConfig, a dict of config keys, or a YAML path.
     `callbacks`: extra transformers TrainerCallbacks (they see the live model).
     """
     from tunelab import models
+    from tunelab.config import build_config, load_config
     from tunelab.runtime import resolve_precision, set_threads
+
+    if isinstance(cfg, (str, Path)):
+        cfg = load_config(cfg)
+    elif isinstance(cfg, dict):
+        cfg = build_config(cfg)
 
     started = time.time()
     _check_output_dir(cfg)
@@ -190,6 +198,9 @@ def train(cfg: TrainConfig, *, quiet: bool = False, callbacks: list | None = Non
             processing_class=tokenizer,
             callbacks=[metrics, *(callbacks or [])],
         )
+        if quiet:  # with tqdm off, transformers prints every log dict instead
+            from transformers.trainer_callback import PrinterCallback
+            trainer.remove_callback(PrinterCallback)
         output = trainer.train()
         valid_loss = metrics.last_valid_loss
         if valid_rows and metrics.last_valid_step != output.global_step:

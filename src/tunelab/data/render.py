@@ -7,23 +7,39 @@ to answer and to stop. Collators only pad; they never decide what is trained.
 Why not TRL's `assistant_only_loss`: it needs `{% generation %}` markers, which almost no real
 template has. Instead we render incrementally and read the spans off the text:
 
-    prompt_i = template(messages[:i], add_generation_prompt=True)
-    upto_i   = template(messages[:i+1])
-    full     = template(messages)
+    prompt_i = template(messages[:i], add_generation_prompt=True)   what the model sees at inference
+    upto_i   = template(messages[:i+1])                              the template's answer i
+    full     = template(messages)                                    the training row
 
-The assistant turn i is `upto_i[len(prompt_i):]`; it is unambiguous when prompt_i is a prefix of
-upto_i and upto_i is a prefix of full. When a template breaks that (it rewrites earlier turns
-once later ones exist), we raise instead of guessing a mask. The trained span runs from the end
-of the generation prompt to the end of the first special token after the content: the
-end-of-turn token (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`, ...). Whitespace the
-template puts after that token belongs to the next turn's scaffolding and is not trained.
+The trained span of assistant turn i runs from the end of prompt_i to the end of the first
+special token after its content (the end-of-turn token: `<|im_end|>`, `<|eot_id|>`,
+`<end_of_turn>`, `<|end|>`, `</s>`, ...). Whitespace or an EOS that the template puts after that
+token belongs to the scaffolding and is not trained. Two conditions make the mask unambiguous and
+are checked for every trained turn, never assumed:
 
-Spans are mapped to tokens through the fast tokenizer's offsets, so the whole conversation is
-tokenized once, exactly as it will be at inference.
+  1. upto_i starts with prompt_i: the answer is rendered after exactly the prompt the model gets
+     at inference. Templates that break this (DeepSeek-R1 distills put `<think>\\n` in the
+     generation prompt but strip it from rendered answers; Mistral v0.3 puts the system message
+     only on the last user turn) are refused with the differing text shown.
+  2. full starts with upto_i up to the end of the span: the turn is trained as the template shows
+     it when it is the last one. Reasoning templates (Qwen3) break this on purpose: they drop
+     earlier turns' reasoning and show the empty `<think></think>` block only on the last turn.
+     That raises HistoryRewriteError; `render_examples` then trains such a conversation one turn
+     per example (turn i rendered as the last turn of messages[:i+1], earlier answers as context,
+     untrained), which is exactly what the model sees when it generates turn i. One row can not
+     be right for every turn of such a template, so we make as many rows as trained turns rather
+     than train earlier turns in a form the model never produces at inference.
+
+Spans are mapped to tokens through the fast tokenizer's character offsets, so the whole
+conversation is tokenized once, exactly as it will be at inference. `render_many` does the
+template work per conversation and tokenizes a whole batch in one call into the Rust tokenizer
+(which releases the GIL and uses every core); `render` is the one-conversation case of it.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tunelab.errors import TunelabError
@@ -31,40 +47,82 @@ from tunelab.errors import TunelabError
 IGNORE_INDEX = -100
 
 
+class HistoryRewriteError(TunelabError):
+    """The template renders an earlier trained turn differently once later turns follow."""
+
+
 def _template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     # Only role and content reach the template: extra keys (weight) are ours, not the template's.
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def chat_text(tokenizer, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise TunelabError("the tokenizer has no chat template (load it with tunelab.models."
-                           "load_tokenizer, which adds ChatML)")
-    try:
-        return tokenizer.apply_chat_template(_template_messages(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    except TunelabError:
-        raise
-    except Exception as e:  # jinja raises for conversations a template refuses (roles, order)
-        raise TunelabError(f"the chat template refused this conversation: {e}") from None
-
-
 def _special_token_strings(tokenizer) -> list[str]:
-    # Cached on the tokenizer, keyed on what changes when special tokens are added or set.
-    key = (len(tokenizer), tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token)
-    cached = getattr(tokenizer, "_tunelab_special_strings", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
     specials = set(tokenizer.all_special_tokens)
     for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
         if getattr(tok, "special", False):
             specials.add(str(tok))
-    found = sorted((s for s in specials if s), key=len, reverse=True)  # longest match first
-    try:
-        tokenizer._tunelab_special_strings = (key, found)
-    except AttributeError:
-        pass
-    return found
+    return sorted((s for s in specials if s), key=len, reverse=True)  # longest match first
+
+
+@dataclass
+class ChatFormatter:
+    """A tokenizer's chat template compiled once, plus what rendering needs from the tokenizer.
+
+    Rendering calls the compiled Jinja template directly with the same variables
+    `apply_chat_template` passes (the special tokens), which skips its per-call overhead; a test
+    pins that the text is identical for every template in the suite.
+    """
+    template: str
+    compiled: Any
+    variables: dict[str, Any]
+    specials: list[str]
+    tokenizer: Any
+
+    def text(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool) -> str:
+        msgs = _template_messages(messages)
+        try:
+            if self.compiled is None:
+                return self.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt)
+            return self.compiled.render(messages=msgs, tools=None, documents=None,
+                                        add_generation_prompt=add_generation_prompt,
+                                        **self.variables)
+        except TunelabError:
+            raise
+        except Exception as e:  # jinja raises for conversations a template refuses (roles, order)
+            raise TunelabError(f"the chat template refused this conversation: {e}") from None
+
+
+# Kept beside the tokenizer, not on it: a compiled template does not survive deepcopy or pickle
+# (datasets.map and DataLoader workers copy tokenizers).
+_FORMATTERS: "weakref.WeakKeyDictionary[Any, tuple[Any, ChatFormatter]]" = weakref.WeakKeyDictionary()
+
+
+def formatter(tokenizer) -> ChatFormatter:
+    """The tokenizer's ChatFormatter, cached on it and rebuilt when its template or tokens change."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise TunelabError("the tokenizer has no chat template (load it with tunelab.models."
+                           "load_tokenizer, which adds ChatML)")
+    if not isinstance(template, str):
+        template = tokenizer.get_chat_template()
+    variables = dict(tokenizer.special_tokens_map)
+    key = (template, len(tokenizer), tuple(sorted((k, str(v)) for k, v in variables.items())))
+    cached = _FORMATTERS.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:  # transformers' own compile (same sandbox, extensions and filters as apply_chat_template)
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+        compiled = _compile_jinja_template(template)
+    except Exception:  # a private helper: fall back to the public (slower) path if it moves
+        compiled = None
+    fmt = ChatFormatter(template, compiled, variables, _special_token_strings(tokenizer), tokenizer)
+    _FORMATTERS[tokenizer] = (key, fmt)
+    return fmt
+
+
+def chat_text(tokenizer, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool) -> str:
+    return formatter(tokenizer).text(messages, add_generation_prompt=add_generation_prompt)
 
 
 def _end_of_turn(reply: str, content_end: int, specials: list[str]) -> int | None:
@@ -83,46 +141,181 @@ def _end_of_turn(reply: str, content_end: int, specials: list[str]) -> int | Non
     return best[1]
 
 
-def _generation_prompt(tokenizer, history: Sequence[dict[str, Any]]) -> str:
-    if history:
-        return chat_text(tokenizer, history, add_generation_prompt=True)
-    try:  # a conversation that opens with the assistant: some templates refuse an empty history
-        return chat_text(tokenizer, [], add_generation_prompt=True)
-    except TunelabError:
-        return ""
+def _turn_end(reply: str, content: str, specials: list[str], field: str) -> int:
+    """Where the trained span ends in `reply`: just after the end-of-turn token of the answer."""
+    def first_closed(needle: str) -> int | None:
+        # The first occurrence of the answer that is closed by an end-of-turn token: scaffolding
+        # before the answer may contain it too (content "think" inside Qwen3's "<think>").
+        start = reply.find(needle)
+        while start >= 0:
+            end = _end_of_turn(reply, start + len(needle), specials)
+            if end is not None:
+                return end
+            start = reply.find(needle, start + 1)
+        return None
+
+    stripped = content.strip()
+    if stripped and stripped in reply:
+        end = first_closed(stripped)
+        if end is None:
+            raise TunelabError("the chat template closes assistant turns with no end-of-turn "
+                               "token: the model could not learn to stop", field=field)
+        return end
+    if "</think>" in content:
+        # Reasoning templates re-format the think block ("<think>\n...\n</think>\n\n"); the
+        # answer after it must still be there, and so must the reasoning, or it is not trained.
+        reasoning = content.split("</think>")[0].split("<think>")[-1].strip()
+        answer = content.split("</think>")[-1].strip()
+        if reasoning and reasoning not in reply:
+            raise TunelabError("the chat template drops the reasoning (<think>...</think>) from "
+                               "the assistant turn it trains: the model would never learn it",
+                               field=field)
+        end = first_closed(answer) if answer else None
+        if end is not None:
+            return end
+    raise TunelabError("the chat template altered the assistant content; cannot locate it to "
+                       "build the loss mask", field=field)
 
 
-def assistant_spans(tokenizer, messages: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+def _diff(a: str, b: str) -> str:
+    """The first place two renderings differ, as two short quoted snippets."""
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    lo = max(0, i - 30)
+    return f"{a[lo:i + 30]!r} vs {b[lo:i + 30]!r}"
+
+
+def assistant_spans(tokenizer, messages: Sequence[dict[str, Any]], *,
+                    fmt: ChatFormatter | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The full rendered text and the character spans to train on (one per trained turn)."""
-    full = chat_text(tokenizer, messages, add_generation_prompt=False)
-    specials = _special_token_strings(tokenizer)
+    fmt = fmt or formatter(tokenizer)
+    full = fmt.text(messages, add_generation_prompt=False)
     spans = []
+    last = len(messages) - 1
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
         turn = f"messages[{i}]"
-        prompt = _generation_prompt(tokenizer, messages[:i])
-        upto = chat_text(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prompt = _generation_prompt(fmt, messages[:i])
+        upto = full if i == last else fmt.text(messages[: i + 1], add_generation_prompt=False)
         if not upto.startswith(prompt):
+            hint = (" (it adds a think block to the generation prompt that its rendering of the "
+                    "answer drops)" if "<think>" in prompt[-40:] else "")
             raise TunelabError(
-                "the chat template renders this assistant turn differently from the generation "
-                "prompt it would answer at inference; the loss mask would be ambiguous", field=turn)
-        if not full.startswith(upto):
-            raise TunelabError(
+                "the chat template renders this assistant turn after a different prefix than the "
+                f"generation prompt it would answer at inference{hint}: {_diff(prompt, upto)}; "
+                "the loss mask would not match inference", field=turn)
+        end = len(prompt) + _turn_end(upto[len(prompt):], m["content"], fmt.specials, turn)
+        if not full.startswith(upto[:end]):
+            raise HistoryRewriteError(
                 "the chat template rewrites this assistant turn once later turns follow (e.g. it "
-                "drops reasoning from earlier turns); the loss mask would be ambiguous", field=turn)
-        reply = upto[len(prompt):]
-        content = m["content"].strip()
-        pos = reply.find(content)
-        if pos < 0:
-            raise TunelabError("the chat template altered the assistant content; cannot locate "
-                               "it to build the loss mask", field=turn)
-        end = _end_of_turn(reply, pos + len(content), specials)
-        if end is None:
-            raise TunelabError("the chat template closes assistant turns with no end-of-turn "
-                               "token: the model could not learn to stop", field=turn)
-        spans.append((len(prompt), len(prompt) + end))
+                f"drops reasoning from earlier turns): {_diff(upto[:end], full)}; one row cannot "
+                "train it as the model generates it (train one turn per example: "
+                "tunelab.data.render_examples)", field=turn)
+        spans.append((len(prompt), end))
     return full, spans
+
+
+def _generation_prompt(fmt: ChatFormatter, history: Sequence[dict[str, Any]]) -> str:
+    if history:
+        return fmt.text(history, add_generation_prompt=True)
+    try:  # a conversation that opens with the assistant: some templates refuse an empty history
+        return fmt.text([], add_generation_prompt=True)
+    except TunelabError:
+        return ""
+
+
+def _with_source(e: TunelabError, source: str | None) -> TunelabError:
+    if not source or e.file is not None:
+        return e
+    file, _, line = source.rpartition(":")
+    cls = type(e)
+    return cls(e.reason, file=file or source, line=int(line) if line.isdigit() else None,
+               field=e.field)
+
+
+def _labels_from_offsets(ids: list[int], offsets, spans) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    k = 0
+    for idx, (start, end) in enumerate(offsets):
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        if k == len(spans):
+            break
+        # A token is trained when it overlaps the span (a token straddling the start of the
+        # answer is still something the model must generate).
+        if end > spans[k][0] and start < spans[k][1]:
+            labels[idx] = ids[idx]
+    return labels
+
+
+def _labels_from_encoding(enc, spans, text_len: int) -> list[int]:
+    """Labels via the Rust encoding's char->token map: two lookups per span, no per-token loop.
+
+    Same rule as _labels_from_offsets (a token is trained when it overlaps a span); a character
+    that maps to no token (whitespace some normalizers drop) moves to the nearest one inside.
+    """
+    ids = enc.ids
+    labels = [IGNORE_INDEX] * len(ids)
+    for s_start, s_end in spans:
+        a = b = None
+        for c in range(s_start, min(s_end, text_len)):
+            a = enc.char_to_token(c)
+            if a is not None:
+                break
+        for c in range(min(s_end, text_len) - 1, s_start - 1, -1):
+            b = enc.char_to_token(c)
+            if b is not None:
+                break
+        if a is not None and b is not None and b >= a:
+            labels[a:b + 1] = ids[a:b + 1]
+    return labels
+
+
+def render_many(conversations: Sequence[Sequence[dict[str, Any]]], tokenizer, *,
+                max_length: int | None = None, sources: Sequence[str | None] | None = None,
+                errors: str = "raise") -> list[dict[str, list[int]] | TunelabError]:
+    """`render` for a batch: one {"input_ids", "labels"} per conversation, tokenized in one call.
+
+    errors="raise" raises the first conversation's error (with its source); errors="return" puts
+    the TunelabError in that conversation's place instead, for callers that report every problem.
+    """
+    if errors not in ("raise", "return"):
+        raise ValueError("errors must be 'raise' or 'return'")
+    fmt = formatter(tokenizer)
+    sources = sources if sources is not None else [None] * len(conversations)
+    out: list[Any] = [None] * len(conversations)
+    texts, spans_of, where = [], [], []
+    for n, messages in enumerate(conversations):
+        try:
+            text, spans = assistant_spans(tokenizer, messages, fmt=fmt)
+        except TunelabError as e:
+            e = _with_source(e, sources[n])
+            if errors == "raise":
+                raise e from None
+            out[n] = e
+            continue
+        texts.append(text)
+        spans_of.append(spans)
+        where.append(n)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if texts and backend is not None and hasattr(backend, "encode_batch"):
+        # add_special_tokens=False: the template already wrote BOS where the model wants it;
+        # letting the tokenizer add another is the classic doubled-BOS bug.
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        rows = [(enc.ids, _labels_from_encoding(enc, spans, len(text)))
+                for enc, spans, text in zip(encodings, spans_of, texts)]
+    elif texts:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        rows = [(list(ids), _labels_from_offsets(list(ids), offs, spans))
+                for ids, offs, spans in zip(enc["input_ids"], enc["offset_mapping"], spans_of)]
+    else:
+        rows = []
+    for n, (ids, labels) in zip(where, rows):
+        ids = list(ids)
+        if max_length is not None and len(ids) > max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+        out[n] = {"input_ids": ids, "labels": labels}
+    return out
 
 
 def render(messages: Sequence[dict[str, Any]], tokenizer, *, max_length: int | None = None,
@@ -132,33 +325,44 @@ def render(messages: Sequence[dict[str, Any]], tokenizer, *, max_length: int | N
     `source` ("file:line") is put on errors. Sequences longer than max_length are cut on the
     right (what is lost is the validator's business to report).
     """
-    try:
-        text, spans = assistant_spans(tokenizer, messages)
-    except TunelabError as e:
-        if source and e.file is None:
-            file, _, line = source.rpartition(":")
-            raise TunelabError(e.reason, file=file, line=int(line) if line.isdigit() else None,
-                               field=e.field) from None
-        raise
-    # add_special_tokens=False: the template already wrote BOS where the model wants it;
-    # letting the tokenizer add another is the classic doubled-BOS bug.
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(input_ids)
-    k = 0
-    for idx, (start, end) in enumerate(enc["offset_mapping"]):
-        while k < len(spans) and spans[k][1] <= start:
-            k += 1
-        if k == len(spans):
-            break
-        s_start, s_end = spans[k]
-        # A token is trained when it overlaps the span (a token straddling the start of the
-        # answer is still something the model must generate).
-        if end > s_start and start < s_end:
-            labels[idx] = input_ids[idx]
-    if max_length is not None and len(input_ids) > max_length:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return {"input_ids": input_ids, "labels": labels}
+    return render_many([messages], tokenizer, max_length=max_length, sources=[source])[0]
+
+
+def per_turn(messages: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """One conversation per trained assistant turn i: messages[:i+1], only turn i trained.
+
+    Earlier answers stay as context with weight 0, so the template renders turn i as the last
+    turn, exactly as when the model generates it.
+    """
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
+            continue
+        out.append([dict(x, weight=0) if x["role"] == "assistant" and j != i else x
+                    for j, x in enumerate(messages[: i + 1])])
+    return out
+
+
+def render_examples(conversations: Sequence[Sequence[dict[str, Any]]], tokenizer, *,
+                    max_length: int | None = None,
+                    sources: Sequence[str | None] | None = None) -> list[dict[str, list[int]]]:
+    """Training rows for conversations: one row each, or one row per trained turn for the
+    conversations whose template rewrites earlier turns (HistoryRewriteError, e.g. Qwen3's
+    reasoning blocks). Any other problem raises with its source."""
+    sources = sources if sources is not None else [None] * len(conversations)
+    rows = render_many(conversations, tokenizer, max_length=max_length, sources=sources,
+                       errors="return")
+    out: list[dict[str, list[int]]] = []
+    for conv, src, row in zip(conversations, sources, rows):
+        if isinstance(row, HistoryRewriteError):
+            turns = per_turn(conv)
+            out.extend(render_many(turns, tokenizer, max_length=max_length,
+                                   sources=[src] * len(turns)))
+        elif isinstance(row, TunelabError):
+            raise row
+        else:
+            out.append(row)
+    return out
 
 
 def render_prompt(messages: Sequence[dict[str, Any]], tokenizer) -> list[int]:
@@ -173,7 +377,7 @@ def end_of_turn_token(tokenizer) -> str:
     text, spans = assistant_spans(tokenizer, probe)
     start, end = spans[0]
     tail = text[start:end]
-    for s in _special_token_strings(tokenizer):
+    for s in formatter(tokenizer).specials:
         if tail.endswith(s):
             return s
     raise TunelabError("could not find the template's end-of-turn token")

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from tunelab.errors import TunelabError
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and prepare training data.")
 
@@ -19,6 +22,21 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # weight-loading bars; the Trainer keeps its own
 
 
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TunelabError(f"expected NAME=VALUE, got {item!r}", field=option)
+        out[key.strip()] = value
+    return out
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, file=sys.stderr)
+
+
 @data_app.command("render")
 def data_render(file: Path = typer.Argument(..., help="JSONL of conversations"),
                 tokenizer: str = typer.Option("smollm2-135m-instruct", "--tokenizer", "-t",
@@ -29,19 +47,21 @@ def data_render(file: Path = typer.Argument(..., help="JSONL of conversations"),
     """Show exactly which tokens are trained (labels != -100)."""
     from tunelab import models
     from tunelab.data.conversation import read_conversations
-    from tunelab.data.render import render
+    from tunelab.data.render import render_examples
     quiet_libraries()
     tok = models.load_tokenizer(tokenizer)
     convs = read_conversations(file)[:limit] if limit else read_conversations(file)
-    for i, conv in enumerate(convs):
-        row = render(conv.messages, tok, max_length=max_length, source=conv.source)
-        if as_json:
-            print(json.dumps({"line": int(conv.source.rsplit(":", 1)[1]), **row}))
-            continue
-        trained = sum(1 for x in row["labels"] if x != -100)
-        print(f"--- {conv.source}: {len(row['input_ids'])} tokens, {trained} trained "
-              "(trained text is [[bracketed]]) ---")
-        print(_visualize(tok, row))
+    for conv in convs:
+        # one row, or one per trained turn where the template rewrites earlier turns (Qwen3)
+        rows = render_examples([conv.messages], tok, max_length=max_length, sources=[conv.source])
+        for row in rows:
+            if as_json:
+                print(json.dumps({"line": int(conv.source.rsplit(":", 1)[1]), **row}))
+                continue
+            trained = sum(1 for x in row["labels"] if x != -100)
+            print(f"--- {conv.source}: {len(row['input_ids'])} tokens, {trained} trained "
+                  "(trained text is [[bracketed]]) ---")
+            print(_visualize(tok, row))
 
 
 def _visualize(tok, row) -> str:
@@ -57,3 +77,123 @@ def _visualize(tok, row) -> str:
     if in_span:
         out.append("]]")
     return "".join(out)
+
+
+@data_app.command("convert")
+def data_convert(file: Path = typer.Argument(..., help="JSONL, JSON, CSV, TSV, Parquet, or a "
+                                             "folder saved by datasets"),
+                 output: Path = typer.Option(..., "--output", "-o", help="chat JSONL to write"),
+                 to: str = typer.Option("chat", "--to", help="target format (chat: OpenAI messages)"),
+                 from_: Optional[str] = typer.Option(None, "--from", help="force the input format: "
+                                                     "messages, sharegpt, alpaca, "
+                                                     "prompt_completion, gsm8k, qa"),
+                 system: Optional[str] = typer.Option(None, "--system",
+                                                      help="system message for every conversation "
+                                                      "that has none"),
+                 quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Convert a dataset in any common format to chat JSONL (format detected from the first rows)."""
+    from tunelab.data.formats import convert_file
+    if to != "chat":
+        raise TunelabError(f"unknown target format {to!r} (only 'chat' is supported)", field="to")
+    report = convert_file(file, output, fmt=from_, system=system)
+    _say(quiet, f"converted {report.examples:,} examples ({report.format}) -> {output}")
+
+
+@data_app.command("template")
+def data_template(file: Optional[Path] = typer.Argument(None, help="records (any input format)"),
+                  template: Optional[str] = typer.Option(None, "--template", "-t",
+                                                         help="template name (--list shows them)"),
+                  output: Optional[Path] = typer.Option(None, "--output", "-o"),
+                  mix: bool = typer.Option(False, "--mix", help="mix the template's phrasings"),
+                  seed: int = typer.Option(0, help="seed for --mix"),
+                  templates_dir: Optional[Path] = typer.Option(None, "--templates",
+                                                               help="folder of your own YAML "
+                                                               "templates"),
+                  mapping: list[str] = typer.Option([], "--map", help="FIELD=COLUMN: read a "
+                                                    "template field from another column"),
+                  value: list[str] = typer.Option([], "--value", help="FIELD=TEXT: the same "
+                                                  "value for every record"),
+                  skip_invalid: bool = typer.Option(False, "--skip-invalid", help="write the good "
+                                                    "records and list the bad ones"),
+                  list_: bool = typer.Option(False, "--list", help="list the templates"),
+                  quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Turn raw records into instruction conversations with a prompt template."""
+    from tunelab.data.prompts import load_templates, template_file
+    if list_:
+        for name, t in sorted(load_templates(templates_dir).items()):
+            opt = f" [{', '.join(t.optional)}]" if t.optional else ""
+            print(f"{name:18} {', '.join(t.fields)}{opt}  ({len(t.phrasings)} phrasings) "
+                  f"{t.description}")
+        return
+    if file is None or template is None or output is None:
+        raise TunelabError("give FILE, --template NAME and --output FILE (or --list)")
+    n, skipped = template_file(file, output, template, mix=mix, seed=seed, user_dir=templates_dir,
+                               mapping=_pairs(mapping, "map"), values=_pairs(value, "value"),
+                               skip_invalid=skip_invalid)
+    for e in skipped[:20]:
+        _say(quiet, f"skipped {e}")
+    if len(skipped) > 20:
+        _say(quiet, f"... and {len(skipped) - 20} more skipped")
+    _say(quiet, f"wrote {n:,} examples -> {output}" + (f" ({len(skipped)} skipped)" if skipped else ""))
+
+
+def _default_max_length() -> int:
+    try:
+        from tunelab.config import TrainConfig
+        return int(TrainConfig.model_fields["max_length"].default)
+    except Exception:
+        return 1024
+
+
+@data_app.command("validate")
+def data_validate(file: Path = typer.Argument(..., help="chat JSONL to check"),
+                  model: str = typer.Option("smollm2-135m-instruct", "--model", "-m",
+                                            help="model spec whose template counts the tokens"),
+                  max_length: Optional[int] = typer.Option(None, help="tokens per example "
+                                                           "(default: the training default)"),
+                  epochs: float = typer.Option(3.0, help="for the training-token estimate"),
+                  val: list[Path] = typer.Option([], "--val", help="validation file: check leakage"),
+                  test: list[Path] = typer.Option([], "--test", help="test file: check leakage"),
+                  no_tokens: bool = typer.Option(False, "--no-tokens", help="skip token statistics"),
+                  as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+                  quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Check a training file; exit 0 when it can be trained on, 1 when not."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    from tunelab.data.validate import validate_file
+    tok = None
+    if not no_tokens:
+        from tunelab import models
+        quiet_libraries()
+        tok = models.load_tokenizer(model)
+        # batched tokenization runs on every core: undo quiet_libraries' default for this command
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    with tqdm(desc="validating", unit="ex", disable=True if (quiet or as_json) else None,
+              file=sys.stderr) as bar:
+        report = validate_file(file, tokenizer=tok, model=model,
+                               max_length=max_length or _default_max_length(), epochs=epochs,
+                               others=[*val, *test], progress=bar.update)
+    if as_json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(report.format())
+    if not report.trainable:
+        raise typer.Exit(1)
+
+
+@data_app.command("split")
+def data_split(file: Path = typer.Argument(..., help="JSONL to split"),
+               output: Path = typer.Option(..., "--output", "-o", help="folder for train/val/test.jsonl"),
+               val: float = typer.Option(0.1, "--val", help="validation fraction"),
+               test: float = typer.Option(0.1, "--test", help="test fraction"),
+               seed: int = typer.Option(0, "--seed"),
+               stratify_by: Optional[str] = typer.Option(None, "--stratify-by",
+                                                         help="a field (e.g. label), or "
+                                                         "'assistant' for the final answer"),
+               quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Deterministic train/val/test split; exact duplicates never land in two splits."""
+    from tunelab.data.split import split_file
+    counts = split_file(file, output, val=val, test=test, seed=seed, stratify_by=stratify_by)
+    _say(quiet, "  ".join(f"{k} {v:,}" for k, v in counts.items()) + f" -> {output}")

@@ -168,8 +168,9 @@ def data_validate(file: Path = typer.Argument(..., help="chat JSONL to check"),
         from tunelab import models
         quiet_libraries()
         tok = models.load_tokenizer(model)
-        # batched tokenization runs on every core: undo quiet_libraries' default for this command
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        # batched tokenization runs on every core: undo quiet_libraries' "false" for this command
+        # (measured here: unset gives the Rust tokenizer both cores, "true" did not reliably)
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
     with tqdm(desc="validating", unit="ex", disable=True if (quiet or as_json) else None,
               file=sys.stderr) as bar:
         report = validate_file(file, tokenizer=tok, model=model,

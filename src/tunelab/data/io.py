@@ -168,8 +168,18 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
 def _iter_csv(path: Path, delimiter: str = ",") -> Iterator[tuple[int, dict[str, str]]]:
     _check_readable(path)
     csv.field_size_limit(MAX_LINE_BYTES)   # the default (128 KiB) is smaller than long examples
-    with path.open("r", encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
+    with path.open("rb") as f:
+        def lines():
+            # Decoded line by line (not by the text layer's 8 KiB chunks) so a bad byte is
+            # reported on its own line.
+            for n, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise TunelabError(f"not valid UTF-8 (byte {e.start} of the line)", file=path,
+                                       line=n) from None
+                yield text.lstrip("\ufeff") if n == 1 else text
+        reader = csv.reader(lines(), delimiter=delimiter)
         line = 1
         try:
             header = next(reader, None)
@@ -187,9 +197,6 @@ def _iter_csv(path: Path, delimiter: str = ",") -> Iterator[tuple[int, dict[str,
                     raise TunelabError(f"row has {len(row)} fields, the header has {len(header)} "
                                        f"({', '.join(header)})", file=path, line=start)
                 yield start, dict(zip(header, row))
-        except UnicodeDecodeError as e:
-            raise TunelabError(f"not valid UTF-8 ({e.reason})", file=path,
-                               line=reader.line_num + 1) from None
         except csv.Error as e:
             raise TunelabError(f"not valid CSV ({e})", file=path, line=reader.line_num) from None
 

@@ -1,0 +1,79 @@
+"""`tunelab data convert|template|validate|split` as a user runs them: exit codes, one-line
+errors without tracebacks, and no half-written output."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+TUNELAB = [sys.executable, "-m", "tunelab.cli"]
+
+
+def run(*args):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*TUNELAB, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_convert_split_validate_pipeline(tmp_path, smol_tokenizer):
+    rows = [{"instruction": f"Is {i} even?", "output": "yes" if i % 2 == 0 else "no",
+             "label": "even" if i % 2 == 0 else "odd"} for i in range(100)]
+    src = tmp_path / "alpaca.csv"
+    import pandas as pd
+    pd.DataFrame(rows).to_csv(src, index=False)
+    proc = run("data", "convert", src, "--to", "chat", "-o", tmp_path / "chat.jsonl",
+               "--system", "Answer yes or no.")
+    assert proc.returncode == 0, proc.stderr
+    assert "converted 100 examples (alpaca)" in proc.stderr
+    first = json.loads((tmp_path / "chat.jsonl").read_text().splitlines()[0])
+    assert first == {"messages": [{"role": "system", "content": "Answer yes or no."},
+                                  {"role": "user", "content": "Is 0 even?"},
+                                  {"role": "assistant", "content": "yes"}], "label": "even"}
+    proc = run("data", "split", tmp_path / "chat.jsonl", "--val", "0.1", "--test", "0.2",
+               "--seed", "1", "-o", tmp_path / "splits", "--stratify-by", "label")
+    assert proc.returncode == 0 and "train 70  val 10  test 20" in proc.stderr, proc.stderr
+    proc = run("data", "validate", tmp_path / "splits" / "train.jsonl", "--json",
+               "--val", tmp_path / "splits" / "val.jsonl", "--max-length", "32")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["trainable"] and report["examples"] == 70 and not report["warnings"]
+    assert report["tokens"]["max_length"] == 32 and report["tokens"]["trained_tokens"] == 140
+
+
+def test_validate_exits_1_with_a_readable_report(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"messages": []}\n{oops\n')
+    proc = run("data", "validate", tmp_path / "bad.jsonl", "--no-tokens")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "missing messages: 1" in proc.stdout and "not JSON: 1" in proc.stdout
+    assert "too few examples" in proc.stdout and "NOT trainable (3 errors)" in proc.stdout
+
+
+def test_template_and_bad_input_errors(tmp_path):
+    src = tmp_path / "reviews.jsonl"
+    src.write_text(json.dumps({"review": "Great kettle", "sentiment": "positive"}) + "\n" +
+                   json.dumps({"review": "Broke"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert_clean_error(run("data", "template", src, "--template", "review-sentiment", "-o", out),
+                       "reviews.jsonl:2: field 'sentiment': missing")
+    assert not out.exists()
+    proc = run("data", "template", src, "-t", "review-sentiment", "-o", out, "--skip-invalid")
+    assert proc.returncode == 0 and "skipped" in proc.stderr and "reviews.jsonl:2" in proc.stderr
+    assert len(out.read_text().splitlines()) == 1
+    proc = run("data", "template", "--list")
+    assert proc.returncode == 0 and "review-rating" in proc.stdout and "translate" in proc.stdout
+    (tmp_path / "x.parquet").write_bytes(b"garbage")
+    assert_clean_error(run("data", "convert", tmp_path / "x.parquet", "-o", tmp_path / "y.jsonl"),
+                       "x.parquet", "not a valid Parquet file")
+    assert_clean_error(run("data", "convert", src, "-o", tmp_path / "y.jsonl", "--from", "nope"),
+                       "unknown format 'nope'")
+    assert not (tmp_path / "y.jsonl").exists()

@@ -790,3 +790,21 @@ def test_render_many_matches_render_and_returns_errors_in_place(fresh_tokenizer)
     assert isinstance(out[1], TunelabError) and out[1].line == 2 and "System role" in str(out[1])
     with pytest.raises(TunelabError, match="a.jsonl:2"):
         render_many(convs, tok, sources=["a.jsonl:1", "a.jsonl:2", "a.jsonl:3"])
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_offset_free_fast_path_gives_the_offsets_paths_labels(fresh_tokenizer, name):
+    from tunelab.data.render import _labels_fast, assistant_spans, formatter
+    tok = family(fresh_tokenizer, name)
+    convs = [TWO_TURNS[1:3], TWO_TURNS[1:], [dict(m) for m in TWO_TURNS[1:]],
+             [TWO_TURNS[1], {"role": "assistant", "content": "  spaced answer\n"}]]
+    convs[2][1]["weight"] = 0
+    if FAMILIES[name][2]:
+        convs.append(TWO_TURNS)
+    convs = [c for c in convs if not isinstance(render_many([c], tok, errors="return")[0], TunelabError)]
+    assert convs
+    assert render_many(convs, tok) == render_many(convs, tok, _fast=False)
+    fmt = formatter(tok)
+    text, spans = assistant_spans(tok, convs[0])
+    ids = tok._tokenizer.encode(text, add_special_tokens=False).ids
+    assert _labels_fast(fmt, text, ids, spans) is not None   # the fast path is really taken

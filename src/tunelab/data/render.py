@@ -37,9 +37,12 @@ template work per conversation and tokenizes a whole batch in one call into the 
 """
 from __future__ import annotations
 
+import bisect
+import re
 import weakref
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.errors import TunelabError
@@ -77,6 +80,11 @@ class ChatFormatter:
     variables: dict[str, Any]
     specials: list[str]
     tokenizer: Any
+    # For the offset-free tokenization path (see _labels_fast): every added token, as a regex
+    # and as ids; None when the tokenizer does something that path cannot verify.
+    added_re: Any = None
+    added_ids: dict[str, int] = field(default_factory=dict)   # added token string -> id
+    scaffolds: dict[str, list[int]] = field(default_factory=dict)
 
     def text(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool) -> str:
         msgs = _template_messages(messages)
@@ -117,6 +125,15 @@ def formatter(tokenizer) -> ChatFormatter:
     except Exception:  # a private helper: fall back to the public (slower) path if it moves
         compiled = None
     fmt = ChatFormatter(template, compiled, variables, _special_token_strings(tokenizer), tokenizer)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    if (backend is not None and hasattr(backend, "encode_batch_fast") and added
+            and getattr(backend, "normalizer", None) is None
+            and not any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False)
+                        or getattr(t, "single_word", False) for t in added.values())):
+        strings = sorted({str(t) for t in added.values()}, key=len, reverse=True)
+        fmt.added_re = re.compile("|".join(re.escape(x) for x in strings))
+        fmt.added_ids = {str(t): i for i, t in added.items()}
     _FORMATTERS[tokenizer] = (key, fmt)
     return fmt
 
@@ -271,9 +288,76 @@ def _labels_from_encoding(enc, spans, text_len: int) -> list[int]:
     return labels
 
 
+def _scaffold_ids(fmt: ChatFormatter, scaffold: str) -> list[list[int]]:
+    """Ways the scaffold before an answer can tokenize: alone, and followed by a word (a
+    pre-tokenizer may split "\n\n" differently before "Hello" than at the end of a text)."""
+    if not scaffold:
+        return [[]]
+    enc = fmt.tokenizer._tokenizer.encode
+    alone = enc(scaffold, add_special_tokens=False).ids
+    probed = enc(scaffold + "x", add_special_tokens=False).ids
+    options = [alone]
+    if probed and enc("x", add_special_tokens=False).ids == probed[-1:] and probed[:-1] != alone:
+        options.insert(0, probed[:-1])
+    return options
+
+
+def _labels_fast(fmt: ChatFormatter, text: str, ids: list[int], spans) -> list[int] | None:
+    """Labels without character offsets (the tokenizer runs ~30% faster without them).
+
+    Added tokens (<|im_end|>, <|im_start|>, ...) are cut out of the text before anything else
+    and are one id each, so the k-th added-token match in the text is the k-th added id. A span
+    ends just after such a token (its end-of-turn); it starts after the scaffold that follows
+    the last added token before it ("assistant\n"), whose ids are checked against the scaffold
+    tokenized alone: equal ids cover exactly that text, so the boundary is exact. Anything that
+    does not line up returns None and the caller uses the offsets path instead; a test pins
+    that both paths give the same labels for every template in the suite.
+    """
+    marks, want = [], []
+    for m in fmt.added_re.finditer(text):
+        marks.append((m.start(), m.end()))
+        want.append(fmt.added_ids[m.group()])
+    # Find the k-th added id after the (k-1)-th with list.index (C speed, no per-token Python
+    # loop), then check by counts that no added id went unmatched.
+    pos, at = [], -1
+    try:
+        for t in want:
+            at = ids.index(t, at + 1)
+            pos.append(at)
+    except ValueError:
+        return None
+    if any(ids.count(t) != n for t, n in Counter(want).items()):
+        return None
+    ends = [e for _, e in marks]
+    end_index = {e: k for k, e in enumerate(ends)}
+    labels = [IGNORE_INDEX] * len(ids)
+    for s_start, s_end in spans:
+        k_end = end_index.get(s_end)
+        if k_end is None:
+            return None
+        k = bisect.bisect_right(ends, s_start) - 1
+        base_tok, base_char = (pos[k] + 1, ends[k]) if k >= 0 else (0, 0)
+        scaffold = text[base_char:s_start]
+        if len(scaffold) > 256:   # not a role header: let the offsets path handle it
+            return None
+        options = fmt.scaffolds.get(scaffold)
+        if options is None:
+            options = _scaffold_ids(fmt, scaffold)
+            if len(fmt.scaffolds) < 1024:
+                fmt.scaffolds[scaffold] = options
+        sc = next((o for o in options if ids[base_tok:base_tok + len(o)] == o), None)
+        if sc is None:
+            return None
+        a, b = base_tok + len(sc), pos[k_end]
+        if b < a:
+            return None
+        labels[a:b + 1] = ids[a:b + 1]
+    return labels
+
+
 def render_many(conversations: Sequence[Sequence[dict[str, Any]]], tokenizer, *,
                 max_length: int | None = None, sources: Sequence[str | None] | None = None,
-                errors: str = "raise") -> list[dict[str, list[int]] | TunelabError]:
+                errors: str = "raise", _fast: bool = True) -> list[dict[str, list[int]] | TunelabError]:
     """`render` for a batch: one {"input_ids", "labels"} per conversation, tokenized in one call.
 
     errors="raise" raises the first conversation's error (with its source); errors="return" puts
@@ -298,18 +382,28 @@ def render_many(conversations: Sequence[Sequence[dict[str, Any]]], tokenizer, *,
         spans_of.append(spans)
         where.append(n)
     backend = getattr(tokenizer, "_tokenizer", None)
-    if texts and backend is not None and hasattr(backend, "encode_batch"):
-        # add_special_tokens=False: the template already wrote BOS where the model wants it;
-        # letting the tokenizer add another is the classic doubled-BOS bug.
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        rows = [(enc.ids, _labels_from_encoding(enc, spans, len(text)))
-                for enc, spans, text in zip(encodings, spans_of, texts)]
-    elif texts:
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        rows = [(list(ids), _labels_from_offsets(list(ids), offs, spans))
-                for ids, offs, spans in zip(enc["input_ids"], enc["offset_mapping"], spans_of)]
-    else:
-        rows = []
+    rows: list[Any] = [None] * len(texts)
+    slow = list(range(len(texts)))
+    # add_special_tokens=False: the template already wrote BOS where the model wants it;
+    # letting the tokenizer add another is the classic doubled-BOS bug.
+    if texts and fmt.added_re is not None and _fast:
+        slow = []
+        for i, enc in enumerate(backend.encode_batch_fast(texts, add_special_tokens=False)):
+            ids = enc.ids
+            labels = _labels_fast(fmt, texts[i], ids, spans_of[i])
+            if labels is None:
+                slow.append(i)
+            else:
+                rows[i] = (ids, labels)
+    if slow and backend is not None and hasattr(backend, "encode_batch"):
+        encodings = backend.encode_batch([texts[i] for i in slow], add_special_tokens=False)
+        for i, enc in zip(slow, encodings):
+            rows[i] = (enc.ids, _labels_from_encoding(enc, spans_of[i], len(texts[i])))
+    elif slow:
+        enc = tokenizer([texts[i] for i in slow], add_special_tokens=False,
+                        return_offsets_mapping=True)
+        for i, ids, offs in zip(slow, enc["input_ids"], enc["offset_mapping"]):
+            rows[i] = (list(ids), _labels_from_offsets(list(ids), offs, spans_of[i]))
     for n, (ids, labels) in zip(where, rows):
         ids = list(ids)
         if max_length is not None and len(ids) > max_length:

@@ -5,8 +5,9 @@
 Generates N chat conversations of ~300 tokens (system + user + assistant, varied words),
 then measures examples/s of
   - tunelab: render_many (chat template per turn + batched tokenization + assistant-only labels)
-  - TRL:     SFTTrainer's own dataset preparation (trl's tokenize step with assistant_only_loss,
-             on a template with {% generation %} markers, which TRL needs for that mask)
+  - TRL:     SFTTrainer._prepare_dataset, the dataset preparation SFTTrainer runs (apply the
+             chat template, tokenize, assistant-only mask via {% generation %} markers, which
+             TRL needs for that mask), timed alone (trainer construction excluded)
 and prints the ratio. --write FILE also writes the conversations as JSONL (for timing
 `tunelab data validate FILE`). Not a test; no assertions on timings.
 """
@@ -74,10 +75,13 @@ def bench_trl(tok, convs) -> tuple[float, int]:
     args = SFTConfig(output_dir="/tmp/tunelab-bench-trl", assistant_only_loss=True, use_cpu=True,
                      bf16=False, report_to=[], dataset_num_proc=None, max_length=None,
                      packing=False)
+    # Build the trainer on a few rows, then time only its dataset preparation on all of them.
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(convs[:8]),
+                         processing_class=tok)
     t = time.perf_counter()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    prepared = trainer._prepare_dataset(ds, tok, args, packing=False, formatting_func=None,
+                                        dataset_name="train")
     dt = time.perf_counter() - t
-    prepared = trainer.train_dataset
     # TRL 1.x writes the assistant-only mask as labels (-100 outside {% generation %} spans)
     cols = prepared.column_names
     assert "assistant_masks" in cols or "labels" in cols, cols

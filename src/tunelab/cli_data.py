@@ -92,10 +92,14 @@ def data_convert(file: Path = typer.Argument(..., help="JSONL, JSON, CSV, TSV, P
                                                       "that has none"),
                  quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Convert a dataset in any common format to chat JSONL (format detected from the first rows)."""
+    from tqdm.auto import tqdm
+
     from tunelab.data.formats import convert_file
     if to != "chat":
         raise TunelabError(f"unknown target format {to!r} (only 'chat' is supported)", field="to")
-    report = convert_file(file, output, fmt=from_, system=system)
+    with tqdm(desc="converting", unit="ex", disable=True if quiet else None, file=sys.stderr,
+              leave=False) as bar:
+        report = convert_file(file, output, fmt=from_, system=system, progress=bar.update)
     _say(quiet, f"converted {report.examples:,} examples ({report.format}) -> {output}")
 
 

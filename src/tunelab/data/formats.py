@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,7 +232,8 @@ class ConvertReport:
 
 def convert_records(records: Iterable[tuple[int, Any]], *, fmt: str | None = None,
                     system: str | None = None, file: str | Path | None = None,
-                    report: ConvertReport | None = None) -> Iterator[dict[str, Any]]:
+                    report: ConvertReport | None = None,
+                    progress: Callable[[int], Any] | None = None) -> Iterator[dict[str, Any]]:
     """Stream converted records; bad ones are collected on `report.errors` (file and line set).
 
     The format is detected from the first rows unless `fmt` is given.
@@ -245,6 +246,8 @@ def convert_records(records: Iterable[tuple[int, Any]], *, fmt: str | None = Non
     if report is not None:
         report.format = fmt
     for where, record in itertools.chain(head, it):
+        if progress is not None:
+            progress(1)
         try:
             yield convert_record(record, fmt, system=system)
         except TunelabError as e:
@@ -268,14 +271,16 @@ class _BadRows(Exception):
 
 
 def convert_file(src: str | Path, dst: str | Path, *, fmt: str | None = None,
-                 system: str | None = None) -> ConvertReport:
+                 system: str | None = None,
+                 progress: Callable[[int], Any] | None = None) -> ConvertReport:
     """Convert any supported input to a chat JSONL file, atomically.
 
     Every bad row is collected; if there are any, nothing is written and one TunelabError names
     the first with its line and lists the others' lines.
     """
     report = ConvertReport(format=fmt or "")
-    rows = convert_records(read_records(src), fmt=fmt, system=system, file=src, report=report)
+    rows = convert_records(read_records(src), fmt=fmt, system=system, file=src, report=report,
+                           progress=progress)
 
     def checked():
         yield from rows

@@ -10,12 +10,10 @@ from tunelab.errors import TunelabError
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 
 
-def test_defaults_and_learning_rate_per_method():
+def test_defaults_are_auto():
     cfg = TrainConfig(train_file="t.jsonl")
     assert cfg.model == "smollm2-135m-instruct" and cfg.method == "lora"
-    assert cfg.lr == 2e-4
-    assert TrainConfig(train_file="t.jsonl", method="full").lr == 2e-5
-    assert TrainConfig(train_file="t.jsonl", learning_rate=1e-3).lr == 1e-3
+    assert cfg.epochs == cfg.batch_size == cfg.learning_rate == "auto"
 
 
 def test_yaml_with_overrides(tmp_path):
@@ -29,7 +27,7 @@ def test_yaml_with_overrides(tmp_path):
     ("train_file: a\nepochz: 3\n", [], "epochz", "did you mean 'epochs'"),
     ("train_file: a\nlora:\n  rank: 3\n", [], "lora.rank", "did you mean 'r'"),
     ("train_file: a\n", ["lora.r=0"], "lora.r", "greater than or equal to 1"),
-    ("train_file: a\n", ["batch_size=0"], "batch_size", "greater than or equal to 1"),
+    ("train_file: a\n", ["batch_size=0"], "batch_size", "greater than 0"),
     ("train_file: a\n", ["method=qlora2"], "method", "Input should be"),
     ("epochs: 1\n", [], "train_file", "required"),
 ])

@@ -5,6 +5,7 @@ User errors (TunelabError) print one line on stderr and exit 1; usage errors exi
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,20 +23,25 @@ app.add_typer(data_app, name="data")
 @app.command()
 def train(config: Path = typer.Argument(..., help="YAML config"),
           set_: list[str] = typer.Option([], "--set", help="override: key=value (lora.r=8)"),
+          resume: bool = typer.Option(False, "--resume",
+                                      help="continue a killed run from its last checkpoint"),
           quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Fine-tune a model from a YAML config."""
+    """Fine-tune a model from a YAML config (also under torchrun / accelerate launch)."""
     from tunelab.config import load_config
     from tunelab.train import train as run_train
     cfg = load_config(config, set_)
     quiet_libraries()
-    result = run_train(cfg, quiet=quiet)
-    if not quiet:
+    result = run_train(cfg, resume=resume, quiet=quiet)
+    if not quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"model: {result.model_dir}")
         if result.adapter_dir:
             print(f"adapter: {result.adapter_dir}")
         vl = f"{result.valid_loss:.4f}" if result.valid_loss is not None else "-"
-        print(f"train loss {result.train_loss:.4f}, valid loss {vl}, {result.steps} steps in "
-              f"{result.seconds:.0f} s; metrics: {result.metrics_file}")
+        best = f" (best, step {result.best_step})" if result.best_step else ""
+        print(f"train loss {result.train_loss:.4f}, valid loss {vl}{best}, {result.steps} steps "
+              f"in {result.seconds:.0f} s")
+        print(f"metrics: {result.metrics_file}, {result.output_dir / 'results.csv'}, "
+              f"{result.output_dir / 'loss.png'}")
 
 
 @app.command("eval")

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
+                      model_validator)
 
 from tunelab.errors import TunelabError
 from tunelab.models import DEFAULT_MODEL
@@ -27,47 +28,64 @@ class LoraSettings(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+Auto = Literal["auto"]
+
+
 class TrainConfig(_Strict):
     model: str = Field(DEFAULT_MODEL, description="builtin alias, model folder, .gguf or hub id")
     train_file: Path = Field(..., description="JSONL of {'messages': [...]} conversations")
-    valid_file: Path | None = Field(None, description="JSONL for validation loss during training")
+    valid_file: Path | None = Field(None, description="JSONL for validation during training")
     output_dir: Path = Path("runs/latest")
     overwrite: bool = Field(False, description="replace an existing output_dir")
 
-    method: Literal["lora", "full"] = "lora"
+    # lora: low-rank adapters; dora: weight-decomposed LoRA; qlora: LoRA on a 4-bit base (CUDA +
+    # bitsandbytes only); full: every weight (optionally freezing the lower layers).
+    method: Literal["lora", "dora", "qlora", "full"] = "lora"
     lora: LoraSettings = LoraSettings()
+    freeze_layers: int = Field(0, ge=0, description="full: freeze embeddings + the first N layers")
 
-    epochs: float = Field(3.0, gt=0)
+    # "auto" follows the OpenAI fine-tuning API's idea (see tunelab.train.auto for the rules).
+    epochs: PositiveFloat | Auto = Field("auto", description="auto: 3, more for small datasets, fewer for big")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    batch_size: int = Field(8, ge=1, description="examples per device per step")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float | None = Field(None, gt=0, description="default: 2e-4 LoRA, 2e-5 full")
+    batch_size: PositiveInt | Auto = Field("auto", description="global batch (examples per optimizer step)")
+    micro_batch_size: int | None = Field(None, ge=1, description="per device per forward; "
+                                         "default min(batch_size, 8); the rest is accumulation")
+    learning_rate: PositiveFloat | Auto = Field("auto", description="auto: 2e-4 LoRA/DoRA, 2e-5 full")
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
     max_length: int = Field(1024, ge=8, description="tokens per example; longer ones are cut")
+    packing: bool = Field(False, description="pack examples into rows of max_length "
+                                             "(each attends only to itself)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 where the hardware has it (CUDA or AVX-512 BF16 CPUs)")
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(True, description="batch similar lengths: less padding")
 
     logging_steps: int = Field(10, ge=1)
-    eval_steps: int | None = Field(None, ge=1, description="default: ~5 evaluations per run")
+    eval_steps: int | None = Field(None, ge=1, description="default: ~5 evaluations per run; "
+                                   "also at each epoch end")
+    save_steps: int | None = Field(None, ge=1, description="default: at each evaluation")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept (plus the best)")
+    load_best_at_end: bool = Field(True, description="with a valid_file: the output model is "
+                                   "the checkpoint with the lowest validation loss")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N "
+                                                "evaluations without a better validation loss")
     seed: int = 42
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: cores we may use")
+    tensorboard: bool | Auto = Field("auto", description="auto: when tensorboard is installed")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.method == "full" and "lora" in self.model_fields_set:
-            raise ValueError("'lora' settings given but method is 'full'")
+        # "field: message", so build_config can name the field
+        if self.method == "full" and self.lora != LoraSettings():
+            raise ValueError("lora: settings given but method is 'full'")
+        if self.freeze_layers and self.method != "full":
+            raise ValueError("freeze_layers: applies to method 'full' only")
+        if self.early_stopping_patience and self.valid_file is None:
+            raise ValueError("early_stopping_patience: needs a valid_file")
         return self
-
-    @property
-    def lr(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return 2e-4 if self.method == "lora" else 2e-5
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -77,10 +95,11 @@ class TrainConfig(_Strict):
 _KNOWN_ALIASES = {
     "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
     "lr": "learning_rate", "num_train_epochs": "epochs", "num_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size", "max_seq_length": "max_length",
+    "per_device_train_batch_size": "micro_batch_size", "max_seq_length": "max_length",
     "model_name_or_path": "model", "base_model": "model", "dataset": "train_file",
     "eval_file": "valid_file", "validation_file": "valid_file", "lr_scheduler_type": "lr_scheduler",
     "warmup_steps": "warmup_ratio", "bf16": "precision", "fp16": "precision",
+    "gradient_accumulation_steps": "batch_size",
 }
 
 
@@ -121,13 +140,30 @@ def _field_names(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _config_path(loc: tuple) -> tuple:
+    """The part of a pydantic error location that names config keys (drops union tags such as
+    'float' or "literal['auto']" that pydantic appends)."""
+    model: Any = TrainConfig
+    out = []
+    for part in loc:
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        if part not in fields:
+            if not fields:  # below a leaf (list index, union tag): stop at the key
+                break
+            out.append(part)  # an unknown key: name it
+            break
+        out.append(part)
+        model = fields[part].annotation
+    return tuple(out)
+
+
 def build_config(data: dict[str, Any], *, file: str | Path | None = None) -> TrainConfig:
     try:
         return TrainConfig(**data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(err["loc"])
-        field = ".".join(str(p) for p in loc) or None
+        field = ".".join(str(p) for p in _config_path(loc)) or None
         if err["type"] == "extra_forbidden":
             names = _field_names(loc)
             alias = _KNOWN_ALIASES.get(str(loc[-1]))
@@ -136,6 +172,8 @@ def build_config(data: dict[str, Any], *, file: str | Path | None = None) -> Tra
             msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
         elif err["type"] == "missing":
             msg = "required"
+        elif err["type"] == "value_error" and not loc:  # from TrainConfig._check
+            field, _, msg = str(err["ctx"]["error"]).partition(": ")
         else:
             msg = err["msg"]
         raise TunelabError(msg, file=file, field=field) from None

@@ -163,12 +163,14 @@ def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL, *, source: ModelSour
 
 
 def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, tokenizer=None,
-               source: ModelSource | None = None, dtype=None, merge_adapter: bool = True):
+               source: ModelSource | None = None, dtype=None, merge_adapter: bool = True,
+               **from_pretrained_kwargs):
     """Load a causal LM. Embeddings grow when the prepared tokenizer added tokens."""
     import torch
     from transformers import AutoModelForCausalLM
     src = source or resolve(spec)
-    model = _from_pretrained(AutoModelForCausalLM, src, "model", dtype=dtype or torch.float32)
+    model = _from_pretrained(AutoModelForCausalLM, src, "model", dtype=dtype or torch.float32,
+                             **from_pretrained_kwargs)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if src.adapter:

@@ -1,15 +1,15 @@
-"""train(config) -> TrainResult: fine-tune a model (full or LoRA) on chat conversations.
+"""train(config) -> TrainResult: fine-tune a model (full, LoRA, DoRA, QLoRA) on conversations.
 
-Built on transformers.Trainer (+ PEFT for LoRA). We hand it datasets whose labels were already
-made by tunelab.data.render, and a pad-only collator: supervision is decided in one place.
-Everything a user can get wrong (config, data, model spec) is checked before the output folder
-is created; the run writes into `<output_dir>.partial` and is renamed into place only when it
-finished, so a failed run never leaves a half-written output folder.
+Built on transformers.Trainer (+ PEFT for adapters). We hand it datasets whose labels were
+already made by tunelab.data.render, and a pad-only collator: supervision is decided in one
+place. Everything a user can get wrong (config, data, model spec, method) is checked before the
+output folder is created. The run writes into `<output_dir>.partial`, and is renamed into place
+only when it finished; checkpoints in `<output_dir>.partial/checkpoints` survive a crash or a
+kill, and `resume=True` (`tunelab train CONFIG --resume`) continues from the last whole one.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -22,21 +22,25 @@ from tunelab.data.conversation import read_conversations
 from tunelab.data.io import write_json
 from tunelab.data.render import IGNORE_INDEX, render
 from tunelab.errors import TunelabError
+from tunelab.train.auto import Plan, make_plan
 
 log = logging.getLogger("tunelab.train")
+
+RESUME_SAFE_KEYS = {"overwrite", "threads", "tensorboard"}   # may differ on --resume
 
 
 @dataclass
 class TrainResult:
     output_dir: Path
     model_dir: Path                  # merged model: loads with from_pretrained
-    adapter_dir: Path | None         # LoRA only
+    adapter_dir: Path | None         # LoRA / DoRA / QLoRA only
     metrics_file: Path
     train_loss: float | None
-    valid_loss: float | None
+    valid_loss: float | None         # of the output model
+    best_step: int | None            # the step the output model comes from (with validation)
     steps: int
     train_examples: int
-    trained_tokens: int
+    trained_tokens: int              # per epoch
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -44,23 +48,80 @@ class TrainResult:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-def _render_file(path: Path, tokenizer, max_length: int) -> list[dict[str, list[int]]]:
+def partial_dir(cfg: TrainConfig) -> Path:
+    return cfg.output_dir.with_name(cfg.output_dir.name + ".partial")
+
+
+def _render_file(path: Path, tokenizer, max_length: int, name: str) -> list[dict[str, list[int]]]:
     rows = []
     for conv in read_conversations(path):
         row = render(conv.messages, tokenizer, max_length=max_length, source=conv.source)
         if all(label == IGNORE_INDEX for label in row["labels"]):
-            raise TunelabError(f"nothing to train on after truncation to max_length={max_length}",
-                               file=conv.source.rsplit(":", 1)[0],
-                               line=int(conv.source.rsplit(":", 1)[1]), field="messages")
+            file, _, line = conv.source.rpartition(":")
+            raise TunelabError(f"nothing left to train on after truncation to max_length="
+                               f"{max_length} (the prompt alone is longer)", file=file,
+                               line=int(line), field="messages")
         rows.append(row)
     return rows
 
 
-def _check_output_dir(cfg: TrainConfig) -> None:
+def _check_method(cfg: TrainConfig) -> None:
+    import torch
+    if cfg.method == "qlora":
+        import importlib.util
+        if not torch.cuda.is_available():
+            raise TunelabError("QLoRA quantizes the base model to 4 bits with bitsandbytes, which "
+                               "needs a CUDA GPU; none is available (use method: lora)",
+                               field="method")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TunelabError("QLoRA needs bitsandbytes: pip install bitsandbytes",
+                               field="method")
+
+
+def _check_target_modules(cfg: TrainConfig, source) -> None:
+    """Unknown LoRA target modules are caught on an empty (meta-device) copy of the
+    architecture, so the error comes before any weights are read."""
+    if cfg.method == "full" or cfg.lora.target_modules == "all-linear":
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
+    missing = [t for t in cfg.lora.target_modules if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules()
+                         if type(m).__name__ == "Linear"})
+        raise TunelabError(f"no module named {', '.join(missing)} in this model (its linear "
+                           f"layers: {', '.join(linear)})", field="lora.target_modules")
+
+
+def _check_output(cfg: TrainConfig, resume: bool) -> Path | None:
+    """Validate the output location; on resume, return the checkpoint to continue from."""
+    from tunelab.train.trainer import complete_checkpoints
+    partial = partial_dir(cfg)
+    if resume:
+        ckpts = complete_checkpoints(partial / "checkpoints")
+        if not ckpts:
+            what = "the run already finished" if cfg.output_dir.exists() else "no checkpoint"
+            raise TunelabError(f"nothing to resume: {what} ({partial} has no whole checkpoint)",
+                               field="output_dir")
+        saved = partial / "config.yaml"
+        if saved.exists():
+            import yaml
+            before = yaml.safe_load(saved.read_text(encoding="utf-8"))
+            now = cfg.model_dump(mode="json")
+            changed = [k for k in now if k not in RESUME_SAFE_KEYS and before.get(k) != now[k]]
+            if changed:
+                raise TunelabError(f"the config changed since the run started ({', '.join(changed)}"
+                                   "); resume with the same config", field=changed[0])
+        return ckpts[-1]
     out = cfg.output_dir
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise TunelabError("output folder exists and is not empty (set overwrite: true or "
                            "choose another output_dir)", field="output_dir")
+    return None
 
 
 def _finalize(partial: Path, out: Path) -> None:
@@ -75,24 +136,31 @@ def _finalize(partial: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _training_arguments(cfg: TrainConfig, work: Path, n_train: int, has_valid: bool,
+def _want_tensorboard(cfg: TrainConfig) -> bool:
+    import importlib.util
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if cfg.tensorboard is True and not installed:
+        raise TunelabError("tensorboard is not installed (pip install tensorboard)",
+                           field="tensorboard")
+    return installed if cfg.tensorboard == "auto" else bool(cfg.tensorboard)
+
+
+def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: bool,
                         precision: str, quiet: bool):
     import torch
     from transformers import TrainingArguments
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = max(1, math.ceil(n_train / (cfg.batch_size * world))
-                          // cfg.gradient_accumulation_steps)
-    total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
-    eval_steps = cfg.eval_steps or max(1, total // 5)
+    if _want_tensorboard(cfg):  # transformers 5 takes the folder from the environment only
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")
+    with_valid = "steps" if has_valid else "no"
     return TrainingArguments(
         output_dir=str(work / "checkpoints"),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=plan.micro_batch_size,
+        per_device_eval_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        num_train_epochs=plan.epochs,
         max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.lr,
+        learning_rate=plan.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
@@ -101,32 +169,58 @@ def _training_arguments(cfg: TrainConfig, work: Path, n_train: int, has_valid: b
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=min(cfg.logging_steps, max(1, total // 5)),
+        logging_steps=plan.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if has_valid else "no",
-        eval_steps=eval_steps,
-        save_strategy="no",
-        report_to="none",
+        eval_strategy=with_valid,
+        eval_steps=plan.eval_steps,
+        save_strategy="steps",
+        save_steps=plan.save_steps,
+        save_total_limit=None,           # TunelabTrainer rotates, after a save is whole
+        load_best_model_at_end=has_valid and cfg.load_best_at_end,
+        metric_for_best_model="eval_loss" if has_valid else None,
+        greater_is_better=False,
+        report_to=["tensorboard"] if _want_tensorboard(cfg) else "none",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing
+        else "random",
         remove_unused_columns=False,
         label_names=["labels"],   # PEFT wraps forward(); without this eval loss is dropped
         include_num_input_tokens_seen="non_padding",
+        average_tokens_across_devices=True,   # loss normalised by trained tokens, globally
         ddp_find_unused_parameters=False,
         disable_tqdm=quiet,
         dataloader_num_workers=0,
     )
 
 
-def _wrap_lora(model, cfg: TrainConfig):
+def _apply_method(model, cfg: TrainConfig):
+    if cfg.method == "full":
+        if cfg.freeze_layers:
+            _freeze_lower_layers(model, cfg.freeze_layers)
+        return model
     from peft import LoraConfig, get_peft_model
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+                      use_dora=cfg.method == "dora")
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=
+                                                cfg.gradient_checkpointing)
     try:
         return get_peft_model(model, lora)
     except ValueError as e:  # unknown target modules
         raise TunelabError(str(e).splitlines()[0], field="lora.target_modules") from None
+
+
+def _freeze_lower_layers(model, n: int) -> None:
+    layers = model.get_decoder().layers
+    if n > len(layers):
+        raise TunelabError(f"the model has {len(layers)} layers; cannot freeze {n}",
+                           field="freeze_layers")
+    model.get_input_embeddings().requires_grad_(False)
+    for layer in layers[:n]:
+        layer.requires_grad_(False)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -135,11 +229,26 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def train(cfg: TrainConfig | dict | str | Path, *, quiet: bool = False,
+def _load_model(cfg: TrainConfig, tokenizer, source):
+    from tunelab import models
+    kwargs = {}
+    if cfg.method == "qlora":
+        import torch
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    model = models.load_model(cfg.model, tokenizer=tokenizer, source=source, **kwargs)
+    model.config.use_cache = False   # also required for packed rows to be isolated
+    return model
+
+
+def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: bool = False,
           callbacks: list | None = None) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.train_file`; returns where everything was written.
 
     `cfg`: a TrainConfig, a dict of config keys, or a YAML path.
+    `resume`: continue the killed or failed run in `<output_dir>.partial` from its last checkpoint.
     `callbacks`: extra transformers TrainerCallbacks (they see the live model).
     """
     from tunelab import models
@@ -150,95 +259,180 @@ def train(cfg: TrainConfig | dict | str | Path, *, quiet: bool = False,
         cfg = load_config(cfg)
     elif isinstance(cfg, dict):
         cfg = build_config(cfg)
-
     started = time.time()
-    _check_output_dir(cfg)
+    resume_from = _check_output(cfg, resume)
     for name in ("train_file", "valid_file"):
         p = getattr(cfg, name)
         if p is not None and not Path(p).is_file():
             raise TunelabError("file not found", file=p, field=name)
+    _check_method(cfg)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # per-checkpoint "Writing model shards" bars are noise
     precision = resolve_precision(cfg.precision)
     set_threads(cfg.threads)
 
+    import torch
     source = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model, source=source)
-    train_rows = _render_file(cfg.train_file, tokenizer, cfg.max_length)
-    valid_rows = _render_file(cfg.valid_file, tokenizer, cfg.max_length) if cfg.valid_file else []
-    model = models.load_model(cfg.model, tokenizer=tokenizer, source=source)
-    model.config.use_cache = False
-    if cfg.method == "lora":
-        model = _wrap_lora(model, cfg)
+    train_rows = _render_file(cfg.train_file, tokenizer, cfg.max_length, "train_file")
+    valid_rows = _render_file(cfg.valid_file, tokenizer, cfg.max_length, "valid_file") \
+        if cfg.valid_file else []
+    _check_target_modules(cfg, source)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.packing:
+        from tunelab.train.packing import pack
+        train_batches = pack(train_rows, cfg.max_length)
+    else:
+        train_batches = train_rows
+    plan = make_plan(cfg, len(train_batches), world_size=world, on_gpu=torch.cuda.is_available())
+    if valid_rows and cfg.load_best_at_end and plan.save_steps % plan.eval_steps:
+        raise TunelabError(f"must be a multiple of eval_steps ({plan.eval_steps}) to keep the "
+                           "best checkpoint (or set load_best_at_end: false)", field="save_steps")
+    model = _load_model(cfg, tokenizer, source)
+    model = _apply_method(model, cfg)
     trainable, total = count_parameters(model)
-    say = (lambda *a: None) if quiet else print
-    say(f"tunelab: {cfg.method} fine-tuning {cfg.model}: {trainable:,} trainable of {total:,} "
-        f"parameters ({100 * trainable / total:.2f}%), {len(train_rows)} train / "
-        f"{len(valid_rows)} valid examples, precision {precision}")
 
     import datasets
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import DataCollatorForSeq2Seq
 
-    partial = cfg.output_dir.with_name(cfg.output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        (partial / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        from tunelab.train.callbacks import MetricsWriter
-        metrics = MetricsWriter(partial / "metrics.jsonl", partial / "train.log")
+    from tunelab.train.callbacks import EvaluateAtEpochEndAndLastStep, MetricsWriter
+    from tunelab.train.trainer import TunelabTrainer
+
+    partial = partial_dir(cfg)
+    args = _training_arguments(cfg, plan, partial, bool(valid_rows), precision, quiet)
+    is_main = args.process_index == 0
+    say = print if is_main and not quiet else (lambda *a, **k: None)
+    say(f"tunelab: {cfg.method} fine-tuning {cfg.model}: {trainable:,} trainable of {total:,} "
+        f"parameters ({100 * trainable / total:.2f}%)")
+    say(f"tunelab: {len(train_rows)} train / {len(valid_rows)} valid examples"
+        + (f" packed into {len(train_batches)} rows" if cfg.packing else "")
+        + f"; {plan.epochs:g} epochs, batch {plan.batch_size} (= {plan.micro_batch_size} x "
+        f"{plan.gradient_accumulation_steps} accumulation x {plan.world_size} processes), "
+        f"lr {plan.learning_rate:g}, {plan.total_steps} steps, precision {precision}")
+    with args.main_process_first(desc="prepare the output folder"):
+        if is_main:
+            if resume_from is None:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+                (partial / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+            else:
+                say(f"tunelab: resuming from {resume_from}")
+    resumed_step = int(resume_from.name.split("-")[1]) if resume_from else None
+    metrics = MetricsWriter(partial / "metrics.jsonl", partial / "train.log",
+                            resumed_at=resumed_step if is_main else None)
+    if cfg.packing:
+        from tunelab.train.packing import PackedCollator
+        collator = PackedCollator(tokenizer.pad_token_id)
+        to_ds = lambda rows: datasets.Dataset.from_list(rows)  # noqa: E731
+    else:
+        # pads input_ids with the pad token and labels with -100; decides nothing else
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
         to_ds = lambda rows: datasets.Dataset.from_dict(  # noqa: E731
             {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
-        trainer = Trainer(
-            model=model,
-            args=_training_arguments(cfg, partial, len(train_rows), bool(valid_rows), precision,
-                                     quiet),
-            train_dataset=to_ds(train_rows),
-            eval_dataset=to_ds(valid_rows) if valid_rows else None,
-            # pads input_ids with the pad token and labels with -100; decides nothing else
-            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX,
-                                                 padding=True),
-            processing_class=tokenizer,
-            callbacks=[metrics, *(callbacks or [])],
-        )
-        if quiet:  # with tqdm off, transformers prints every log dict instead
-            from transformers.trainer_callback import PrinterCallback
-            trainer.remove_callback(PrinterCallback)
-        output = trainer.train()
-        valid_loss = metrics.last_valid_loss
-        if valid_rows and metrics.last_valid_step != output.global_step:
-            valid_loss = float(trainer.evaluate()["eval_loss"])
+    extra_callbacks = [metrics, EvaluateAtEpochEndAndLastStep(), *(callbacks or [])]
+    if cfg.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+        extra_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+    trainer = TunelabTrainer(
+        model=model, args=args, train_dataset=to_ds(train_batches),
+        # validation is never packed: its loss must be comparable across configs
+        eval_dataset=datasets.Dataset.from_dict(
+            {"input_ids": [r["input_ids"] for r in valid_rows],
+             "labels": [r["labels"] for r in valid_rows]}) if valid_rows else None,
+        data_collator=collator if not valid_rows or not cfg.packing else _EvalAwareCollator(
+            collator, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX,
+                                             padding=True)),
+        processing_class=tokenizer, callbacks=extra_callbacks,
+        keep_checkpoints=cfg.save_total_limit)
+    if resume_from is not None:
+        trainer.trained_tokens_seen = getattr(metrics, "resumed_trained_tokens", 0)
+    if quiet:  # with tqdm off, transformers prints every log dict instead
+        from transformers.trainer_callback import PrinterCallback
+        trainer.remove_callback(PrinterCallback)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException as e:
+        _after_failure(partial, is_main)
+        friendly = _as_user_error(e, partial)
+        if friendly is e:
+            raise
+        raise friendly from None
 
-        model_dir = partial / "model"
-        adapter_dir = None
-        if cfg.method == "lora":
-            adapter_dir = partial / "adapter"
-            model.save_pretrained(adapter_dir)
-            tokenizer.save_pretrained(adapter_dir)
-            merged = model.merge_and_unload()
-        else:
-            merged = model
-        merged.config.use_cache = True
-        merged.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-
-        trained_tokens = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in train_rows)
-        result = TrainResult(
-            output_dir=cfg.output_dir,
-            model_dir=cfg.output_dir / "model",
-            adapter_dir=cfg.output_dir / "adapter" if adapter_dir else None,
-            metrics_file=cfg.output_dir / "metrics.jsonl",
-            train_loss=metrics.last_train_loss if metrics.last_train_loss is not None
-            else float(output.training_loss),
-            valid_loss=valid_loss,
-            steps=int(output.global_step),
-            train_examples=len(train_rows),
-            trained_tokens=trained_tokens,
-            seconds=round(time.time() - started, 2),
-            extra={"trainable_parameters": trainable, "total_parameters": total,
-                   "precision": precision, "method": cfg.method},
-        )
-        write_json(partial / "result.json", result.to_json())
+    state = trainer.state
+    best_step = state.best_global_step if args.load_best_model_at_end else None
+    valid_loss = float(state.best_metric) if best_step else metrics.last_valid_loss
+    result = TrainResult(
+        output_dir=cfg.output_dir,
+        model_dir=cfg.output_dir / "model",
+        adapter_dir=cfg.output_dir / "adapter" if cfg.method != "full" else None,
+        metrics_file=cfg.output_dir / "metrics.jsonl",
+        train_loss=metrics.last_train_loss if metrics.last_train_loss is not None
+        else float(output.training_loss),
+        valid_loss=valid_loss, best_step=best_step, steps=int(output.global_step),
+        train_examples=len(train_rows),
+        trained_tokens=sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in train_rows),
+        seconds=round(time.time() - started, 2),
+        extra={"trainable_parameters": trainable, "total_parameters": total,
+               "precision": precision, "method": cfg.method, "epochs": plan.epochs,
+               "batch_size": plan.batch_size, "micro_batch_size": plan.micro_batch_size,
+               "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+               "world_size": plan.world_size, "learning_rate": plan.learning_rate,
+               "packed_rows": len(train_batches) if cfg.packing else None,
+               "tokens_seen": int(state.num_input_tokens_seen or 0)})
+    if is_main:
+        _write_outputs(trainer, model, tokenizer, cfg, partial, result)
         _finalize(partial, cfg.output_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        say(f"tunelab: done in {result.seconds:.0f} s"
+            + (f"; best validation loss {valid_loss:.4f} at step {best_step}" if best_step else ""))
+    args.distributed_state.wait_for_everyone()   # no rank returns before the output is in place
     return result
+
+
+class _EvalAwareCollator:
+    """Packed rows for training, padded single examples for evaluation."""
+
+    def __init__(self, packed, padded):
+        self.packed, self.padded = packed, padded
+
+    def __call__(self, features):
+        return self.packed(features) if "position_ids" in features[0] else self.padded(features)
+
+
+def _write_outputs(trainer, model, tokenizer, cfg: TrainConfig, partial: Path,
+                   result: TrainResult) -> None:
+    from tunelab.train.report import plot_losses, write_results_csv
+    if cfg.method != "full":
+        model.save_pretrained(partial / "adapter")
+        tokenizer.save_pretrained(partial / "adapter")
+        merged = model.merge_and_unload()
+    else:
+        merged = model
+    merged.config.use_cache = True
+    merged.save_pretrained(partial / "model")
+    tokenizer.save_pretrained(partial / "model")
+    write_results_csv(partial / "metrics.jsonl", partial / "results.csv")
+    plot_losses(partial / "metrics.jsonl", partial / "loss.png", best_step=result.best_step)
+    write_json(partial / "result.json", result.to_json())
+
+
+def _after_failure(partial: Path, is_main: bool) -> None:
+    """Keep a failed run's checkpoints for --resume; remove a run that never saved one."""
+    from tunelab.train.trainer import complete_checkpoints
+    if is_main and not complete_checkpoints(partial / "checkpoints"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _as_user_error(e: BaseException, partial: Path) -> BaseException:
+    import torch
+
+    from tunelab.train.trainer import complete_checkpoints
+    kept = complete_checkpoints(partial / "checkpoints")
+    where = (f"; the last good checkpoint is {kept[-1]} (continue with --resume)" if kept
+             else "; no checkpoint was saved")
+    if isinstance(e, TunelabError):
+        return TunelabError(e.reason + where, file=e.file, line=e.line, field=e.field)
+    oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    if oom:
+        return TunelabError("out of memory: lower micro_batch_size or max_length, or set "
+                            "gradient_checkpointing: true" + where)
+    return e

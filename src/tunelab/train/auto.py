@@ -1,0 +1,72 @@
+"""Resolve `auto` hyperparameters and the step plan, before any model is loaded.
+
+The rules (documented in the README), in the spirit of the OpenAI fine-tuning API:
+- epochs: 3; a small dataset is seen more often so that at least ~100 examples' worth of
+  updates happen (at most 25 epochs); a large one fewer, about 25,000 examples in all (>= 1).
+- batch_size (global, examples per optimizer step): 8 below 2,000 examples, 16 below 10,000,
+  else 32. Small data wants more, noisier steps; big data, steadier ones.
+- micro_batch_size: min(batch_size, 8) on CPU, min(batch_size, 16) on GPU; the rest of the global
+  batch is gradient accumulation, split over the processes of a distributed run.
+- learning_rate: 2e-4 for LoRA / DoRA / QLoRA (adapters start at zero and need large steps),
+  2e-5 for full fine-tuning (the usual SFT rate for small models).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tunelab.config import TrainConfig
+from tunelab.errors import TunelabError
+
+
+@dataclass(frozen=True)
+class Plan:
+    epochs: float
+    batch_size: int            # effective global batch: micro * accumulation * world
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    learning_rate: float
+    steps_per_epoch: int
+    total_steps: int
+    eval_steps: int
+    save_steps: int
+    logging_steps: int
+
+
+def auto_epochs(n: int) -> float:
+    if n * 3 < 100:
+        return float(min(25, math.ceil(100 / n)))
+    if n * 3 > 25_000:
+        return float(max(1, 25_000 // n))
+    return 3.0
+
+
+def auto_batch_size(n: int) -> int:
+    return 8 if n < 2_000 else 16 if n < 10_000 else 32
+
+
+def auto_learning_rate(method: str) -> float:
+    return 2e-5 if method == "full" else 2e-4
+
+
+def make_plan(cfg: TrainConfig, n_train: int, *, world_size: int = 1, on_gpu: bool = False) -> Plan:
+    if n_train < 1:
+        raise TunelabError("no training examples", field="train_file")
+    epochs = auto_epochs(n_train) if cfg.epochs == "auto" else float(cfg.epochs)
+    batch = auto_batch_size(n_train) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    micro = cfg.micro_batch_size or min(batch, 16 if on_gpu else 8)
+    if micro * world_size > batch:
+        micro = max(1, batch // world_size)
+    accum = max(1, round(batch / (micro * world_size)))
+    effective = micro * accum * world_size
+    lr = auto_learning_rate(cfg.method) if cfg.learning_rate == "auto" else float(cfg.learning_rate)
+    steps_per_epoch = max(1, math.ceil(n_train / effective))
+    total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * epochs))
+    eval_steps = cfg.eval_steps or max(1, total // 5)
+    save_steps = cfg.save_steps or eval_steps
+    logging_steps = min(cfg.logging_steps, max(1, total // 5))
+    return Plan(epochs=epochs, batch_size=effective, micro_batch_size=micro,
+                gradient_accumulation_steps=accum, world_size=world_size, learning_rate=lr,
+                steps_per_epoch=steps_per_epoch, total_steps=total, eval_steps=eval_steps,
+                save_steps=save_steps, logging_steps=logging_steps)

@@ -1,0 +1,109 @@
+"""transformers.Trainer with what it lacks for us, and nothing else:
+
+- mean token accuracy on the trained tokens, for training and validation (as TRL reports it),
+  counted from the logits the forward pass already produced;
+- checkpoints that a kill cannot corrupt: a checkpoint counts only once its COMPLETE marker is
+  written (atomically, last), and old checkpoints are rotated away only after that. The stock
+  Trainer writes `checkpoint-N/` in place and rotates before the write is known to be whole, so
+  a kill mid-save can leave a torn latest checkpoint that `resume_from_checkpoint=True` picks;
+- a non-finite loss stops the run at the step it happens (the stock Trainer filters NaN out of
+  its logs and keeps going, and would then save NaN weights).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from tunelab.data.render import IGNORE_INDEX
+from tunelab.errors import TunelabError
+
+COMPLETE = "COMPLETE"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class NonFiniteLoss(TunelabError):
+    pass
+
+
+def complete_checkpoints(folder: str | Path) -> list[Path]:
+    """Whole checkpoints in `folder`, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _CKPT.match(p.name)) and (p / COMPLETE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+class TunelabTrainer(Trainer):
+    def __init__(self, *args, keep_checkpoints: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_checkpoints = keep_checkpoints
+        # [correct predictions, trained tokens] since the last log, per mode
+        self._token_counts = {"train": torch.zeros(2, dtype=torch.long),
+                              "eval": torch.zeros(2, dtype=torch.long)}
+        self.trained_tokens_seen = 0
+
+    # -- metrics --------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        with torch.no_grad():
+            labels = inputs["labels"][:, 1:]
+            mask = labels != IGNORE_INDEX
+            preds = outputs.logits[:, :-1].argmax(dim=-1)
+            counts = torch.stack([((preds == labels) & mask).sum(), mask.sum()]).cpu()
+            self._token_counts["train" if model.training else "eval"] += counts
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
+        if mode is not None:  # every rank logs these, so the reduce below cannot hang
+            counts = self._token_counts[mode]
+            if self.args.world_size > 1:
+                counts = self.accelerator.reduce(counts.to(self.args.device), "sum").cpu()
+            correct, total = (int(x) for x in counts)
+            if total:
+                logs["eval_mean_token_accuracy" if mode == "eval" else "mean_token_accuracy"] = \
+                    correct / total
+            if mode == "train":
+                self.trained_tokens_seen += total
+                logs["trained_tokens_seen"] = self.trained_tokens_seen
+            self._token_counts[mode].zero_()
+        super().log(logs, start_time)
+
+    # -- a NaN stops the run where it happens ------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not math.isfinite(float(loss)):
+            raise NonFiniteLoss(f"the loss became {float(loss)} at step {self.state.global_step + 1}"
+                                " (try a lower learning_rate, or precision fp32)")
+        return loss
+
+    # -- atomic checkpoints ------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)   # save_total_limit is None: it rotates nothing
+        if not self.args.should_save:
+            return
+        root = Path(self.args.output_dir)
+        folder = root / f"checkpoint-{self.state.global_step}"
+        marker_tmp = folder / f".{COMPLETE}.tmp"
+        marker_tmp.write_text(str(self.state.global_step))
+        os.replace(marker_tmp, folder / COMPLETE)   # the commit point
+        self._rotate(root, keep_also=self.state.best_model_checkpoint)
+
+    def _rotate(self, root: Path, keep_also: str | None) -> None:
+        complete = complete_checkpoints(root)
+        keep = set(complete[-self.keep_checkpoints:])
+        if keep_also:
+            keep.add(Path(keep_also))
+        for p in root.iterdir():
+            m = _CKPT.match(p.name)
+            if m and p not in keep and p.resolve() not in {k.resolve() for k in keep}:
+                shutil.rmtree(p, ignore_errors=True)   # older whole ones and torn ones

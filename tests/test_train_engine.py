@@ -1,0 +1,273 @@
+"""The training engine: resume after SIGKILL, packing isolation, gradient accumulation, DDP,
+metrics files, best checkpoint / early stopping, and failures that keep the last checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tunelab
+from tunelab import models
+from tunelab.config import TrainConfig
+from tunelab.data.io import write_jsonl
+from tunelab.data.render import render
+from tunelab.errors import TunelabError
+from tunelab.train.auto import auto_batch_size, auto_epochs, make_plan
+from tunelab.train.packing import PackedCollator, pack
+from tunelab.train.trainer import COMPLETE, complete_checkpoints
+
+from conftest import SOUNDS, sound_rows
+
+CLI = [sys.executable, "-m", "tunelab.cli"]
+
+
+def train_losses(metrics_file):
+    return [(e["step"], e["train_loss"]) for e in map(json.loads, open(metrics_file))
+            if "train_loss" in e]
+
+
+def base_cfg(tiny_model_dir, train_file, out, **kw):
+    return TrainConfig(**{"model": str(tiny_model_dir), "train_file": train_file,
+                          "output_dir": out, "method": "full", "precision": "fp32",
+                          "learning_rate": 1e-3, **kw})
+
+
+@pytest.fixture(scope="module")
+def mixed_lengths(tmp_path_factory):
+    """Answers of 1 to 12 words: micro-batches with very different numbers of trained tokens."""
+    rows = []
+    for i, (animal, sound) in enumerate(sorted(SOUNDS.items()) * 5):
+        n = 1 + (i * 7) % 12
+        rows.append({"messages": [{"role": "user", "content": f"Make the {animal} sound {n} times"},
+                                  {"role": "assistant", "content": " ".join([sound] * n)}]})
+    path = tmp_path_factory.mktemp("mixed") / "train.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
+def test_sigkill_mid_training_then_resume_gives_the_same_loss_curve(tmp_path, tiny_model_dir,
+                                                                     sound_task):
+    kw = dict(max_steps=40, batch_size=4, save_steps=2, save_total_limit=2, logging_steps=1)
+    ref = tunelab.train(base_cfg(tiny_model_dir, sound_task["train"], tmp_path / "ref", **kw),
+                        quiet=True)
+    expected = train_losses(ref.metrics_file)
+    assert len(expected) == 40
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(base_cfg(tiny_model_dir, sound_task["train"], tmp_path / "run",
+                                 **kw).to_yaml())
+    ckpts = tmp_path / "run.partial" / "checkpoints"
+    proc = subprocess.Popen([*CLI, "train", str(cfg_file), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = complete_checkpoints(ckpts)
+        if done and int(done[-1].name.split("-")[1]) >= 10:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed: " + \
+        proc.stderr.read().decode()[-500:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run").exists()            # nothing half-written in place
+    kept = complete_checkpoints(ckpts)
+    assert 1 <= len(kept) <= 3                         # rotation kept at most limit (+ one in flight)
+    logged_before = len(train_losses(tmp_path / "run.partial" / "metrics.jsonl"))
+
+    resumed = subprocess.run([*CLI, "train", str(cfg_file), "--resume", "--quiet"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = train_losses(tmp_path / "run" / "metrics.jsonl")
+    assert [s for s, _ in got] == list(range(1, 41))   # each step logged once
+    assert logged_before >= 10
+    for (s, a), (_, b) in zip(got, expected):
+        assert a == pytest.approx(b, abs=1e-5), f"step {s}: {a} != {b}"
+    again = subprocess.run([*CLI, "train", str(cfg_file), "--resume"], capture_output=True,
+                           text=True)
+    assert again.returncode == 1 and "nothing to resume" in again.stderr
+
+
+def test_torn_checkpoint_is_ignored(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / COMPLETE).write_text("2")
+    (tmp_path / "checkpoint-4").mkdir()               # killed mid-save: no marker
+    (tmp_path / "checkpoint-4" / "model.safetensors").write_text("half")
+    assert complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-2"]
+
+
+def test_packed_rows_give_the_same_logits_as_separate_examples(smol_tokenizer, tiny_model_dir):
+    model = models.load_model(tiny_model_dir, tokenizer=smol_tokenizer)
+    model.config.use_cache = False
+    model.eval()
+    rows = [render(r["messages"], smol_tokenizer) for r in sound_rows()[:5]]
+    packed = pack(rows, max_length=sum(len(r["input_ids"]) for r in rows[:3]) + 1)
+    assert len(packed) == 2 and sum(len(p["input_ids"]) for p in packed) == \
+        sum(len(r["input_ids"]) for r in rows)
+    batch = PackedCollator(smol_tokenizer.pad_token_id)(packed)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for b, p in enumerate(packed):
+            starts = [i for i, pos in enumerate(p["position_ids"]) if pos == 0] + \
+                [len(p["position_ids"])]
+            for s, e in zip(starts, starts[1:]):
+                alone = model(input_ids=torch.tensor([p["input_ids"][s:e]])).logits[0]
+                assert torch.allclose(packed_logits[b, s:e], alone, atol=1e-4)
+                assert batch["labels"][b, s] == -100          # never predicted across examples
+    # the padding of the shorter row is a segment of its own and is not trained
+    assert (batch["labels"][1, len(packed[1]["input_ids"]):] == -100).all()
+
+
+def test_packing_trains_and_learns(tmp_path, tiny_model_dir, sound_task):
+    res = tunelab.train(base_cfg(tiny_model_dir, sound_task["train"], tmp_path / "p",
+                                 packing=True, max_length=256, epochs=25, batch_size=2,
+                                 learning_rate=3e-3, logging_steps=5), quiet=True)
+    assert res.extra["packed_rows"] <= res.train_examples / 5
+    losses = [b for _, b in train_losses(res.metrics_file)]
+    assert losses[-1] < 0.3 * losses[0]
+    from tunelab.evaluate import evaluate
+    assert evaluate(*models.load(res.model_dir), sound_task["test"]).exact_match >= 0.75
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir, mixed_lengths):
+    def run(name, micro):
+        res = tunelab.train(base_cfg(tiny_model_dir, mixed_lengths, tmp_path / name, max_steps=4,
+                                     batch_size=8, micro_batch_size=micro, logging_steps=1,
+                                     group_by_length=False), quiet=True)
+        return res, train_losses(res.metrics_file)
+    (big, a), (acc, b) = run("big", 8), run("acc", 2)
+    assert acc.extra["gradient_accumulation_steps"] == 4 and big.extra["gradient_accumulation_steps"] == 1
+    for (_, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-4)
+    w1, w2 = load_file(big.model_dir / "model.safetensors"), load_file(acc.model_dir / "model.safetensors")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir,
+                                                                       mixed_lengths):
+    common = dict(max_steps=3, batch_size=8, logging_steps=1, group_by_length=False)
+    one = tunelab.train(base_cfg(tiny_model_dir, mixed_lengths, tmp_path / "one",
+                                 micro_batch_size=8, **common), quiet=True)
+    half = tunelab.train(base_cfg(tiny_model_dir, mixed_lengths, tmp_path / "half",
+                                  micro_batch_size=4, batch_size=4, max_steps=3,
+                                  logging_steps=1, group_by_length=False), quiet=True)
+    cfg_file = tmp_path / "ddp.yaml"
+    cfg_file.write_text(base_cfg(tiny_model_dir, mixed_lengths, tmp_path / "two",
+                                 micro_batch_size=4, **common).to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", "-m", "tunelab.cli", "train", str(cfg_file),
+                           "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["extra"]["world_size"] == 2 and two["extra"]["micro_batch_size"] == 4
+    assert two["extra"]["gradient_accumulation_steps"] == 1
+    # both ranks' shards were used: the tokens seen equal the 1-process run with the same batch
+    assert two["extra"]["tokens_seen"] == one.extra["tokens_seen"] == 2 * half.extra["tokens_seen"] \
+        or two["extra"]["tokens_seen"] == one.extra["tokens_seen"]
+    w1 = load_file(one.model_dir / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    wh = load_file(half.model_dir / "model.safetensors")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    assert not all(torch.allclose(w1[k], wh[k], atol=1e-5) for k in w1)
+
+
+def test_metrics_files_best_checkpoint_and_early_stopping(tmp_path, tiny_model_dir, sound_task):
+    """Validation answers contradict training (permuted sounds): validation loss rises once the
+    model learns, so early stopping triggers and the best model is an early checkpoint."""
+    rows = sound_rows()
+    perm = dict(zip(SOUNDS.values(), list(SOUNDS.values())[1:] + list(SOUNDS.values())[:1]))
+    for r in rows:
+        r["messages"][1]["content"] = perm[r["messages"][1]["content"]]
+    write_jsonl(tmp_path / "contra.jsonl", rows[:16])
+    res = tunelab.train(base_cfg(tiny_model_dir, sound_task["train"], tmp_path / "es",
+                                 valid_file=tmp_path / "contra.jsonl", epochs=30, batch_size=8,
+                                 learning_rate=3e-3, eval_steps=5, early_stopping_patience=2,
+                                 logging_steps=5), quiet=True)
+    entries = [json.loads(l) for l in open(res.metrics_file)]
+    valid = [e for e in entries if "valid_loss" in e]
+    assert res.steps < 150                                   # stopped early
+    best = min(valid, key=lambda e: e["valid_loss"])
+    assert res.best_step == best["step"] and res.valid_loss == pytest.approx(best["valid_loss"])
+    assert len([e for e in valid if e["step"] > res.best_step]) >= 2   # patience 2
+    train = [e for e in entries if "train_loss" in e]
+    assert all(0 <= e["train_mean_token_accuracy"] <= 1 and e["tokens_per_s"] > 0 for e in train[1:])
+    assert all(0 <= e["valid_mean_token_accuracy"] <= 1 for e in valid)
+    assert train[-1]["trained_tokens_seen"] > train[0]["trained_tokens_seen"] > 0
+    header, *lines = (res.output_dir / "results.csv").read_text().splitlines()
+    assert header == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert len(lines) == len({e["step"] for e in entries})
+    assert (res.output_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the output model is the best checkpoint's
+    model, tok = models.load(res.model_dir)
+    from tunelab.evaluate.metrics import test_loss
+    from tunelab.data.conversation import read_conversations
+    assert test_loss(model, tok, read_conversations(tmp_path / "contra.jsonl")) == \
+        pytest.approx(res.valid_loss, rel=1e-3)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, sound_task):
+    cfg = base_cfg(tiny_model_dir, sound_task["train"], tmp_path / "nan", max_steps=30,
+                   batch_size=4, save_steps=2, learning_rate=1e30, max_grad_norm=0.0,
+                   warmup_ratio=0.0, lr_scheduler="constant")
+    with pytest.raises(TunelabError, match=r"loss became (nan|inf).*last good checkpoint"):
+        tunelab.train(cfg, quiet=True)
+    assert not (tmp_path / "nan").exists()
+    assert complete_checkpoints(tmp_path / "nan.partial" / "checkpoints")
+
+
+@pytest.mark.parametrize("overrides,field,needle", [
+    ({"lora": {"r": 0}}, "lora.r", "greater than or equal to 1"),
+    ({"batch_size": 0}, "batch_size", "greater than 0"),
+    ({"method": "qlora"}, "method", "CUDA"),
+    ({"method": "lora", "freeze_layers": 1}, "freeze_layers", "full"),
+    ({"max_length": 12}, "messages", "nothing left to train on"),
+    ({"lora": {"target_modules": ["nope_proj"]}}, "lora.target_modules", "nope_proj"),
+])
+def test_impossible_configs_fail_before_the_model_loads(tmp_path, tiny_model_dir, sound_task,
+                                                        monkeypatch, overrides, field, needle):
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(models, "load_model", no_loading)
+    data = {"model": str(tiny_model_dir), "train_file": str(sound_task["train"]),
+            "output_dir": str(tmp_path / "o"), **overrides}
+    with pytest.raises(TunelabError) as info:
+        tunelab.train(data, quiet=True)
+    assert info.value.field == field and needle in str(info.value)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_freeze_layers_and_dora(tmp_path, tiny_model_dir, sound_task):
+    from test_train import ParamSnapshot
+    snap = ParamSnapshot()
+    tunelab.train(base_cfg(tiny_model_dir, sound_task["train"], tmp_path / "f", max_steps=2,
+                           freeze_layers=1), quiet=True, callbacks=[snap])
+    assert not any(n.startswith(("model.embed_tokens", "model.layers.0.")) for n in snap.trainable)
+    assert any(n.startswith("model.layers.1.") for n in snap.trainable)
+    assert snap.changed() == snap.trainable
+    snap2 = ParamSnapshot()
+    res = tunelab.train({"model": str(tiny_model_dir), "train_file": str(sound_task["train"]),
+                         "output_dir": str(tmp_path / "d"), "method": "dora", "max_steps": 2,
+                         "precision": "fp32"}, quiet=True, callbacks=[snap2])
+    assert any("lora_magnitude_vector" in n for n in snap2.trainable)
+    assert json.loads((res.adapter_dir / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_auto_hyperparameters():
+    assert auto_epochs(10) == 10 and auto_epochs(40) == 3 and auto_epochs(500) == 3
+    assert auto_epochs(100_000) == 1 and auto_epochs(5000) == 3
+    assert (auto_batch_size(100), auto_batch_size(5000), auto_batch_size(50_000)) == (8, 16, 32)
+    cfg = TrainConfig(train_file="t.jsonl")
+    plan = make_plan(cfg, 630)
+    assert (plan.epochs, plan.batch_size, plan.learning_rate) == (3.0, 8, 2e-4)
+    assert plan.total_steps == 3 * 79
+    big = make_plan(TrainConfig(train_file="t.jsonl", method="full"), 20_000, world_size=2)
+    assert (big.batch_size, big.micro_batch_size, big.gradient_accumulation_steps) == (32, 8, 2)
+    assert big.learning_rate == 2e-5

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.conversation import Conversation, read_conversations
-from tunelab.data.render import IGNORE_INDEX, render
+from tunelab.data.render import IGNORE_INDEX, render_examples
 from tunelab.errors import TunelabError
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -51,8 +51,8 @@ def test_loss(model, tokenizer, conversations: list[Conversation], *, batch_size
               max_length: int = 2048) -> float:
     """Mean cross-entropy per trained token (the same tokens training supervises)."""
     import torch
-    rows = [render(c.messages, tokenizer, max_length=max_length, source=c.source)
-            for c in conversations]
+    rows = render_examples([c.messages for c in conversations], tokenizer, max_length=max_length,
+                           sources=[c.source for c in conversations])
     rows.sort(key=lambda r: len(r["input_ids"]))
     total, count = 0.0, 0
     model.eval()

@@ -20,7 +20,7 @@ from typing import Any
 from tunelab.config import TrainConfig
 from tunelab.data.conversation import read_conversations
 from tunelab.data.io import write_json
-from tunelab.data.render import IGNORE_INDEX, render
+from tunelab.data.render import IGNORE_INDEX, render_examples
 from tunelab.errors import TunelabError
 from tunelab.train.auto import Plan, make_plan
 
@@ -52,16 +52,22 @@ def partial_dir(cfg: TrainConfig) -> Path:
     return cfg.output_dir.with_name(cfg.output_dir.name + ".partial")
 
 
-def _render_file(path: Path, tokenizer, max_length: int, name: str) -> list[dict[str, list[int]]]:
-    rows = []
-    for conv in read_conversations(path):
-        row = render(conv.messages, tokenizer, max_length=max_length, source=conv.source)
-        if all(label == IGNORE_INDEX for label in row["labels"]):
-            file, _, line = conv.source.rpartition(":")
-            raise TunelabError(f"nothing left to train on after truncation to max_length="
-                               f"{max_length} (the prompt alone is longer)", file=file,
-                               line=int(line), field="messages")
-        rows.append(row)
+def _render_file(path: Path, tokenizer, max_length: int) -> list[dict[str, list[int]]]:
+    """Training rows (labels decided by tunelab.data.render); batched tokenization."""
+    convs = read_conversations(path)
+    sources = [c.source for c in convs]
+    rows = render_examples([c.messages for c in convs], tokenizer, max_length=max_length,
+                           sources=sources)
+    if len(rows) == len(convs):  # one row per conversation: name the offending line
+        for row, src in zip(rows, sources):
+            if all(label == IGNORE_INDEX for label in row["labels"]):
+                file, _, line = src.rpartition(":")
+                raise TunelabError(f"nothing left to train on after truncation to max_length="
+                                   f"{max_length} (the prompt alone is longer)", file=file,
+                                   line=int(line), field="messages")
+    elif any(all(label == IGNORE_INDEX for label in r["labels"]) for r in rows):
+        raise TunelabError(f"some turns have nothing left to train on after truncation to "
+                           f"max_length={max_length}", file=path, field="max_length")
     return rows
 
 
@@ -274,9 +280,8 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
     import torch
     source = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model, source=source)
-    train_rows = _render_file(cfg.train_file, tokenizer, cfg.max_length, "train_file")
-    valid_rows = _render_file(cfg.valid_file, tokenizer, cfg.max_length, "valid_file") \
-        if cfg.valid_file else []
+    train_rows = _render_file(cfg.train_file, tokenizer, cfg.max_length)
+    valid_rows = _render_file(cfg.valid_file, tokenizer, cfg.max_length) if cfg.valid_file else []
     _check_target_modules(cfg, source)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.packing:

@@ -192,6 +192,7 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
         else "random",
         remove_unused_columns=False,
         label_names=["labels"],   # PEFT wraps forward(); without this eval loss is dropped
+        prediction_loss_only=True,   # never accumulate every validation logit in memory
         include_num_input_tokens_seen="non_padding",
         average_tokens_across_devices=True,   # loss normalised by trained tokens, globally
         ddp_find_unused_parameters=False,

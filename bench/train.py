@@ -1,0 +1,245 @@
+"""Training speed and memory: TRL's SFTTrainer defaults vs tunelab's defaults, in one run.
+
+    .venv/bin/python bench/train.py [--models tiny,smollm2] [--examples 48] [--seed 0]
+
+On the same model and the same mixed-length chat data (~30 to ~1000 tokens per conversation),
+for one epoch (the same trained tokens), each in its own process (so peak RSS is its own):
+  (a) trl      TRL SFTTrainer with its defaults, changed only to run on CPU (use_cpu=True) and
+               to train one epoch; the data is given in TRL's conversational prompt/completion
+               form, so TRL trains on the completion only, like tunelab (its default for
+               "messages" data would train on every token, which is not the same work);
+  (b) tunelab  tunelab's defaults (LoRA; epochs set to 1);
+  (c) tunelab-full  tunelab's defaults with method: full (the same method as TRL's default).
+Prints trained tokens/s, total non-padding tokens/s, peak RSS, validation loss (tunelab's
+test_loss on each saved model: one metric for all), the ratios against (a), and the model FLOP
+utilisation of (c) against the bf16 matmul peak measured here, now. Not a test: no assertions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# ---------------------------------------------------------------------------------------------
+# data: k product reviews in, one sentiment label per review out: the answer grows with the
+# prompt, and lengths spread from ~30 to ~1000 tokens.
+
+
+def make_data(folder: Path, n: int, seed: int) -> dict[str, Path]:
+    from tunelab.data.generators.reviews import generate_reviews
+    from tunelab.data.io import write_jsonl
+    rng = random.Random(seed)
+    pool = generate_reviews(n * 30, seed=seed)
+    rows = []
+    for i in range(n):
+        k = max(1, round(math.exp(rng.uniform(0, math.log(30)))))  # log-uniform 1..30 reviews
+        reviews = rng.sample(pool, k)
+        numbered = "\n".join(f"{j + 1}. {r.text}" for j, r in enumerate(reviews))
+        rows.append({"messages": [
+            {"role": "system", "content": "You label reviews."},
+            {"role": "user", "content": f"Label each review as positive or negative, one per "
+                                        f"line.\n\n{numbered}"},
+            {"role": "assistant", "content": "\n".join(f"{j + 1}. {r.sentiment}"
+                                                       for j, r in enumerate(reviews))}]})
+    n_val = max(4, n // 6)
+    paths = {"train": folder / "train.jsonl", "val": folder / "val.jsonl"}
+    write_jsonl(paths["train"], rows[n_val:])
+    write_jsonl(paths["val"], rows[:n_val])
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# the workers (run in a child process each)
+
+
+class Timer:
+    """Wall time of trainer.train() proper: from the first to the last step."""
+
+    @staticmethod
+    def callback():
+        from transformers import TrainerCallback
+
+        class _T(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                self.t0 = time.perf_counter()
+
+            def on_train_end(self, args, state, control, **kw):
+                self.seconds = time.perf_counter() - self.t0
+                self.tokens = int(state.num_input_tokens_seen or 0)
+        return _T()
+
+
+def worker_trl(model_dir: str, data: dict, out: str) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    def as_prompt_completion(path):
+        rows = [json.loads(line) for line in open(path)]
+        return datasets.Dataset.from_list([{"prompt": r["messages"][:-1],
+                                            "completion": r["messages"][-1:]} for r in rows])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    timer = Timer.callback()
+    args = SFTConfig(output_dir=out, use_cpu=True, num_train_epochs=1, report_to="none",
+                     include_num_input_tokens_seen="non_padding", save_strategy="no")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=as_prompt_completion(data["train"]),
+                         processing_class=tok, callbacks=[timer])
+    trained = sum(sum(1 for x in lab if x != -100) for lab in trainer.train_dataset["labels"])
+    trainer.train()
+    trainer.save_model(out + "/model")
+    tok.save_pretrained(out + "/model")
+    return {"seconds": timer.seconds, "tokens": timer.tokens, "trained_tokens": trained,
+            "model_dir": out + "/model", "params": sum(p.numel() for p in model.parameters())}
+
+
+def worker_tunelab(model_dir: str, data: dict, out: str, method: str) -> dict:
+    import tunelab
+    timer = Timer.callback()
+    res = tunelab.train({"model": model_dir, "train_file": data["train"], "output_dir": out,
+                         "method": method, "epochs": 1}, quiet=True, callbacks=[timer])
+    return {"seconds": timer.seconds, "tokens": timer.tokens,
+            "trained_tokens": res.trained_tokens, "model_dir": str(res.model_dir),
+            "params": res.extra["total_parameters"]}
+
+
+def valid_loss(model_dir: str, val_file: str) -> float:
+    from tunelab import models
+    from tunelab.data.conversation import read_conversations
+    from tunelab.evaluate.metrics import test_loss
+    model, tok = models.load(model_dir)
+    return test_loss(model, tok, read_conversations(val_file), batch_size=4)
+
+
+def run_worker(name: str, model_dir: str, data: dict, out: str) -> None:
+    from tunelab.runtime import set_threads
+    set_threads()
+    if name == "trl":
+        r = worker_trl(model_dir, data, out)
+    else:
+        r = worker_tunelab(model_dir, data, out, "full" if name == "tunelab-full" else "lora")
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before eval
+    r["valid_loss"] = valid_loss(r["model_dir"], data["val"])
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 7) -> float:
+    """GFLOP/s of a square matmul on this machine, now (median of reps)."""
+    import torch
+    from tunelab.runtime import set_threads
+    set_threads()
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def tiny_model(folder: Path) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tunelab.models import load_tokenizer
+    tok = load_tokenizer("smollm2-135m-instruct")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="tiny,smollm2")
+    ap.add_argument("--examples", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runners", default="trl,tunelab,tunelab-full")
+    ap.add_argument("--worker")
+    ap.add_argument("--model-dir")
+    ap.add_argument("--data")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.worker:
+        run_worker(a.worker, a.model_dir, json.loads(a.data), a.out)
+        return
+
+    from tunelab.models import resolve
+    work = Path(tempfile.mkdtemp(prefix="tunelab-bench-"))
+    peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+    print(f"matmul peak here, now: fp32 {peaks['float32']:.0f} GFLOP/s, "
+          f"bf16 {peaks['bfloat16']:.0f} GFLOP/s ({os.cpu_count()} cores)")
+    data = {k: str(v) for k, v in make_data(work / "data", a.examples, a.seed).items()}
+    from tunelab.models import load_tokenizer
+    tok = load_tokenizer("smollm2-135m-instruct")
+    lengths = sorted(len(tok.apply_chat_template(json.loads(line)["messages"], tokenize=True)
+                         ["input_ids"]) for line in open(data["train"]))
+    print(f"data: {len(lengths)} train conversations, tokens min {lengths[0]} median "
+          f"{lengths[len(lengths) // 2]} max {lengths[-1]}; 1 epoch each")
+    for model_name in a.models.split(","):
+        model_dir = tiny_model(work / "tiny") if model_name == "tiny" else \
+            resolve("smollm2-135m-instruct").path
+        results = {}
+        for runner in a.runners.split(","):
+            out = str(work / f"{model_name}-{runner}")
+            proc = subprocess.run([sys.executable, __file__, "--worker", runner, "--model-dir",
+                                   model_dir, "--data", json.dumps(data), "--out", out],
+                                  capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(f"{runner} failed:\n{proc.stderr[-3000:]}")
+                continue
+            results[runner] = json.loads(line[-1][7:])
+        report(model_name, results, peaks["bfloat16"])
+
+
+def report(model_name: str, results: dict, bf16_peak: float) -> None:
+    print(f"\n== {model_name} ==")
+    print(f"{'runner':14} {'trained tok/s':>14} {'total tok/s':>12} {'peak RSS MB':>12} "
+          f"{'valid loss':>11} {'seconds':>8}")
+    for name, r in results.items():
+        r["trained_tps"] = r["trained_tokens"] / r["seconds"]
+        r["total_tps"] = r["tokens"] / r["seconds"]
+        print(f"{name:14} {r['trained_tps']:>14.1f} {r['total_tps']:>12.1f} "
+              f"{r['peak_rss_mb']:>12.0f} {r['valid_loss']:>11.4f} {r['seconds']:>8.1f}")
+    base = results.get("trl")
+    if base:
+        for name, r in results.items():
+            if name == "trl":
+                continue
+            print(f"{name} / trl: total tok/s x{r['total_tps'] / base['total_tps']:.2f}, "
+                  f"trained tok/s x{r['trained_tps'] / base['trained_tps']:.2f}, peak RSS "
+                  f"x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}, valid loss "
+                  f"{100 * (r['valid_loss'] / base['valid_loss'] - 1):+.1f}%")
+    full = results.get("tunelab-full")
+    if full:
+        achieved = 6 * full["params"] * full["total_tps"] / 1e9
+        print(f"tunelab-full model FLOP utilisation: 6 x {full['params'] / 1e6:.1f}M params x "
+              f"{full['total_tps']:.0f} tok/s = {achieved:.0f} GFLOP/s = "
+              f"{100 * achieved / bf16_peak:.0f}% of the bf16 matmul peak")
+
+
+if __name__ == "__main__":
+    main()

@@ -48,10 +48,13 @@ class TrainConfig(_Strict):
     epochs: PositiveFloat | Auto = Field("auto", description="auto: 3, more for small datasets, fewer for big")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: PositiveInt | Auto = Field("auto", description="global batch (examples per optimizer step)")
-    micro_batch_size: int | None = Field(None, ge=1, description="per device per forward; "
-                                         "default min(batch_size, 8); the rest is accumulation")
+    micro_batch_size: int | None = Field(None, ge=1, description="examples per device per "
+                                         "forward; default: fits a token budget (auto.py); "
+                                         "the rest of the batch is gradient accumulation")
     learning_rate: PositiveFloat | Auto = Field("auto", description="auto: 2e-4 LoRA/DoRA, 2e-5 full")
-    lr_scheduler: str = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup",
+                          "cosine_with_min_lr", "inverse_sqrt", "polynomial",
+                          "warmup_stable_decay"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)

@@ -107,7 +107,8 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
             base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
             if not base:
                 raise TunelabError("adapter has no base_model_name_or_path", file=adapter_cfg)
-            return ModelSource(resolve(base).path, adapter=str(path))
+            base_src = resolve(base)
+            return ModelSource(base_src.path, base_src.gguf_file, adapter=str(path))
         if not (path / "config.json").exists():
             raise TunelabError("not a model folder (no config.json or adapter_config.json)",
                                file=path)

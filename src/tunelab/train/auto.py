@@ -5,8 +5,12 @@ The rules (documented in the README), in the spirit of the OpenAI fine-tuning AP
   updates happen (at most 25 epochs); a large one fewer, about 25,000 examples in all (>= 1).
 - batch_size (global, examples per optimizer step): 8 below 2,000 examples, 16 below 10,000,
   else 32. Small data wants more, noisier steps; big data, steadier ones.
-- micro_batch_size: min(batch_size, 8) on CPU, min(batch_size, 16) on GPU; the rest of the global
-  batch is gradient accumulation, split over the processes of a distributed run.
+- micro_batch_size (examples per forward pass): the largest power of two that keeps a forward
+  pass within a token budget (4,096 padded tokens on CPU, 32,768 on GPU) for the longest
+  example, at most the batch. Activation memory grows with the tokens of one forward pass, and
+  a CPU gains nothing from more than a few thousand rows per matmul; the rest of the global batch
+  is gradient accumulation (the loss is normalised by the step's trained tokens, so the result
+  is the same), split over the processes of a distributed run.
 - learning_rate: 2e-4 for LoRA / DoRA / QLoRA (adapters start at zero and need large steps),
   2e-5 for full fine-tuning (the usual SFT rate for small models).
 """
@@ -50,12 +54,26 @@ def auto_learning_rate(method: str) -> float:
     return 2e-5 if method == "full" else 2e-4
 
 
-def make_plan(cfg: TrainConfig, n_train: int, *, world_size: int = 1, on_gpu: bool = False) -> Plan:
+TOKENS_PER_FORWARD = {"cpu": 4096, "gpu": 32768}
+
+
+def auto_micro_batch_size(batch: int, longest: int, world_size: int, on_gpu: bool) -> int:
+    budget = TOKENS_PER_FORWARD["gpu" if on_gpu else "cpu"]
+    cap = max(1, min(batch // world_size or 1, budget // max(1, longest)))
+    return 1 << (cap.bit_length() - 1)   # a power of two: it divides the usual batch sizes
+
+
+def make_plan(cfg: TrainConfig, n_train: int, *, n_examples: int | None = None,
+              longest: int | None = None, world_size: int = 1, on_gpu: bool = False) -> Plan:
+    """`n_train`: training rows (packed rows when packing); `n_examples`: the examples in them,
+    which the auto rules follow; `longest`: the longest row, in tokens."""
     if n_train < 1:
         raise TunelabError("no training examples", field="train_file")
-    epochs = auto_epochs(n_train) if cfg.epochs == "auto" else float(cfg.epochs)
-    batch = auto_batch_size(n_train) if cfg.batch_size == "auto" else int(cfg.batch_size)
-    micro = cfg.micro_batch_size or min(batch, 16 if on_gpu else 8)
+    n_examples = n_examples or n_train
+    epochs = auto_epochs(n_examples) if cfg.epochs == "auto" else float(cfg.epochs)
+    batch = auto_batch_size(n_examples) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    micro = cfg.micro_batch_size or auto_micro_batch_size(batch, longest or cfg.max_length,
+                                                          world_size, on_gpu)
     if micro * world_size > batch:
         micro = max(1, batch // world_size)
     accum = max(1, round(batch / (micro * world_size)))

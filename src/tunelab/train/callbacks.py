@@ -1,5 +1,5 @@
 """Trainer callbacks: the metrics file a user can read and plot, a human log, and evaluation at
-each epoch end and at the last step (the stock Trainer only evaluates every eval_steps)."""
+each epoch end."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,16 @@ from transformers import TrainerCallback
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl entries; a last line torn by a kill is skipped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            break   # only the last line can be torn: nothing is appended after it
+    return entries
 
 
 class MetricsWriter(TrainerCallback):
@@ -41,8 +48,6 @@ class MetricsWriter(TrainerCallback):
             if train_entries:
                 self._last_tokens = train_entries[-1].get("tokens_seen", 0)
                 self.elapsed_before = train_entries[-1].get("elapsed_s", 0.0)
-            self.resumed_trained_tokens = train_entries[-1].get("trained_tokens_seen", 0) \
-                if train_entries else 0
             if log_path is not None:
                 with log_path.open("a", encoding="utf-8") as f:
                     f.write(f"resumed from the checkpoint at step {resumed_at}\n")
@@ -85,9 +90,10 @@ class MetricsWriter(TrainerCallback):
         self._write(entry)
 
 
-class EvaluateAtEpochEndAndLastStep(TrainerCallback):
-    """Validation at each epoch end and at the final step, once per step (and a checkpoint with
-    it, so the best model can be one of them)."""
+class EvaluateAtEpochEnd(TrainerCallback):
+    """Validation at each epoch end too (the stock Trainer evaluates every eval_steps and at the
+    last step), and a checkpoint with every validation, so the best model is always one that was
+    saved (otherwise the best could fall on an evaluation that was not checkpointed)."""
 
     def __init__(self):
         self.last_eval_step = -1
@@ -95,16 +101,11 @@ class EvaluateAtEpochEndAndLastStep(TrainerCallback):
     def on_evaluate(self, args, state, control, **kwargs):
         self.last_eval_step = state.global_step
 
-    def _request(self, state, control):
-        if state.global_step != self.last_eval_step and \
-                (state.global_step % max(1, int(state.eval_steps or 1)) != 0):
-            control.should_evaluate = True
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_evaluate:   # set just before by DefaultFlowCallback
             control.should_save = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if args.eval_strategy != "no":
-            self._request(state, control)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if args.eval_strategy != "no" and state.global_step >= state.max_steps:
-            self._request(state, control)
+        if args.eval_strategy != "no" and state.global_step != self.last_eval_step:
+            control.should_evaluate = True
+            control.should_save = True

@@ -123,6 +123,9 @@ def _check_output(cfg: TrainConfig, resume: bool) -> Path | None:
                 raise TunelabError(f"the config changed since the run started ({', '.join(changed)}"
                                    "); resume with the same config", field=changed[0])
         return ckpts[-1]
+    if complete_checkpoints(partial / "checkpoints") and not cfg.overwrite:
+        raise TunelabError(f"an unfinished run with checkpoints is in {partial}: continue it with "
+                           "--resume, or set overwrite: true to start again", field="output_dir")
     out = cfg.output_dir
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise TunelabError("output folder exists and is not empty (set overwrite: true or "
@@ -152,11 +155,11 @@ def _want_tensorboard(cfg: TrainConfig) -> bool:
 
 
 def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: bool,
-                        precision: str, quiet: bool):
+                        precision: str, quiet: bool, tensorboard: bool):
     import torch
     from transformers import TrainingArguments
 
-    if _want_tensorboard(cfg):  # transformers 5 takes the folder from the environment only
+    if tensorboard:  # transformers 5 takes the folder from the environment only
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")
     with_valid = "steps" if has_valid else "no"
     return TrainingArguments(
@@ -185,14 +188,13 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
         load_best_model_at_end=has_valid and cfg.load_best_at_end,
         metric_for_best_model="eval_loss" if has_valid else None,
         greater_is_better=False,
-        report_to=["tensorboard"] if _want_tensorboard(cfg) else "none",
+        report_to=["tensorboard"] if tensorboard else "none",
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing
         else "random",
         remove_unused_columns=False,
         label_names=["labels"],   # PEFT wraps forward(); without this eval loss is dropped
-        prediction_loss_only=True,   # never accumulate every validation logit in memory
         include_num_input_tokens_seen="non_padding",
         average_tokens_across_devices=True,   # loss normalised by trained tokens, globally
         ddp_find_unused_parameters=False,
@@ -273,6 +275,7 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
         if p is not None and not Path(p).is_file():
             raise TunelabError("file not found", file=p, field=name)
     _check_method(cfg)
+    tensorboard = _want_tensorboard(cfg)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()   # per-checkpoint "Writing model shards" bars are noise
     precision = resolve_precision(cfg.precision)
@@ -290,10 +293,9 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
         train_batches = pack(train_rows, cfg.max_length)
     else:
         train_batches = train_rows
-    plan = make_plan(cfg, len(train_batches), world_size=world, on_gpu=torch.cuda.is_available())
-    if valid_rows and cfg.load_best_at_end and plan.save_steps % plan.eval_steps:
-        raise TunelabError(f"must be a multiple of eval_steps ({plan.eval_steps}) to keep the "
-                           "best checkpoint (or set load_best_at_end: false)", field="save_steps")
+    plan = make_plan(cfg, len(train_batches), n_examples=len(train_rows),
+                     longest=max(len(r["input_ids"]) for r in train_batches), world_size=world,
+                     on_gpu=torch.cuda.is_available())
     model = _load_model(cfg, tokenizer, source)
     model = _apply_method(model, cfg)
     trainable, total = count_parameters(model)
@@ -301,11 +303,15 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
     import datasets
     from transformers import DataCollatorForSeq2Seq
 
-    from tunelab.train.callbacks import EvaluateAtEpochEndAndLastStep, MetricsWriter
+    from tunelab.train.callbacks import EvaluateAtEpochEnd, MetricsWriter
     from tunelab.train.trainer import TunelabTrainer
 
     partial = partial_dir(cfg)
-    args = _training_arguments(cfg, plan, partial, bool(valid_rows), precision, quiet)
+    args = _training_arguments(cfg, plan, partial, bool(valid_rows), precision, quiet, tensorboard)
+    if args.n_gpu > 1:  # torch DataParallel: one process driving several GPUs
+        raise TunelabError(f"{args.n_gpu} GPUs are visible to one process: launch one process per "
+                           f"GPU (torchrun --nproc_per_node {args.n_gpu} -m tunelab.cli train ...) "
+                           "or pick one with CUDA_VISIBLE_DEVICES")
     is_main = args.process_index == 0
     say = print if is_main and not quiet else (lambda *a, **k: None)
     say(f"tunelab: {cfg.method} fine-tuning {cfg.model}: {trainable:,} trainable of {total:,} "
@@ -335,7 +341,7 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
         to_ds = lambda rows: datasets.Dataset.from_dict(  # noqa: E731
             {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
-    extra_callbacks = [metrics, EvaluateAtEpochEndAndLastStep(), *(callbacks or [])]
+    extra_callbacks = [metrics, EvaluateAtEpochEnd(), *(callbacks or [])]
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
         extra_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
@@ -351,7 +357,8 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
         processing_class=tokenizer, callbacks=extra_callbacks,
         keep_checkpoints=cfg.save_total_limit)
     if resume_from is not None:
-        trainer.trained_tokens_seen = getattr(metrics, "resumed_trained_tokens", 0)
+        from tunelab.train.trainer import checkpoint_state
+        trainer.trained_tokens_seen = int(checkpoint_state(resume_from).get("trained_tokens_seen", 0))
     if quiet:  # with tqdm off, transformers prints every log dict instead
         from transformers.trainer_callback import PrinterCallback
         trainer.remove_callback(PrinterCallback)
@@ -365,7 +372,8 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
         raise friendly from None
 
     state = trainer.state
-    best_step = state.best_global_step if args.load_best_model_at_end else None
+    best_step = int(Path(state.best_model_checkpoint).name.split("-")[1]) \
+        if args.load_best_model_at_end and state.best_model_checkpoint else None
     valid_loss = float(state.best_metric) if best_step else metrics.last_valid_loss
     result = TrainResult(
         output_dir=cfg.output_dir,
@@ -408,9 +416,18 @@ def _write_outputs(trainer, model, tokenizer, cfg: TrainConfig, partial: Path,
                    result: TrainResult) -> None:
     from tunelab.train.report import plot_losses, write_results_csv
     if cfg.method != "full":
-        model.save_pretrained(partial / "adapter")
-        tokenizer.save_pretrained(partial / "adapter")
-        merged = model.merge_and_unload()
+        adapter = partial / "adapter"
+        model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        _point_adapter_at_spec(adapter / "adapter_config.json", cfg.model)
+        if cfg.method == "qlora":
+            # merging into the 4-bit base would requantize it: merge into a bf16 copy instead
+            import torch
+
+            from tunelab import models
+            merged = models.load_model(adapter, tokenizer=tokenizer, dtype=torch.bfloat16)
+        else:
+            merged = model.merge_and_unload()
     else:
         merged = model
     merged.config.use_cache = True
@@ -419,6 +436,18 @@ def _write_outputs(trainer, model, tokenizer, cfg: TrainConfig, partial: Path,
     write_results_csv(partial / "metrics.jsonl", partial / "results.csv")
     plot_losses(partial / "metrics.jsonl", partial / "loss.png", best_step=result.best_step)
     write_json(partial / "result.json", result.to_json())
+
+
+def _point_adapter_at_spec(adapter_config: Path, spec: str) -> None:
+    """PEFT records the folder it loaded the base from (for the builtin model, a cache path on
+    this machine; for a .gguf, a folder with no config.json). Record the user's model spec
+    instead, so the adapter folder is itself a spec that loads anywhere tunelab runs."""
+    import json
+    from tunelab.models import BUILTINS
+    portable = spec if spec in BUILTINS or not Path(spec).exists() else str(Path(spec).resolve())
+    data = json.loads(adapter_config.read_text())
+    data["base_model_name_or_path"] = portable
+    adapter_config.write_text(json.dumps(data, indent=2))
 
 
 def _after_failure(partial: Path, is_main: bool) -> None:
@@ -437,7 +466,9 @@ def _as_user_error(e: BaseException, partial: Path) -> BaseException:
              else "; no checkpoint was saved")
     if isinstance(e, TunelabError):
         return TunelabError(e.reason + where, file=e.file, line=e.line, field=e.field)
-    oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    text = str(e).lower()
+    oom = isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or \
+        "can't allocate memory" in text   # the CPU allocator's wording
     if oom:
         return TunelabError("out of memory: lower micro_batch_size or max_length, or set "
                             "gradient_checkpointing: true" + where)

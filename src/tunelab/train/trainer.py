@@ -9,11 +9,17 @@
   written (atomically, last), and old checkpoints are rotated away only after that. The stock
   Trainer writes `checkpoint-N/` in place and rotates before the write is known to be whole, so
   a kill mid-save can leave a torn latest checkpoint that `resume_from_checkpoint=True` picks;
+- length-grouped batches shuffled by a generator seeded per epoch (data_seed + epoch): the stock
+  LengthGroupedSampler draws from the global RNG when the epoch starts, so a run resumed in the
+  middle of epoch >= 2 would shuffle differently and skip the wrong batches;
+- validation loss per trained token (the stock eval loss is a mean of per-batch means, so short
+  examples weigh more, and it would not match `tunelab eval`'s test loss);
 - a non-finite loss stops the run at the step it happens (the stock Trainer filters NaN out of
   its logs and keeps going, and would then save NaN weights).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.data.render import IGNORE_INDEX
 from tunelab.errors import TunelabError
@@ -44,22 +51,50 @@ def complete_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-class TunelabTrainer(Trainer):
-    def __init__(self, *args, keep_checkpoints: int = 2, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.keep_checkpoints = keep_checkpoints
-        # [correct predictions, trained tokens] since the last log, per mode
-        self._token_counts = {"train": torch.zeros(2, dtype=torch.long),
-                              "eval": torch.zeros(2, dtype=torch.long)}
-        self.trained_tokens_seen = 0
+def checkpoint_state(checkpoint: Path) -> dict:
+    """What tunelab stored in a checkpoint's COMPLETE marker (step, trained tokens)."""
+    try:
+        return json.loads((checkpoint / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return {}
 
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + int(self.epoch))
+        return super().__iter__()
+
+
+class TunelabTrainer(Trainer):
     # The loss below is normalised by the optimizer step's trained-token count (num_items_in_batch),
     # so the Trainer must neither divide it by the accumulation steps again nor skip counting.
     loss_is_scaled_for_ga = True
 
-    def _get_num_items_in_batch(self, batch_samples, device):
+    def __init__(self, *args, keep_checkpoints: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True   # count trained tokens whatever the model class
-        return super()._get_num_items_in_batch(batch_samples, device)
+        self.keep_checkpoints = keep_checkpoints
+        # [correct predictions, trained tokens] since the last log, per mode
+        self._token_counts = {"train": torch.zeros(2, dtype=torch.long),
+                              "eval": torch.zeros(2, dtype=torch.long)}
+        self._eval_loss_sum = torch.zeros((), dtype=torch.float64)
+        self.trained_tokens_seen = 0
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        return EpochSeededLengthGroupedSampler(
+            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps,
+            lengths, self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
     # -- loss on trained positions only, and metrics ----------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -86,18 +121,25 @@ class TunelabTrainer(Trainer):
             correct = ((logits.argmax(dim=-1) == kept_targets) & (kept_targets != IGNORE_INDEX)).sum()
             self._token_counts["train" if model.training else "eval"] += \
                 torch.stack([correct, trained]).cpu()
+            if not model.training:
+                self._eval_loss_sum += loss_sum.detach().double().cpu()
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, start_time=None):
         mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
         if mode is not None:  # every rank logs these, so the reduce below cannot hang
-            counts = self._token_counts[mode]
+            counts = self._token_counts[mode].double()
+            if mode == "eval":
+                counts = torch.cat([counts, self._eval_loss_sum.view(1)])
             if self.args.world_size > 1:
                 counts = self.accelerator.reduce(counts.to(self.args.device), "sum").cpu()
-            correct, total = (int(x) for x in counts)
+            correct, total = int(counts[0]), int(counts[1])
             if total:
                 logs["eval_mean_token_accuracy" if mode == "eval" else "mean_token_accuracy"] = \
                     correct / total
+                if mode == "eval":   # per trained token, over the whole validation set
+                    logs["eval_loss"] = float(counts[2]) / total
+                    self._eval_loss_sum.zero_()
             if mode == "train":
                 self.trained_tokens_seen += total
                 logs["trained_tokens_seen"] = self.trained_tokens_seen
@@ -115,12 +157,14 @@ class TunelabTrainer(Trainer):
     # -- atomic checkpoints ------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)   # save_total_limit is None: it rotates nothing
+        self.accelerator.wait_for_everyone()     # every rank's RNG state is in the folder
         if not self.args.should_save:
             return
         root = Path(self.args.output_dir)
         folder = root / f"checkpoint-{self.state.global_step}"
         marker_tmp = folder / f".{COMPLETE}.tmp"
-        marker_tmp.write_text(str(self.state.global_step))
+        marker_tmp.write_text(json.dumps({"step": self.state.global_step,
+                                          "trained_tokens_seen": self.trained_tokens_seen}))
         os.replace(marker_tmp, folder / COMPLETE)   # the commit point
         self._rotate(root, keep_also=self.state.best_model_checkpoint)
 
@@ -129,7 +173,7 @@ class TunelabTrainer(Trainer):
         keep = set(complete[-self.keep_checkpoints:])
         if keep_also:
             keep.add(Path(keep_also))
+        keep = {k.resolve() for k in keep}
         for p in root.iterdir():
-            m = _CKPT.match(p.name)
-            if m and p not in keep and p.resolve() not in {k.resolve() for k in keep}:
+            if _CKPT.match(p.name) and p.resolve() not in keep:
                 shutil.rmtree(p, ignore_errors=True)   # older whole ones and torn ones

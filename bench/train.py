@@ -44,7 +44,7 @@ def make_data(folder: Path, n: int, seed: int) -> dict[str, Path]:
     pool = generate_reviews(n * 30, seed=seed)
     rows = []
     for i in range(n):
-        k = max(1, round(math.exp(rng.uniform(0, math.log(30)))))  # log-uniform 1..30 reviews
+        k = max(1, round(math.exp(rng.uniform(0, math.log(25)))))  # log-uniform 1..25 reviews
         reviews = rng.sample(pool, k)
         numbered = "\n".join(f"{j + 1}. {r.text}" for j, r in enumerate(reviews))
         rows.append({"messages": [

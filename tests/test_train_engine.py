@@ -275,3 +275,33 @@ def test_auto_hyperparameters():
     assert make_plan(TrainConfig(train_file="t.jsonl"), 630, longest=1000).micro_batch_size == 4
     assert (big.batch_size, big.micro_batch_size, big.gradient_accumulation_steps) == (32, 8, 2)
     assert big.learning_rate == 2e-5
+
+
+def test_lora_trains_the_chat_tokens_a_base_model_gained(tmp_path):
+    """A base model without a chat template gets ChatML tokens with fresh embedding rows; LoRA
+    must train those rows (else <|im_end|> stays random and the model never learns to stop)."""
+    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    words = ["<unk>", "</s>", "hi", "yo", "user", "assistant", "\n"]
+    raw = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
+    base = tmp_path / "base"
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>").save_pretrained(base)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, tie_word_embeddings=False)).save_pretrained(base)
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 12
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    from test_train import ParamSnapshot
+    snap = ParamSnapshot()
+    res = tunelab.train({"model": str(base), "train_file": str(tmp_path / "t.jsonl"),
+                         "output_dir": str(tmp_path / "o"), "max_steps": 3, "precision": "fp32",
+                         "learning_rate": 1e-2}, quiet=True, callbacks=[snap])
+    new_rows = {n for n in snap.trainable if "trainable_tokens" in n}
+    assert new_rows and new_rows <= snap.changed()                    # the new rows trained
+    before = load_file(base / "model.safetensors")["model.embed_tokens.weight"]
+    after = load_file(res.model_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert after.shape[0] == len(words) + 2
+    assert torch.equal(after[:len(words)], before)                    # the old rows did not
+    assert "tunelab_added_token_ids" not in (res.model_dir / "config.json").read_text()

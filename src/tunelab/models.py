@@ -172,8 +172,11 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, tokenizer=None,
     src = source or resolve(spec)
     model = _from_pretrained(AutoModelForCausalLM, src, "model", dtype=dtype or torch.float32,
                              **from_pretrained_kwargs)
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    original_vocab = model.get_input_embeddings().num_embeddings
+    if tokenizer is not None and len(tokenizer) > original_vocab:
         model.resize_token_embeddings(len(tokenizer))
+        # new rows start untrained: adapters must train them (tunelab.train reads this)
+        model.config.tunelab_added_token_ids = list(range(original_vocab, len(tokenizer)))
     if src.adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, src.adapter)

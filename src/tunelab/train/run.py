@@ -209,9 +209,12 @@ def _apply_method(model, cfg: TrainConfig):
             _freeze_lower_layers(model, cfg.freeze_layers)
         return model
     from peft import LoraConfig, get_peft_model
+    # Tokens the tokenizer gained (ChatML on a base model) have fresh embedding rows: a frozen
+    # base would keep them random, and the model could never learn to emit <|im_end|>.
+    added = getattr(model.config, "tunelab_added_token_ids", None)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-                      use_dora=cfg.method == "dora")
+                      use_dora=cfg.method == "dora", trainable_token_indices=added or None)
     if cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=
@@ -431,6 +434,8 @@ def _write_outputs(trainer, model, tokenizer, cfg: TrainConfig, partial: Path,
     else:
         merged = model
     merged.config.use_cache = True
+    if hasattr(merged.config, "tunelab_added_token_ids"):   # trained now: no longer new
+        del merged.config.tunelab_added_token_ids
     merged.save_pretrained(partial / "model")
     tokenizer.save_pretrained(partial / "model")
     write_results_csv(partial / "metrics.jsonl", partial / "results.csv")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import random
+import subprocess
+import sys
 
 # Tests never reach a model hub: fail fast instead of retrying a network that is not there.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -66,3 +68,21 @@ def sound_task(tmp_path_factory):
     write_jsonl(folder / "train.jsonl", rows[:40])
     write_jsonl(folder / "test.jsonl", rows[40:])
     return {"train": folder / "train.jsonl", "test": folder / "test.jsonl", "dir": folder}
+
+
+def run_cli(*args, cwd=None, input=None):
+    """`tunelab ARGS...` in a subprocess, as a user runs it."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, input=input,
+                          timeout=600)
+
+
+def assert_clean_error(proc, *needles):
+    """Exit code 1, one `error:` line naming every needle, no traceback."""
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]

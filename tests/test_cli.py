@@ -2,28 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-TUNELAB = [sys.executable, "-m", "tunelab.cli"]
-
-
-def run(*args, cwd=None, input=None):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([*TUNELAB, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env=env, input=input, timeout=600)
-
-
-def assert_clean_error(proc, *needles):
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+from conftest import assert_clean_error, run_cli as run
 
 
 def test_data_render_json_matches_library(sound_task, smol_tokenizer):

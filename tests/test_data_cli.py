@@ -3,26 +3,8 @@ errors without tracebacks, and no half-written output."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-TUNELAB = [sys.executable, "-m", "tunelab.cli"]
-
-
-def run(*args):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*TUNELAB, *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=600)
-
-
-def assert_clean_error(proc, *needles):
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+from conftest import assert_clean_error, run_cli as run
 
 
 def test_convert_split_validate_pipeline(tmp_path, smol_tokenizer):

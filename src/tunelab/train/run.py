@@ -335,29 +335,21 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
     resumed_step = int(resume_from.name.split("-")[1]) if resume_from else None
     metrics = MetricsWriter(partial / "metrics.jsonl", partial / "train.log",
                             resumed_at=resumed_step if is_main else None)
-    if cfg.packing:
+    # pads input_ids with the pad token and labels with -100; decides nothing else
+    padded = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    if cfg.packing:  # validation is never packed: its loss must be comparable across configs
         from tunelab.train.packing import PackedCollator
-        collator = PackedCollator(tokenizer.pad_token_id)
-        to_ds = lambda rows: datasets.Dataset.from_list(rows)  # noqa: E731
+        collator = _EvalAwareCollator(PackedCollator(tokenizer.pad_token_id), padded)
     else:
-        # pads input_ids with the pad token and labels with -100; decides nothing else
-        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
-        to_ds = lambda rows: datasets.Dataset.from_dict(  # noqa: E731
-            {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
+        collator = padded
     extra_callbacks = [metrics, EvaluateAtEpochEnd(), *(callbacks or [])]
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
         extra_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = TunelabTrainer(
-        model=model, args=args, train_dataset=to_ds(train_batches),
-        # validation is never packed: its loss must be comparable across configs
-        eval_dataset=datasets.Dataset.from_dict(
-            {"input_ids": [r["input_ids"] for r in valid_rows],
-             "labels": [r["labels"] for r in valid_rows]}) if valid_rows else None,
-        data_collator=collator if not valid_rows or not cfg.packing else _EvalAwareCollator(
-            collator, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX,
-                                             padding=True)),
-        processing_class=tokenizer, callbacks=extra_callbacks,
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(train_batches),
+        eval_dataset=datasets.Dataset.from_list(valid_rows) if valid_rows else None,
+        data_collator=collator, processing_class=tokenizer, callbacks=extra_callbacks,
         keep_checkpoints=cfg.save_total_limit)
     if resume_from is not None:
         from tunelab.train.trainer import checkpoint_state

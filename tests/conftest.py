@@ -86,3 +86,23 @@ def assert_clean_error(proc, *needles):
     assert len(lines) == 1, proc.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+BASE_WORDS = ["<unk>", "</s>", "hi", "yo", "user", "assistant", "system", "\n"]
+
+
+def templateless_base_model(folder, *, tie_word_embeddings: bool = True):
+    """A base model as many are published: a word-level tokenizer with no chat template and no
+    chat markers (eos </s>, no pad), and a 1-layer Llama of that vocabulary. Returns the folder."""
+    import torch
+    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    raw = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(BASE_WORDS)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(BASE_WORDS), hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                 tie_word_embeddings=tie_word_embeddings)).save_pretrained(folder)
+    return folder

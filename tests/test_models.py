@@ -48,20 +48,9 @@ def test_local_folder_loads_with_fixed_tokenizer(tiny_model_dir):
 def test_tokenizer_without_template_gets_chatml_and_embeddings_grow(tmp_path):
     """A base model with no chat template and no chat markers in its vocabulary: ChatML is added
     as special tokens, the eos becomes <|im_end|>, and the embeddings grow to fit."""
-    import torch
-    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
+    from conftest import BASE_WORDS as words, templateless_base_model
     from tunelab.data.render import render
-    words = ["<unk>", "</s>", "hi", "yo", "user", "assistant", "system", "\n"]
-    raw = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
-    base = tmp_path / "base"
-    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>").save_pretrained(base)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
-                                 num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=1)).save_pretrained(base)
+    base = templateless_base_model(tmp_path / "base")
 
     model, tok = models.load(base)
     assert tok.chat_template == models.CHATML_TEMPLATE

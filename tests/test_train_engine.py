@@ -280,17 +280,8 @@ def test_auto_hyperparameters():
 def test_lora_trains_the_chat_tokens_a_base_model_gained(tmp_path):
     """A base model without a chat template gets ChatML tokens with fresh embedding rows; LoRA
     must train those rows (else <|im_end|> stays random and the model never learns to stop)."""
-    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    words = ["<unk>", "</s>", "hi", "yo", "user", "assistant", "\n"]
-    raw = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
-    base = tmp_path / "base"
-    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>").save_pretrained(base)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
-                                 num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=1, tie_word_embeddings=False)).save_pretrained(base)
+    from conftest import BASE_WORDS as words, templateless_base_model
+    base = templateless_base_model(tmp_path / "base", tie_word_embeddings=False)
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 12
     write_jsonl(tmp_path / "t.jsonl", rows)
     from test_train import ParamSnapshot

@@ -10,8 +10,9 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tunelab.errors import TunelabError
 
@@ -235,34 +236,34 @@ def _iter_dataset(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield row, dict(zip(cols, values))
 
 
-def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
-    """Write rows atomically (temp file + rename): a crash never leaves a half-written file."""
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[TextIO]:
+    """A text file that appears at `path` only once it is whole (temp file + rename): a crash
+    never leaves a half-written file, and an old file stays intact until the new one replaces it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
+            yield f
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
+    """Write rows atomically; returns how many."""
+    n = 0
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 
 def write_json(path: str | Path, value: Any) -> None:
     """Write one JSON document atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        json.dump(value, f, indent=2, ensure_ascii=False)
+        f.write("\n")

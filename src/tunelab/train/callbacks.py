@@ -37,7 +37,6 @@ class MetricsWriter(TrainerCallback):
         self.started = time.time()
         self.last_valid_loss: float | None = None
         self.last_train_loss: float | None = None
-        self.last_valid_step: int | None = None
         self._last_time = self.started
         self._last_tokens = 0
         self.elapsed_before = 0.0
@@ -81,7 +80,6 @@ class MetricsWriter(TrainerCallback):
             self._last_time, self._last_tokens = now, tokens
         elif "eval_loss" in logs:
             self.last_valid_loss = float(logs["eval_loss"])
-            self.last_valid_step = state.global_step
             entry.update(valid_loss=self.last_valid_loss,
                          valid_mean_token_accuracy=logs.get("eval_mean_token_accuracy"))
         else:

@@ -3,11 +3,9 @@ results-file columns) and a loss-curve PNG."""
 from __future__ import annotations
 
 import csv
-import io
-import os
-import tempfile
 from pathlib import Path
 
+from tunelab.data.io import atomic_write
 from tunelab.train.callbacks import read_metrics
 
 RESULTS_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss",
@@ -23,16 +21,12 @@ def write_results_csv(metrics_file: Path, out: Path) -> None:
         if "valid_loss" in e:
             row.update(valid_loss=e["valid_loss"],
                        valid_mean_token_accuracy=e.get("valid_mean_token_accuracy"))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULTS_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for step in sorted(rows):
-        writer.writerow({k: ("" if rows[step].get(k) is None else rows[step][k])
-                         for k in RESULTS_COLUMNS})
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, out)
+    with atomic_write(out) as f:
+        writer = csv.DictWriter(f, fieldnames=RESULTS_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for step in sorted(rows):
+            writer.writerow({k: ("" if rows[step].get(k) is None else rows[step][k])
+                             for k in RESULTS_COLUMNS})
 
 
 def plot_losses(metrics_file: Path, out: Path, *, best_step: int | None = None) -> None:

@@ -1,0 +1,1 @@
+"""tunelab HTTP server: the OpenAI-compatible API, the generation engine and the web page."""

@@ -170,7 +170,16 @@ class _TokenStats:
                 "trained_tokens": self.trained, "context_tokens": total - self.trained,
                 "over_max_length": self.over, "trained_tokens_lost": self.lost,
                 "epochs": epochs, "epoch_tokens": self.kept,
-                "epoch_trained_tokens": self.kept_trained}
+                "epoch_trained_tokens": self.kept_trained, "histogram": _histogram(ls)}
+
+
+def _histogram(lengths: list[int], bins: int = 20) -> dict[str, list]:
+    """Tokens per example in equal-width bins: counts[i] examples in [edges[i], edges[i+1])."""
+    import numpy as np
+    if not lengths:
+        return {"edges": [], "counts": []}
+    counts, edges = np.histogram(lengths, bins=min(bins, max(1, lengths[-1] - lengths[0])))
+    return {"edges": [round(float(e), 1) for e in edges], "counts": counts.tolist()}
 
 
 def _keys_of(path: Path) -> tuple[set[bytes], set[bytes], set[bytes]]:

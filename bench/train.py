@@ -118,9 +118,11 @@ def worker_tunelab(model_dir: str, data: dict, out: str, method: str) -> dict:
 def valid_loss(model_dir: str, val_file: str) -> float:
     from tunelab import models
     from tunelab.data.conversation import read_conversations
-    from tunelab.evaluate.metrics import test_loss
+    from tunelab.config import DEFAULT_MAX_LENGTH
+    from tunelab.evaluate import loss_metrics
     model, tok = models.load(model_dir)
-    return test_loss(model, tok, read_conversations(val_file), batch_size=4)
+    return loss_metrics(model, tok, read_conversations(val_file), batch_size=4,
+                        max_length=DEFAULT_MAX_LENGTH)["loss"]
 
 
 def run_worker(name: str, model_dir: str, data: dict, out: str) -> None:

@@ -81,8 +81,8 @@ def test_full_finetune_learns_the_task(full_run, sound_task):
     assert snap.trainable and snap.changed() == snap.trainable
     # held-out phrasing/animal pairs are answered exactly
     model, tok = models.load(result.model_dir)
-    res = evaluate(model, tok, sound_task["test"])
-    assert res.exact_match >= 0.9, res.predictions
+    res = evaluate(model, tok, sound_task["test"], task="exact_match")
+    assert res.metrics["exact_match"] >= 0.9, res.scored
 
 
 def test_full_output_folder(full_run):
@@ -108,9 +108,10 @@ def test_lora_trains_only_the_adapter_and_learns(lora_run):
     assert frozen and not (snap.changed() & frozen)      # ... and no base weight did
     train_losses = losses(result.metrics_file, "train_loss")
     assert train_losses[-1] < 0.5 * train_losses[0]
-    tuned = evaluate(*models.load(result.model_dir), test_file)
-    before = evaluate(*models.load(base), test_file)
-    assert tuned.exact_match >= 0.9 and before.exact_match == 0.0, tuned.predictions
+    tuned = evaluate(*models.load(result.model_dir), test_file, task="exact_match")
+    before = evaluate(*models.load(base), test_file, task="exact_match")
+    assert tuned.metrics["exact_match"] >= 0.9 and before.metrics["exact_match"] == 0.0, \
+        tuned.scored
 
 
 def test_lora_outputs_adapter_and_merged_model(lora_run):

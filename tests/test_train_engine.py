@@ -135,7 +135,8 @@ def test_packing_trains_and_learns(tmp_path, tiny_model_dir, sound_task):
     losses = [b for _, b in train_losses(res.metrics_file)]
     assert losses[-1] < 0.3 * losses[0]
     from tunelab.evaluate import evaluate
-    assert evaluate(*models.load(res.model_dir), sound_task["test"]).exact_match >= 0.75
+    assert evaluate(*models.load(res.model_dir), sound_task["test"],
+                    task="exact_match").metrics["exact_match"] >= 0.75
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir, mixed_lengths):
@@ -209,10 +210,11 @@ def test_metrics_files_best_checkpoint_and_early_stopping(tmp_path, tiny_model_d
     assert (res.output_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the output model is the best checkpoint's
     model, tok = models.load(res.model_dir)
-    from tunelab.evaluate.metrics import test_loss
+    from tunelab.evaluate import loss_metrics
     from tunelab.data.conversation import read_conversations
-    assert test_loss(model, tok, read_conversations(tmp_path / "contra.jsonl")) == \
-        pytest.approx(res.valid_loss, rel=1e-3)
+    test = loss_metrics(model, tok, read_conversations(tmp_path / "contra.jsonl"),
+                        max_length=models.trained_with(res.output_dir).max_length)
+    assert test["loss"] == pytest.approx(res.valid_loss, rel=1e-3)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, sound_task):

@@ -46,37 +46,47 @@ def train(config: Path = typer.Argument(..., help="YAML config"),
 
 @app.command("eval")
 def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
-          data: Path = typer.Option(..., "--data", "-d", help="JSONL of conversations"),
+          data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL of conversations "
+                                              "(the final assistant turn is the reference); the "
+                                              "code task defaults to HumanEval"),
+          task: str = typer.Option("auto", "--task", help="auto, classification, exact_match, "
+                                   "gsm8k, rouge, code or loss"),
+          labels: Optional[str] = typer.Option(None, help="classification labels: a,b,c "
+                                               "(default: the references' answers)"),
           as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
           limit: Optional[int] = typer.Option(None, help="evaluate the first N examples"),
-          max_new_tokens: Optional[int] = typer.Option(None, help="default: from the references"),
+          max_new_tokens: Optional[int] = typer.Option(None, help="default: what the task needs"),
+          max_length: Optional[int] = typer.Option(None, help="tokens per example for the loss "
+                                                   "(default: what the model was trained with)"),
           batch_size: int = typer.Option(16),
-          predictions: Optional[Path] = typer.Option(None, help="write predictions JSONL here"),
+          predictions: Optional[Path] = typer.Option(None, help="write scored answers (JSONL) "
+                                                     "here, batch by batch"),
           quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Test loss and exact-match accuracy of the final assistant turn."""
+    """Score a model on test data: task metrics of the final assistant turn, and test loss."""
     from tqdm.auto import tqdm
 
     from tunelab import models
-    from tunelab.data.conversation import read_conversations
-    from tunelab.data.io import write_jsonl
-    from tunelab.evaluate import evaluate
+    from tunelab.evaluate import evaluate, load_examples, make_task
+    from tunelab.evaluate.report import format_metrics
     from tunelab.runtime import set_threads
-    convs = read_conversations(data)[:limit] if limit else read_conversations(data)
+    examples = load_examples(task, data, limit=limit)
+    task_obj = make_task(task, examples, labels=labels.split(",") if labels else None)
     quiet_libraries()
     set_threads()
     m, tok = models.load(model)
-    with tqdm(total=len(convs), desc="generating", disable=quiet or as_json, unit="ex") as bar:
-        res = evaluate(m, tok, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress=bar.update)
-    if predictions:
-        write_jsonl(predictions, res.predictions)
+    max_length = max_length or models.trained_with(model).max_length
+    with tqdm(total=len(examples), desc=f"{task_obj.name}", disable=quiet or as_json,
+              unit="ex", file=sys.stderr) as bar:
+        res = evaluate(m, tok, examples, task=task_obj, max_length=max_length,
+                       batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       predictions_file=predictions, progress=bar.update, model_name=model)
     if as_json:
-        print(json.dumps({"model": model, "data": str(data), **res.summary()}))
-    else:
-        print(f"examples          {res.examples}")
-        print(f"test loss         {res.loss:.4f}")
-        print(f"exact match       {res.exact_match:.1%}")
-        print(f"normalized match  {res.normalized_match:.1%}  (case and punctuation ignored)")
+        print(json.dumps({"model": model, "data": str(data) if data else None,
+                          **res.to_json()}))
+        return
+    print(format_metrics(res))
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
 
 
 @app.command()

@@ -40,7 +40,9 @@ def _say(quiet: bool, text: str) -> None:
 @data_app.command("render")
 def data_render(file: Path = typer.Argument(..., help="JSONL of conversations"),
                 tokenizer: str = typer.Option("smollm2-135m-instruct", "--tokenizer", "-t",
-                                              help="model spec whose tokenizer and template to use"),
+                                              "--model", "-m", help="model spec (or a folder "
+                                              "with only tokenizer files) whose tokenizer and "
+                                              "template to use"),
                 as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
                 max_length: Optional[int] = typer.Option(None),
                 limit: Optional[int] = typer.Option(None, help="render the first N examples")):
@@ -141,18 +143,12 @@ def data_template(file: Optional[Path] = typer.Argument(None, help="records (any
     _say(quiet, f"wrote {n:,} examples -> {output}" + (f" ({len(skipped)} skipped)" if skipped else ""))
 
 
-def _default_max_length() -> int:
-    try:
-        from tunelab.config import TrainConfig
-        return int(TrainConfig.model_fields["max_length"].default)
-    except Exception:
-        return 1024
-
-
 @data_app.command("validate")
 def data_validate(file: Path = typer.Argument(..., help="chat JSONL to check"),
-                  model: str = typer.Option("smollm2-135m-instruct", "--model", "-m",
-                                            help="model spec whose template counts the tokens"),
+                  model: str = typer.Option("smollm2-135m-instruct", "--tokenizer", "-t",
+                                            "--model", "-m", help="model spec (or a folder with "
+                                            "only tokenizer files) whose template counts the "
+                                            "tokens"),
                   max_length: Optional[int] = typer.Option(None, help="tokens per example "
                                                            "(default: the training default)"),
                   epochs: float = typer.Option(3.0, help="for the training-token estimate"),
@@ -166,6 +162,7 @@ def data_validate(file: Path = typer.Argument(..., help="chat JSONL to check"),
 
     from tqdm.auto import tqdm
 
+    from tunelab.config import DEFAULT_MAX_LENGTH
     from tunelab.data.validate import validate_file
     tok = None
     if not no_tokens:
@@ -178,7 +175,7 @@ def data_validate(file: Path = typer.Argument(..., help="chat JSONL to check"),
     with tqdm(desc="validating", unit="ex", disable=True if (quiet or as_json) else None,
               file=sys.stderr) as bar:
         report = validate_file(file, tokenizer=tok, model=model,
-                               max_length=max_length or _default_max_length(), epochs=epochs,
+                               max_length=max_length or DEFAULT_MAX_LENGTH, epochs=epochs,
                                others=[*val, *test], progress=bar.update)
     if as_json:
         print(json.dumps(report.to_json()))

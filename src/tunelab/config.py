@@ -16,6 +16,10 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 from tunelab.errors import TunelabError
 from tunelab.models import DEFAULT_MODEL
 
+# Tokens per example, for training and for every loss computed on a tuned model's data (a tuned
+# model remembers the max_length it was trained with: tunelab.models.trained_with).
+DEFAULT_MAX_LENGTH = 1024
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -58,7 +62,7 @@ class TrainConfig(_Strict):
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
-    max_length: int = Field(1024, ge=8, description="tokens per example; longer ones are cut")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=8, description="tokens per example; longer ones are cut")
     packing: bool = Field(False, description="pack examples into rows of max_length "
                                              "(each attends only to itself)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

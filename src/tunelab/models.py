@@ -93,6 +93,14 @@ def _builtin_folder(name: str) -> Path:
     return target
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _run_folder(path: Path) -> bool:
+    """A finished tunelab run folder (config.yaml + model/): the spec means its model."""
+    return (path / "config.yaml").is_file() and (path / "model" / "config.json").is_file()
+
+
 def resolve(spec: str | os.PathLike) -> ModelSource:
     spec_s = str(spec)
     if spec_s in BUILTINS:
@@ -101,6 +109,8 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(str(path.parent), gguf_file=path.name)
     if path.is_dir():
+        if _run_folder(path):
+            return ModelSource(str(path / "model"))
         adapter_cfg = path / "adapter_config.json"
         if adapter_cfg.exists() and not (path / "config.json").exists():
             import json
@@ -109,17 +119,82 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
                 raise TunelabError("adapter has no base_model_name_or_path", file=adapter_cfg)
             base_src = resolve(base)
             return ModelSource(base_src.path, base_src.gguf_file, adapter=str(path))
-        if not (path / "config.json").exists():
-            raise TunelabError("not a model folder (no config.json or adapter_config.json)",
-                               file=path)
-        return ModelSource(str(path))
+        if not (path / "config.json").exists() and \
+                not any((path / f).exists() for f in _TOKENIZER_FILES):
+            raise TunelabError("not a model folder (no config.json, adapter_config.json or "
+                               "tokenizer files)", file=path)
+        return ModelSource(str(path))   # a tokenizer-only folder is fine until weights are asked
     if path.exists() or spec_s.startswith((".", "/", "~")) or spec_s.endswith(".gguf"):
         raise TunelabError(f"model not found: {spec_s}")
     if _HUB_ID.match(spec_s):
+        _check_hub_reachable(spec_s)
         return ModelSource(spec_s)
-    raise TunelabError(f"unknown model spec '{spec_s}': expected a builtin alias "
-                       f"({', '.join(BUILTINS)}), a model folder, a .gguf file or a hub id "
-                       "like org/name", field="model")
+    raise TunelabError(f"unknown model spec '{spec_s}': {SPEC_KINDS}", field="model")
+
+
+SPEC_KINDS = (f"expected a builtin alias ({', '.join(BUILTINS)}), a model folder, a tunelab run "
+              "or adapter folder, a .gguf file, or a hub id like org/name")
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """A hub id not in the local cache needs the hub. Without a network, transformers retries
+    for ~45 s before failing; one short connection attempt says the same at once."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str) or \
+            isinstance(try_to_load_from_cache(repo_id, "tokenizer_config.json"), str):
+        return   # cached: transformers loads it without the network
+    url = urlparse(constants.ENDPOINT)
+    why = None
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+        except OSError as e:
+            why = f"{url.hostname} cannot be reached ({e.strerror or e})"
+    if why:
+        raise TunelabError(f"model '{repo_id}' is not a builtin, a local folder or a cached hub "
+                           f"model, and {why}; {SPEC_KINDS}", field="model")
+
+
+@dataclass(frozen=True)
+class TrainedWith:
+    """What tunelab knows of how a model was fine-tuned (from its run's config.yaml)."""
+    base: str | None            # the model spec it was fine-tuned from
+    max_length: int | None      # tokens per example it was trained with
+    run_dir: Path | None        # the run folder, for its metrics and loss curve
+    train_file: str | None = None   # what it was trained on (few-shot examples come from it)
+
+
+def trained_with(spec: str | os.PathLike) -> TrainedWith:
+    """Read a tuned model's provenance: `spec` may be a run folder, its model/ or adapter/, or a
+    checkpoint (run.partial/checkpoints/checkpoint-N). Nothing known: all None."""
+    import json
+
+    import yaml
+    path = Path(str(spec)).expanduser()
+    if not path.is_dir():
+        return TrainedWith(None, None, None)
+    base = None
+    adapter_cfg = path / "adapter_config.json"
+    if adapter_cfg.exists():
+        base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+    for folder in (path, path.parent, path.parent.parent):
+        cfg_file = folder / "config.yaml"
+        if not cfg_file.is_file():
+            continue
+        try:
+            cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            continue
+        if isinstance(cfg, dict) and "train_file" in cfg:
+            return TrainedWith(base or cfg.get("model"), cfg.get("max_length"),
+                               folder if (folder / "metrics.jsonl").exists() else None,
+                               cfg.get("train_file"))
+    return TrainedWith(base, None, None)
 
 
 def _from_pretrained(loader, src: ModelSource, what: str, **kwargs):
@@ -170,6 +245,11 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, tokenizer=None,
     import torch
     from transformers import AutoModelForCausalLM
     src = source or resolve(spec)
+    if Path(src.path).is_dir() and src.gguf_file is None and \
+            not (Path(src.path) / "config.json").exists():
+        raise TunelabError("this folder has a tokenizer but no model (no config.json): enough for "
+                           "`tunelab data render` and `data validate`, not to load weights",
+                           file=src.path)
     model = _from_pretrained(AutoModelForCausalLM, src, "model", dtype=dtype or torch.float32,
                              **from_pretrained_kwargs)
     original_vocab = model.get_input_embeddings().num_embeddings

@@ -1,9 +1,10 @@
 """transformers.Trainer with what it lacks for us, and nothing else:
 
-- the loss computed from logits at the trained positions only (`logits_to_keep`): in SFT most
-  tokens are prompt, and the full [batch, length, vocab] fp32 logits are the largest tensor of
-  the step (1.7 GB for 8 x 1024 tokens x 49k vocab) and the LM head a fifth of a small model's
-  FLOPs. Normalised by the trained tokens of the whole optimizer step, like the stock loss;
+- the loss computed from logits at the trained positions only (tunelab.batching.
+  trained_token_loss, the same function evaluation uses): in SFT most tokens are prompt, and the
+  full [batch, length, vocab] fp32 logits are the largest tensor of the step (1.7 GB for 8 x 1024
+  tokens x 49k vocab) and the LM head a fifth of a small model's FLOPs. Normalised by the trained
+  tokens of the whole optimizer step, like the stock loss;
 - mean token accuracy on the trained tokens, for training and validation (as TRL reports it);
 - checkpoints that a kill cannot corrupt: a checkpoint counts only once its COMPLETE marker is
   written (atomically, last), and old checkpoints are rotated away only after that. The stock
@@ -30,7 +31,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from tunelab.data.render import IGNORE_INDEX
+from tunelab.batching import trained_token_loss
 from tunelab.errors import TunelabError
 
 COMPLETE = "COMPLETE"
@@ -98,32 +99,19 @@ class TunelabTrainer(Trainer):
 
     # -- loss on trained positions only, and metrics ----------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        targets = labels[:, 1:]                      # position t predicts token t + 1
-        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-        if keep.numel() == 0:                        # nothing trained in this micro-batch
-            keep = torch.zeros(1, dtype=torch.long, device=labels.device)
-        outputs = model(**model_inputs, logits_to_keep=keep, use_cache=False)
-        logits = outputs.logits.float()              # [batch, kept, vocab]
-        kept_targets = targets[:, keep]
-        loss_sum = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), kept_targets.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum")
-        trained = (kept_targets != IGNORE_INDEX).sum()
+        part = trained_token_loss(model, inputs)   # the one loss, shared with evaluation
         if num_items_in_batch is not None:
-            loss = loss_sum / num_items_in_batch
+            loss = part.loss_sum / num_items_in_batch
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size   # DDP averages gradients over processes
         else:
-            loss = loss_sum / trained.clamp(min=1)
+            loss = part.loss_sum / part.trained.clamp(min=1)
         with torch.no_grad():
-            correct = ((logits.argmax(dim=-1) == kept_targets) & (kept_targets != IGNORE_INDEX)).sum()
             self._token_counts["train" if model.training else "eval"] += \
-                torch.stack([correct, trained]).cpu()
+                torch.stack([part.correct, part.trained]).cpu()
             if not model.training:
-                self._eval_loss_sum += loss_sum.detach().double().cpu()
-        return (loss, outputs) if return_outputs else loss
+                self._eval_loss_sum += part.loss_sum.detach().double().cpu()
+        return (loss, part.outputs) if return_outputs else loss
 
     def log(self, logs, start_time=None):
         mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None

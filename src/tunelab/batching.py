@@ -1,0 +1,114 @@
+"""Padding and the loss on trained tokens: one place for both, shared by training, validation,
+test-set evaluation and generation.
+
+- `pad_rows`: rendered rows (input_ids, labels) -> right-padded tensors with an attention mask
+  and labels padded with IGNORE_INDEX. The training collator, validation and `tunelab eval`'s
+  test loss all batch through it.
+- `pad_prompts`: prompts for generation, LEFT-padded so that every prompt ends where generation
+  starts (what batched `generate` needs).
+- `trained_token_loss`: the summed cross-entropy over trained positions, the number of trained
+  tokens and how many of them the model predicted right. The LM head runs only at the positions
+  some row of the batch trains (`logits_to_keep`): in SFT most tokens are prompt, and the full
+  [batch, length, vocab] fp32 logits are the largest tensor of a step. Callers divide: the
+  trainer by the optimizer step's trained tokens, evaluation by the whole set's.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunelab.data.render import IGNORE_INDEX
+
+
+def pad_rows(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows of input_ids (+ labels, when present) to the longest in the batch."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    with_labels = "labels" in rows[0]
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long) if with_labels else None
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.as_tensor(r["input_ids"])
+        mask[i, :n] = 1
+        if labels is not None:
+            labels[i, :n] = torch.as_tensor(r["labels"])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        batch["labels"] = labels
+    return batch
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad generation prompts: every row's last prompt token is at the same column."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.as_tensor(list(p))
+            mask[i, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class PadCollator:
+    """The training collator: pads, decides nothing (labels were made by data.render)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return pad_rows(features, self.pad_token_id)
+
+
+@dataclass
+class TokenLoss:
+    loss_sum: torch.Tensor     # summed cross-entropy over trained tokens (differentiable)
+    trained: torch.Tensor      # number of trained tokens
+    correct: torch.Tensor      # trained tokens whose argmax prediction is right
+    outputs: Any               # the model's outputs (logits at the kept positions only)
+
+
+def trained_token_loss(model, batch: dict[str, torch.Tensor]) -> TokenLoss:
+    """Cross-entropy on the trained positions of a padded batch (labels -100 elsewhere)."""
+    labels = batch["labels"]
+    model_inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = labels[:, 1:]                      # position t predicts token t + 1
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    if keep.numel() == 0:                        # nothing trained in this batch
+        keep = torch.zeros(1, dtype=torch.long, device=labels.device)
+    outputs = model(**model_inputs, logits_to_keep=keep, use_cache=False)
+    logits = outputs.logits.float()              # [batch, kept, vocab]
+    kept_targets = targets[:, keep]
+    loss_sum = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), kept_targets.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum")
+    trained_mask = kept_targets != IGNORE_INDEX
+    with torch.no_grad():
+        correct = ((logits.argmax(dim=-1) == kept_targets) & trained_mask).sum()
+    return TokenLoss(loss_sum, trained_mask.sum(), correct, outputs)
+
+
+def rows_loss(model, rows: Sequence[dict[str, Any]], pad_token_id: int, *,
+              batch_size: int = 8) -> tuple[float, int, int]:
+    """(summed loss, trained tokens, correct tokens) of rendered rows, without gradients.
+    Rows are batched by length (less padding); the result does not depend on the order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    total, count, correct = 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for b in range(0, len(order), batch_size):
+            batch = pad_rows([rows[i] for i in order[b:b + batch_size]], pad_token_id)
+            with torch.inference_mode():
+                part = trained_token_loss(model, {k: v.to(device) for k, v in batch.items()})
+            total += float(part.loss_sum)
+            count += int(part.trained)
+            correct += int(part.correct)
+    finally:
+        model.train(was_training)
+    return total, count, correct

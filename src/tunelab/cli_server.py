@@ -1,0 +1,152 @@
+"""`tunelab serve`, `tunelab worker`, `tunelab keys ...`: the platform's commands."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunelab.errors import TunelabError
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for `tunelab serve`.")
+DataDir = typer.Option(None, "--data-dir", help="state and files (default: $TUNELAB_HOME or "
+                       "~/.tunelab)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_models(items: list[str]) -> dict[str, str]:
+    """`--model NAME=SPEC` or `--model SPEC` (named after its folder or alias)."""
+    out = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            name, spec = Path(item.rstrip("/")).name or item, item
+        name, spec = name.strip(), spec.strip()
+        if not name or not spec or name.startswith("ft:") or ":" in name:
+            raise TunelabError(f"expected NAME=SPEC (a name without ':'), got {item!r}",
+                               field="model")
+        local = Path(spec).expanduser()
+        out[name] = str(local.resolve()) if local.exists() else spec
+    return out
+
+
+def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
+          port: int = typer.Option(8000, help="port (0: any free port; the URL is printed)"),
+          data_dir: Optional[Path] = DataDir,
+          workers: int = typer.Option(1, "--workers", min=0, help="job worker processes"),
+          no_auth: bool = typer.Option(False, "--no-auth", help="no API keys (single user, "
+                                       "loopback host only)"),
+          model: list[str] = typer.Option([], "--model", help="a base model to offer besides "
+                                          "the builtin ones: NAME=SPEC or SPEC (a folder, "
+                                          ".gguf or hub id); repeatable"),
+          max_upload_mb: float = typer.Option(512, "--max-upload-mb", help="largest upload"),
+          memory_budget_gb: Optional[float] = typer.Option(None, "--memory-budget-gb",
+                                                           help="model weights kept loaded "
+                                                           "for chat (default: from free RAM)"),
+          worker_threads: Optional[int] = typer.Option(None, "--worker-threads", help="torch "
+                                                       "threads per worker (default: cores / "
+                                                       "workers)")):
+    """Start the OpenAI-compatible API, the web page and N job workers."""
+    import logging
+
+    import uvicorn
+
+    from tunelab.jobs.store import data_home
+    from tunelab.runtime import available_cores
+    from tunelab.server.app import create_app
+    from tunelab.server.context import Settings
+    from tunelab.server.supervisor import Supervisor
+    if no_auth and not _is_loopback(host):
+        raise TunelabError(f"--no-auth on {host} would let anyone on the network use this "
+                           "server: listen on 127.0.0.1, or create keys with `tunelab keys "
+                           "create NAME`", field="no-auth")
+    root = data_home(data_dir)
+    settings = Settings(data_dir=root, auth=not no_auth, models=_parse_models(model),
+                        max_upload_bytes=int(max_upload_mb * 2**20), workers=workers,
+                        memory_budget_bytes=int(memory_budget_gb * 2**30)
+                        if memory_budget_gb else None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(settings)
+    if settings.auth and not app.state.ctx.store.list_keys():
+        print("tunelab: no API keys yet: create one with `tunelab keys create NAME`"
+              + (f" --data-dir {root}" if data_dir else ""), file=sys.stderr)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise TunelabError(f"cannot listen on {host}:{port}: {e.strerror}", field="port") \
+            from None
+    bound = sock.getsockname()[1]
+    threads = worker_threads or max(1, available_cores() // max(1, workers))
+    supervisor = Supervisor(workers, root, threads=threads, logs=root / "logs")
+    supervisor.start()
+    shown = f"[{host}]" if ":" in host else host
+    print(f"tunelab: serving http://{shown}:{bound} (data {root}, {workers} workers)",
+          flush=True)
+    try:
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        supervisor.stop()
+
+
+def worker(data_dir: Optional[Path] = DataDir,
+           threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)")):
+    """Run queued jobs (fine-tuning, evaluations) from the data dir's database, one at a time."""
+    from tunelab.jobs.worker import main
+    main(str(data_dir) if data_dir else None, threads=threads)
+
+
+@keys_app.command("create")
+def keys_create(name: str = typer.Argument(..., help="who the key is for (part of model names)"),
+                data_dir: Optional[Path] = DataDir):
+    """Create a key and print it, once: only its hash is stored."""
+    from tunelab.jobs.store import Store
+    key, token = Store(data_dir).create_key(name)
+    print(token)
+    print(f"tunelab: key '{key.name}' ({key.id}) created; it is shown only now", file=sys.stderr)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: Optional[Path] = DataDir):
+    """List keys (name, id, first characters, created, revoked)."""
+    import datetime as dt
+
+    from tunelab.jobs.store import Store
+
+    def when(t):
+        return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"
+    keys = Store(data_dir).list_keys()
+    if not keys:
+        print("no keys (create one with `tunelab keys create NAME`)", file=sys.stderr)
+    for k in keys:
+        print(f"{k.name:20} {k.id:22} {k.prefix}...  created {when(k.created_at)}  "
+              f"revoked {when(k.revoked_at)}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str = typer.Argument(..., help="the key's name or id"),
+                data_dir: Optional[Path] = DataDir):
+    """Revoke a key: its requests answer 401 from now on (its files and models stay)."""
+    from tunelab.jobs.store import Store
+    key = Store(data_dir).revoke_key(name)
+    print(f"revoked key '{key.name}' ({key.id})", file=sys.stderr)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
+    app.command()(worker)
+    app.add_typer(keys_app, name="keys")

@@ -1,0 +1,81 @@
+"""Run an evaluation job: tunelab.evaluate.compare (base zero-shot, with a system prompt,
+few-shot, and the fine-tuned model on the same test file), its report kept under the job."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.jobs.store import File, Job, Store
+
+# compare()'s argument -> the request field an error is about
+_PARAMS = {"base": "base_model", "train": "training_file", "data": "test_file", "task": "task",
+           "tuned": "model"}
+
+
+def report_dir(store: Store, job_id: str) -> Path:
+    return store.path("evaluations") / job_id
+
+
+def run(store: Store, job: Job, *, worker: str) -> None:
+    from tunelab.evaluate.compare import compare
+    r = job.request
+    labels = _labels(store, job)
+    try:
+        comparison = compare(base=r.get("base_spec"), tuned=r["tuned_spec"],
+                             data=_data(store, job.request["test_file"]),
+                             train=_data(store, r["training_file"]) if r.get("training_file")
+                             else None,
+                             out_dir=report_dir(store, job.id), task=r.get("task", "auto"),
+                             few_shot=r.get("few_shot", 5), system=r.get("system"),
+                             limit=r.get("limit"), quiet=True)
+    except TunelabError as e:
+        param = _PARAMS.get(e.field or "", e.field)
+        for path, (fld, _) in labels.items():
+            if e.file and path in e.file:
+                param = fld
+        error = {"code": "evaluation_failed", "message": _redact(str(e), labels), "param": param}
+        if store.finish_job(job.id, worker, "failed", error=error):
+            store.add_event(job.id, f"The evaluation failed: {error['message']}", level="error")
+        return
+    result = json.loads(_redact(json.dumps(comparison.to_json()), labels))
+    if store.finish_job(job.id, worker, "succeeded", result=result):
+        store.add_event(job.id, f"The evaluation finished: {result.get('verdict', '')}")
+
+
+def _data(store: Store, file_id: str) -> Path:
+    f = store.get(File, file_id)
+    if f is None or f.data_path is None:
+        raise TunelabError("the file was deleted or is not a processed chat file",
+                           field="data")
+    return store.path(f.data_path)
+
+
+def _labels(store: Store, job: Job) -> dict[str, tuple[str, str]]:
+    """Server paths -> (request field, what a user calls them)."""
+    out: dict[str, tuple[str, str]] = {}
+    for fld in ("test_file", "training_file"):
+        f = store.get(File, job.request.get(fld) or "")
+        if f is not None and f.data_path:
+            out[str(store.path(f.data_path))] = (fld, f.filename)
+    out[str(report_dir(store, job.id))] = ("", f"<evaluation {job.id}>")
+    out[str(store.root)] = ("", "<data dir>")   # anything else under it (model folders)
+    return out
+
+
+def _redact(text: str, labels: dict[str, tuple[str, str]]) -> str:
+    for path, (_, label) in labels.items():
+        text = text.replace(path, label)
+    return text
+
+
+def view(job: Job) -> dict[str, Any]:
+    """The evaluation object of the HTTP API."""
+    r = job.request
+    return {"id": job.id, "object": "tunelab.evaluation", "created_at": job.created_at,
+            "status": job.status, "model": r.get("model"), "base_model": r.get("base_model"),
+            "test_file": r.get("test_file"), "training_file": r.get("training_file"),
+            "task": r.get("task", "auto"), "few_shot": r.get("few_shot", 5),
+            "system": r.get("system"), "finished_at": job.finished_at,
+            "result": job.result, "error": job.error}

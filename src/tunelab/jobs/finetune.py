@@ -1,0 +1,255 @@
+"""Run one fine-tuning job: train() with its events recorded as the job's events, checkpoints
+kept as servable models, and the outcome (model, results file, error) written to the job.
+
+The worker owns the lease; this module only turns training events into job state.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.jobs.store import Event, Job, Model, Store, new_id, now
+
+log = logging.getLogger("tunelab.jobs")
+
+# what a servable checkpoint copy leaves out: the state only resuming needs
+_NOT_SERVED = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "scaler.pt", "COMPLETE",
+               ".*.tmp")
+
+
+def job_dir(store: Store, job_id: str) -> Path:
+    return store.path("jobs") / job_id
+
+
+def model_name(job: Job, key_name: str) -> str:
+    """ft:{base}:{key-name}:{suffix}:{job-id}, as OpenAI names fine-tuned models."""
+    return f"ft:{job.model}:{key_name}:{job.suffix or ''}:{job.id}"
+
+
+def checkpoint_name(model: str, step: int) -> str:
+    return f"{model}:ckpt-step-{step}"
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)   # free while the run keeps its own copy; survives its rotation
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class JobRun:
+    """The event sink and bookkeeping for one attempt at a job."""
+
+    def __init__(self, store: Store, job: Job, key_name: str, *,
+                 stopping: Callable[[], bool]):
+        self.store, self.job, self.key_name = store, job, key_name
+        self.stopping = stopping          # a worker shutdown, not the user's cancel
+        self.name = model_name(job, key_name)
+        self.last: dict[str, Any] = {}    # the latest train / valid metrics, for checkpoints
+        self.progress: dict[str, Any] = dict(job.progress or {})
+
+    def event(self, message: str, **kw) -> None:
+        self.store.add_event(self.job.id, message, **kw)
+
+    # ---- training events -> job events ----------------------------------------------------
+    def on_event(self, ev) -> None:
+        try:
+            handler = getattr(self, f"_on_{ev.kind}", None)
+            if handler is not None:
+                handler(ev)
+        except Exception:   # a bookkeeping failure must not kill the training run
+            log.exception("recording a %s event of %s", ev.kind, self.job.id)
+
+    def _set_progress(self, step: int, total: int) -> None:
+        self.progress.update(step=step, total_steps=total, updated_at=time.time())
+        self.store.update(Job, self.job.id, progress=dict(self.progress))
+
+    def _on_started(self, ev) -> None:
+        from tunelab.jobs.spec import shown_hyperparameters
+        d = ev.data
+        self.progress.update(started_step=ev.step, started_at=time.time())
+        self._set_progress(ev.step, ev.total_steps)
+        self.store.update(Job, self.job.id, hyperparameters=shown_hyperparameters(
+            self.job.request.get("config", {}), d))
+        if ev.step:
+            self.event(f"Fine-tuning resumed from the checkpoint at step {ev.step} of "
+                       f"{ev.total_steps}", data=d)
+            return
+        self.event(f"Fine-tuning started: {d.get('method', '')} on {self.job.model}, "
+                   f"{d.get('train_examples', '?')} training examples, {ev.total_steps} steps",
+                   data=d)
+
+    def _on_metrics(self, ev) -> None:
+        d = ev.data
+        self.last.update({k: d[k] for k in ("train_loss", "train_mean_token_accuracy") if k in d})
+        data = {"step": ev.step, "total_steps": ev.total_steps, **d}
+        loss = d.get("train_loss")
+        self.event(f"Step {ev.step}/{ev.total_steps}: training loss={loss:.4f}"
+                   if isinstance(loss, (int, float)) else f"Step {ev.step}/{ev.total_steps}",
+                   type="metrics", data=data)
+        self._set_progress(ev.step, ev.total_steps)
+
+    def _on_evaluation(self, ev) -> None:
+        d = ev.data
+        valid = {k: d.get(k) for k in ("valid_loss", "valid_mean_token_accuracy")}
+        self.last.update(valid)
+        data = {"step": ev.step, "total_steps": ev.total_steps, **d,
+                "full_valid_loss": d.get("valid_loss"),
+                "full_valid_mean_token_accuracy": d.get("valid_mean_token_accuracy")}
+        loss = d.get("valid_loss")
+        self.event(f"Step {ev.step}/{ev.total_steps}: validation loss={loss:.4f}"
+                   if isinstance(loss, (int, float)) else f"Step {ev.step}/{ev.total_steps}",
+                   type="metrics", data=data)
+
+    def _on_checkpoint(self, ev) -> None:
+        self.keep_checkpoint(Path(ev.data["path"]), int(ev.data.get("step", ev.step)))
+        self.event(f"Checkpoint created at step {ev.step}",
+                   data={"step": ev.step, "model": checkpoint_name(self.name, ev.step)})
+
+    # ---- outputs ---------------------------------------------------------------------------
+    def keep_checkpoint(self, folder: Path, step: int) -> None:
+        """A servable copy of a complete checkpoint (hard links: no extra space), registered
+        as the model ft:...:ckpt-step-N."""
+        name = checkpoint_name(self.name, step)
+        if self.store.get(Model, name) is not None or not folder.is_dir():
+            return
+        dest = job_dir(self.store, self.job.id) / "checkpoints" / f"step-{step}"
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp, copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns(*_NOT_SERVED))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.rename(tmp, dest)
+        metrics = {"step": float(step), **{k: v for k, v in self.last.items() if v is not None}}
+        metrics.update(full_valid_loss=self.last.get("valid_loss"),
+                       full_valid_mean_token_accuracy=self.last.get("valid_mean_token_accuracy"))
+        self.store.add(Model(id=name, kind="checkpoint", owner=self.job.owner, job_id=self.job.id,
+                             checkpoint_id=new_id("ftckpt-"), step=step, metrics=metrics,
+                             path=self.store.rel(dest)))
+
+    def forget_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop what the dead attempt
+        recorded for them, as metrics.jsonl does."""
+        from sqlalchemy import select
+        with self.store.session() as s:
+            for e in s.scalars(select(Event).where(Event.job_id == self.job.id,
+                                                   Event.type == "metrics")):
+                if (e.data or {}).get("step", 0) > step:
+                    s.delete(e)
+
+
+def run(store: Store, job: Job, *, worker: str, key_name: str, threads: int | None,
+        should_cancel: Callable[[], bool], stopping: Callable[[], bool]) -> None:
+    """One attempt at a fine-tuning job: trains (resuming a dead attempt's last complete
+    checkpoint) and writes the outcome. Returns when the job is final or handed back."""
+    from tunelab.config import build_config
+    from tunelab.train import train
+    from tunelab.train.events import TrainingCancelled
+    from tunelab.train.run import partial_dir
+    from tunelab.train.trainer import complete_checkpoints
+
+    run_ = JobRun(store, job, key_name, stopping=stopping)
+    cfg = build_config(job.request["config"])
+    if threads and cfg.threads is None:
+        cfg = cfg.model_copy(update={"threads": threads})
+    done = cfg.output_dir / "result.json"
+    if done.exists():   # a worker died after training finished, before recording it
+        return _succeed(store, job, run_, worker, cfg, _result_from(done))
+    ckpts = complete_checkpoints(partial_dir(cfg) / "checkpoints")
+    if ckpts:
+        step = int(ckpts[-1].name.split("-")[1])
+        run_.forget_after(step)
+        run_.event(f"Resuming from the last complete checkpoint (step {step})")
+    store.update(Job, job.id, started_at=job.started_at or now())
+    try:
+        result = train(cfg, resume=bool(ckpts), quiet=True, on_event=run_.on_event,
+                       should_cancel=should_cancel)
+    except TrainingCancelled as e:
+        if e.checkpoint is not None:
+            step = int(Path(e.checkpoint).name.split("-")[-1])
+            run_.keep_checkpoint(Path(e.checkpoint), step)
+        if stopping():   # the worker is shutting down: hand the job back, lose nothing
+            at = f" at step {step}" if e.checkpoint is not None else ""
+            if store.update(Job, job.id, Job.lease_owner == worker, status="queued",
+                            lease_owner=None, lease_expires_at=None, attempts=Job.attempts - 1):
+                run_.event(f"The worker stopped; the job continues from its checkpoint{at} "
+                           "when a worker is free")
+            return
+        shutil.rmtree(partial_dir(cfg), ignore_errors=True)   # the kept copy is the checkpoint
+        if store.finish_job(job.id, worker, "cancelled"):
+            kept = f"; the checkpoint at step {step} is kept" if e.checkpoint is not None else ""
+            run_.event(f"The job was cancelled{kept}")
+        return
+    except TunelabError as e:
+        return fail(store, job, worker, e)
+    return _succeed(store, job, run_, worker, cfg, result.to_json())
+
+
+def _result_from(path: Path) -> dict[str, Any]:
+    import json
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _succeed(store: Store, job: Job, run_: JobRun, worker: str, cfg, result: dict[str, Any]
+             ) -> None:
+    from tunelab.jobs.uploads import new_file
+    out = Path(result["output_dir"])
+    served = Path(result["adapter_dir"]) if result.get("adapter_dir") else Path(result["model_dir"])
+    files = list(job.result_files or [])
+    if not files and (out / "results.csv").exists():
+        f = new_file(store, job.owner, f"{job.id}_results.csv", "fine-tune-results",
+                     source=out / "results.csv")
+        files.append(f.id)
+    if store.get(Model, run_.name) is None:
+        store.add(Model(id=run_.name, kind="fine_tuned", owner=job.owner, job_id=job.id,
+                        path=store.rel(served), metrics=None))
+    extra = result.get("extra") or {}
+    tokens = extra.get("tokens_seen") or result.get("trained_tokens")
+    if store.finish_job(job.id, worker, "succeeded", fine_tuned_model=run_.name,
+                        result_files=files, trained_tokens=tokens):
+        run_.event(f"New fine-tuned model created: {run_.name}")
+        run_.event("The job has successfully completed")
+
+
+def fail(store: Store, job: Job, worker: str | None, e: BaseException, *,
+         code: str | None = None) -> None:
+    """Final failure with OpenAI's error object; `param` names the request field at fault."""
+    param, message = None, str(e)
+    if isinstance(e, TunelabError):
+        param, message = _param_of(store, job, e)
+    error = {"code": code or ("invalid_" + param.split(".")[0] if param in
+                              ("training_file", "validation_file") else "training_failed"),
+             "message": message, "param": param}
+    if store.finish_job(job.id, worker, "failed", error=error):
+        store.add_event(job.id, f"The job failed: {message}", level="error")
+
+
+def _param_of(store: Store, job: Job, e: TunelabError) -> tuple[str | None, str]:
+    """Which request field a training error is about, and its message with server paths
+    replaced by the user's file names."""
+    from tunelab.jobs.store import File
+    message = str(e)
+    param = None
+    for fld, file_id in (("training_file", job.training_file),
+                         ("validation_file", job.validation_file)):
+        f = store.get(File, file_id) if file_id else None
+        if f is None:
+            continue
+        for p in filter(None, (f.data_path, f.raw_path)):
+            path = str(store.path(p))
+            if e.file == path or path in message:
+                param = fld
+                message = message.replace(path, f.filename)
+    if param is None and e.field:
+        from tunelab.jobs.spec import _param
+        hp = "method.supervised.hyperparameters"
+        param = {"train_file": "training_file", "valid_file": "validation_file",
+                 "model": "model"}.get(e.field) or _param(e.field, hp)
+    message = message.replace(str(job_dir(store, job.id)), f"<job {job.id}>")
+    return param, message

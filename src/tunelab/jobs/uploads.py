@@ -1,0 +1,245 @@
+"""Uploaded files: converted to chat JSONL and validated with tunelab.data, as `tunelab data
+convert` and `tunelab data validate` do; templated and split as `tunelab data template / split`.
+
+A file lives in `files/<id>/`: the bytes as uploaded (`upload<suffix>`; the user's file name is
+only a label, never part of a path) and, once converted, `data.jsonl`. Messages that name a
+server path name the user's file instead.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from tunelab.data.formats import ConvertReport, convert_records
+from tunelab.data.io import FILE_KINDS, _SUFFIXES, file_kind, read_records, write_jsonl
+from tunelab.data.validate import ERROR_LABELS, SAMPLES
+from tunelab.errors import TunelabError
+from tunelab.jobs.store import File, Store, new_id
+
+PREVIEW = 5          # conversations shown after a template is applied
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def safe_filename(name: str | None) -> str:
+    """The last component of what the client sent (both separators), without control
+    characters, at most 255 bytes; never empty, never '.' or '..'."""
+    name = unicodedata.normalize("NFC", name or "")
+    name = PureWindowsPath(PurePosixPath(name.replace("\\", "/")).name).name
+    name = _CONTROL.sub("", name).strip().lstrip(".") or "upload"
+    while len(name.encode("utf-8")) > 255:
+        name = name[:-1]
+    return name
+
+
+def upload_path(store: Store, file_id: str, filename: str) -> Path:
+    """Where the raw bytes go: the suffix is kept only if it is one tunelab reads."""
+    suffix = Path(filename).suffix.lower()
+    folder = store.path("files") / file_id
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / ("upload" + (suffix if suffix in _SUFFIXES else ""))
+
+
+class _Tokenizers:
+    """Tokenizers for token statistics, loaded once per model spec."""
+
+    def __init__(self):
+        self._cache: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, spec: str):
+        with self._lock:
+            if spec not in self._cache:
+                from tunelab import models
+                self._cache[spec] = models.load_tokenizer(spec)
+            return self._cache[spec]
+
+
+tokenizers = _Tokenizers()
+
+
+def _redact(text: str, paths: dict[Path, str]) -> str:
+    for path, label in paths.items():
+        text = text.replace(str(path), label)
+    return text
+
+
+def _redact_report(value: Any, paths: dict[Path, str]) -> Any:
+    if isinstance(value, str):
+        return _redact(value, paths)
+    if isinstance(value, list):
+        return [_redact_report(v, paths) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_report(v, paths) for k, v in value.items()}
+    return value
+
+
+def _error_report(filename: str, errors: list[TunelabError], examples: int,
+                  kind: str) -> dict[str, Any]:
+    """A ValidationReport-shaped answer for a file that could not even be converted."""
+    return {"file": filename, "trainable": False, "examples": examples, "valid": 0,
+            "errors": {kind: {"label": ERROR_LABELS.get(kind, kind.replace("_", " ")),
+                              "count": len(errors), "first": [str(e) for e in errors[:SAMPLES]]}},
+            "warnings": [], "tokens": None}
+
+
+def _jsonl_records(raw: Path, bad: list[TunelabError]):
+    """Good lines of a JSONL file; bad ones (not JSON, not UTF-8) are collected."""
+    from tunelab.data.io import iter_jsonl_lenient
+    for line, obj in iter_jsonl_lenient(raw):
+        if isinstance(obj, TunelabError):
+            bad.append(obj)
+        else:
+            yield line, obj
+
+
+def _chat_jsonl(raw: Path) -> bool:
+    """A JSONL file meant as chat conversations: some of its first objects have "messages"."""
+    from itertools import islice
+
+    from tunelab.data.formats import DETECT_ROWS
+    head = islice(_jsonl_records(raw, []), DETECT_ROWS)
+    return any(isinstance(obj, dict) and "messages" in obj for _, obj in head)
+
+
+def process(store: Store, f: File, *, model: str | None, max_length: int = 1024) -> File:
+    """Convert and validate an uploaded file; sets status ("processed" | "error"),
+    status_details (the first errors, line-numbered), validation, format and data_path."""
+    from tunelab.data.formats import summarize_errors
+    from tunelab.data.validate import validate_file
+    raw = store.path(f.raw_path)
+    data = raw.parent / "data.jsonl"
+    labels = {raw: f.filename, data: f"{f.filename} (as chat JSONL)"}
+    report = ConvertReport(format="")
+    bad: list[TunelabError] = []
+    try:
+        kind = file_kind(raw)
+        # Chat JSONL is validated as uploaded: every line number is the user's line and every
+        # bad line is reported (format detection would stop at rows that differ).
+        chat = kind == "jsonl" and _chat_jsonl(raw)
+        records = _jsonl_records(raw, bad) if kind == "jsonl" else read_records(raw, kind=kind)
+        rows = convert_records(records, fmt="messages" if chat else None, file=raw,
+                               report=report)
+        write_jsonl(data, rows)
+    except TunelabError as e:   # unreadable, empty, or no format detected
+        data.unlink(missing_ok=True)
+        return _set_error(store, f, _redact(str(e), labels),
+                          _error_report(f.filename, [_redacted(e, labels)], 0, "unreadable"))
+    f.format = report.format
+    errors = sorted(bad + report.errors, key=lambda e: e.line or 0)
+    if errors and not chat:
+        data.unlink(missing_ok=True)
+        errs = [_redacted(e, labels) for e in errors]
+        return _set_error(store, f, summarize_errors(errs),
+                          _error_report(f.filename, errs, report.examples + len(errs),
+                                        "conversion"))
+    tokenizer = None
+    warnings = []
+    if model:
+        try:
+            tokenizer = tokenizers.get(model)
+        except TunelabError as e:
+            warnings.append(f"no token statistics: {e}")
+    rep = validate_file(raw if chat else data, tokenizer=tokenizer, model=model or "",
+                        max_length=max_length)
+    result = _redact_report(rep.to_json(), labels)
+    result["file"] = f.filename
+    result["warnings"] = warnings + result["warnings"]
+    result["format"] = report.format
+    if not rep.trainable:
+        data.unlink(missing_ok=True)
+        firsts = [m for e in rep.errors.values() for m in e["first"]]
+        n = sum(e["count"] for e in rep.errors.values())
+        details = "; ".join(_redact(m, labels) for m in firsts[:3])
+        more = f" (and {n - len(firsts[:3])} more errors)" if n > 3 else ""
+        return _set_error(store, f, details + more, result)
+    f.status, f.status_details, f.validation = "processed", None, result
+    f.data_path = store.rel(data)
+    store.update(File, f.id, status=f.status, status_details=None, validation=result,
+                 format=f.format, data_path=f.data_path)
+    return f
+
+
+def _redacted(e: TunelabError, labels: dict[Path, str]) -> TunelabError:
+    return TunelabError(e.reason, file=_redact(e.file, labels) if e.file else None, line=e.line,
+                        field=e.field)
+
+
+def _set_error(store: Store, f: File, details: str, validation: dict[str, Any]) -> File:
+    f.status, f.status_details, f.validation = "error", details, validation
+    store.update(File, f.id, status="error", status_details=details, validation=validation,
+                 format=f.format, data_path=None)
+    return f
+
+
+def new_file(store: Store, owner: str, filename: str, purpose: str,
+             rows: Iterable[Any] | None = None, source: Path | None = None) -> File:
+    """A file made on the server (template / split output, results CSV): JSON rows or a copy."""
+    file_id = new_id("file-")
+    filename = safe_filename(filename)
+    dest = upload_path(store, file_id, filename)
+    if rows is not None:
+        write_jsonl(dest, rows)
+    elif source is not None:
+        shutil.copyfile(source, dest)
+    status = "processed" if purpose != "fine-tune" else "uploaded"
+    return store.add(File(id=file_id, owner=owner, filename=filename, purpose=purpose,
+                          bytes=dest.stat().st_size, status=status, raw_path=store.rel(dest)))
+
+
+def delete_file(store: Store, f: File) -> None:
+    store.delete(f)
+    shutil.rmtree(store.path("files") / f.id, ignore_errors=True)
+
+
+def apply_template(store: Store, f: File, *, template: str, mix: bool = False, seed: int = 0,
+                   mapping: dict[str, str] | None = None, values: dict[str, str] | None = None,
+                   model: str | None) -> tuple[File, list[dict[str, Any]]]:
+    """The file's records through a prompt template -> a new file (and a preview)."""
+    from tunelab.data.formats import summarize_errors
+    from tunelab.data.prompts import apply_records, get_template
+    raw = store.path(f.raw_path)
+    tpl = get_template(template)
+    errors: list[TunelabError] = []
+    labels = {raw: f.filename}
+    rows = list(apply_records(tpl, read_records(raw), mix=mix, seed=seed, mapping=mapping,
+                              values=values, file=raw, errors=errors))
+    if errors:
+        errs = [_redacted(e, labels) for e in errors]
+        raise TunelabError(summarize_errors(errs, what="records lacking fields"),
+                           field=errs[0].field)
+    out = new_file(store, f.owner, f"{Path(f.filename).stem}.{template}.jsonl", "fine-tune",
+                   rows=rows)
+    return process(store, out, model=model), rows[:PREVIEW]
+
+
+def split(store: Store, f: File, *, val: float, test: float, seed: int,
+          stratify_by: str | None, model: str | None) -> dict[str, File | None]:
+    """train / validation / test files from a processed file (an empty part: None)."""
+    import tempfile
+
+    from tunelab.data.split import split_file
+    if f.data_path is None:
+        raise TunelabError(f"the file is not a processed chat file (status {f.status})",
+                           field="file_id")
+    stem = Path(f.filename).stem
+    with tempfile.TemporaryDirectory(dir=store.path("files")) as tmp:
+        counts = split_file(store.path(f.data_path), tmp, val=val, test=test, seed=seed,
+                            stratify_by=stratify_by)
+        out: dict[str, File | None] = {}
+        for part, name in (("train", "train"), ("val", "validation"), ("test", "test")):
+            if counts[part] == 0:
+                out[name] = None
+                continue
+            made = new_file(store, f.owner, f"{stem}.{part}.jsonl", "fine-tune",
+                            source=Path(tmp) / f"{part}.jsonl")
+            out[name] = process(store, made, model=model)
+    return out
+
+
+__all__ = ["FILE_KINDS", "safe_filename", "upload_path", "process", "new_file", "delete_file",
+           "apply_template", "split", "tokenizers"]

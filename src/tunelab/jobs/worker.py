@@ -1,0 +1,140 @@
+"""`tunelab worker`: a process that claims queued jobs and runs them, one at a time.
+
+A claim is a lease in the database that a heartbeat thread renews every second (the same beat
+reads the job's cancel flag, so a cancel stops training within about a second). A worker killed
+outright stops renewing; once its lease expires, any worker claims the job again and training
+resumes from the last complete checkpoint. A job that kills its worker again and again (out of
+memory, say) fails after MAX_ATTEMPTS instead of looping. SIGTERM / SIGINT stop a worker
+gracefully: training saves a checkpoint, the job goes back to the queue, the worker exits.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import traceback
+
+from tunelab.jobs.store import Job, Store, new_id
+
+log = logging.getLogger("tunelab.worker")
+
+LEASE_SECONDS = float(os.environ.get("TUNELAB_LEASE_SECONDS", "30"))
+MAX_ATTEMPTS = 3
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, store: Store, job_id: str, worker: str, lease_s: float):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.store, self.job_id, self.worker, self.lease_s = store, job_id, worker, lease_s
+        self.cancel = threading.Event()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        beat = min(1.0, self.lease_s / 4)
+        while not self.done.wait(beat):
+            try:
+                ours, cancel = self.store.renew_lease(self.job_id, self.worker, self.lease_s)
+            except Exception:   # a busy database: try again at the next beat
+                log.exception("heartbeat of %s", self.job_id)
+                continue
+            if cancel:
+                self.cancel.set()
+            if not ours and not self.done.is_set():
+                # Another worker holds the job now (we stalled past the lease). Writing on into
+                # its run folder would corrupt it: stop at once, as a kill would.
+                log.error("lost the lease on %s; exiting", self.job_id)
+                os._exit(3)
+
+
+class Worker:
+    def __init__(self, store: Store, *, lease_s: float = LEASE_SECONDS, poll_s: float = 0.5,
+                 threads: int | None = None):
+        self.store, self.lease_s, self.poll_s, self.threads = store, lease_s, poll_s, threads
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{new_id('', 6)}"
+        self.stop = threading.Event()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            log.info("worker %s: signal %d, stopping after saving a checkpoint", self.id, signum)
+            self.stop.set()
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _watch_parent(self, pid: int) -> None:
+        """Started by `tunelab serve`: stop (gracefully) when the server is gone."""
+        while not self.stop.wait(1.0):
+            if os.getppid() != pid:
+                log.info("worker %s: the server (pid %d) is gone; stopping", self.id, pid)
+                self.stop.set()
+
+    def run_forever(self) -> None:
+        log.info("worker %s started (data dir %s)", self.id, self.store.root)
+        parent = os.environ.get("TUNELAB_PARENT_PID")
+        if parent and parent.isdigit():
+            threading.Thread(target=self._watch_parent, args=(int(parent),), daemon=True).start()
+        while not self.stop.is_set():
+            try:
+                job = self.store.claim_job(self.id, self.lease_s)
+            except Exception:
+                log.exception("claiming a job")
+                job = None
+            if job is None:
+                self.stop.wait(self.poll_s)
+                continue
+            self.run_job(job)
+
+    def run_job(self, job: Job) -> None:
+        from tunelab.jobs import finetune
+        beat = _Heartbeat(self.store, job.id, self.id, self.lease_s)
+        beat.start()
+        log.info("worker %s: running %s (attempt %d)", self.id, job.id, job.attempts)
+        try:
+            if job.cancel_requested:
+                if self.store.finish_job(job.id, self.id, "cancelled"):
+                    self.store.add_event(job.id, "The job was cancelled")
+                return
+            if job.attempts > MAX_ATTEMPTS:
+                return finetune.fail(self.store, job, self.id, RuntimeError(
+                    f"the worker running this job stopped {job.attempts - 1} times without "
+                    "finishing it (killed, or out of memory?)"), code="worker_lost")
+            if job.attempts > 1:
+                self.store.add_event(job.id, "A worker picked the job up again after its "
+                                     "previous worker stopped responding", level="warn")
+            key_name = self.store.key_name(job.owner)
+            should_cancel = lambda: beat.cancel.is_set() or self.stop.is_set()  # noqa: E731
+            if job.kind == "evaluation":
+                from tunelab.jobs import evaluation
+                evaluation.run(self.store, job, worker=self.id)
+            else:
+                finetune.run(self.store, job, worker=self.id, key_name=key_name,
+                             threads=self.threads, should_cancel=should_cancel,
+                             stopping=self.stop.is_set)
+        except Exception as e:   # a bug or a library failure: the job fails, the worker lives
+            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+            if _is_user_error(e):
+                finetune.fail(self.store, job, self.id, e)
+            else:
+                finetune.fail(self.store, job, self.id, RuntimeError(f"{type(e).__name__}: {e}"),
+                              code="server_error")
+        finally:
+            beat.done.set()
+            beat.join(timeout=5)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    from tunelab.errors import TunelabError
+    return isinstance(e, TunelabError)
+
+
+def main(data_dir: str | None = None, *, threads: int | None = None,
+         lease_s: float = LEASE_SECONDS) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tunelab.cli_data import quiet_libraries
+    quiet_libraries()
+    w = Worker(Store(data_dir), lease_s=lease_s, threads=threads)
+    w.install_signal_handlers()
+    w.run_forever()
+    log.info("worker %s stopped", w.id)

@@ -1,0 +1,173 @@
+"""/v1/fine_tuning/jobs: create (validated as `tunelab train` validates a config), list,
+retrieve, cancel, events, checkpoints. The API process only records jobs: workers train them."""
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
+
+from tunelab.errors import TunelabError
+from tunelab.jobs import spec
+from tunelab.jobs.finetune import job_dir
+from tunelab.jobs.store import ACTIVE, FINAL, Event, File, Job, Model, Store, new_id, now
+from tunelab.server import views
+from tunelab.server.api_files import get_file
+from tunelab.server.context import Context, Owner, context, owner
+from tunelab.server.errors import APIError, not_found
+from tunelab.server.schemas import FineTuningJobCreate
+
+log = logging.getLogger("tunelab.server")
+router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
+Limit = Annotated[int, Query(ge=1, le=100)]
+After = Annotated[str | None, Query(max_length=200)]
+
+
+def get_job(ctx: Context, who: Owner, job_id: str) -> Job:
+    j = ctx.store.get(Job, job_id, who.id)
+    if j is None or j.kind != "fine_tune":
+        raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
+    return j
+
+
+def _training_file(ctx: Context, who: Owner, file_id: str, param: str) -> File:
+    f = get_file(ctx, who, file_id, param)
+    if f.purpose != "fine-tune":
+        raise APIError(400, f"{file_id} has purpose '{f.purpose}', not 'fine-tune'", param=param,
+                       code=f"invalid_{param}")
+    return f
+
+
+@router.post("/jobs", summary="Create a fine-tuning job")
+def create_job(body: FineTuningJobCreate, background: BackgroundTasks, request: Request,
+               who: Owner = Depends(owner)):
+    ctx = context(request)
+    if body.model.startswith("ft:"):
+        raise APIError(400, "fine-tuning a fine-tuned model again is not supported: start from "
+                       "its base model", param="model", code="model_not_available")
+    base_spec, _ = ctx.model_spec(who, body.model)
+    train_f = _training_file(ctx, who, body.training_file, "training_file")
+    valid_f = _training_file(ctx, who, body.validation_file, "validation_file") \
+        if body.validation_file else None
+    if body.method and body.method.supervised and body.method.supervised.hyperparameters:
+        hp, hp_param = body.method.supervised.hyperparameters, "method.supervised.hyperparameters"
+        if body.hyperparameters is not None:
+            raise APIError(400, "give hyperparameters in method.supervised.hyperparameters or "
+                           "the deprecated top-level hyperparameters, not both",
+                           param="hyperparameters")
+    else:
+        hp, hp_param = body.hyperparameters, "hyperparameters"
+    job_id = new_id("ftjob-")
+    store = ctx.store
+
+    def data(f: File):   # an unprocessed file fails the job at validation, by name
+        return store.path(f.data_path or f.raw_path)
+
+    try:
+        cfg = spec.train_config(base_spec=base_spec, train_path=data(train_f),
+                                valid_path=data(valid_f) if valid_f else None,
+                                output_dir=job_dir(store, job_id) / "run",
+                                hyperparameters=hp.model_dump() if hp else {},
+                                hyperparameters_param=hp_param, seed=body.seed,
+                                options=body.tunelab or {})
+    except TunelabError as e:
+        raise APIError(400, e.reason, param=e.field, code="invalid_hyperparameters"
+                       if e.field and "hyperparameters" in e.field else "invalid_config") from None
+    config = cfg.model_dump(mode="json")
+    job = Job(id=job_id, kind="fine_tune", owner=who.id, status="validating_files",
+              model=body.model, base_spec=base_spec, training_file=train_f.id,
+              validation_file=valid_f.id if valid_f else None, suffix=body.suffix or None,
+              seed=cfg.seed, meta=body.metadata, request={"config": config},
+              hyperparameters=spec.shown_hyperparameters(config))
+    store.add(job)
+    store.add_event(job.id, f"Created fine-tuning job: {job.id}")
+    store.add_event(job.id, f"Validating training file: {train_f.id}" +
+                    (f" and validation file: {valid_f.id}" if valid_f else ""))
+    background.add_task(validate_job, store, job.id)
+    return views.job(job, who.name)
+
+
+def validate_job(store: Store, job_id: str) -> None:
+    """validating_files -> queued, or failed naming the file at fault."""
+    job = store.get(Job, job_id)
+    if job is None or job.status != "validating_files":
+        return
+    for param, file_id in (("training_file", job.training_file),
+                           ("validation_file", job.validation_file)):
+        if not file_id:
+            continue
+        f = store.get(File, file_id)
+        problem = None
+        if f is None:
+            problem = f"{file_id} was deleted"
+        elif f.status != "processed" or not f.data_path:
+            problem = f"{f.id} ({f.filename}) is not valid: {f.status_details or f.status}"
+        if problem:
+            error = {"code": f"invalid_{param}", "message": problem, "param": param}
+            if store.finish_job(job_id, None, "failed", error=error):
+                store.add_event(job_id, f"The job failed: {problem}", level="error")
+            return
+    if store.update(Job, job_id, Job.status == "validating_files", status="queued"):
+        store.add_event(job_id, "Files validated, moving job to queued state")
+
+
+def revalidate_pending(store: Store) -> None:
+    """At startup: jobs left in validating_files by a stopped server."""
+    for job in store.all(Job, Job.status == "validating_files"):
+        try:
+            validate_job(store, job.id)
+        except Exception:
+            log.exception("validating %s", job.id)
+
+
+@router.get("/jobs", summary="List fine-tuning jobs")
+def list_jobs(request: Request, who: Owner = Depends(owner), after: After = None,
+              limit: Limit = 20):
+    ctx = context(request)
+    rows, more = ctx.store.page(Job, Job.owner == who.id, Job.kind == "fine_tune", after=after,
+                                limit=limit)
+    return views.page([views.job(j, who.name) for j in rows], more)
+
+
+@router.get("/jobs/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
+def retrieve_job(fine_tuning_job_id: str, request: Request, who: Owner = Depends(owner)):
+    return views.job(get_job(context(request), who, fine_tuning_job_id), who.name)
+
+
+@router.post("/jobs/{fine_tuning_job_id}/cancel", summary="Cancel a fine-tuning job")
+def cancel_job(fine_tuning_job_id: str, request: Request, who: Owner = Depends(owner)):
+    """A job not yet running is cancelled at once; a running one stops at its next step, keeps
+    a checkpoint of what it trained, and then reads `cancelled`."""
+    ctx = context(request)
+    store = ctx.store
+    job = get_job(ctx, who, fine_tuning_job_id)
+    if job.status in FINAL:
+        raise APIError(400, f"Job {job.id} has already {job.status}; it cannot be cancelled",
+                       param="fine_tuning_job_id", code="job_not_cancellable")
+    waiting = Job.status.in_(("validating_files", "queued"))
+    if job.status != "running" and store.update(Job, job.id, waiting, status="cancelled",
+                                                finished_at=now(), cancel_requested=True):
+        store.add_event(job.id, "The job was cancelled")
+    elif store.update(Job, job.id, Job.status.in_(ACTIVE), cancel_requested=True):
+        store.add_event(job.id, "Cancellation requested: training stops at its next step and "
+                        "keeps a checkpoint")
+    return views.job(get_job(ctx, who, job.id), who.name)
+
+
+@router.get("/jobs/{fine_tuning_job_id}/events", summary="List a job's events, newest first")
+def list_events(fine_tuning_job_id: str, request: Request, who: Owner = Depends(owner),
+                after: After = None, limit: Limit = 20):
+    ctx = context(request)
+    job = get_job(ctx, who, fine_tuning_job_id)
+    rows, more = ctx.store.page(Event, Event.job_id == job.id, after=after, limit=limit)
+    return views.page([views.event(e) for e in rows], more)
+
+
+@router.get("/jobs/{fine_tuning_job_id}/checkpoints", summary="List a job's checkpoints")
+def list_checkpoints(fine_tuning_job_id: str, request: Request, who: Owner = Depends(owner),
+                     after: After = None, limit: Limit = 10):
+    ctx = context(request)
+    job = get_job(ctx, who, fine_tuning_job_id)
+    rows, more = ctx.store.page(Model, Model.job_id == job.id, Model.kind == "checkpoint",
+                                after=after, limit=limit, cursor=Model.checkpoint_id)
+    return views.page([views.checkpoint(m) for m in rows], more)

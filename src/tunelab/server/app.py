@@ -1,0 +1,43 @@
+"""The FastAPI application: the OpenAI-compatible API, tunelab's extensions, the web page."""
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+import tunelab
+from tunelab.server import errors
+from tunelab.server.context import Context, Settings
+
+log = logging.getLogger("tunelab.server")
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    ctx = Context(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from tunelab.server.api_jobs import revalidate_pending
+        # jobs a stopped server left half-validated; in a thread: startup stays quick
+        threading.Thread(target=revalidate_pending, args=(ctx.store,), daemon=True).start()
+        yield
+        ctx.close()
+
+    app = FastAPI(title="tunelab", version=tunelab.__version__, lifespan=lifespan,
+                  description="OpenAI-compatible fine-tuning and inference API (files, "
+                  "fine-tuning jobs, models, chat completions) plus tunelab's extensions under "
+                  "/v1/tunelab. Every request needs `Authorization: Bearer KEY` unless the "
+                  "server runs with --no-auth.")
+    app.state.ctx = ctx
+    errors.install(app)
+    from tunelab.server import api_chat, api_files, api_jobs, api_tunelab
+    for module in (api_files, api_jobs, api_chat, api_tunelab):
+        app.include_router(module.router)
+    if STATIC.is_dir():   # the web page (its own issue); API routes above take precedence
+        app.mount("/", StaticFiles(directory=STATIC, html=True), name="web")
+    return app

@@ -1,0 +1,109 @@
+"""Every error answers in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+That includes FastAPI's own request validation (422 there, 400 here, as OpenAI answers a bad
+field), unknown routes and methods, user errors from tunelab (TunelabError names its field,
+which becomes `param`) and, without details, unexpected failures.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab.server")
+
+TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
+         404: "invalid_request_error", 405: "invalid_request_error",
+         409: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+         429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or TYPES.get(status, "invalid_request_error")
+
+
+def not_found(what: str, id_: str, param: str = "id") -> APIError:
+    return APIError(404, f"No such {what}: {id_}", param=param, code="not_found")
+
+
+def body(message: str, type: str, param: str | None = None, code: str | None = None
+         ) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _response(status: int, message: str, *, param=None, code=None, type=None,
+              headers=None) -> JSONResponse:
+    return JSONResponse(body(message, type or TYPES.get(status, "invalid_request_error"), param,
+                             code), status_code=status, headers=headers)
+
+
+def _loc_param(loc: tuple) -> str | None:
+    # ("body", "messages", 0, "content") -> "messages[0].content"; the source part is dropped
+    parts = [p for p in loc if p not in ("body", "query", "path", "header", "form")]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in ("str", "int", "float", "bool", "list", "dict") or "[" in str(p) or \
+                str(p).startswith(("literal", "function", "constrained")):
+            continue   # a union member's tag, not a field
+        else:
+            out += ("." if out else "") + str(p)
+    return out or None
+
+
+def validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
+    param = _loc_param(tuple(err.get("loc", ())))
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if kind == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    if kind == "json_invalid":
+        return "We could not parse the JSON body of your request: " \
+               f"{err.get('ctx', {}).get('error', 'invalid JSON')}", None
+    msg = err.get("msg", "invalid value")
+    return (f"Invalid value for '{param}': {msg}" if param else msg), param
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_req: Request, e: APIError):
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return _response(e.status, e.message, param=e.param, code=e.code, type=e.type,
+                         headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, e: RequestValidationError):
+        errors = e.errors()
+        message, param = validation_message(errors[0]) if errors else ("invalid request", None)
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problems)"
+        return _response(400, message, param=param)
+
+    @app.exception_handler(TunelabError)
+    async def _tunelab(_req: Request, e: TunelabError):
+        return _response(400, str(e), param=e.field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, e: StarletteHTTPException):
+        message = e.detail if isinstance(e.detail, str) else "request failed"
+        if e.status_code == 404 and message == "Not Found":
+            message = "Unknown request URL. Please check the URL and method."
+        return _response(e.status_code, message, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(req: Request, e: Exception):
+        log.exception("unexpected error on %s %s", req.method, req.url.path)
+        return _response(500, "The server had an error while processing your request.",
+                         code="server_error")

@@ -1,0 +1,118 @@
+"""Request bodies, as OpenAI defines them, with unknown fields refused (extra="forbid")."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_COMPLETION_TOKENS = 4096     # per request; a bigger ask is a 400, not a long wait
+Id = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(_Strict):
+    n_epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=50)] = "auto"
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = "auto"
+    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=10)] = "auto"
+
+
+class Supervised(_Strict):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(_Strict):
+    type: Literal["supervised"] = Field(description="tunelab trains supervised fine-tunes only")
+    supervised: Supervised | None = None
+
+
+class FineTuningJobCreate(_Strict):
+    model: Id = Field(description="a base model id from GET /v1/models")
+    training_file: Id
+    validation_file: Id | None = None
+    suffix: Annotated[str, StringConstraints(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)],
+                   Annotated[str, StringConstraints(max_length=512)]] | None = \
+        Field(None, max_length=16)
+    hyperparameters: Hyperparameters | None = Field(None, description="deprecated by OpenAI in "
+                                                    "favour of method.supervised.hyperparameters")
+    method: Method | None = None
+    integrations: list[dict[str, Any]] | None = Field(None, max_length=0,
+                                                      description="not supported: leave empty")
+    tunelab: dict[str, Any] | None = Field(
+        None, description="tunelab's training options: any key of the training config (method "
+        "lora|dora|full, lora: {r, alpha, dropout, target_modules}, max_length, max_steps, "
+        "packing, precision, ...), as in a `tunelab train` YAML config. Validated like one; an "
+        "error names the field as tunelab.<key>. GET /v1/tunelab/info lists them.")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Annotated[str, StringConstraints(max_length=1_000_000)]
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, StringConstraints(max_length=1_000_000)] | \
+        Annotated[list[TextPart], Field(max_length=100)] | None = None
+    name: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+
+class ChatCompletionCreate(_Strict):
+    model: Id
+    messages: Annotated[list[Message], Field(min_length=1, max_length=1000)]
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_COMPLETION_TOKENS)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_COMPLETION_TOKENS)] | None = None
+    stop: Annotated[str, StringConstraints(max_length=200)] | \
+        Annotated[list[Annotated[str, StringConstraints(max_length=200)]],
+                  Field(max_length=4)] | None = None
+    seed: Annotated[int, Field(ge=-2**63, le=2**63 - 1)] | None = None
+    n: Literal[1] | None = Field(None, description="one choice per request")
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: Annotated[str, StringConstraints(max_length=256)] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    logprobs: Literal[False] | None = Field(None, description="not supported")
+
+
+class EvaluationCreate(_Strict):
+    model: Id = Field(description="the fine-tuned model (ft:...) or a base model")
+    base_model: Id | None = Field(None, description="default: the fine-tuned model's base")
+    test_file: Id
+    training_file: Id | None = Field(None, description="few-shot examples come from it "
+                                     "(default: the fine-tuning job's training file)")
+    task: Annotated[str, StringConstraints(max_length=40)] = "auto"
+    few_shot: Annotated[int, Field(ge=0, le=32)] = 5
+    system: Annotated[str, StringConstraints(max_length=20_000)] | None = None
+    limit: Annotated[int, Field(ge=1)] | None = Field(None, description="the first N test examples")
+
+
+class TemplateApply(_Strict):
+    template: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    mix: bool = False
+    seed: int = 0
+    map: dict[str, str] | None = Field(None, description="template field -> the column to read")
+    values: dict[str, str] | None = Field(None, description="template field -> a fixed value")
+
+
+class SplitRequest(_Strict):
+    val: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    test: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    seed: int = 0
+    stratify_by: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None

@@ -1,0 +1,157 @@
+// Pieces shared by several views: the validation report, conversation previews, file pickers,
+// and the training-speed estimate.
+
+import { h, icon, fmtInt, fmtDuration, fmtNum, statTile, errorBox } from "../dom.js";
+import { histogram, toBins } from "../chart.js";
+import { listAll } from "../api.js";
+
+// "path/to/file.jsonl:12: field 'messages[1].role': unknown role" -> parts (the path is the
+// server's, so only its last component is shown).
+export function parseLocated(msg) {
+  const m = /^(.*?):(\d+)(?::(\d+))?: (?:field '([^']*)': )?([\s\S]*)$/.exec(msg);
+  if (m) return { file: m[1].split(/[\\/]/).pop(), line: +m[2], field: m[4] || null, text: m[5] };
+  const f = /^(?:(.*?): )?field '([^']*)': ([\s\S]*)$/.exec(msg);
+  if (f) return { file: f[1] ? f[1].split(/[\\/]/).pop() : null, line: null, field: f[2], text: f[3] };
+  return { file: null, line: null, field: null, text: msg };
+}
+
+export function locatedMessage(msg) {
+  const p = parseLocated(msg);
+  return h("li", { class: "loc" },
+    p.line !== null ? h("span", { class: "badge line" }, `line ${p.line}`) : null,
+    p.field ? h("code", { class: "badge fieldname" }, p.field) : null,
+    h("span", { class: "loc-text" }, p.text));
+}
+
+export function errorCount(v) {
+  return Object.values((v && v.errors) || {}).reduce((a, e) => a + (e.count || 0), 0);
+}
+
+export function isRawRows(file) {
+  const v = file.validation;
+  const e = (v && v.errors) || {};
+  if (e.missing_messages && v.examples && e.missing_messages.count >= v.examples * 0.5) return true;
+  return file.status === "error" && /cannot detect the format|no format/i.test(file.status_details || "");
+}
+
+// Training throughput for time estimates: the server's figure when it gives one, else what
+// this browser saw in jobs it watched.
+export function tokensPerSecond(ctx) {
+  const s = ctx.info && (ctx.info.train_tokens_per_second || ctx.info.tokens_per_second);
+  if (s) return { value: s, source: "measured by the server" };
+  const local = +localStorage.getItem("tunelab.tps");
+  if (local) return { value: local, source: "seen in a job watched from this browser" };
+  return null;
+}
+
+export function rememberTps(tps) {
+  if (tps > 0) localStorage.setItem("tunelab.tps", String(tps));
+}
+
+export function validationReport(file, ctx) {
+  const v = file.validation;
+  const out = h("div", { class: "report" });
+  if (!v) {
+    if (file.status === "error") out.append(errorBox({ message: file.status_details || "The server could not read this file." }, { title: "Not usable:" }));
+    else out.append(h("p", { class: "muted" }, "The server sent no validation report for this file."));
+    return out;
+  }
+  const nErr = errorCount(v);
+  const trainable = v.trainable ?? nErr === 0;
+  out.append(h("div", { class: "tiles" },
+    statTile("Examples", fmtInt(v.examples)),
+    statTile("Valid", fmtInt(v.valid), { sub: v.examples ? `${Math.round((100 * v.valid) / v.examples)}% of lines` : null }),
+    statTile("Errors", fmtInt(nErr), { kind: nErr ? "bad" : "" }),
+    statTile("Result", trainable ? "Trainable" : "Not trainable", { kind: trainable ? "good" : "bad" })));
+
+  if (nErr) {
+    out.append(h("h3", {}, "Errors"));
+    out.append(h("div", { class: "errors", role: "list" }, Object.entries(v.errors).map(([kind, e]) =>
+      h("details", { class: "err-kind", open: true, role: "listitem", dataset: { kind } },
+        h("summary", {}, icon("alert", 16), h("strong", {}, e.label || kind), h("span", { class: "count" }, fmtInt(e.count))),
+        h("ul", { class: "locs" }, (e.first || []).map(locatedMessage),
+          e.count > (e.first || []).length ? h("li", { class: "more" }, `… and ${fmtInt(e.count - e.first.length)} more like this`) : null)))));
+  } else if (file.status === "error" && file.status_details) {
+    out.append(errorBox({ message: file.status_details }, { title: "Not usable:" }));
+  }
+  if (v.warnings && v.warnings.length) {
+    out.append(h("h3", {}, "Warnings"), h("ul", { class: "warnings" }, v.warnings.map((w) => h("li", {}, icon("alert", 14), " ", w))));
+  }
+  const t = v.tokens;
+  if (t && t.examples) {
+    out.append(h("h3", {}, "Tokens ", h("span", { class: "muted small" }, `counted with the chat template of ${t.model || "the model"}, max length ${fmtInt(t.max_length)}`)));
+    const tps = tokensPerSecond(ctx);
+    const trainTokens = t.epoch_tokens * t.epochs;
+    const secs = t.estimated_seconds ?? (tps ? trainTokens / tps.value : null);
+    out.append(h("div", { class: "tiles" },
+      statTile("Per example", `${fmtInt(t.median)}`, { sub: `median · p95 ${fmtInt(t.p95)} · max ${fmtInt(t.max)}` }),
+      statTile("Cut by max length", fmtInt(t.over_max_length), { kind: t.over_max_length ? "warn" : "",
+        sub: t.over_max_length ? `examples, losing ${fmtInt(t.trained_tokens_lost)} trained tokens` : "no example is truncated" }),
+      statTile("Trained tokens", `${Math.round((100 * t.trained_tokens) / Math.max(1, t.total_tokens))}%`,
+               { sub: `${fmtInt(t.trained_tokens)} answer tokens of ${fmtInt(t.total_tokens)}` }),
+      statTile("Training estimate", secs !== null ? `~${fmtDuration(secs)}` : `${fmtNum(trainTokens / 1000, 3)}k tok`,
+               { sub: `${fmtInt(trainTokens)} tokens over ${fmtNum(t.epochs)} epochs` + (secs !== null && t.estimated_seconds === undefined && tps ? ` at ${fmtInt(tps.value)} tok/s (${tps.source})` : secs === null ? " · time unknown until a first job has run here" : "") })));
+    const bins = toBins(t.histogram);
+    if (bins) out.append(h("div", { class: "hist-wrap" }, histogram(bins, { limit: t.max_length })));
+    else out.append(rangeBar(t));
+  }
+  return out;
+}
+
+// Without a histogram from the server: min / median / p95 / max on one axis.
+function rangeBar(t) {
+  const top = Math.max(t.max, t.max_length || 0) || 1;
+  const pos = (x) => `${(100 * x) / top}%`;
+  return h("div", { class: "range", "aria-label": `tokens per example: min ${t.min}, median ${t.median}, p95 ${t.p95}, max ${t.max}` },
+    h("div", { class: "range-track" },
+      h("div", { class: "range-span", style: { left: pos(t.min), width: `calc(${pos(t.max)} - ${pos(t.min)})` } }),
+      h("div", { class: "range-mid", style: { left: pos(t.median) }, title: `median ${t.median}` }),
+      t.max_length && t.max_length < top ? h("div", { class: "range-limit", style: { left: pos(t.max_length) }, title: `max length ${t.max_length}` }) : null),
+    h("div", { class: "range-labels" }, h("span", {}, `min ${fmtInt(t.min)}`), h("span", {}, `median ${fmtInt(t.median)}`),
+      h("span", {}, `p95 ${fmtInt(t.p95)}`), h("span", {}, `max ${fmtInt(t.max)}`)));
+}
+
+export function conversation(conv, { compact = false } = {}) {
+  const msgs = (conv && (conv.messages || conv)) || [];
+  return h("div", { class: ["conv", compact && "compact"] }, (Array.isArray(msgs) ? msgs : []).map((m) =>
+    h("div", { class: ["msg", m.role] }, h("div", { class: "role" }, m.role), h("div", { class: "content" }, String(m.content ?? "")))));
+}
+
+export async function fineTuneFiles() {
+  const files = await listAll("/v1/files", { max: 1000 });
+  return files.filter((f) => !f.purpose || f.purpose === "fine-tune").sort((a, b) => (b.created_at || 0) - (a.created_at || 0));
+}
+
+export function fileOptions(files, { none, onlyOk = true } = {}) {
+  const opts = none ? [["", none]] : [];
+  for (const f of files) {
+    if (onlyOk && f.status === "error") continue;
+    const n = f.validation ? ` · ${fmtInt(f.validation.valid ?? f.validation.examples)} examples` : "";
+    opts.push([f.id, `${f.filename}${n}`]);
+  }
+  return opts;
+}
+
+// Map an API error's `param` onto a form field id and show it there; false if none matched.
+// A key matches when its dotted parts appear in the param's parts ("lora.r" matches
+// "tunelab.lora.r", "n_epochs" matches "method.supervised.hyperparameters.n_epochs").
+export function showParamError(form, err, map) {
+  const parts = err && err.param ? String(err.param).split(/[.\[\]]+/).filter(Boolean) : [];
+  if (!parts.length) return false;
+  const has = (key) => {
+    const k = key.split(".");
+    for (let i = 0; i + k.length <= parts.length; i++) if (k.every((x, j) => parts[i + j] === x)) return true;
+    return false;
+  };
+  for (const [key, id] of Object.entries(map)) {
+    if (!has(key)) continue;
+    const box = form.querySelector(`#${CSS.escape(id)}-err`);
+    if (!box) continue;
+    box.textContent = err.message;
+    box.hidden = false;
+    const c = form.querySelector(`#${CSS.escape(id)}`);
+    if (c) { c.setAttribute("aria-invalid", "true"); c.focus(); }
+    return true;
+  }
+  return false;
+}

@@ -1,0 +1,231 @@
+// Compare: run the base-vs-fine-tuned comparison (POST /v1/tunelab/evaluations) and read its
+// table, charts, example answers and full report.
+
+import { h, icon, fmtInt, fmtNum, fmtDuration, fmtAgo, pill, errorBox, field, select, button, card,
+         clearFieldErrors, spinner, emptyState, clear, toast } from "../dom.js";
+import { get, post, request, listAll } from "../api.js";
+import { bars } from "../chart.js";
+import { fineTuneFiles, fileOptions, showParamError } from "./common.js";
+
+const TASKS = [["auto", "auto — picked from the answers"], ["classification", "classification (labels)"],
+               ["exact_match", "exact match"], ["rouge", "ROUGE (free text)"], ["gsm8k", "GSM8K (final number)"], ["loss", "loss only"]];
+const HISTORY = "tunelab.evaluations";
+
+export async function render(root, { id, query }, ctx) {
+  return id ? renderEvaluation(root, id, ctx) : renderForm(root, query, ctx);
+}
+
+function remember(id) {
+  const ids = JSON.parse(localStorage.getItem(HISTORY) || "[]").filter((x) => x !== id);
+  localStorage.setItem(HISTORY, JSON.stringify([id, ...ids].slice(0, 20)));
+}
+
+async function renderForm(root, query, ctx) {
+  ctx.setHeader("Compare", { sub: "Is fine-tuning worth it? The fine-tuned model against its base, prompted zero-shot, with a system prompt and with examples." });
+  root.append(h("div", { class: "loading" }, spinner(), "Loading models and files…"));
+  let models, files, job = null;
+  try {
+    [models, files] = await Promise.all([get("/v1/models").then((r) => r.data || []), fineTuneFiles()]);
+    if (query.get("job")) job = await get(`/v1/fine_tuning/jobs/${encodeURIComponent(query.get("job"))}`).catch(() => null);
+  } catch (e) {
+    root.replaceChildren(errorBox(e, { title: "Could not load models and files:" }));
+    return;
+  }
+  root.replaceChildren();
+  const tuned = models.filter((m) => String(m.id).startsWith("ft:"));
+  const base = models.filter((m) => !String(m.id).startsWith("ft:"));
+  if (!tuned.length) {
+    root.append(card(null, emptyState("No fine-tuned model yet", "Train one first; then compare it with its base model here.",
+      button("Set up training", { kind: "primary", onClick: () => ctx.navigate("train") }))));
+    root.append(historyCard());
+    return;
+  }
+  const usable = files.filter((f) => f.status !== "error");
+  const modelSel = select(tuned.map((m) => [m.id, m.id]), { id: "c-model", value: query.get("model") || tuned[0].id });
+  const baseSel = select([["", "— the fine-tune's own base —"], ...base.map((m) => [m.id, m.id])], { id: "c-base", value: "" });
+  const testGuess = (job && localStorage.getItem(`tunelab.testFor.${job.id}`)) || "";
+  const testSel = select(fileOptions(usable, { none: "— choose the held-out test file —" }), { id: "c-test", value: testGuess });
+  const trainSel = select(fileOptions(usable, { none: "— none (no few-shot row) —" }), { id: "c-train", value: (job && job.training_file) || "" });
+  const shots = h("input", { type: "number", id: "c-shots", min: 0, max: 50, value: 5, inputmode: "numeric" });
+  const task = select(TASKS, { id: "c-task", value: "auto" });
+  const system = h("textarea", { id: "c-system", rows: 2, placeholder: "e.g. Answer with one word: positive or negative." });
+  const submit = button("Run comparison", { kind: "primary", type: "submit", icon: "compare" });
+  const formErr = h("div", { class: "form-error", id: "c-form-err", role: "alert" });
+  const form = h("form", { class: "form", novalidate: true },
+    h("div", { class: "grid-2" },
+      field("Fine-tuned model", modelSel, { hint: "A fine-tuned model or one of its checkpoints." }),
+      field("Base model", baseSel, { hint: "Found from the fine-tuned model unless you pick one." }),
+      field("Test file", testSel, { hint: "Held-out conversations: the last answer of each is the reference." }),
+      field("Training file (for few-shot)", trainSel, { hint: "The few-shot row takes its examples from here, never from the test file." }),
+      field("Few-shot examples", shots, { hint: "How many examples go in the few-shot prompt." }),
+      field("Task", task, { hint: "Decides the metric: accuracy, exact match, ROUGE…" })),
+    field("System prompt for the prompted baseline", system, { hint: "Optional: what you would otherwise tell the base model." }),
+    h("div", { class: "form-actions" }, submit, formErr));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    clearFieldErrors(form);
+    formErr.replaceChildren();
+    if (!testSel.value) { showParamError(form, { param: "test_file", message: "Choose the held-out test file (the test split from the Data page)." }, { test_file: "c-test" }); return; }
+    const body = { model: modelSel.value, test_file: testSel.value, task: task.value, few_shot: +shots.value || 0 };
+    if (baseSel.value) body.base_model = baseSel.value;
+    if (trainSel.value) body.training_file = trainSel.value;
+    if (system.value.trim()) body.system = system.value.trim();
+    submit.disabled = true;
+    try {
+      const ev = await post("/v1/tunelab/evaluations", body);
+      remember(ev.id);
+      ctx.navigate(`compare/${ev.id}`);
+    } catch (err) {
+      const shown = showParamError(form, err, { model: "c-model", base_model: "c-base", test_file: "c-test", training_file: "c-train",
+                                                few_shot: "c-shots", task: "c-task", system: "c-system" });
+      formErr.replaceChildren(errorBox(err, { title: shown ? "Not started:" : "Could not start the comparison:" }));
+    } finally { submit.disabled = false; }
+  });
+  root.append(card("New comparison", form), historyCard());
+}
+
+function historyCard() {
+  const body = h("div", {}, h("div", { class: "loading" }, spinner(), "Loading…"));
+  (async () => {
+    let evs;
+    try { evs = await listAll("/v1/tunelab/evaluations", { max: 20, limit: 20 }); } catch {
+      // No list endpoint: the evaluations started from this browser.
+      const ids = JSON.parse(localStorage.getItem(HISTORY) || "[]");
+      evs = (await Promise.all(ids.map((i) => get(`/v1/tunelab/evaluations/${i}`).catch(() => null)))).filter(Boolean);
+    }
+    body.replaceChildren(evs.length ? h("ul", { class: "mini-list" }, evs.map((ev) => h("li", {},
+      h("a", { href: `#/compare/${ev.id}` }, h("span", { class: "mono" }, ev.model || ev.id)), pill(ev.status),
+      ev.result && ev.result.verdict ? h("span", { class: "muted small clip" }, ev.result.verdict) : h("span", { class: "muted small" }, fmtAgo(ev.created_at))))) :
+      h("p", { class: "muted" }, "No comparisons yet."));
+  })();
+  return card("Past comparisons", body);
+}
+
+async function renderEvaluation(root, id, ctx) {
+  let alive = true, timer = null, failures = 0;
+  const started = Date.now();
+  const status = h("div");
+  const result = h("div");
+  root.append(h("p", { class: "crumbs" }, h("a", { href: "#/compare" }, "← Compare")), status, result);
+  let drawnResult = false;
+
+  const draw = (ev) => {
+    ctx.setHeader("Comparison", { sub: `${ev.id}${ev.model ? " · " + ev.model : ""}` });
+    const active = !["succeeded", "failed", "cancelled"].includes(ev.status);
+    clear(status, h("section", { class: "card eval-status" }, h("div", { class: "row gap" }, pill(ev.status),
+      active ? h("span", { class: "muted" }, spinner(), ` Measuring every row on the test file… ${fmtDuration((Date.now() - started) / 1000)}`) : null),
+      ev.error ? errorBox({ message: ev.error.message || String(ev.error), code: ev.error.code }, { title: "Failed:" }) : null));
+    if (ev.status === "succeeded" && ev.result && !drawnResult) {
+      drawnResult = true;
+      clear(result, resultView(ev));
+    }
+    return active;
+  };
+
+  const tick = async () => {
+    if (!alive) return;
+    let active = true;
+    try {
+      const ev = await get(`/v1/tunelab/evaluations/${encodeURIComponent(id)}`);
+      failures = 0;
+      ctx.setOnline(true);
+      active = draw(ev);
+    } catch (e) {
+      failures++;
+      if (e.status === 404 || e.status === 401) { clear(status, errorBox(e, { title: `Cannot open comparison ${id}:` })); return; }
+      if (e.network) ctx.setOnline(false);
+      clear(status, h("div", { class: "banner" }, icon("refresh", 16), ` ${e.message} Retrying…`));
+    }
+    if (alive && active) timer = setTimeout(tick, Math.min(15000, 2000 * 2 ** failures));
+  };
+  ctx.setHeader("Comparison");
+  await tick();
+  return () => { alive = false; clearTimeout(timer); };
+}
+
+function resultView(ev) {
+  const r = ev.result;
+  const rows = r.rows || [];
+  const primary = r.primary_metric || "score";
+  const pct = (x) => (x === null || x === undefined || Number.isNaN(+x) ? "—" : `${(100 * x).toFixed(1)}%`);
+  const isFrac = rows.every((row) => row.primary === null || (row.primary >= 0 && row.primary <= 1));
+  const fmtP = isFrac ? pct : (x) => fmtNum(x, 4);
+  const best = Math.max(...rows.map((x) => (Number.isFinite(+x.primary) ? +x.primary : -Infinity)));
+  const metricKeys = [...new Set(rows.flatMap((x) => Object.keys(x.metrics || {})))]
+    .filter((k) => k !== primary && typeof rows.find((x) => x.metrics && k in x.metrics).metrics[k] === "number").slice(0, 4);
+  const tunedWins = /^fine-tuned:/.test(r.verdict || "") && !/on par/.test(r.verdict || "");
+  const out = h("div", { class: "eval-result" });
+  out.append(h("div", { class: ["verdict", tunedWins ? "good" : /prompting wins/.test(r.verdict || "") ? "bad" : ""] },
+    h("div", { class: "verdict-label" }, `Task: ${r.task || "—"} · metric: ${primary}`), h("div", { class: "verdict-text" }, r.verdict || "")));
+  out.append(card("Results", h("div", { class: "table-wrap" }, h("table", { class: "table cmp", id: "comparison-table" },
+    h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Setup"), h("th", { scope: "col", class: "num" }, primary),
+      metricKeys.map((k) => h("th", { scope: "col", class: "num" }, k)),
+      ["Prompt tokens", "Answer tokens", "Latency", "Req/s"].map((c) => h("th", { scope: "col", class: "num" }, c)))),
+    h("tbody", {}, rows.map((x) => h("tr", { class: [x.name === "fine-tuned" && "tuned", +x.primary === best && "best"] },
+      h("th", { scope: "row" }, x.name, h("div", { class: "mono muted small" }, x.model)),
+      h("td", { class: "num strong" }, fmtP(x.primary)),
+      metricKeys.map((k) => h("td", { class: "num" }, fmtNum(x.metrics[k], 3))),
+      h("td", { class: "num" }, fmtInt(x.prompt_tokens)), h("td", { class: "num" }, fmtNum(x.completion_tokens, 3)),
+      h("td", { class: "num" }, x.latency_s !== undefined ? `${fmtNum(x.latency_s, 2)} s` : "—"),
+      h("td", { class: "num" }, fmtNum(x.requests_per_s, 3)))))))));
+  out.append(h("div", { class: "grid-3 charts" },
+    card(null, bars(rows.map((x) => ({ label: x.name, value: x.primary, cls: x.name === "fine-tuned" ? "tuned" : "" })),
+      { title: `${primary} (higher is better)`, format: fmtP, max: isFrac ? 1 : undefined })),
+    card(null, bars(rows.map((x) => ({ label: x.name, value: x.prompt_tokens, cls: x.name === "fine-tuned" ? "tuned" : "" })),
+      { title: "Prompt tokens per request (lower is cheaper)", format: fmtInt })),
+    card(null, bars(rows.map((x) => ({ label: x.name, value: x.latency_s, cls: x.name === "fine-tuned" ? "tuned" : "" })),
+      { title: "Latency per request, seconds (lower is faster)", format: (v) => fmtNum(v, 2) }))));
+  if (Array.isArray(r.examples) && r.examples.length) out.append(card("Example answers", examplesTable(r.examples, rows)));
+  const f = r.forgetting && r.forgetting.general;
+  if (f) {
+    out.append(card("What the fine-tune forgot", h("div", {},
+      h("p", {}, `General check (${fmtInt(f.items)} prompts): base ${pct(f.base)} → fine-tuned ${pct(f.tuned)} · ${f.lost} answers lost, ${f.gained} gained.`),
+      (f.lost_examples || []).length ? h("div", { class: "table-wrap" }, h("table", { class: "table compact" },
+        h("thead", {}, h("tr", {}, ["Prompt", "Base", "Fine-tuned"].map((c) => h("th", { scope: "col" }, c)))),
+        h("tbody", {}, f.lost_examples.map((x) => h("tr", {}, h("td", {}, textOf(x.prompt)), h("td", {}, x.base), h("td", {}, x.tuned)))))) : null)));
+  }
+  if (r.warnings && r.warnings.length) out.append(h("ul", { class: "warnings" }, r.warnings.map((w) => h("li", {}, icon("alert", 14), " ", w))));
+  out.append(reportFrame(ev));
+  return out;
+}
+
+function textOf(p) {
+  if (Array.isArray(p)) return p.map((m) => m.content).join("\n");
+  return String(p ?? "");
+}
+
+function examplesTable(examples, rows) {
+  const names = rows.map((r) => r.name);
+  return h("div", { class: "table-wrap" }, h("table", { class: "table compact examples" },
+    h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Prompt"), h("th", { scope: "col" }, "Expected"), names.map((n) => h("th", { scope: "col" }, n)))),
+    h("tbody", {}, examples.slice(0, 12).map((x) => h("tr", {}, h("td", { class: "prompt" }, textOf(x.prompt || x.messages)), h("td", {}, x.reference ?? x.expected ?? ""),
+      names.map((n) => {
+        const a = (x.answers || {})[n];
+        const text = a && typeof a === "object" ? a.prediction : a;
+        const ok = a && typeof a === "object" && a.score !== undefined ? a.score >= 1 : null;
+        return h("td", { class: ok === null ? "" : ok ? "good-text" : "bad-text" }, text ?? "—");
+      }))))));
+}
+
+// The report holds every example answer. It needs the key, so it is fetched and shown in a
+// sandboxed frame (no scripts, no same-origin access) rather than linked.
+function reportFrame(ev) {
+  const holder = h("div", { class: "report-frame" });
+  const load = async () => {
+    clear(holder, h("div", { class: "loading" }, spinner(), "Loading the report…"));
+    try {
+      const res = await request(`/v1/tunelab/evaluations/${ev.id}/report`, { raw: true });
+      const html = await res.text();
+      const frame = h("iframe", { title: "Comparison report", sandbox: "", srcdoc: html });
+      const open = button("Open in a new tab", { kind: "ghost small", icon: "arrow", onClick: () => {
+        const url = URL.createObjectURL(new Blob([html], { type: "text/html" }));
+        window.open(url, "_blank", "noopener");
+        setTimeout(() => URL.revokeObjectURL(url), 60000);
+      } });
+      clear(holder, frame, h("div", { class: "form-actions" }, open));
+    } catch (e) { clear(holder, errorBox(e, { title: "Report unavailable:" })); }
+  };
+  return card("Full report", holder, { sub: "Every example answer, per setup", actions: button("Show", { kind: "small", onClick: load }) });
+}
+
+export { toast };

@@ -24,24 +24,26 @@ app.add_typer(data_app, name="data")
 def train(config: Path = typer.Argument(..., help="YAML config"),
           set_: list[str] = typer.Option([], "--set", help="override: key=value (lora.r=8)"),
           resume: bool = typer.Option(False, "--resume",
-                                      help="continue a killed run from its last checkpoint"),
+                                      help="continue a killed, failed or cancelled run from its "
+                                      "last checkpoint"),
           quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Fine-tune a model from a YAML config (also under torchrun / accelerate launch)."""
+    """Fine-tune a model from a YAML config (also under torchrun / accelerate launch).
+
+    Ctrl-C stops after the current step with a checkpoint (--resume continues); twice: at once."""
     from tunelab.config import load_config
     from tunelab.train import train as run_train
+    from tunelab.train.events import TrainingCancelled
+    from tunelab.train.progress import CtrlCCancels
     cfg = load_config(config, set_)
     quiet_libraries()
-    result = run_train(cfg, resume=resume, quiet=quiet)
-    if not quiet and int(os.environ.get("RANK", "0")) == 0:
-        print(f"model: {result.model_dir}")
-        if result.adapter_dir:
-            print(f"adapter: {result.adapter_dir}")
-        vl = f"{result.valid_loss:.4f}" if result.valid_loss is not None else "-"
-        best = f" (best, step {result.best_step})" if result.best_step else ""
-        print(f"train loss {result.train_loss:.4f}, valid loss {vl}{best}, {result.steps} steps "
-              f"in {result.seconds:.0f} s")
-        print(f"metrics: {result.metrics_file}, {result.output_dir / 'results.csv'}, "
-              f"{result.output_dir / 'loss.png'}")
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    try:
+        with CtrlCCancels(announce=main_process) as ctrl_c:
+            run_train(cfg, resume=resume, quiet=quiet, should_cancel=ctrl_c)
+    except TrainingCancelled as e:
+        if main_process:
+            print(f"tunelab: {e}", file=sys.stderr)
+        raise typer.Exit(130) from None
 
 
 @app.command("eval")
@@ -87,6 +89,51 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
     print(format_metrics(res))
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
+
+
+@app.command()
+def compare(tuned: str = typer.Option(..., "--tuned", help="fine-tuned model: a tunelab run, "
+                                      "model or adapter folder (its base is found), or any spec"),
+            data: Path = typer.Option(..., "--data", "-d", help="test conversations"),
+            base: Optional[str] = typer.Option(None, "--base", help="base model (default: the "
+                                               "one --tuned was fine-tuned from)"),
+            task: str = typer.Option("auto", "--task"),
+            labels: Optional[str] = typer.Option(None, help="classification labels: a,b,c"),
+            train_file: Optional[Path] = typer.Option(None, "--train", help="few-shot examples "
+                                                      "come from here (default: the run's "
+                                                      "training file)"),
+            few_shot: int = typer.Option(5, "--few-shot", help="examples in the few-shot "
+                                         "prompt (0: none)"),
+            system: Optional[str] = typer.Option(None, "--system", help="also try the base "
+                                                 "model with this system prompt"),
+            general: Optional[Path] = typer.Option(None, "--general", help="conversations to "
+                                                   "check forgetting on (loss, exact match)"),
+            no_general_check: bool = typer.Option(False, "--no-general-check",
+                                                  help="skip the shipped general prompts"),
+            out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="report folder"),
+            limit: Optional[int] = typer.Option(None, help="the first N test examples"),
+            batch_size: int = typer.Option(16),
+            as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+            quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Fine-tuned vs the base model prompted zero-shot, with a system prompt and few-shot:
+    quality and tokens per request, a forgetting check, and report.html."""
+    from tqdm.auto import tqdm
+
+    from tunelab.evaluate.compare import compare as run_compare
+    from tunelab.evaluate.report import format_comparison
+    quiet_libraries()
+    bars = None if quiet or as_json else \
+        (lambda name, n: tqdm(total=n, desc=f"{name:<22}", unit="ex", file=sys.stderr))
+    result = run_compare(base=base, tuned=tuned, data=data, out_dir=out, task=task,
+                         train=train_file, few_shot=few_shot, system=system, general=general,
+                         general_check=not no_general_check,
+                         labels=labels.split(",") if labels else None, limit=limit,
+                         batch_size=batch_size, progress_factory=bars)
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    print(format_comparison(result))
+    print(f"report: {result.report_html}  ({result.report_md})")
 
 
 @app.command()
@@ -141,6 +188,11 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
     report = run_demo(out, n_examples=examples, epochs=epochs, quiet=quiet)
     if quiet:
         print(json.dumps({k: report[k] for k in ("base", "fine_tuned")}, default=str))
+
+
+from tunelab.cli_server import register as _register_server  # noqa: E402
+
+_register_server(app)   # serve, worker, keys
 
 
 def main() -> None:

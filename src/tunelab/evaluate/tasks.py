@@ -107,9 +107,11 @@ class ExactMatch(Task):
 
 
 class Classification(Task):
-    """Answers are matched to a label set: the normalized answer equals a label, or starts with
-    one followed by more words ("Positive. The reviewer..." is positive), so a base model that
-    explains itself is not marked wrong for it. Anything else is invalid: wrong, and counted."""
+    """Answers are matched to a label set, after normalization (case, punctuation): the answer
+    is a label; else it starts with one ("Positive. The reviewer..."); else it names exactly one
+    label as a whole word ("The sentiment is positive"). So a base model that explains itself is
+    not marked wrong for the explaining; an answer naming none or several labels is invalid:
+    wrong, and counted."""
     name, primary, label = "classification", "accuracy", "accuracy"
     MAX_LABELS = 50
 
@@ -143,13 +145,16 @@ class Classification(Task):
 
     def match(self, prediction: str) -> str | None:
         p = normalize_answer(prediction)
-        best = None
-        for label in self.labels:
-            if p == label:
-                return label
-            if p.startswith(label + " ") and (best is None or len(label) > len(best)):
-                best = label
-        return best
+        if p in self.labels:
+            return p
+        prefixed = [l for l in self.labels if p.startswith(l + " ")]
+        if prefixed:
+            return max(prefixed, key=len)
+        padded = f" {p} "
+        named = [l for l in self.labels if f" {l} " in padded]
+        # a label inside a longer one ("4" in "4 stars"?) only counts once
+        named = [l for l in named if not any(l != o and f" {l} " in f" {o} " for o in named)]
+        return named[0] if len(named) == 1 else None
 
     def score(self, prediction, example):
         predicted = self.match(prediction)

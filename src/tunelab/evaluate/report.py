@@ -1,0 +1,426 @@
+"""What a person reads: the terminal tables of `tunelab eval` and `tunelab compare`, and the
+comparison report as report.html (one self-contained file: styles inline, charts as inline PNG,
+opens offline) and report.md (charts beside it in charts/)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.data.io import atomic_write, write_json
+from tunelab.evaluate.runner import RunResult
+
+PALETTE = {"base zero-shot": "#9aa5b1", "base + system prompt": "#7b8794", "fine-tuned": "#2563eb"}
+FEW_SHOT_COLOR = "#f59e0b"
+
+
+def _color(name: str) -> str:
+    return PALETTE.get(name, FEW_SHOT_COLOR)
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "-"
+
+
+# -- terminal ----------------------------------------------------------------------------------
+
+def format_metrics(res: RunResult) -> str:
+    """`tunelab eval`'s table."""
+    m = res.metrics
+    lines = [f"task              {res.task['task']}", f"examples          {res.examples}"]
+    for key, value in m.items():
+        if key == "confusion":
+            continue
+        if isinstance(value, float) and key not in ("test_loss", "test_perplexity", "loss",
+                                                    "perplexity"):
+            text = _pct(value)
+        elif isinstance(value, float):
+            text = f"{value:.4f}"
+        else:
+            text = str(value)
+        lines.append(f"{key:<17} {text}")
+    if "confusion" in m:
+        lines.append("")
+        lines += confusion_text(m["confusion"])
+    if res.prompt_tokens:
+        lines.append("")
+        lines.append(f"per request       {res.prompt_tokens:.0f} prompt + {res.completion_tokens:.1f} "
+                     f"generated tokens, {res.latency_s:.2f} s latency (batched), "
+                     f"{res.requests_per_s:.1f} requests/s")
+    return "\n".join(lines)
+
+
+def confusion_text(conf: dict[str, Any]) -> list[str]:
+    cols = conf["columns"]
+    w = max(8, *(len(c) for c in cols), *(len(l) for l in conf["labels"])) + 1
+    out = ["confusion (rows: reference, columns: answer)",
+           " " * w + "".join(f"{c:>{w}}" for c in cols)]
+    for label, row in zip(conf["labels"], conf["matrix"]):
+        out.append(f"{label:<{w}}" + "".join(f"{v:>{w}}" for v in row))
+    return out
+
+
+def comparison_table(rows: list[RunResult]) -> list[list[str]]:
+    primary = rows[0].task["primary"]
+    head = ["", primary, "prompt tok/req", "gen tok/req", "latency s", "req/s"]
+    extra = [k for k in ("macro_f1", "invalid_rate") if k in rows[0].metrics]
+    head[2:2] = extra
+    body = []
+    for r in rows:
+        cells = [r.name, _pct(r.primary)] + [_pct(r.metrics.get(k)) for k in extra] + \
+            [f"{r.prompt_tokens:.0f}", f"{r.completion_tokens:.1f}", f"{r.latency_s:.2f}",
+             f"{r.requests_per_s:.1f}"]
+        body.append(cells)
+    return [head] + body
+
+
+def format_comparison(c) -> str:
+    table = comparison_table(c.rows)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    out = [*lines, "", c.verdict]
+    if c.forgetting:
+        from tunelab.evaluate.compare import forgetting_line
+        if c.forgetting.get("general"):
+            out.append(forgetting_line(c.forgetting))
+    out += [f"warning: {w}" for w in c.warnings]
+    return "\n".join(out)
+
+
+# -- charts ------------------------------------------------------------------------------------
+
+def _figure_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False,
+                         "axes.titleweight": "bold", "axes.titlesize": 11})
+    return plt
+
+
+def chart_metric(rows: list[RunResult], label: str) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.0))
+    names = [r.name for r in rows]
+    values = [100 * r.primary for r in rows]
+    bars = ax.barh(names, values, color=[_color(n) for n in names])
+    ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], padding=3)
+    ax.set_xlim(0, 110)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{label} (%)")
+    ax.set_title(f"{label} on the test split")
+    return _figure_png(fig)
+
+
+def chart_tokens(rows: list[RunResult]) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.0))
+    names = [r.name for r in rows]
+    prompt = [r.prompt_tokens for r in rows]
+    gen = [r.completion_tokens for r in rows]
+    ax.barh(names, prompt, color=[_color(n) for n in names], label="prompt")
+    bars = ax.barh(names, gen, left=prompt, color="#111827", alpha=0.55, label="generated")
+    ax.bar_label(bars, labels=[f"{p + g:.0f}" for p, g in zip(prompt, gen)], padding=3)
+    ax.set_xlim(0, max(p + g for p, g in zip(prompt, gen)) * 1.18)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens per request")
+    ax.set_title("cost per request")
+    ax.legend(loc="lower right", frameon=False)
+    return _figure_png(fig)
+
+
+def chart_confusions(rows: list[RunResult]) -> bytes:
+    plt = _plt()
+    shown = [r for r in rows if "confusion" in r.metrics]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.3 * len(shown), 3.2), squeeze=False)
+    for ax, r in zip(axes[0], shown):
+        conf = r.metrics["confusion"]
+        matrix = conf["matrix"]
+        ax.imshow(matrix, cmap="Blues", aspect="auto")
+        ax.set_xticks(range(len(conf["columns"])),
+                      [c if c != "(invalid)" else "invalid" for c in conf["columns"]],
+                      rotation=45 if len(conf["columns"]) > 4 else 0, ha="right"
+                      if len(conf["columns"]) > 4 else "center")
+        ax.set_yticks(range(len(conf["labels"])), conf["labels"])
+        top = max(max(row) for row in matrix) or 1
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                if v:
+                    ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                            color="white" if v > top / 2 else "#111827")
+        ax.set_title(r.name)
+        ax.set_xlabel("answer")
+    axes[0][0].set_ylabel("reference")
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def chart_training(run_dir: Path) -> bytes | None:
+    from tunelab.train.callbacks import read_metrics
+    entries = read_metrics(run_dir / "metrics.jsonl")
+    train = [(e["step"], e["train_loss"]) for e in entries if "train_loss" in e]
+    valid = [(e["step"], e["valid_loss"]) for e in entries if "valid_loss" in e]
+    if not train:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.0))
+    ax.plot(*zip(*train), label="train", color="#2563eb")
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="validation", color="#f59e0b")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per trained token")
+    ax.set_title("training")
+    ax.grid(alpha=0.25)
+    ax.legend(frameon=False)
+    return _figure_png(fig)
+
+
+def chart_forgetting(general: dict[str, Any]) -> bytes:
+    plt = _plt()
+    cats = list(general["by_category"])
+    base = [100 * (general["by_category"][c]["base"] or 0) for c in cats]
+    tuned = [100 * general["by_category"][c]["tuned"] for c in cats]
+    fig, ax = plt.subplots(figsize=(5.6, 3.0))
+    y = range(len(cats))
+    ax.barh([i - 0.2 for i in y], base, height=0.4, color=PALETTE["base zero-shot"], label="base")
+    ax.barh([i + 0.2 for i in y], tuned, height=0.4, color=PALETTE["fine-tuned"],
+            label="fine-tuned")
+    ax.set_yticks(list(y), cats)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("general prompts passed (%)")
+    ax.set_title("general check: what fine-tuning kept")
+    ax.legend(frameon=False, loc="lower right")
+    return _figure_png(fig)
+
+
+# -- examples side by side ---------------------------------------------------------------------
+
+def side_by_side(c, n: int = 10) -> tuple[str, list[dict[str, Any]]]:
+    """Ten test examples answered by the best prompting baseline (few-shot if it ran) and the
+    fine-tuned model: disagreements first (either way), then shared mistakes, then agreement."""
+    from tunelab.evaluate.compare import TUNED
+    tuned = c.row(TUNED)
+    baselines = [r for r in c.rows if r.name != TUNED]
+    if tuned is None or not baselines:
+        return "", []
+    other = next((r for r in baselines if "shot" in r.name and "zero" not in r.name),
+                 baselines[0])
+    by_index = {s["index"]: s for s in other.scored}
+    rows = []
+    for t in sorted(tuned.scored, key=lambda s: s["index"]):
+        b = by_index.get(t["index"])
+        if b is None:
+            continue
+        rank = 0 if t["score"] != b["score"] else 1 if t["score"] == 0 else 2
+        rows.append((rank, t["index"], {"prompt": t["prompt"], "reference": t["reference"],
+                                        "base": b["prediction"], "base_score": b["score"],
+                                        "tuned": t["prediction"], "tuned_score": t["score"]}))
+    rows.sort(key=lambda x: (x[0], x[1]))
+    picked = [r for rank in (0, 1, 2) for r in rows if r[0] == rank]
+    # at most 6 of one kind, so the ten show both wins and mistakes
+    out, per_rank = [], {0: 0, 1: 0, 2: 0}
+    for rank, _, item in picked:
+        if per_rank[rank] < 6 and len(out) < n:
+            out.append(item)
+            per_rank[rank] += 1
+    for rank, _, item in picked:
+        if len(out) >= n:
+            break
+        if item not in out:
+            out.append(item)
+    return other.name, out
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+def write_report(c, out_dir: Path) -> None:
+    out_dir = Path(out_dir)
+    charts: dict[str, bytes] = {"metric": chart_metric(c.rows, c.rows[0].task["primary"]),
+                                "tokens": chart_tokens(c.rows)}
+    if any("confusion" in r.metrics for r in c.rows):
+        charts["confusion"] = chart_confusions(c.rows)
+    if c.run_dir:
+        png = chart_training(Path(c.run_dir))
+        if png:
+            charts["training"] = png
+    if c.forgetting and c.forgetting.get("general"):
+        charts["forgetting"] = chart_forgetting(c.forgetting["general"])
+    (out_dir / "charts").mkdir(parents=True, exist_ok=True)
+    for name, png in charts.items():
+        (out_dir / "charts" / f"{name}.png").write_bytes(png)
+    c.report_html = str(out_dir / "report.html")
+    c.report_md = str(out_dir / "report.md")
+    with atomic_write(out_dir / "report.md") as f:
+        f.write(_markdown(c, charts))
+    with atomic_write(out_dir / "report.html") as f:
+        f.write(_html(c, charts))
+    write_json(out_dir / "comparison.json", c.to_json())
+
+
+def _markdown(c, charts: dict[str, bytes]) -> str:
+    table = comparison_table(c.rows)
+    md = [f"# Fine-tuned vs prompted: {c.task['task']}", "", f"**{c.verdict}**", "",
+          f"- base model: `{c.base}`", f"- fine-tuned model: `{c.tuned}`",
+          f"- test data: `{c.test_file}` ({c.rows[0].examples} examples)"]
+    if c.train_file:
+        md.append(f"- few-shot examples from: `{c.train_file}` ({len(c.few_shot)} shots)")
+    md += ["", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    md += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    md += ["", "Tokens are per request, means over the test split; latency is the wall time of "
+           "the batch a request was answered in, on this machine.", ""]
+    for name in ("metric", "tokens", "confusion", "training", "forgetting"):
+        if name in charts:
+            md.append(f"![{name}](charts/{name}.png)")
+    if c.forgetting and c.forgetting.get("general"):
+        from tunelab.evaluate.compare import forgetting_line
+        md += ["", "## Forgetting", "", forgetting_line(c.forgetting)]
+    who, items = side_by_side(c)
+    if items:
+        md += ["", f"## Example answers: {who} vs fine-tuned", "",
+               f"| prompt | reference | {who} | fine-tuned |", "|---|---|---|---|"]
+        for it in items:
+            cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:160]
+            md.append(f"| {cell(it['prompt'])} | {cell(it['reference'])} | "
+                      f"{'✓' if it['base_score'] >= 1 else '✗'} {cell(it['base'])} | "
+                      f"{'✓' if it['tuned_score'] >= 1 else '✗'} {cell(it['tuned'])} |")
+    if c.warnings:
+        md += ["", "## Warnings", ""] + [f"- {w}" for w in c.warnings]
+    return "\n".join(md) + "\n"
+
+
+CSS = """
+:root{--fg:#111827;--muted:#4b5563;--line:#e5e7eb;--bg:#f8fafc;--card:#fff;--blue:#2563eb;
+--good:#047857;--bad:#b91c1c}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.5 system-ui,-apple-system,
+"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
+main{max-width:1120px;margin:0 auto;padding:28px 24px 48px}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:0 0 12px}
+.sub{color:var(--muted);margin:0 0 20px}
+.verdict{background:var(--card);border:1px solid var(--line);border-left:5px solid var(--blue);
+border-radius:10px;padding:14px 18px;font-size:18px;font-weight:600;margin-bottom:20px}
+.verdict.lose{border-left-color:var(--bad)}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:18px;
+margin-bottom:20px}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:20px}
+.grid .card{margin:0}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+th,td{padding:7px 10px;border-bottom:1px solid var(--line);text-align:right;vertical-align:top}
+th:first-child,td:first-child{text-align:left}
+th{font-size:12px;text-transform:uppercase;letter-spacing:.03em;color:var(--muted)}
+tr.tuned td{font-weight:600;background:#eff6ff}
+img{max-width:100%;height:auto;display:block}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:0}
+dt{color:var(--muted)}dd{margin:0;word-break:break-all}
+.ex td{text-align:left;font-size:13px}.ex td:first-child{width:34%}
+.ok{color:var(--good);font-weight:700}.no{color:var(--bad);font-weight:700}
+.warn{background:#fffbeb;border-color:#fcd34d}
+.small{font-size:13px;color:var(--muted)}
+code{background:#f1f5f9;padding:1px 5px;border-radius:4px;font-size:13px}
+"""
+
+
+def _img(charts: dict[str, bytes], name: str, alt: str) -> str:
+    if name not in charts:
+        return ""
+    data = base64.b64encode(charts[name]).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _html(c, charts: dict[str, bytes]) -> str:
+    from tunelab.evaluate.compare import TUNED, forgetting_line
+    e = html.escape
+    table = comparison_table(c.rows)
+    head = "".join(f"<th>{e(h)}</th>" for h in table[0])
+    body = "".join(
+        f'<tr class="{"tuned" if row[0] == TUNED else ""}">'
+        + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>" for row in table[1:])
+    lose = c.verdict.startswith("prompting wins")
+    facts = [("base model", c.base), ("fine-tuned model", c.tuned),
+             ("test data", f"{c.test_file} ({c.rows[0].examples} examples)"),
+             ("task", f"{c.task['task']} (headline: {c.task['primary']})")]
+    if c.task.get("labels"):
+        facts.append(("labels", ", ".join(c.task["labels"])))
+    if c.train_file:
+        facts.append(("few-shot examples", f"{len(c.few_shot)} from {c.train_file}"))
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>",
+        f"<title>tunelab: fine-tuned vs prompted ({e(c.task['task'])})</title>",
+        f"<style>{CSS}</style></head><body><main>",
+        f"<h1>Fine-tuned vs prompted</h1><p class='sub'>{e(c.task['task'])} on "
+        f"{c.rows[0].examples} held-out examples</p>",
+        f"<div class='verdict{' lose' if lose else ''}'>{e(c.verdict)}</div>",
+        f"<div class='card'><h2>Quality and cost per request</h2><table><thead><tr>{head}</tr>"
+        f"</thead><tbody>{body}</tbody></table><p class='small'>Tokens are per request, means "
+        "over the test split; latency is the wall time of the batch a request was answered in, "
+        "on this machine; requests/s is batched throughput.</p></div>",
+        "<div class='grid'>",
+        f"<div class='card'>{_img(charts, 'metric', 'metric per setup')}</div>",
+        f"<div class='card'>{_img(charts, 'tokens', 'tokens per request')}</div>",
+        "</div><div style='height:20px'></div>",
+    ]
+    if "confusion" in charts:
+        parts.append(f"<div class='card'><h2>Confusion matrices</h2>"
+                     f"{_img(charts, 'confusion', 'confusion matrices')}</div>")
+    if "training" in charts or "forgetting" in charts:
+        parts.append("<div class='grid'>")
+        if "training" in charts:
+            parts.append(f"<div class='card'><h2>Training</h2>"
+                         f"{_img(charts, 'training', 'training loss curves')}</div>")
+        if "forgetting" in charts:
+            parts.append(f"<div class='card'><h2>Forgetting</h2>"
+                         f"<p>{e(forgetting_line(c.forgetting))}</p>"
+                         f"{_img(charts, 'forgetting', 'general check by category')}</div>")
+        parts.append("</div><div style='height:20px'></div>")
+    if c.forgetting and c.forgetting.get("general"):
+        g = c.forgetting["general"]
+        changed = [("lost", x) for x in g["lost_examples"]] + \
+            [("gained", x) for x in g["gained_examples"]]
+        if changed:
+            rows = "".join(
+                f"<tr><td>{e(x['prompt'])}</td><td>{e(x['base'])}</td><td>{e(x['tuned'])}</td>"
+                f"<td class='{'no' if kind == 'lost' else 'ok'}'>{kind}</td></tr>"
+                for kind, x in changed)
+            parts.append("<div class='card ex'><h2>General answers that changed</h2><table>"
+                         "<thead><tr><th>prompt</th><th>base</th><th>fine-tuned</th><th></th>"
+                         f"</tr></thead><tbody>{rows}</tbody></table></div>")
+    who, items = side_by_side(c)
+    if items:
+        mark = lambda s: "<span class='ok'>✓</span>" if s >= 1 else "<span class='no'>✗</span>"
+        rows = "".join(
+            f"<tr><td>{e(it['prompt'])}</td><td>{e(it['reference'])}</td>"
+            f"<td>{mark(it['base_score'])} {e(it['base'])}</td>"
+            f"<td>{mark(it['tuned_score'])} {e(it['tuned'])}</td></tr>" for it in items)
+        parts.append(f"<div class='card ex'><h2>Example answers: {e(who)} vs fine-tuned</h2>"
+                     "<table><thead><tr><th>prompt</th><th>reference</th>"
+                     f"<th>{e(who)}</th><th>fine-tuned</th></tr></thead><tbody>{rows}</tbody>"
+                     "</table></div>")
+    if c.warnings:
+        parts.append("<div class='card warn'><h2>Warnings</h2><ul>"
+                     + "".join(f"<li>{e(w)}</li>" for w in c.warnings) + "</ul></div>")
+    parts.append("<div class='card'><h2>Setup</h2><dl>"
+                 + "".join(f"<dt>{e(k)}</dt><dd>{e(str(v))}</dd>" for k, v in facts)
+                 + "</dl></div>")
+    parts.append("<p class='small'>Made by tunelab compare. Scored answers per setup are in "
+                 "predictions/ beside this file; every figure is in comparison.json.</p>")
+    parts.append("</main></body></html>")
+    return "\n".join(parts)
+
+
+def comparison_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -77,7 +77,7 @@ class JobRun:
         self._set_progress(ev.step, ev.total_steps)
         self.store.update(Job, self.job.id, hyperparameters=shown_hyperparameters(
             self.job.request.get("config", {}), d))
-        if ev.step:
+        if d.get("resumed_from"):
             self.event(f"Fine-tuning resumed from the checkpoint at step {ev.step} of "
                        f"{ev.total_steps}", data=d)
             return
@@ -151,19 +151,19 @@ def run(store: Store, job: Job, *, worker: str, key_name: str, threads: int | No
     from tunelab.config import build_config
     from tunelab.train import train
     from tunelab.train.events import TrainingCancelled
-    from tunelab.train.run import partial_dir
-    from tunelab.train.trainer import complete_checkpoints
+    from tunelab.train.rundir import RunDir, checkpoint_step
 
     run_ = JobRun(store, job, key_name, stopping=stopping)
     cfg = build_config(job.request["config"])
     if threads and cfg.threads is None:
         cfg = cfg.model_copy(update={"threads": threads})
+    rundir = RunDir(cfg.output_dir)
     done = cfg.output_dir / "result.json"
     if done.exists():   # a worker died after training finished, before recording it
         return _succeed(store, job, run_, worker, cfg, _result_from(done))
-    ckpts = complete_checkpoints(partial_dir(cfg) / "checkpoints")
+    ckpts = rundir.checkpoints()
     if ckpts:
-        step = int(ckpts[-1].name.split("-")[1])
+        step = checkpoint_step(ckpts[-1])
         run_.forget_after(step)
         run_.event(f"Resuming from the last complete checkpoint (step {step})")
     store.update(Job, job.id, started_at=job.started_at or now())
@@ -172,7 +172,7 @@ def run(store: Store, job: Job, *, worker: str, key_name: str, threads: int | No
                        should_cancel=should_cancel)
     except TrainingCancelled as e:
         if e.checkpoint is not None:
-            step = int(Path(e.checkpoint).name.split("-")[-1])
+            step = checkpoint_step(e.checkpoint)
             run_.keep_checkpoint(Path(e.checkpoint), step)
         if stopping():   # the worker is shutting down: hand the job back, lose nothing
             at = f" at step {step}" if e.checkpoint is not None else ""
@@ -181,7 +181,7 @@ def run(store: Store, job: Job, *, worker: str, key_name: str, threads: int | No
                 run_.event(f"The worker stopped; the job continues from its checkpoint{at} "
                            "when a worker is free")
             return
-        shutil.rmtree(partial_dir(cfg), ignore_errors=True)   # the kept copy is the checkpoint
+        shutil.rmtree(rundir.partial, ignore_errors=True)   # the kept copy is the checkpoint
         if store.finish_job(job.id, worker, "cancelled"):
             kept = f"; the checkpoint at step {step} is kept" if e.checkpoint is not None else ""
             run_.event(f"The job was cancelled{kept}")

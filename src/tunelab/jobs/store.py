@@ -290,6 +290,16 @@ class Store:
                 return self.get(Job, job_id)
         return None
 
+    def requeue_expired(self) -> list[str]:
+        """Jobs whose worker stopped renewing its lease (killed, frozen) go back to the queue;
+        the next worker resumes them from their last complete checkpoint."""
+        t = time.time()
+        expired = (Job.status == "running") & (Job.lease_expires_at < t)
+        with self.session() as s:
+            ids = list(s.scalars(select(Job.id).where(expired)))
+        return [i for i in ids if self.update(Job, i, expired, status="queued", lease_owner=None,
+                                              lease_expires_at=None)]
+
     def renew_lease(self, job_id: str, worker: str, lease_s: float) -> tuple[bool, bool]:
         """(still ours, cancel requested)."""
         with self.session() as s:

@@ -20,12 +20,16 @@ STATIC = Path(__file__).parent / "static"
 def create_app(settings: Settings) -> FastAPI:
     ctx = Context(settings)
 
+    stop = threading.Event()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from tunelab.server.api_jobs import revalidate_pending
         # jobs a stopped server left half-validated; in a thread: startup stays quick
         threading.Thread(target=revalidate_pending, args=(ctx.store,), daemon=True).start()
+        threading.Thread(target=_reap, args=(ctx, stop), daemon=True, name="reaper").start()
         yield
+        stop.set()
         ctx.close()
 
     app = FastAPI(title="tunelab", version=tunelab.__version__, lifespan=lifespan,
@@ -41,3 +45,17 @@ def create_app(settings: Settings) -> FastAPI:
     if STATIC.is_dir():   # the web page (its own issue); API routes above take precedence
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="web")
     return app
+
+
+def _reap(ctx: Context, stop: threading.Event) -> None:
+    """Every few seconds: a running job whose worker's lease expired is put back in the queue,
+    with an event saying so (a worker that claims it resumes from the last checkpoint)."""
+    from tunelab.jobs.worker import LEASE_SECONDS
+    while not stop.wait(max(1.0, LEASE_SECONDS / 3)):
+        try:
+            for job_id in ctx.store.requeue_expired():
+                ctx.store.add_event(job_id, "The worker running this job stopped responding; "
+                                    "the job is queued again and resumes from its last "
+                                    "checkpoint when a worker is free", level="warn")
+        except Exception:
+            log.exception("requeueing jobs of stopped workers")

@@ -1,0 +1,412 @@
+"""`tunelab serve` driven by the official openai client: upload, fine-tune a tiny model, follow
+its events and checkpoints, chat with the fine-tuned model and a checkpoint; cancel; a bad
+training file; key isolation; hostile input. One server (with one worker) for the module."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from conftest import sound_rows
+from test_server_harness import Server, make_key, poll_job, tiny_training, wait_for
+
+LIMIT_MB = 1
+
+
+def jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, tiny_model_dir):
+    data = tmp_path_factory.mktemp("serve")
+    keys = {"a": make_key(data, "alice"), "b": make_key(data, "bob")}
+    server = Server(data, "--workers", "1", "--model", f"tiny={tiny_model_dir}",
+                    "--max-upload-mb", str(LIMIT_MB))
+    server.keys = keys
+    yield server
+    assert server.proc.poll() is None, "the server died during the tests"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def a(srv):
+    return srv.client(srv.keys["a"])
+
+
+@pytest.fixture(scope="module")
+def b(srv):
+    return srv.client(srv.keys["b"])
+
+
+@pytest.fixture(scope="module")
+def files(a):
+    rows = sound_rows()
+    train = a.files.create(file=("sounds.jsonl", jsonl(rows[:36])), purpose="fine-tune")
+    valid = a.files.create(file=("valid.jsonl", jsonl(rows[36:])), purpose="fine-tune")
+    return train, valid
+
+
+@pytest.fixture(scope="module")
+def done_job(a, files):
+    train, valid = files
+    job = a.fine_tuning.jobs.create(
+        model="tiny", training_file=train.id, validation_file=valid.id, suffix="sounds", seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 5}}},
+        extra_body={"tunelab": tiny_training()})
+    assert job.status == "validating_files" and job.model == "tiny"
+    return poll_job(a, job.id)
+
+
+def test_upload_reports_validation(a, files):
+    train, _ = files
+    assert train.status == "processed" and train.filename == "sounds.jsonl"
+    got = a.files.retrieve(train.id)
+    report = got.model_extra["validation"]
+    assert report["examples"] == 36 and report["valid"] == 36 and report["trainable"]
+    hist = report["tokens"]["histogram"]
+    assert sum(hist["counts"]) == 36 and len(hist["edges"]) == len(hist["counts"]) + 1
+    assert a.files.content(train.id).content == jsonl(sound_rows()[:36])
+    assert train.id in [f.id for f in a.files.list()]
+
+
+def test_fine_tune_end_to_end(a, srv, done_job):
+    job = done_job
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:tiny:alice:sounds:{job.id}"
+    assert job.hyperparameters.n_epochs == 1 and job.hyperparameters.batch_size == 4
+    assert job.trained_tokens and job.finished_at
+    assert job.model_extra["tunelab"]["config"]["lora"]["r"] == 4
+
+    events = list(a.fine_tuning.jobs.list_events(job.id, limit=5))   # pages through all
+    assert events[0].message == "The job has successfully completed"
+    metrics = [e.data for e in events if e.type == "metrics"]
+    train_steps = sorted(d["step"] for d in metrics if "train_loss" in d)
+    assert train_steps == list(range(1, 7))
+    assert all("train_mean_token_accuracy" in d for d in metrics if "train_loss" in d)
+    valid = [d for d in metrics if "valid_loss" in d]
+    assert {d["step"] for d in valid} == {3, 6}
+    assert all(d["valid_mean_token_accuracy"] is not None for d in valid)
+
+    ckpts = list(a.fine_tuning.jobs.checkpoints.list(job.id))
+    assert sorted(c.step_number for c in ckpts) == [3, 6]
+    c3 = next(c for c in ckpts if c.step_number == 3)
+    assert c3.fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-3"
+    assert c3.metrics.valid_loss is not None and c3.metrics.train_loss is not None
+
+    (results_id,) = job.result_files
+    results = a.files.retrieve(results_id)
+    assert results.purpose == "fine-tune-results"
+    csv = a.files.content(results_id).text.splitlines()
+    assert csv[0].startswith("step,train_loss") and len(csv) == 7
+
+    models = {m.id for m in a.models.list()}
+    assert {"tiny", job.fine_tuned_model, c3.fine_tuned_model_checkpoint} <= models
+
+
+@pytest.mark.parametrize("which", ["final", "checkpoint"])
+def test_chat_with_fine_tuned_model(a, done_job, which):
+    model = done_job.fine_tuned_model if which == "final" else \
+        f"{done_job.fine_tuned_model}:ckpt-step-3"
+    messages = [{"role": "user", "content": "What sound does a cow make?"}]
+    whole = a.chat.completions.create(model=model, messages=messages, max_tokens=5,
+                                      temperature=0)
+    assert whole.object == "chat.completion" and whole.model == model
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert whole.usage.prompt_tokens > 5 and 1 <= whole.usage.completion_tokens <= 5
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+    stream = a.chat.completions.create(model=model, messages=messages, max_tokens=5,
+                                       temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content        # greedy: the same answer, streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_bad_training_file_fails_the_job(a):
+    rows = sound_rows()[:12]
+    bad = jsonl(rows[:5]) + b"{not json\n" + jsonl(rows[5:]) + \
+        jsonl([{"messages": [{"role": "user", "content": "only a question"}]}])
+    f = a.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
+    assert f.status == "error"
+    assert "bad.jsonl:6" in f.status_details and "bad.jsonl:14" in f.status_details
+    errors = f.model_extra["validation"]["errors"]
+    assert errors["not_json"]["count"] == 1 and errors["no_assistant"]["count"] == 1
+    job = a.fine_tuning.jobs.create(model="tiny", training_file=f.id)
+    job = poll_job(a, job.id, timeout=30)
+    assert job.status == "failed"
+    assert job.error.param == "training_file" and job.error.code == "invalid_training_file"
+    assert "bad.jsonl:6" in job.error.message
+
+
+def test_other_formats_are_converted(a):
+    csv = "question,answer\n" + "".join(f"What is {i} plus one?,{i + 1}\n" for i in range(12))
+    f = a.files.create(file=("qa.csv", csv.encode()), purpose="fine-tune")
+    assert f.status == "processed", f.status_details
+    assert f.model_extra["validation"]["format"] == "qa"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tunelab": {"lora": {"r": 0}}}, "tunelab.lora.r"),
+    ({"tunelab": {"max_lenght": 64}}, "tunelab.max_lenght"),
+    ({"tunelab": {"method": "dpo"}}, "tunelab.method"),
+    ({"tunelab": {"output_dir": "/etc"}}, "tunelab.output_dir"),
+    ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 0}}}},
+     "method.supervised.hyperparameters.batch_size"),
+    ({"method": {"type": "dpo"}}, "method.type"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_job_options_are_validated(a, files, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        a.fine_tuning.jobs.create(model="tiny", training_file=files[0].id, extra_body=extra)
+    assert e.value.status_code == 400
+    err = e.value.body
+    assert err["param"] == param, err
+    assert err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_unknown_key_names_a_close_match(a, files):
+    with pytest.raises(openai.BadRequestError) as e:
+        a.fine_tuning.jobs.create(model="tiny", training_file=files[0].id,
+                                  extra_body={"tunelab": {"max_lenght": 64}})
+    assert "did you mean 'max_length'" in e.value.body["message"]
+
+
+def test_cancel_a_running_job(a, files, done_job):
+    job = a.fine_tuning.jobs.create(
+        model="tiny", training_file=files[0].id, hyperparameters={"batch_size": 4},
+        extra_body={"tunelab": tiny_training(max_steps=100_000, save_steps=100_000,
+                                             eval_steps=None)})
+    wait_for(lambda: (a.fine_tuning.jobs.retrieve(job.id).model_extra["tunelab"]["progress"]
+                      or {}).get("step", 0) >= 3, 90, what="training to run")
+    asked = time.time()
+    a.fine_tuning.jobs.cancel(job.id)
+    job = poll_job(a, job.id, timeout=30)
+    assert job.status == "cancelled" and job.fine_tuned_model is None
+    assert time.time() - asked < 15
+    (ckpt,) = list(a.fine_tuning.jobs.checkpoints.list(job.id))
+    assert ckpt.step_number >= 3
+    answer = a.chat.completions.create(model=ckpt.fine_tuned_model_checkpoint, max_tokens=3,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert answer.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError):
+        a.fine_tuning.jobs.cancel(job.id)   # already final
+
+
+def test_key_isolation(a, b, srv, files, done_job):
+    train, _ = files
+    job = done_job
+    ckpt = f"{job.fine_tuned_model}:ckpt-step-3"
+    nf = openai.NotFoundError
+    for call in (lambda: b.files.retrieve(train.id), lambda: b.files.content(train.id),
+                 lambda: b.files.delete(train.id),
+                 lambda: b.fine_tuning.jobs.retrieve(job.id),
+                 lambda: b.fine_tuning.jobs.cancel(job.id),
+                 lambda: list(b.fine_tuning.jobs.list_events(job.id)),
+                 lambda: list(b.fine_tuning.jobs.checkpoints.list(job.id)),
+                 lambda: b.models.delete(job.fine_tuned_model),
+                 lambda: b.models.retrieve(ckpt),
+                 lambda: b.chat.completions.create(model=job.fine_tuned_model, max_tokens=2,
+                                                   messages=[{"role": "user", "content": "hi"}]),
+                 lambda: b.fine_tuning.jobs.create(model="tiny", training_file=train.id)):
+        with pytest.raises(nf):
+            call()
+    assert not list(b.files.list()) and not list(b.fine_tuning.jobs.list())
+    assert {m.id for m in b.models.list()} == {"tiny", "smollm2-135m-instruct"}
+    with srv.http(srv.keys["b"]) as h:
+        r = h.post("/v1/tunelab/evaluations", json={"model": job.fine_tuned_model,
+                                                    "test_file": train.id})
+        assert r.status_code == 404
+        assert h.post(f"/v1/tunelab/files/{train.id}/split", json={}).status_code == 404
+    # ...and A still has everything
+    assert a.files.retrieve(train.id).id == train.id
+    assert a.models.retrieve(job.fine_tuned_model).id == job.fine_tuned_model
+
+
+def test_keys_are_required(srv):
+    with srv.http() as h:
+        r = h.get("/v1/files")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    with srv.http("tl-wrong") as h:
+        r = h.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        srv.client("tl-wrong").models.list()
+    with srv.http() as h:   # the web page asks before it has a key
+        assert h.get("/v1/tunelab/info").json()["auth"] is True
+
+
+def test_delete_model_and_file(a, files, done_job):
+    ckpt = f"{done_job.fine_tuned_model}:ckpt-step-3"
+    assert a.models.delete(ckpt).deleted
+    with pytest.raises(openai.NotFoundError):
+        a.chat.completions.create(model=ckpt, messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.PermissionDeniedError):
+        a.models.delete("tiny")
+    f = a.files.create(file=("x.jsonl", jsonl(sound_rows()[:12])), purpose="fine-tune")
+    assert a.files.delete(f.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        a.files.retrieve(f.id)
+
+
+# ---- hostile input ---------------------------------------------------------------------------
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_hostile_file_names_stay_in_the_data_dir(a, srv):
+    rows = jsonl(sound_rows()[:12])
+    for name in ("../../../../tmp/evil.jsonl", "..\\..\\evil.jsonl", "/etc/passwd",
+                 "a\x00b\n.jsonl", ".."):
+        f = a.files.create(file=(name, rows), purpose="fine-tune")
+        assert "/" not in f.filename and "\\" not in f.filename and f.filename not in ("..", ".")
+        stored = list((srv.data_dir / "files" / f.id).iterdir())
+        assert stored and all(p.parent == srv.data_dir / "files" / f.id for p in stored)
+    assert not (srv.data_dir.parent / "evil.jsonl").exists()
+
+
+def test_oversize_upload_is_refused_by_its_length(srv):
+    big = b"x" * (LIMIT_MB * 2**20 + 200_000)
+    with srv.http(srv.keys["a"]) as h:
+        r = h.post("/v1/files", data={"purpose": "fine-tune"},
+                   files={"file": ("big.jsonl", big)})
+    assert _error(r, 413)["code"] == "file_too_large"
+
+
+def test_oversize_upload_is_refused_while_streaming(srv):
+    """No Content-Length (chunked): the server answers 413 once the limit is passed, while the
+    client still holds most of the body; nothing is left on disk."""
+    host, port = srv.url.removeprefix("http://").split(":")
+    before = set((srv.data_dir / "files").iterdir())
+    boundary = "tunelabboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
+            f"fine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"big.jsonl\"\r\n\r\n").encode()
+    chunk = b"y" * 65536
+    total_chunks = 20 * LIMIT_MB * 16           # 20x the limit, if the server never answered
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall((f"POST /v1/files HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer "
+                   f"{srv.keys['a']}\r\nContent-Type: multipart/form-data; boundary={boundary}"
+                   "\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+        s.sendall(b"%x\r\n%s\r\n" % (len(head), head))
+        sent = 0
+        s.settimeout(0.05)
+        answer = b""
+        for sent in range(1, total_chunks + 1):
+            try:
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                break
+            try:
+                answer += s.recv(65536)
+            except socket.timeout:
+                continue
+            if answer:
+                break
+        s.settimeout(10)
+        try:
+            while b"\r\n\r\n" not in answer:
+                more = s.recv(65536)
+                if not more:
+                    break
+                answer += more
+        except OSError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent * len(chunk) < 3 * LIMIT_MB * 2**20     # refused early, not after it all
+    assert set((srv.data_dir / "files").iterdir()) == before
+
+
+@pytest.mark.parametrize("body, ctype", [
+    (b"--abc\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\nhi",
+     "multipart/form-data; boundary=abc"),                       # never closed
+    (b"garbage", "multipart/form-data; boundary=abc"),
+    (b"--abc--\r\n", "multipart/form-data"),                      # no boundary
+    (b"{}", "application/json"),
+    (b"--abc\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--abc--\r\n",
+     "multipart/form-data; boundary=abc"),                       # no file part
+])
+def test_malformed_multipart(srv, body, ctype):
+    with srv.http(srv.keys["a"]) as h:
+        r = h.post("/v1/files", content=body, headers={"content-type": ctype})
+    assert r.status_code in (400, 415)
+    _error(r, r.status_code)
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "max_tokens": 10**9}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": "hello"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "frobnicate": True}, 400, "frobnicate"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "n": 3}, 400, "n"),
+    ("/v1/chat/completions", {"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]},
+     404, "model"),
+    ("/v1/chat/completions", {"model": "ft:tiny:alice::ftjob-nope",
+                              "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard",
+                                                             "content": "x"}]},
+     400, "messages[0].role"),
+    ("/v1/fine_tuning/jobs", {"model": "gpt-17", "training_file": "file-x"}, 404, "model"),
+    ("/v1/fine_tuning/jobs", {"model": "tiny", "training_file": "file-nope"}, 404,
+     "training_file"),
+    ("/v1/fine_tuning/jobs", {"model": "tiny", "training_file": 12}, 400, "training_file"),
+    ("/v1/fine_tuning/jobs", {"model": ["tiny"], "training_file": "x"}, 400, "model"),
+    ("/v1/fine_tuning/jobs", {"model": "tiny", "training_file": "x", "seed": -1}, 400, "seed"),
+    ("/v1/tunelab/evaluations", {"model": "tiny", "test_file": "file-nope"}, 400, "base_model"),
+])
+def test_bad_json_requests(srv, path, body, status, param):
+    with srv.http(srv.keys["a"]) as h:
+        err = _error(h.post(path, json=body), status)
+    assert err["param"] == param, err
+
+
+def test_unparseable_json_and_unknown_routes(srv):
+    with srv.http(srv.keys["a"]) as h:
+        _error(h.post("/v1/chat/completions", content=b"{nope",
+                      headers={"content-type": "application/json"}), 400)
+        _error(h.post("/v1/fine_tuning/jobs", content=b"\xff\xfe",
+                      headers={"content-type": "application/json"}), 400)
+        _error(h.get("/v1/nothing-here"), 404)
+        _error(h.delete("/v1/fine_tuning/jobs"), 405)
+        _error(h.get("/v1/fine_tuning/jobs", params={"limit": "lots"}), 400)
+        _error(h.get("/v1/fine_tuning/jobs/ftjob-nope/events"), 404)
+        assert h.get("/v1/tunelab/info").status_code == 200   # still up
+
+
+def test_api_answers_while_a_job_trains(a, files, srv):
+    """Training runs in the worker process: the API keeps answering quickly meanwhile."""
+    job = a.fine_tuning.jobs.create(
+        model="tiny", training_file=files[0].id, hyperparameters={"batch_size": 4},
+        extra_body={"tunelab": tiny_training(max_steps=100_000, save_steps=100_000,
+                                             eval_steps=None)})
+    try:
+        wait_for(lambda: a.fine_tuning.jobs.retrieve(job.id).status == "running", 60,
+                 what="the job to start")
+        slowest = 0.0
+        for _ in range(10):
+            t = time.time()
+            a.files.list()
+            a.fine_tuning.jobs.retrieve(job.id)
+            slowest = max(slowest, time.time() - t)
+        assert slowest < 5.0
+    finally:
+        a.fine_tuning.jobs.cancel(job.id)
+        poll_job(a, job.id, timeout=30)

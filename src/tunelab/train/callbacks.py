@@ -1,71 +1,93 @@
-"""Trainer callbacks: the metrics file a user can read and plot, a human log, and evaluation at
-each epoch end."""
+"""Trainer callbacks: the event reporter (metrics, evaluations, checkpoints, cancel requests go
+through tunelab.train.events) and evaluation at each epoch end."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl entries; a last line torn by a kill is skipped."""
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            break   # only the last line can be torn: nothing is appended after it
-    return entries
+from tunelab.train.events import EventChannel, read_metrics  # noqa: F401 (read_metrics: API)
 
 
-class MetricsWriter(TrainerCallback):
-    """Append one JSON line per logged step to metrics.jsonl (train and validation entries).
+class EventReporter(TrainerCallback):
+    """Turns the Trainer's hooks into training events, and polls a cancel request every
+    optimizer step.
 
-    Train: step, epoch, train_loss, train_mean_token_accuracy, learning_rate, grad_norm,
-    tokens_seen (non-padding input tokens), trained_tokens_seen, tokens_per_s, elapsed_s.
-    Validation: step, epoch, valid_loss, valid_mean_token_accuracy.
+    Metrics lines (the data of "metrics" events): step, epoch, train_loss,
+    train_mean_token_accuracy, learning_rate, grad_norm, tokens_seen (non-padding input tokens),
+    trained_tokens_seen, tokens_per_s, elapsed_s. Validation lines ("evaluation"): step, epoch,
+    valid_loss, valid_mean_token_accuracy, best, elapsed_s.
+
+    On a cancel request the run saves a checkpoint at the current step and stops; `cancelled_at`
+    and `cancel_checkpoint` tell train() to raise TrainingCancelled.
     """
 
-    def __init__(self, path: Path, log_path: Path | None = None, resumed_at: int | None = None):
-        self.path = path
-        self.log_path = log_path
+    def __init__(self, channel: EventChannel, started: dict[str, Any], *,
+                 should_cancel: Callable[[], bool] | None = None):
+        self.channel = channel
+        self.started_data = started
+        self.should_cancel = should_cancel
         self.started = time.time()
-        self.last_valid_loss: float | None = None
-        self.last_train_loss: float | None = None
-        self._last_time = self.started
-        self._last_tokens = 0
         self.elapsed_before = 0.0
-        if resumed_at is not None:  # drop what the killed run logged after its checkpoint
-            kept = [e for e in read_metrics(path) if e["step"] <= resumed_at]
-            path.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
-            train_entries = [e for e in kept if "train_loss" in e]
-            if train_entries:
-                self._last_tokens = train_entries[-1].get("tokens_seen", 0)
-                self.elapsed_before = train_entries[-1].get("elapsed_s", 0.0)
-            if log_path is not None:
-                with log_path.open("a", encoding="utf-8") as f:
-                    f.write(f"resumed from the checkpoint at step {resumed_at}\n")
+        self._last_tokens = 0
+        self._last_time = self.started
+        self.last_train_loss: float | None = None
+        self.last_valid_loss: float | None = None
+        self.cancelled_at: int | None = None
+        self.cancel_checkpoint: Path | None = None
+        self.checkpoints: list[Path] = []
 
-    def _write(self, entry: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-        if self.log_path is not None:
-            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in entry.items())
-            with self.log_path.open("a", encoding="utf-8") as f:
-                f.write(text + "\n")
+    def continue_from(self, last_train_line: dict | None) -> None:
+        """A resumed run continues the time and token counters of the metrics line it resumes
+        after."""
+        if last_train_line:
+            self.elapsed_before = float(last_train_line.get("elapsed_s", 0.0))
+            self._last_tokens = int(last_train_line.get("tokens_seen", 0))
 
+    # -- run start ---------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.channel.total_steps = state.max_steps
+        self.channel.emit("started", self.started_data, step=state.global_step)
+
+    # -- every optimizer step: progress, cancel ----------------------------------------------
+    def on_step_end(self, args, state, control, **kwargs):
+        self.channel.tick(state.global_step)
+        if control.should_evaluate or control.should_training_stop:
+            control.should_log = True   # a train loss at each validation and at the last step
+        if control.should_training_stop:   # the last step: nothing left to cancel
+            return
+        if self.should_cancel is not None and self._cancel_requested(args):
+            self.cancelled_at = state.global_step
+            control.should_log = control.should_save = control.should_training_stop = True
+            control.should_evaluate = False
+
+    def _cancel_requested(self, args) -> bool:
+        wanted = bool(self.should_cancel())
+        if args.world_size > 1:   # every process must stop at the same step, or DDP hangs
+            import torch
+            import torch.distributed as dist
+            flag = torch.tensor([int(wanted)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            wanted = bool(flag.item())
+        return wanted
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.cancelled_at is not None:   # stop now: no end-of-epoch validation or save
+            control.should_evaluate = control.should_save = False
+        elif control.should_evaluate:
+            control.should_log = True
+
+    # -- logs -> metrics / evaluation events -------------------------------------------------
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
             return
         now = time.time()
-        entry = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        entry: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "loss" in logs:
+            kind = "metrics"
             self.last_train_loss = float(logs["loss"])
             entry.update(train_loss=self.last_train_loss,
                          train_mean_token_accuracy=logs.get("mean_token_accuracy"),
@@ -79,13 +101,27 @@ class MetricsWriter(TrainerCallback):
             entry["tokens_per_s"] = round((tokens - self._last_tokens) / dt, 1) if dt > 0 else None
             self._last_time, self._last_tokens = now, tokens
         elif "eval_loss" in logs:
+            kind = "evaluation"
             self.last_valid_loss = float(logs["eval_loss"])
+            # the Trainer updates best_metric after this log: compare with the best before it
+            best = state.best_metric is None or self.last_valid_loss < state.best_metric
             entry.update(valid_loss=self.last_valid_loss,
-                         valid_mean_token_accuracy=logs.get("eval_mean_token_accuracy"))
+                         valid_mean_token_accuracy=logs.get("eval_mean_token_accuracy"),
+                         best=bool(best))
         else:
             return  # the end-of-training summary: result.json has it
         entry["elapsed_s"] = round(self.elapsed_before + now - self.started, 2)
-        self._write(entry)
+        self.channel.emit(kind, entry, step=state.global_step)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save(self, args, state, control, **kwargs):
+        # TunelabTrainer._save_checkpoint has committed it (COMPLETE written) before this hook
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.checkpoints.append(path)
+        if self.cancelled_at == state.global_step:
+            self.cancel_checkpoint = path
+        self.channel.emit("checkpoint", {"path": str(path), "step": state.global_step},
+                          step=state.global_step)
 
 
 class EvaluateAtEpochEnd(TrainerCallback):

@@ -2,20 +2,27 @@
 
 Built on transformers.Trainer (+ PEFT for adapters). We hand it datasets whose labels were
 already made by tunelab.data.render, and a pad-only collator: supervision is decided in one
-place. Everything a user can get wrong (config, data, model spec, method) is checked before the
-output folder is created. The run writes into `<output_dir>.partial`, and is renamed into place
-only when it finished; checkpoints in `<output_dir>.partial/checkpoints` survive a crash or a
-kill, and `resume=True` (`tunelab train CONFIG --resume`) continues from the last whole one.
+place. A run goes through four stages, each a function:
+
+  prepare        check everything a user can get wrong (config, data, model spec, method,
+                 output folder), render the data and plan the steps; no weights are read
+  build          load the model, apply the method, assemble the Trainer and its callbacks
+  run_training   open the run folder (tunelab.train.rundir) and train; a failure keeps the
+                 last checkpoint, a cancel request saves one and raises TrainingCancelled
+  write_outputs  the model, adapter and reports; the run moves into place
+
+Everything the run reports (metrics.jsonl, train.log, the terminal display, `on_event`) reads
+the same events (tunelab.train.events).
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tunelab.config import TrainConfig
 from tunelab.data.conversation import read_conversations
@@ -23,10 +30,10 @@ from tunelab.data.io import write_json
 from tunelab.data.render import IGNORE_INDEX, render_examples
 from tunelab.errors import TunelabError
 from tunelab.train.auto import Plan, make_plan
+from tunelab.train.events import EventChannel, TrainEvent, TrainingCancelled
+from tunelab.train.rundir import RunDir, checkpoint_state, checkpoint_step
 
 log = logging.getLogger("tunelab.train")
-
-RESUME_SAFE_KEYS = {"overwrite", "threads", "tensorboard"}   # may differ on --resume
 
 
 @dataclass
@@ -49,7 +56,7 @@ class TrainResult:
 
 
 def partial_dir(cfg: TrainConfig) -> Path:
-    return cfg.output_dir.with_name(cfg.output_dir.name + ".partial")
+    return RunDir(cfg.output_dir).partial
 
 
 def _render_file(path: Path, tokenizer, max_length: int) -> list[dict[str, list[int]]]:
@@ -103,48 +110,6 @@ def _check_target_modules(cfg: TrainConfig, source) -> None:
                            f"layers: {', '.join(linear)})", field="lora.target_modules")
 
 
-def _check_output(cfg: TrainConfig, resume: bool) -> Path | None:
-    """Validate the output location; on resume, return the checkpoint to continue from."""
-    from tunelab.train.trainer import complete_checkpoints
-    partial = partial_dir(cfg)
-    if resume:
-        ckpts = complete_checkpoints(partial / "checkpoints")
-        if not ckpts:
-            what = "the run already finished" if cfg.output_dir.exists() else "no checkpoint"
-            raise TunelabError(f"nothing to resume: {what} ({partial} has no whole checkpoint)",
-                               field="output_dir")
-        saved = partial / "config.yaml"
-        if saved.exists():
-            import yaml
-            before = yaml.safe_load(saved.read_text(encoding="utf-8"))
-            now = cfg.model_dump(mode="json")
-            changed = [k for k in now if k not in RESUME_SAFE_KEYS and before.get(k) != now[k]]
-            if changed:
-                raise TunelabError(f"the config changed since the run started ({', '.join(changed)}"
-                                   "); resume with the same config", field=changed[0])
-        return ckpts[-1]
-    if complete_checkpoints(partial / "checkpoints") and not cfg.overwrite:
-        raise TunelabError(f"an unfinished run with checkpoints is in {partial}: continue it with "
-                           "--resume, or set overwrite: true to start again", field="output_dir")
-    out = cfg.output_dir
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise TunelabError("output folder exists and is not empty (set overwrite: true or "
-                           "choose another output_dir)", field="output_dir")
-    return None
-
-
-def _finalize(partial: Path, out: Path) -> None:
-    """Move the finished run into place; an old run is removed only after the new one is whole."""
-    trash = None
-    if out.exists():
-        trash = out.with_name(out.name + ".old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(out, trash)
-    os.rename(partial, out)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def _want_tensorboard(cfg: TrainConfig) -> bool:
     import importlib.util
     installed = importlib.util.find_spec("tensorboard") is not None
@@ -155,7 +120,7 @@ def _want_tensorboard(cfg: TrainConfig) -> bool:
 
 
 def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: bool,
-                        precision: str, quiet: bool, tensorboard: bool):
+                        precision: str, tensorboard: bool):
     import torch
     from transformers import TrainingArguments
 
@@ -198,7 +163,7 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
         include_num_input_tokens_seen="non_padding",
         average_tokens_across_devices=True,   # loss normalised by trained tokens, globally
         ddp_find_unused_parameters=False,
-        disable_tqdm=quiet,
+        disable_tqdm=True,   # tunelab.train.progress shows the run, from its events
         dataloader_num_workers=0,
     )
 
@@ -220,9 +185,23 @@ def _apply_method(model, cfg: TrainConfig):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=
                                                 cfg.gradient_checkpointing)
     try:
-        return get_peft_model(model, lora)
+        with warnings.catch_warnings():   # PEFT asks for a property transformers deprecated
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            peft_model = get_peft_model(model, lora)
     except ValueError as e:  # unknown target modules
         raise TunelabError(str(e).splitlines()[0], field="lora.target_modules") from None
+    # PEFT records the folder it loaded the base from (for the builtin model, a cache path on
+    # this machine; for a .gguf, a folder with no config.json). Every adapter it saves (each
+    # checkpoint, the output) records the user's model spec instead, so the folder is itself a
+    # spec that loads anywhere tunelab runs.
+    peft_model.peft_config["default"].base_model_name_or_path = portable_spec(cfg.model)
+    return peft_model
+
+
+def portable_spec(spec: str) -> str:
+    """A model spec that means the same from any working directory."""
+    from tunelab.models import BUILTINS
+    return spec if spec in BUILTINS or not Path(spec).exists() else str(Path(spec).resolve())
 
 
 def _freeze_lower_layers(model, n: int) -> None:
@@ -255,24 +234,49 @@ def _load_model(cfg: TrainConfig, tokenizer, source):
     return model
 
 
-def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: bool = False,
-          callbacks: list | None = None) -> TrainResult:
-    """Fine-tune `cfg.model` on `cfg.train_file`; returns where everything was written.
+# -- the stages ---------------------------------------------------------------------------------
 
-    `cfg`: a TrainConfig, a dict of config keys, or a YAML path.
-    `resume`: continue the killed or failed run in `<output_dir>.partial` from its last checkpoint.
-    `callbacks`: extra transformers TrainerCallbacks (they see the live model).
-    """
+@dataclass
+class Prepared:
+    """A run that passed every check, with its data rendered and its steps planned; no model
+    weights have been read."""
+    cfg: TrainConfig
+    run_dir: RunDir
+    resume_from: Path | None         # the checkpoint to continue from
+    source: Any                      # tunelab.models.ModelSource
+    tokenizer: Any
+    train_rows: list[dict]
+    valid_rows: list[dict]
+    train_batches: list[dict]        # the rows the Trainer sees (packed rows when packing)
+    plan: Plan
+    precision: str
+    tensorboard: bool
+
+
+@dataclass
+class Built:
+    """The model with its method applied and the Trainer that will train it."""
+    prep: Prepared
+    model: Any
+    trainer: Any                     # TunelabTrainer
+    reporter: Any                    # callbacks.EventReporter
+    channel: EventChannel
+    is_main: bool
+    trainable: int
+    total: int
+
+
+def prepare(cfg: TrainConfig, *, resume: bool = False) -> Prepared:
+    """Check the config, data, model spec, method and output folder; render and plan."""
     from tunelab import models
-    from tunelab.config import build_config, load_config
     from tunelab.runtime import resolve_precision, set_threads
 
-    if isinstance(cfg, (str, Path)):
-        cfg = load_config(cfg)
-    elif isinstance(cfg, dict):
-        cfg = build_config(cfg)
-    started = time.time()
-    resume_from = _check_output(cfg, resume)
+    run_dir = RunDir(cfg.output_dir)
+    if resume:
+        resume_from = run_dir.resume_point(cfg.model_dump(mode="json"))
+    else:
+        run_dir.check_fresh(cfg.overwrite)
+        resume_from = None
     for name in ("train_file", "valid_file"):
         p = getattr(cfg, name)
         if p is not None and not Path(p).is_file():
@@ -290,111 +294,181 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
     train_rows = _render_file(cfg.train_file, tokenizer, cfg.max_length)
     valid_rows = _render_file(cfg.valid_file, tokenizer, cfg.max_length) if cfg.valid_file else []
     _check_target_modules(cfg, source)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.packing:
         from tunelab.train.packing import pack
         train_batches = pack(train_rows, cfg.max_length)
     else:
         train_batches = train_rows
     plan = make_plan(cfg, len(train_batches), n_examples=len(train_rows),
-                     longest=max(len(r["input_ids"]) for r in train_batches), world_size=world,
+                     longest=max(len(r["input_ids"]) for r in train_batches),
+                     world_size=int(os.environ.get("WORLD_SIZE", "1")),
                      on_gpu=torch.cuda.is_available())
-    model = _load_model(cfg, tokenizer, source)
-    model = _apply_method(model, cfg)
-    trainable, total = count_parameters(model)
+    return Prepared(cfg, run_dir, resume_from, source, tokenizer, train_rows, valid_rows,
+                    train_batches, plan, precision, tensorboard)
 
+
+def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = None,
+          should_cancel: Callable[[], bool] | None = None) -> Built:
+    """Load the model, apply the method, and assemble the Trainer with its callbacks."""
     import datasets
     from transformers import DataCollatorForSeq2Seq
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from tunelab.train.callbacks import EvaluateAtEpochEnd, MetricsWriter
+    from tunelab.train.callbacks import EvaluateAtEpochEnd, EventReporter
     from tunelab.train.trainer import TunelabTrainer
 
-    partial = partial_dir(cfg)
-    args = _training_arguments(cfg, plan, partial, bool(valid_rows), precision, quiet, tensorboard)
+    cfg, plan = prep.cfg, prep.plan
+    model = _apply_method(_load_model(cfg, prep.tokenizer, prep.source), cfg)
+    trainable, total = count_parameters(model)
+    args = _training_arguments(cfg, plan, prep.run_dir.partial, bool(prep.valid_rows),
+                               prep.precision, prep.tensorboard)
     if args.n_gpu > 1:  # torch DataParallel: one process driving several GPUs
         raise TunelabError(f"{args.n_gpu} GPUs are visible to one process: launch one process per "
                            f"GPU (torchrun --nproc_per_node {args.n_gpu} -m tunelab.cli train ...) "
                            "or pick one with CUDA_VISIBLE_DEVICES")
     is_main = args.process_index == 0
-    say = print if is_main and not quiet else (lambda *a, **k: None)
-    say(f"tunelab: {cfg.method} fine-tuning {cfg.model}: {trainable:,} trainable of {total:,} "
-        f"parameters ({100 * trainable / total:.2f}%)")
-    say(f"tunelab: {len(train_rows)} train / {len(valid_rows)} valid examples"
-        + (f" packed into {len(train_batches)} rows" if cfg.packing else "")
-        + f"; {plan.epochs:g} epochs, batch {plan.batch_size} (= {plan.micro_batch_size} x "
-        f"{plan.gradient_accumulation_steps} accumulation x {plan.world_size} processes), "
-        f"lr {plan.learning_rate:g}, {plan.total_steps} steps, precision {precision}")
-    with args.main_process_first(desc="prepare the output folder"):
-        if is_main:
-            if resume_from is None:
-                shutil.rmtree(partial, ignore_errors=True)
-                partial.mkdir(parents=True)
-                (partial / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-            else:
-                say(f"tunelab: resuming from {resume_from}")
-    resumed_step = int(resume_from.name.split("-")[1]) if resume_from else None
-    metrics = MetricsWriter(partial / "metrics.jsonl", partial / "train.log",
-                            resumed_at=resumed_step if is_main else None)
+    channel.enabled = channel.enabled and is_main   # one process reports for all
+    reporter = EventReporter(channel, _started_data(prep, trainable, total),
+                             should_cancel=should_cancel)
     # pads input_ids with the pad token and labels with -100; decides nothing else
-    padded = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    padded = DataCollatorForSeq2Seq(prep.tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     if cfg.packing:  # validation is never packed: its loss must be comparable across configs
         from tunelab.train.packing import PackedCollator
-        collator = _EvalAwareCollator(PackedCollator(tokenizer.pad_token_id), padded)
+        collator = _EvalAwareCollator(PackedCollator(prep.tokenizer.pad_token_id), padded)
     else:
         collator = padded
-    extra_callbacks = [metrics, EvaluateAtEpochEnd(), *(callbacks or [])]
+    # the reporter comes last: it sees (and may veto) what the others decided for a step
+    trainer_callbacks = [EvaluateAtEpochEnd(), *(callbacks or [])]
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
-        extra_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+        trainer_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = TunelabTrainer(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(train_batches),
-        eval_dataset=datasets.Dataset.from_list(valid_rows) if valid_rows else None,
-        data_collator=collator, processing_class=tokenizer, callbacks=extra_callbacks,
-        keep_checkpoints=cfg.save_total_limit)
-    if resume_from is not None:
-        from tunelab.train.trainer import checkpoint_state
-        trainer.trained_tokens_seen = int(checkpoint_state(resume_from).get("trained_tokens_seen", 0))
-    if quiet:  # with tqdm off, transformers prints every log dict instead
-        from transformers.trainer_callback import PrinterCallback
-        trainer.remove_callback(PrinterCallback)
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(prep.train_batches),
+        eval_dataset=datasets.Dataset.from_list(prep.valid_rows) if prep.valid_rows else None,
+        data_collator=collator, processing_class=prep.tokenizer,
+        callbacks=[*trainer_callbacks, reporter], keep_checkpoints=cfg.save_total_limit)
+    for printer in (PrinterCallback, ProgressCallback):   # raw log dicts and a second bar
+        trainer.remove_callback(printer)
+    if prep.resume_from is not None:
+        trainer.trained_tokens_seen = int(checkpoint_state(prep.resume_from)
+                                          .get("trained_tokens_seen", 0))
+    return Built(prep, model, trainer, reporter, channel, is_main, trainable, total)
+
+
+def _started_data(prep: Prepared, trainable: int, total: int) -> dict[str, Any]:
+    cfg, plan = prep.cfg, prep.plan
+    return {"method": cfg.method, "model": cfg.model, "train_examples": len(prep.train_rows),
+            "valid_examples": len(prep.valid_rows), "epochs": plan.epochs,
+            "batch_size": plan.batch_size, "learning_rate": plan.learning_rate,
+            "trainable_parameters": trainable, "total_parameters": total,
+            "micro_batch_size": plan.micro_batch_size,
+            "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+            "world_size": plan.world_size, "precision": prep.precision,
+            "packed_rows": len(prep.train_batches) if cfg.packing else None,
+            "resumed_from": str(prep.resume_from) if prep.resume_from else None}
+
+
+def run_training(built: Built):
+    """Open the run folder and train. Returns the Trainer's TrainOutput; raises
+    TrainingCancelled after a cancel request, a TunelabError for what a user can fix."""
+    from tunelab.train.events import MetricsLog, truncate_metrics
+    prep, trainer = built.prep, built.trainer
+    run_dir = prep.run_dir
+    with trainer.args.main_process_first(desc="prepare the output folder"):
+        if built.is_main:
+            if prep.resume_from is None:
+                run_dir.create(prep.cfg.to_yaml())
+            else:
+                last = truncate_metrics(run_dir.metrics_file, checkpoint_step(prep.resume_from))
+                built.reporter.continue_from(last)
+            built.channel.subscribe(MetricsLog(run_dir.metrics_file, run_dir.log_file))
+    resume_from = str(prep.resume_from) if prep.resume_from else None
     try:
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        output = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException as e:
-        _after_failure(partial, is_main)
-        friendly = _as_user_error(e, partial)
+        if built.is_main:
+            run_dir.after_failure()
+        friendly = _as_user_error(e, run_dir)
         if friendly is e:
             raise
         raise friendly from None
+    if built.reporter.cancelled_at is not None:
+        step, ckpt = built.reporter.cancelled_at, built.reporter.cancel_checkpoint
+        built.channel.emit("cancelled", {"checkpoint": str(ckpt) if ckpt else None}, step=step)
+        raise TrainingCancelled(step, ckpt)
+    return output
 
-    state = trainer.state
-    best_step = int(Path(state.best_model_checkpoint).name.split("-")[1]) \
+
+def write_outputs(built: Built, output, *, started: float) -> TrainResult:
+    """The model, adapter, reports and result.json; then the run moves to output_dir."""
+    prep, trainer, reporter = built.prep, built.trainer, built.reporter
+    cfg, plan = prep.cfg, prep.plan
+    state, args = trainer.state, trainer.args
+    best_step = checkpoint_step(state.best_model_checkpoint) \
         if args.load_best_model_at_end and state.best_model_checkpoint else None
-    valid_loss = float(state.best_metric) if best_step else metrics.last_valid_loss
+    valid_loss = float(state.best_metric) if best_step else reporter.last_valid_loss
     result = TrainResult(
         output_dir=cfg.output_dir,
         model_dir=cfg.output_dir / "model",
         adapter_dir=cfg.output_dir / "adapter" if cfg.method != "full" else None,
         metrics_file=cfg.output_dir / "metrics.jsonl",
-        train_loss=metrics.last_train_loss if metrics.last_train_loss is not None
+        train_loss=reporter.last_train_loss if reporter.last_train_loss is not None
         else float(output.training_loss),
         valid_loss=valid_loss, best_step=best_step, steps=int(output.global_step),
-        train_examples=len(train_rows),
-        trained_tokens=sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in train_rows),
+        train_examples=len(prep.train_rows),
+        trained_tokens=sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX)
+                           for r in prep.train_rows),
         seconds=round(time.time() - started, 2),
-        extra={"trainable_parameters": trainable, "total_parameters": total,
-               "precision": precision, "method": cfg.method, "epochs": plan.epochs,
+        extra={"trainable_parameters": built.trainable, "total_parameters": built.total,
+               "precision": prep.precision, "method": cfg.method, "epochs": plan.epochs,
                "batch_size": plan.batch_size, "micro_batch_size": plan.micro_batch_size,
                "gradient_accumulation_steps": plan.gradient_accumulation_steps,
                "world_size": plan.world_size, "learning_rate": plan.learning_rate,
-               "packed_rows": len(train_batches) if cfg.packing else None,
+               "packed_rows": len(prep.train_batches) if cfg.packing else None,
                "tokens_seen": int(state.num_input_tokens_seen or 0)})
-    if is_main:
-        _write_outputs(trainer, model, tokenizer, cfg, partial, result)
-        _finalize(partial, cfg.output_dir)
-        say(f"tunelab: done in {result.seconds:.0f} s"
-            + (f"; best validation loss {valid_loss:.4f} at step {best_step}" if best_step else ""))
+    if built.is_main:
+        _write_outputs(built.model, prep.tokenizer, cfg, prep.run_dir.partial, result)
+        prep.run_dir.finalize()
+        built.channel.emit("finished", result.to_json(), step=result.steps)
     args.distributed_state.wait_for_everyone()   # no rank returns before the output is in place
     return result
+
+
+def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: bool = False,
+          callbacks: list | None = None, on_event: Callable[[TrainEvent], None] | None = None,
+          should_cancel: Callable[[], bool] | None = None) -> TrainResult:
+    """Fine-tune `cfg.model` on `cfg.train_file`; returns where everything was written.
+
+    `cfg`: a TrainConfig, a dict of config keys, or a YAML path.
+    `resume`: continue the killed, failed or cancelled run in `<output_dir>.partial` from its
+    last checkpoint.
+    `quiet`: print nothing (else: the plan, a progress bar, a row per evaluation; main process).
+    `callbacks`: extra transformers TrainerCallbacks (they see the live model).
+    `on_event`: called with every TrainEvent (tunelab.train.events), on the main process.
+    `should_cancel`: polled every optimizer step; when it returns True the run saves a complete
+    checkpoint at that step, emits "cancelled" and raises TrainingCancelled (resume continues).
+    """
+    from tunelab.config import build_config, load_config
+    started = time.time()
+    if isinstance(cfg, (str, Path)):
+        cfg = load_config(cfg)
+    elif isinstance(cfg, dict):
+        cfg = build_config(cfg)
+    channel = EventChannel(enabled=int(os.environ.get("RANK", "0")) == 0)
+    if on_event is not None:
+        channel.subscribe(on_event)
+    if not quiet:
+        from tunelab.train.progress import ProgressDisplay
+        channel.subscribe(ProgressDisplay())
+    try:
+        built = build(prepare(cfg, resume=resume), channel, callbacks=callbacks,
+                      should_cancel=should_cancel)
+        return write_outputs(built, run_training(built), started=started)
+    except TrainingCancelled:
+        raise
+    except BaseException as e:
+        channel.emit("failed", {"message": str(e) or type(e).__name__})
+        raise
 
 
 class _EvalAwareCollator:
@@ -407,14 +481,13 @@ class _EvalAwareCollator:
         return self.packed(features) if "position_ids" in features[0] else self.padded(features)
 
 
-def _write_outputs(trainer, model, tokenizer, cfg: TrainConfig, partial: Path,
+def _write_outputs(model, tokenizer, cfg: TrainConfig, partial: Path,
                    result: TrainResult) -> None:
     from tunelab.train.report import plot_losses, write_results_csv
     if cfg.method != "full":
         adapter = partial / "adapter"
         model.save_pretrained(adapter)
         tokenizer.save_pretrained(adapter)
-        _point_adapter_at_spec(adapter / "adapter_config.json", cfg.model)
         if cfg.method == "qlora":
             # merging into the 4-bit base would requantize it: merge into a bf16 copy instead
             import torch
@@ -435,30 +508,9 @@ def _write_outputs(trainer, model, tokenizer, cfg: TrainConfig, partial: Path,
     write_json(partial / "result.json", result.to_json())
 
 
-def _point_adapter_at_spec(adapter_config: Path, spec: str) -> None:
-    """PEFT records the folder it loaded the base from (for the builtin model, a cache path on
-    this machine; for a .gguf, a folder with no config.json). Record the user's model spec
-    instead, so the adapter folder is itself a spec that loads anywhere tunelab runs."""
-    import json
-    from tunelab.models import BUILTINS
-    portable = spec if spec in BUILTINS or not Path(spec).exists() else str(Path(spec).resolve())
-    data = json.loads(adapter_config.read_text())
-    data["base_model_name_or_path"] = portable
-    adapter_config.write_text(json.dumps(data, indent=2))
-
-
-def _after_failure(partial: Path, is_main: bool) -> None:
-    """Keep a failed run's checkpoints for --resume; remove a run that never saved one."""
-    from tunelab.train.trainer import complete_checkpoints
-    if is_main and not complete_checkpoints(partial / "checkpoints"):
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def _as_user_error(e: BaseException, partial: Path) -> BaseException:
+def _as_user_error(e: BaseException, run_dir: RunDir) -> BaseException:
     import torch
-
-    from tunelab.train.trainer import complete_checkpoints
-    kept = complete_checkpoints(partial / "checkpoints")
+    kept = run_dir.checkpoints()
     where = (f"; the last good checkpoint is {kept[-1]} (continue with --resume)" if kept
              else "; no checkpoint was saved")
     if isinstance(e, TunelabError):

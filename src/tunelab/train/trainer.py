@@ -20,11 +20,7 @@
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,31 +29,13 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.batching import trained_token_loss
 from tunelab.errors import TunelabError
-
-COMPLETE = "COMPLETE"
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
+# the checkpoint lifecycle lives in rundir; these names stay importable from here
+from tunelab.train.rundir import (COMPLETE, checkpoint_state, commit_checkpoint,  # noqa: F401
+                                  complete_checkpoints, rotate_checkpoints)
 
 
 class NonFiniteLoss(TunelabError):
     pass
-
-
-def complete_checkpoints(folder: str | Path) -> list[Path]:
-    """Whole checkpoints in `folder`, oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := _CKPT.match(p.name)) and (p / COMPLETE).exists()]
-    return [p for _, p in sorted(found)]
-
-
-def checkpoint_state(checkpoint: Path) -> dict:
-    """What tunelab stored in a checkpoint's COMPLETE marker (step, trained tokens)."""
-    try:
-        return json.loads((checkpoint / COMPLETE).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
@@ -149,19 +127,7 @@ class TunelabTrainer(Trainer):
         if not self.args.should_save:
             return
         root = Path(self.args.output_dir)
-        folder = root / f"checkpoint-{self.state.global_step}"
-        marker_tmp = folder / f".{COMPLETE}.tmp"
-        marker_tmp.write_text(json.dumps({"step": self.state.global_step,
-                                          "trained_tokens_seen": self.trained_tokens_seen}))
-        os.replace(marker_tmp, folder / COMPLETE)   # the commit point
-        self._rotate(root, keep_also=self.state.best_model_checkpoint)
-
-    def _rotate(self, root: Path, keep_also: str | None) -> None:
-        complete = complete_checkpoints(root)
-        keep = set(complete[-self.keep_checkpoints:])
-        if keep_also:
-            keep.add(Path(keep_also))
-        keep = {k.resolve() for k in keep}
-        for p in root.iterdir():
-            if _CKPT.match(p.name) and p.resolve() not in keep:
-                shutil.rmtree(p, ignore_errors=True)   # older whole ones and torn ones
+        commit_checkpoint(root / f"checkpoint-{self.state.global_step}",
+                          step=self.state.global_step,
+                          trained_tokens_seen=self.trained_tokens_seen)
+        rotate_checkpoints(root, self.keep_checkpoints, keep_also=self.state.best_model_checkpoint)

@@ -106,3 +106,15 @@ def templateless_base_model(folder, *, tie_word_embeddings: bool = True):
                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                  tie_word_embeddings=tie_word_embeddings)).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def sound_run(tmp_path_factory, tiny_model_dir, sound_task):
+    """The tiny model fully fine-tuned on the sound task (a tunelab run folder)."""
+    import tunelab
+    out = tmp_path_factory.mktemp("sound-run") / "run"
+    return tunelab.train({"model": str(tiny_model_dir), "train_file": str(sound_task["train"]),
+                          "valid_file": str(sound_task["test"]), "output_dir": str(out),
+                          "method": "full", "epochs": 20, "batch_size": 8,
+                          "learning_rate": 3e-3, "precision": "fp32", "logging_steps": 5},
+                         quiet=True)

@@ -12,13 +12,27 @@ def test_reviews_are_varied_balanced_and_deterministic():
     reviews = generate_reviews(1000, seed=3)
     assert len({r.text for r in reviews}) == 1000
     assert generate_reviews(50, seed=3) == reviews[:50]
-    counts = Counter(r.sentiment for r in reviews)
-    assert 400 < counts["positive"] < 600
+    counts = Counter(r.stars for r in reviews)
+    assert set(counts) == {1, 2, 3, 4, 5} and all(150 < c < 250 for c in counts.values())
     assert len({r.product for r in reviews}) >= 20
     # not a handful of sentences: most word 4-grams are shared by few reviews
     assert len({" ".join(r.text.split()[:6]) for r in reviews}) > 150
-    assert all(r.stars in (4, 5) if r.sentiment == "positive" else r.stars in (1, 2)
-               for r in reviews)
+    assert all(r.sentiment == ("positive" if r.stars >= 4 else "negative" if r.stars <= 2
+                               else "neutral") for r in reviews)
+
+
+def test_the_text_carries_the_rating():
+    """Strong words only at the extremes, and 3 stars always mixes praise with a complaint: a
+    model can learn the rating from the text (what the demo relies on)."""
+    from tunelab.data.generators.reviews import MILD_NEG, MILD_POS, STRONG_NEG, STRONG_POS
+    has = lambda text, words: any(f" {w}" in text for w in words)  # noqa: E731
+    for r in generate_reviews(500, seed=1):
+        if r.stars == 5:
+            assert has(r.text, STRONG_POS) and not has(r.text, MILD_NEG + STRONG_NEG), r.text
+        if r.stars == 1:
+            assert has(r.text, STRONG_NEG) and not has(r.text, MILD_POS + STRONG_POS), r.text
+        if r.stars == 3:
+            assert has(r.text, MILD_POS) and has(r.text, MILD_NEG), r.text
 
 
 def test_split_is_deterministic_disjoint_and_keeps_duplicates_together():
@@ -35,6 +49,9 @@ def test_split_is_deterministic_disjoint_and_keeps_duplicates_together():
 def test_demo_dataset_files(tmp_path):
     paths = build_dataset(tmp_path, n=200)
     parts = {k: read_conversations(p) for k, p in paths.items()}
-    assert [len(parts[k]) for k in ("train", "val", "test")] == [140, 20, 40]
+    assert sum(len(p) for p in parts.values()) == 200
+    assert all(abs(len(parts[k]) - n) <= 2 for k, n in (("train", 140), ("val", 20), ("test", 40)))
     answers = {c.messages[-1]["content"] for p in parts.values() for c in p}
-    assert answers == {"positive", "negative"}
+    assert answers == {"1", "2", "3", "4", "5"}
+    test_stars = Counter(c.messages[-1]["content"] for c in parts["test"])
+    assert all(7 <= n <= 9 for n in test_stars.values())   # stratified: 8 of each

@@ -1,9 +1,13 @@
-"""The main job: product-review sentiment, base model vs LoRA fine-tune, offline on a CPU.
+"""The main job, offline on a CPU: does fine-tuning beat prompting on a task where prompting is
+weak? Star ratings (1-5) of product reviews, SmolLM2-135M-Instruct.
 
-1. generate varied reviews (tunelab.data.generators.reviews) and split train/val/test;
-2. measure the base model on the test split;
-3. LoRA fine-tune the base model on train (validation loss on val);
-4. measure the fine-tuned model on the same test split; print both.
+1. generate varied reviews whose text carries the rating (tunelab.data.generators.reviews) and
+   split them train/val/test;
+2. LoRA fine-tune the base model on train (validation loss on val);
+3. compare on the same test split: the base model zero-shot and 5-shot (examples from train)
+   against the fine-tuned model, in accuracy and tokens per request, plus the general check of
+   what fine-tuning cost elsewhere (tunelab.evaluate.compare);
+4. print the table, the verdict, the forgetting line and the report's path.
 """
 from __future__ import annotations
 
@@ -15,40 +19,34 @@ from tunelab.data.generators.reviews import generate_reviews
 from tunelab.data.io import write_json, write_jsonl
 from tunelab.data.split import split
 
-INSTRUCTION = ("Classify the sentiment of this product review as positive or negative. "
-               "Answer with one word: positive or negative.\n\nReview: {review}")
+INSTRUCTION = ("How many stars (1 to 5) did the author of this review give? "
+               "Answer with one number.\n\nReview: {review}")
+TASK = "product-review star rating (1-5)"
 
 
-def sentiment_conversation(text: str, label: str) -> dict:
+def stars_conversation(text: str, stars: int) -> dict:
     return {"messages": [{"role": "user", "content": INSTRUCTION.format(review=text)},
-                         {"role": "assistant", "content": label}]}
+                         {"role": "assistant", "content": str(stars)}],
+            "stars": stars}
 
 
 def build_dataset(folder: Path, *, n: int = 900, seed: int = 0) -> dict[str, Path]:
-    rows = [sentiment_conversation(r.text, r.sentiment) for r in generate_reviews(n, seed=seed)]
-    train, val, test = split(rows, val=0.1, test=0.2, seed=seed)
+    rows = [stars_conversation(r.text, r.stars) for r in generate_reviews(n, seed=seed)]
+    train, val, test = split(rows, val=0.1, test=0.2, seed=seed, stratify_by=lambda r: r["stars"])
     paths = {name: folder / f"{name}.jsonl" for name in ("train", "val", "test")}
     for name, part in zip(paths, (train, val, test)):
         write_jsonl(paths[name], part)
     return paths
 
 
-def _eval(model_spec, test_file: Path, quiet: bool, label: str) -> dict:
+def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instruct",
+             n_examples: int = 900, epochs: float = 1.0, few_shot: int = 5,
+             quiet: bool = False) -> dict:
     from tqdm.auto import tqdm
 
-    from tunelab import models
-    from tunelab.evaluate import evaluate
-    from tunelab.data.conversation import read_conversations
-    convs = read_conversations(test_file)
-    model, tokenizer = models.load(model_spec)
-    with tqdm(total=len(convs), desc=f"eval {label}", disable=quiet, unit="ex") as bar:
-        res = evaluate(model, tokenizer, convs, progress=bar.update)
-    return {**res.summary(), "samples": res.predictions[:5]}
-
-
-def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instruct",
-             n_examples: int = 900, epochs: float = 1.0, quiet: bool = False) -> dict:
     from tunelab.config import TrainConfig
+    from tunelab.evaluate.compare import compare, forgetting_line
+    from tunelab.evaluate.report import format_comparison
     from tunelab.runtime import set_threads
     from tunelab.train import train
 
@@ -58,38 +56,34 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instru
     set_threads()
     paths = build_dataset(out / "data", n=n_examples)
     counts = {k: sum(1 for _ in open(p, encoding="utf-8")) for k, p in paths.items()}
-    say(f"[1/4] data: {counts['train']} train / {counts['val']} val / {counts['test']} test "
-        f"reviews in {out / 'data'}")
+    say(f"[1/3] data: {counts['train']} train / {counts['val']} val / {counts['test']} test "
+        f"reviews rated 1-5 stars, in {out / 'data'}")
 
-    say(f"[2/4] base model {model} on the test split")
-    base = _eval(model, paths["test"], quiet, "base")
-
-    say("[3/4] LoRA fine-tuning")
+    say(f"[2/3] LoRA fine-tuning {model}")
     cfg = TrainConfig(model=model, train_file=paths["train"], valid_file=paths["val"],
                       output_dir=out / "run", overwrite=True, method="lora", epochs=epochs,
-                      batch_size=8, learning_rate=3e-4, max_length=256, logging_steps=5)
+                      batch_size=8, learning_rate=1e-3, max_length=256, logging_steps=5)
     result = train(cfg, quiet=quiet)
 
-    say("[4/4] fine-tuned model on the same test split")
-    tuned = _eval(str(result.model_dir), paths["test"], quiet, "fine-tuned")
-
-    report = {"task": "product-review sentiment (positive/negative)", "base_model": model,
-              "test_examples": counts["test"], "base": base, "fine_tuned": tuned,
-              "train": result.to_json(), "seconds": round(time.time() - started, 1)}
+    say(f"[3/3] base model zero-shot and {few_shot}-shot vs the fine-tuned model, on the same "
+        f"{counts['test']} test reviews; then the general check")
+    bars = None if quiet else (lambda name, total: tqdm(total=total, desc=f"  {name:<20}",
+                                                         unit="ex", leave=False))
+    comparison = compare(base=model, tuned=str(result.output_dir), data=paths["test"],
+                         out_dir=out / "compare", task="classification", train=paths["train"],
+                         few_shot=few_shot, progress_factory=bars)
+    report = {"task": TASK, "base_model": model, "test_examples": counts["test"],
+              "comparison": comparison.to_json(), "train": result.to_json(),
+              "seconds": round(time.time() - started, 1)}
     write_json(out / "report.json", report)
     if not quiet:
         print()
-        print(f"  {'':12} {'exact match':>12} {'normalized':>12} {'test loss':>10}")
-        for name, r in (("base", base), ("fine-tuned", tuned)):
-            print(f"  {name:12} {r['exact_match']:>12.1%} {r['normalized_match']:>12.1%} "
-                  f"{r['loss']:>10.3f}")
+        print("\n".join("  " + line for line in format_comparison(comparison).splitlines()))
         print()
-        print(f"  base model answered e.g.: {json.dumps(base['samples'][0]['prediction'])[:100]}")
-        print(f"  fine-tuned model:         {result.model_dir}  (LoRA adapter: {result.adapter_dir})")
-        print(f"  metrics:                  {result.metrics_file}")
-        print(f"  training log:             {result.output_dir / 'train.log'}")
-        print(f"  report:                   {out / 'report.json'}")
-        print(f"  total time:               {report['seconds']:.0f} s")
-        print(f"  try it:  tunelab chat {result.model_dir} --prompt "
-              f"{json.dumps(INSTRUCTION.format(review='Great battery, awful screen, returning it.'))}")
+        print(f"  fine-tuned model:  {result.model_dir}  (LoRA adapter: {result.adapter_dir})")
+        print(f"  report:            {comparison.report_html}")
+        print(f"  training metrics:  {result.metrics_file}")
+        print(f"  total time:        {report['seconds']:.0f} s")
+        example = INSTRUCTION.format(review="Great battery, but the screen is a bit flimsy.")
+        print(f"  try it:  tunelab chat {result.model_dir} --prompt {json.dumps(example)}")
     return report

@@ -145,6 +145,9 @@ class GeneralCheck(Task):
         return {"score": float(check_answer(example.meta["check"], prediction)),
                 "category": example.meta["category"]}
 
+    def unscorable(self, example):
+        return {"score": 0.0, "category": example.meta["category"]}
+
     def aggregate(self, scored):
         by: dict[str, list[float]] = defaultdict(list)
         for s in scored:

@@ -112,7 +112,7 @@ def run_task(model, tokenizer, task: Task, examples: Sequence[Example], *,
                 s = task.score(c.text, ex)
             except Exception as e:   # one unscorable answer must not lose the others
                 errors += 1
-                s = {"score": 0.0, "error": f"{type(e).__name__}: {e}"}
+                s = {**task.unscorable(ex), "error": f"{type(e).__name__}: {e}"}
             row = {"index": i, "id": ex.id, "prompt": ex.messages[-1]["content"],
                    "reference": ex.reference, "prediction": c.text, **s,
                    "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,

@@ -88,6 +88,11 @@ class Task:
         n = max(1, len(scored))
         return {self.primary: sum(s["score"] for s in scored) / n}
 
+    def unscorable(self, example: Example) -> dict[str, Any]:
+        """The score of an answer that could not be scored: wrong, with every field aggregate
+        reads (so one bad answer cannot break the aggregate of the others)."""
+        return {"score": 0.0}
+
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "primary": self.primary}
 
@@ -99,6 +104,9 @@ class ExactMatch(Task):
         strict = prediction.strip() == example.reference.strip()
         loose = normalize_answer(prediction) == normalize_answer(example.reference)
         return {"score": float(loose), "exact_match": strict}
+
+    def unscorable(self, example):
+        return {"score": 0.0, "exact_match": False}
 
     def aggregate(self, scored):
         n = max(1, len(scored))
@@ -161,6 +169,10 @@ class Classification(Task):
         ref = normalize_answer(example.reference)
         return {"score": float(predicted == ref), "label": predicted, "reference_label": ref,
                 "invalid": predicted is None}
+
+    def unscorable(self, example):
+        return {"score": 0.0, "label": None, "reference_label": normalize_answer(example.reference),
+                "invalid": True}
 
     def aggregate(self, scored):
         n = max(1, len(scored))
@@ -236,6 +248,9 @@ class GSM8K(Task):
         return {"score": float(ok), "answer_number": got, "reference_number": want,
                 "invalid": got is None}
 
+    def unscorable(self, example):
+        return {"score": 0.0, "answer_number": None, "invalid": True}
+
     def aggregate(self, scored):
         n = max(1, len(scored))
         return {"accuracy": sum(s["score"] for s in scored) / n,
@@ -252,6 +267,9 @@ class Rouge(Task):
     def score(self, prediction, example):
         f = self.scorer.score(example.reference, prediction)["rougeL"].fmeasure
         return {"score": f, "exact_match": prediction.strip() == example.reference.strip()}
+
+    def unscorable(self, example):
+        return {"score": 0.0, "exact_match": False}
 
     def aggregate(self, scored):
         n = max(1, len(scored))
@@ -276,6 +294,9 @@ class Code(Task):
         result = run_python(program, timeout=self.timeout)
         return {"score": float(result.passed), "status": result.status,
                 "output": result.output[-500:]}
+
+    def unscorable(self, example):
+        return {"score": 0.0, "status": "error", "output": ""}
 
     def aggregate(self, scored):
         n = max(1, len(scored))

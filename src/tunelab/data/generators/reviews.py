@@ -1,9 +1,10 @@
 """A generator of varied product reviews with sentiment and star labels (offline demo data).
 
-Reviews are composed from product categories, aspects, opinion phrases of graded strength,
-openers, closers, hedges and mixed "X but Y" sentences, so no two runs memorise a handful of
-fixed sentences. The label follows the overall verdict, including mixed reviews whose minor
-complaint or praise points the other way.
+The star rating (1-5, uniform) is drawn first and the text follows from it: product
+categories, aspects, opinion words of graded strength, openers, closers and "X but Y" mixes, so
+no two runs memorise a handful of fixed sentences. 5 stars is strong praise only; 4 mild praise
+with at most a mild complaint; 3 as much good as bad; 2 and 1 mirror 4 and 5. The sentiment is
+positive for 4-5 stars, negative for 1-2 and neutral for 3.
 """
 from __future__ import annotations
 
@@ -37,40 +38,57 @@ PRODUCTS = {
     "children's book": ["illustrations", "story", "binding", "paper", "length"],
 }
 
-POS_ADJ = ["excellent", "fantastic", "great", "superb", "solid", "impressive", "outstanding",
-           "reliable", "wonderful", "top-notch", "really good", "better than expected"]
-NEG_ADJ = ["terrible", "awful", "disappointing", "flimsy", "useless", "poor", "mediocre",
-           "frustrating", "cheap-feeling", "worse than expected", "really bad", "unreliable"]
-POS_ASPECT = ["the {a} is {adj}", "I love the {a}", "the {a} works perfectly",
-              "the {a} exceeded my expectations", "the {a} is {adj}, no complaints at all",
-              "honestly the {a} is {adj}", "the {a} has been {adj} so far"]
-NEG_ASPECT = ["the {a} is {adj}", "I hate the {a}", "the {a} stopped working after a week",
-              "the {a} is {adj} and it shows", "the {a} broke almost immediately",
-              "the {a} is a real letdown", "the {a} has been {adj} from day one"]
-POS_OPEN = ["I bought this {p} last month and", "After two weeks with this {p},",
-            "Got this {p} as a gift and", "This {p} is a keeper:", "Five stars for this {p}!",
-            "Best {p} I have owned.", "I was skeptical about this {p}, but",
-            "We use this {p} every day and"]
-NEG_OPEN = ["I bought this {p} last month and", "After two weeks with this {p},",
-            "Got this {p} as a gift and", "Save your money on this {p}:",
-            "One star for this {p}.", "Worst {p} I have owned.",
-            "I had high hopes for this {p}, but", "We tried this {p} for a week and"]
-POS_CLOSE = ["Would buy again.", "Highly recommend it.", "Worth every penny.",
-             "I already ordered a second one.", "Very happy with it.", "No regrets.",
-             "Totally worth it.", ""]
-NEG_CLOSE = ["I am returning it.", "Do not buy this.", "A complete waste of money.",
-             "I regret this purchase.", "Very disappointed.", "Asking for a refund.",
-             "Avoid.", ""]
-HEDGE_POS = ["The only small issue is that the {a} is a bit {adj}, but overall I'm happy.",
-             "Sure, the {a} could be better, but everything else makes up for it."]
-HEDGE_NEG = ["The {a} is fine, but that does not save it.",
-             "I'll admit the {a} is decent, yet overall it's a disappointment."]
+# Opinion words graded by strength: the star rating is carried by how strong the praise or the
+# complaints are and by how they mix, which a model can learn from the text and a reader can
+# check, while a model that only sees "good" vs "bad" cannot tell 4 from 5 or 1 from 2.
+STRONG_POS = ["excellent", "fantastic", "superb", "outstanding", "flawless", "top-notch",
+              "phenomenal", "brilliant"]
+MILD_POS = ["good", "solid", "nice", "pleasant", "reliable", "decent", "well made", "sturdy"]
+MILD_NEG = ["mediocre", "underwhelming", "a bit flimsy", "below average", "inconsistent",
+            "not great", "somewhat clunky", "weaker than expected"]
+STRONG_NEG = ["terrible", "awful", "useless", "atrocious", "horrible", "pathetic", "garbage",
+              "dreadful"]
+SMALL_ISSUE = ["my only small gripe is that the {a} is {adj}",
+               "the {a} is {adj}, but that is a minor thing",
+               "the {a} could be better, though it hardly matters"]
+SMALL_PLUS = ["the {a} is {adj}, but that does not make up for it",
+              "I'll admit the {a} is {adj}, yet that hardly helps",
+              "the {a} is fine, which is about the only good thing"]
+POS_ASPECT = ["the {a} is {adj}", "the {a} has been {adj} so far", "honestly the {a} is {adj}",
+              "the {a} feels {adj}", "the {a} turned out {adj}"]
+NEG_ASPECT = ["the {a} is {adj}", "the {a} has been {adj} from day one", "sadly the {a} is {adj}",
+              "the {a} feels {adj}", "the {a} turned out {adj}"]
+OPENERS = {
+    5: ["Absolutely love this {p}!", "Best {p} I have ever owned.", "This {p} blew me away:",
+        "I bought this {p} last month and", "After two weeks with this {p},"],
+    4: ["Pretty happy with this {p}.", "Good {p} overall.", "I bought this {p} last month and",
+        "After two weeks with this {p},", "This {p} does what I wanted:"],
+    3: ["Mixed feelings about this {p}.", "This {p} is okay.", "I bought this {p} last month and",
+        "After two weeks with this {p},", "Not sure what to think of this {p}:"],
+    2: ["Somewhat disappointed with this {p}.", "Not a great {p}.",
+        "I bought this {p} last month and", "After two weeks with this {p},",
+        "I expected more from this {p}:"],
+    1: ["Worst {p} I have ever owned.", "Stay away from this {p}!", "This {p} is a disaster:",
+        "I bought this {p} last month and", "After two weeks with this {p},"],
+}
+CLOSERS = {
+    5: ["Would buy again in a heartbeat.", "Worth every penny.", "Highly recommend it.",
+        "I already ordered a second one.", ""],
+    4: ["Happy with it overall.", "I would recommend it.", "Good value for the money.",
+        "Minor issues aside, I'm keeping it.", ""],
+    3: ["It does the job, nothing more.", "Average overall.", "Might keep it, might not.",
+        "Fine for the price, I guess.", ""],
+    2: ["Probably returning it.", "I would not buy it again.", "Not worth the money.",
+        "Hoping the next version is better.", ""],
+    1: ["Returning it immediately.", "A complete waste of money.", "Do not buy this.",
+        "Asking for a refund.", ""],
+}
 
 
 @dataclass
 class Review:
     text: str
-    sentiment: str      # "positive" | "negative"
+    sentiment: str      # "positive" (4-5 stars) | "neutral" (3) | "negative" (1-2)
     stars: int          # 1..5
     product: str
 
@@ -80,36 +98,49 @@ def _sentence(s: str) -> str:
     return s[0].upper() + s[1:] if s else s
 
 
+def _clause(rng: random.Random, aspect: str, positive: bool, strong: bool) -> str:
+    words = (STRONG_POS if strong else MILD_POS) if positive else (STRONG_NEG if strong else MILD_NEG)
+    return rng.choice(POS_ASPECT if positive else NEG_ASPECT).format(a=aspect, adj=rng.choice(words))
+
+
+def _body(rng: random.Random, stars: int, aspects: list[str]) -> list[str]:
+    """The opinion clauses of a review with this many stars."""
+    if stars == 5:   # strong praise only
+        return [_clause(rng, a, True, True) for a in aspects[:rng.randint(1, 2)]]
+    if stars == 1:   # strong complaints only
+        return [_clause(rng, a, False, True) for a in aspects[:rng.randint(1, 2)]]
+    if stars == 4:   # praise, with at most a small reservation
+        out = [_clause(rng, aspects[0], True, rng.random() < 0.3)]
+        if rng.random() < 0.7:
+            out.append(rng.choice(SMALL_ISSUE).format(a=aspects[1], adj=rng.choice(MILD_NEG)))
+        return out
+    if stars == 2:   # complaints, with at most a small consolation
+        out = [_clause(rng, aspects[0], False, rng.random() < 0.3)]
+        if rng.random() < 0.7:
+            out.append(rng.choice(SMALL_PLUS).format(a=aspects[1], adj=rng.choice(MILD_POS)))
+        return out
+    clauses = [_clause(rng, aspects[0], True, False), _clause(rng, aspects[1], False, False)]
+    rng.shuffle(clauses)   # 3 stars: as much good as bad
+    return clauses
+
+
 def make_review(rng: random.Random) -> Review:
     product = rng.choice(list(PRODUCTS))
-    aspects = rng.sample(PRODUCTS[product], k=3)
-    positive = rng.random() < 0.5
-    adj, aspect_tpl, opener, closer, hedge, other_adj = (
-        (POS_ADJ, POS_ASPECT, POS_OPEN, POS_CLOSE, HEDGE_POS, NEG_ADJ) if positive else
-        (NEG_ADJ, NEG_ASPECT, NEG_OPEN, NEG_CLOSE, HEDGE_NEG, POS_ADJ))
-    n_aspects = rng.randint(1, 2)
-    clauses = [t.format(a=aspects[i], adj=rng.choice(adj))
-               for i, t in enumerate(rng.sample(aspect_tpl, k=n_aspects))]
+    aspects = rng.sample(PRODUCTS[product], k=2)
+    stars = rng.randint(1, 5)
+    clauses = _body(rng, stars, aspects)
+    joiner = " but " if stars == 3 else "; " if stars in (2, 4) else " and "
     if rng.random() < 0.5:
-        body = " and ".join(clauses)
+        body = joiner.join(clauses)
     else:
         body = ". ".join([clauses[0]] + [_sentence(c) for c in clauses[1:]])
-    start = rng.choice(opener).format(p=product)
-    if start.endswith((".", "!")):
-        body = _sentence(body)
-    parts = [start + " " + body + "."]
-    mixed = rng.random() < 0.3
-    if mixed:  # a complaint in a positive review (or praise in a negative one)
-        parts.append(rng.choice(hedge).format(a=aspects[2], adj=rng.choice(other_adj)))
-    parts.append(rng.choice(closer))
-    text = " ".join(p for p in parts if p)
+    start = rng.choice(OPENERS[stars]).format(p=product)
+    if start.endswith((".", "!", ":")):
+        body = _sentence(body) if not start.endswith(":") else body
+    text = " ".join(p for p in (start + " " + body + ".", rng.choice(CLOSERS[stars])) if p)
     text = text.replace("!.", "!").replace("..", ".")
-    if positive:
-        stars = 4 if mixed or n_aspects == 1 and rng.random() < 0.4 else 5
-    else:
-        stars = 2 if mixed or n_aspects == 1 and rng.random() < 0.4 else 1
-    return Review(text=_sentence(text), sentiment="positive" if positive else "negative",
-                  stars=stars, product=product)
+    sentiment = "positive" if stars >= 4 else "negative" if stars <= 2 else "neutral"
+    return Review(text=_sentence(text), sentiment=sentiment, stars=stars, product=product)
 
 
 def generate_reviews(n: int, seed: int = 0) -> list[Review]:

@@ -1,0 +1,189 @@
+"""`tunelab eval` and `tunelab compare` end to end on a tiny fine-tuned model: metrics, the
+prompting baselines, the few-shot prompt, forgetting, the report (parsed and opened in a real
+browser), and bad input."""
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_clean_error, run_cli
+from tunelab.data.io import write_jsonl
+from tunelab.evaluate.compare import choose_shots, with_shots
+from tunelab.evaluate.tasks import Classification, Example, examples_from
+from tunelab.data.conversation import read_conversations
+
+
+@pytest.fixture(scope="module")
+def comparison(sound_run, sound_task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    proc = run_cli("compare", "--tuned", sound_run.output_dir, "--data", sound_task["test"],
+                   "--task", "classification", "--few-shot", "3", "--system",
+                   "Answer with the sound the animal makes, in one word.", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), out
+
+
+def test_compare_rows_tokens_and_verdict(comparison, tiny_model_dir):
+    result, out = comparison
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["base zero-shot", "base + system prompt", "base 3-shot", "fine-tuned"]
+    assert result["base"] == str(tiny_model_dir)           # found from the run by itself
+    rows = {r["name"]: r for r in result["rows"]}
+    tuned, zero, shots = rows["fine-tuned"], rows["base zero-shot"], rows["base 3-shot"]
+    assert tuned["primary"] >= 0.75 > zero["primary"]
+    assert all(r["examples"] == 8 for r in result["rows"])
+    # few-shot pays for its examples in every request; the fine-tuned model's prompt is the
+    # zero-shot one
+    assert shots["prompt_tokens"] > 2 * zero["prompt_tokens"]
+    assert tuned["prompt_tokens"] == zero["prompt_tokens"]
+    # (SmolLM2's template puts its own default system prompt in when there is none)
+    assert rows["base + system prompt"]["prompt_tokens"] != zero["prompt_tokens"]
+    assert all(r["latency_s"] > 0 and r["requests_per_s"] > 0 for r in result["rows"])
+    assert set(tuned["metrics"]) >= {"accuracy", "macro_f1", "invalid_rate", "confusion"}
+    best = max((r for r in result["rows"] if r["name"] != "fine-tuned"),   # ties: cheapest
+               key=lambda r: (r["primary"], -r["prompt_tokens"]))
+    assert result["verdict"].startswith("fine-tuned: +")
+    assert f"over {best['name']}" in result["verdict"] and "prompt tokens per request" in \
+        result["verdict"]
+    # a random base never says its end-of-turn token: capped, counted, reported
+    assert any("base zero-shot: " in w and "max_new_tokens" in w for w in result["warnings"])
+    for name in ("base-zero-shot", "base-3-shot", "fine-tuned"):
+        lines = (out / "predictions" / f"{name}.jsonl").read_text().splitlines()
+        assert len(lines) == 8
+
+
+def test_forgetting_check(comparison):
+    result, _ = comparison
+    g = result["forgetting"]["general"]
+    assert g["items"] >= 90
+    assert set(g["by_category"]) == {"facts", "arithmetic", "format", "rewrite"}
+    assert g["delta_points"] == pytest.approx(100 * (g["tuned"] - g["base"]))
+
+
+def test_few_shot_prompt_comes_from_training_data_only(sound_task, tmp_path):
+    test = examples_from(read_conversations(sound_task["test"]))
+    train = examples_from(read_conversations(sound_task["train"]))
+    # the training file also holds copies of every test example: none may become a shot
+    leaky = train + [Example(f"train.jsonl:{900 + i}", e.messages, e.reference)
+                     for i, e in enumerate(test)]
+    task = Classification()
+    task.prepare(test + train)
+    shots = choose_shots(leaky, test, 6, task)
+    test_prompts = {e.messages[-1]["content"] for e in test}
+    assert len(shots) == 6 and not {s.messages[-1]["content"] for s in shots} & test_prompts
+    assert len({s.reference for s in shots}) == 6               # balanced: one per label
+    assert choose_shots(leaky, test, 6, task) == shots          # deterministic
+    prompt = with_shots(test[0], shots, system="Be brief.")
+    assert prompt[0] == {"role": "system", "content": "Be brief."}
+    assert [m["role"] for m in prompt[1:]] == ["user", "assistant"] * 6 + ["user"]
+    assert prompt[-1] == test[0].messages[-1]
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def test_report_is_self_contained_html_with_table_and_charts(comparison):
+    result, out = comparison
+    text = Path(result["report_html"]).read_text()
+    parser = _Refs()
+    parser.feed(text)
+    assert "table" in parser.tags and "script" not in parser.tags
+    assert parser.refs and all(r.startswith("data:image/png;base64,") for r in parser.refs)
+    assert len(parser.refs) >= 4     # metric, tokens, confusion, training, forgetting
+    assert result["verdict"] in text.replace("&#x27;", "'")
+    for name in ("base zero-shot", "base 3-shot", "fine-tuned"):
+        assert name in text
+    md = Path(result["report_md"]).read_text()
+    assert "| fine-tuned |" in md and "![metric](charts/metric.png)" in md
+    assert (out / "charts" / "metric.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_reads_well_in_a_real_browser(comparison, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    result, _ = comparison
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1366, "height": 800})
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(Path(result["report_html"]).as_uri())
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        # no horizontal scrolling on a laptop screen, every chart decoded, nothing fetched
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        sizes = page.evaluate("[...document.images].map(i => [i.naturalWidth, i.clientWidth])")
+        assert len(sizes) >= 4 and all(n > 0 and 0 < c <= 1366 for n, c in sizes)
+        assert all(u.startswith(("file:", "data:")) for u in requests)
+        assert page.locator("text=fine-tuned").first.is_visible()
+        browser.close()
+
+
+def test_eval_cli_task_metrics_and_predictions(sound_run, sound_task, tmp_path):
+    preds = tmp_path / "preds.jsonl"
+    proc = run_cli("eval", "--model", sound_run.output_dir, "--data", sound_task["test"],
+                   "--task", "classification", "--predictions", preds, "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["task"]["task"] == "classification" and res["metrics"]["accuracy"] >= 0.75
+    assert res["metrics"]["test_loss"] < 1.0 and res["metrics"]["test_perplexity"] > 1.0
+    scored = [json.loads(l) for l in preds.read_text().splitlines()]
+    assert len(scored) == 8 and {"prediction", "reference", "score", "label"} <= set(scored[0])
+    text = run_cli("eval", "--model", sound_run.output_dir, "--data", sound_task["test"],
+                   "--task", "loss")
+    assert text.returncode == 0 and "perplexity" in text.stdout, text.stderr
+
+
+def test_bad_test_data_fails_before_generation(tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert_clean_error(run_cli("eval", "--model", tiny_model_dir, "--data", empty), "empty.jsonl",
+                       "no examples")
+    words = tmp_path / "words.jsonl"
+    write_jsonl(words, [{"messages": [{"role": "user", "content": "2+2?"},
+                                      {"role": "assistant", "content": "four"}]}])
+    assert_clean_error(run_cli("eval", "--model", "does/not-exist", "--data", words, "--task",
+                               "gsm8k"), "words.jsonl:1", "no number")
+    no_answer = tmp_path / "no_answer.jsonl"
+    write_jsonl(no_answer, [{"messages": [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "yo"},
+                                          {"role": "user", "content": "and?"}]}])
+    assert_clean_error(run_cli("eval", "--model", tiny_model_dir, "--data", no_answer),
+                       "no_answer.jsonl:1", "last message must be the assistant")
+
+
+def test_a_crash_keeps_the_scored_examples(sound_run, sound_task, tmp_path):
+    from tunelab import models
+    from tunelab.evaluate import load_examples, run_task
+    from tunelab.evaluate.tasks import ExactMatch
+    model, tok = models.load(sound_run.model_dir)
+    examples = load_examples("exact_match", sound_task["test"])
+
+    class Flaky(ExactMatch):
+        def score(self, prediction, example):
+            if example.id.endswith(":1"):
+                raise ValueError("cannot score this one")
+            return super().score(prediction, example)
+
+    res = run_task(model, tok, Flaky(), examples, batch_size=4)
+    assert res.examples == 8 and any("could not be scored" in w for w in res.warnings)
+    assert sum("error" in s for s in res.scored) == 1
+
+    def crash_after_first_batch(n):
+        raise RuntimeError("killed")
+
+    preds = tmp_path / "p.jsonl"
+    with pytest.raises(RuntimeError):
+        run_task(model, tok, ExactMatch(), examples, batch_size=4, predictions_file=preds,
+                 progress=crash_after_first_batch)
+    assert len(preds.read_text().splitlines()) == 4

@@ -77,7 +77,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                         memory_budget_bytes=int(memory_budget_gb * 2**30)
                         if memory_budget_gb else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(settings)
+    threads = worker_threads or max(1, available_cores() // max(1, workers))
+    supervisor = Supervisor(workers, root, threads=threads, logs=root / "logs")
+    app = create_app(settings, supervisor)
     if settings.auth and not app.state.ctx.store.list_keys():
         print("tunelab: no API keys yet: create one with `tunelab keys create NAME`"
               + (f" --data-dir {root}" if data_dir else ""), file=sys.stderr)
@@ -90,17 +92,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
         raise TunelabError(f"cannot listen on {host}:{port}: {e.strerror}", field="port") \
             from None
     bound = sock.getsockname()[1]
-    threads = worker_threads or max(1, available_cores() // max(1, workers))
-    supervisor = Supervisor(workers, root, threads=threads, logs=root / "logs")
-    supervisor.start()
     shown = f"[{host}]" if ":" in host else host
     print(f"tunelab: serving http://{shown}:{bound} (data {root}, {workers} workers)",
           flush=True)
-    try:
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        supervisor.stop()
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def worker(data_dir: Optional[Path] = DataDir,

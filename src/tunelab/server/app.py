@@ -17,7 +17,8 @@ log = logging.getLogger("tunelab.server")
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, supervisor=None) -> FastAPI:
+    """`supervisor`: the worker processes to start and stop with the app (tunelab serve)."""
     ctx = Context(settings)
 
     stop = threading.Event()
@@ -28,9 +29,15 @@ def create_app(settings: Settings) -> FastAPI:
         # jobs a stopped server left half-validated; in a thread: startup stays quick
         threading.Thread(target=revalidate_pending, args=(ctx.store,), daemon=True).start()
         threading.Thread(target=_reap, args=(ctx, stop), daemon=True, name="reaper").start()
-        yield
-        stop.set()
-        ctx.close()
+        if supervisor is not None:
+            supervisor.start()
+        try:
+            yield
+        finally:   # uvicorn re-raises SIGTERM after this: the workers stop here, gracefully
+            stop.set()
+            if supervisor is not None:
+                supervisor.stop()
+            ctx.close()
 
     app = FastAPI(title="tunelab", version=tunelab.__version__, lifespan=lifespan,
                   description="OpenAI-compatible fine-tuning and inference API (files, "

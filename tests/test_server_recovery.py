@@ -1,0 +1,129 @@
+"""Jobs survive: a worker SIGKILLed mid-job is noticed (its lease expires) and the job resumes
+from its last complete checkpoint on the next worker, ending with the same weights as an
+uninterrupted job; a restarted server has every file, job, event, checkpoint and model."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import sound_rows
+from test_server_harness import Server, make_key, poll_job, start_worker, tiny_training, wait_for
+
+
+def snapshot(c, job_ids):
+    return {"files": sorted(f.id for f in c.files.list()),
+            "jobs": {j.id: (j.status, j.fine_tuned_model, j.result_files, j.trained_tokens)
+                     for j in c.fine_tuning.jobs.list() if j.id in job_ids},
+            "events": {j: [(e.id, e.message) for e in c.fine_tuning.jobs.list_events(j)]
+                       for j in job_ids},
+            "checkpoints": {j: sorted(k.fine_tuned_model_checkpoint for k in
+                                      c.fine_tuning.jobs.checkpoints.list(j)) for j in job_ids},
+            "models": sorted(m.id for m in c.models.list())}
+
+
+def adapter_weights(data_dir, job_id):
+    return load_file(data_dir / "jobs" / job_id / "run" / "adapter" / "adapter_model.safetensors")
+
+
+def test_killed_worker_resumes_and_restart_loses_nothing(tmp_path, tiny_model_dir):
+    key = make_key(tmp_path, "alice")
+    srv = Server(tmp_path, "--workers", "0", "--model", f"tiny={tiny_model_dir}")
+    worker = None
+    try:
+        c = srv.client(key)
+        rows = "".join(json.dumps(r) + "\n" for r in sound_rows()[:36]).encode()
+        train = c.files.create(file=("sounds.jsonl", rows), purpose="fine-tune")
+        options = tiny_training(max_steps=8, save_steps=2, eval_steps=None)
+
+        def create():
+            return c.fine_tuning.jobs.create(model="tiny", training_file=train.id, seed=3,
+                                             hyperparameters={"batch_size": 4},
+                                             extra_body={"tunelab": options})
+        reference, victim = create(), create()
+        worker = start_worker(tmp_path)
+        assert poll_job(c, reference.id, timeout=120).status == "succeeded"
+        wait_for(lambda: list(c.fine_tuning.jobs.checkpoints.list(victim.id)), 60,
+                 interval=0.05, what="the second job's first checkpoint")
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        job = c.fine_tuning.jobs.retrieve(victim.id)
+        assert job.status == "running", "the job ended before the worker could be killed"
+        killed_at = job.model_extra["tunelab"]["progress"]["step"]
+        assert 2 <= killed_at < 8
+
+        # no worker: the expired lease is noticed and the job waits in the queue
+        job = poll_job(c, victim.id, until=("queued",), timeout=30)
+        assert any("stopped responding" in e.message
+                   for e in c.fine_tuning.jobs.list_events(victim.id))
+
+        before = snapshot(c, [reference.id])
+        assert srv.stop() in (0, -signal.SIGTERM)   # uvicorn re-raises SIGTERM
+        srv = Server(tmp_path, "--workers", "1", "--model", f"tiny={tiny_model_dir}")
+        c = srv.client(key)
+        assert snapshot(c, [reference.id]) == before      # the restart lost nothing
+
+        job = poll_job(c, victim.id, timeout=120)
+        assert job.status == "succeeded", job.error
+        events = [e.message for e in c.fine_tuning.jobs.list_events(victim.id, limit=100)]
+        assert any(m.startswith("Resuming from the last complete checkpoint") for m in events)
+        steps = sorted(e.data["step"] for e in c.fine_tuning.jobs.list_events(victim.id,
+                                                                             limit=100)
+                       if e.type == "metrics")
+        assert steps == list(range(1, 9))                 # each step once, as if never killed
+
+        a, b = adapter_weights(tmp_path, reference.id), adapter_weights(tmp_path, victim.id)
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+        answer = c.chat.completions.create(model=job.fine_tuned_model, max_tokens=3,
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert answer.usage.completion_tokens >= 1
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        srv.stop()
+
+
+def test_stopping_the_server_hands_a_running_job_back(tmp_path, tiny_model_dir):
+    """SIGTERM: the worker saves a checkpoint at its current step and requeues the job; the
+    next server's worker finishes it from there."""
+    key = make_key(tmp_path, "alice")
+    srv = Server(tmp_path, "--workers", "1", "--model", f"tiny={tiny_model_dir}")
+    try:
+        c = srv.client(key)
+        rows = "".join(json.dumps(r) + "\n" for r in sound_rows()[:36]).encode()
+        train = c.files.create(file=("sounds.jsonl", rows), purpose="fine-tune")
+        job = c.fine_tuning.jobs.create(
+            model="tiny", training_file=train.id, hyperparameters={"batch_size": 4},
+            extra_body={"tunelab": tiny_training(max_steps=300, save_steps=1000,
+                                                 eval_steps=None)})
+        wait_for(lambda: (c.fine_tuning.jobs.retrieve(job.id).model_extra["tunelab"]
+                          ["progress"] or {}).get("step", 0) >= 2, 90, what="training")
+        assert srv.stop() in (0, -signal.SIGTERM)   # uvicorn re-raises SIGTERM
+        srv = Server(tmp_path, "--workers", "0", "--model", f"tiny={tiny_model_dir}")
+        c = srv.client(key)
+        j = c.fine_tuning.jobs.retrieve(job.id)
+        assert j.status == "queued"
+        (ckpt,) = list(c.fine_tuning.jobs.checkpoints.list(job.id))   # saved on the way out
+        events = [e.message for e in c.fine_tuning.jobs.list_events(job.id)]
+        assert any("The worker stopped" in m for m in events)
+        c.fine_tuning.jobs.cancel(job.id)      # queued: cancelled at once, checkpoint kept
+        j = c.fine_tuning.jobs.retrieve(job.id)
+        assert j.status == "cancelled"
+        assert [k.step_number for k in c.fine_tuning.jobs.checkpoints.list(job.id)] == \
+            [ckpt.step_number]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10"])
+def test_no_auth_is_refused_off_loopback(tmp_path, host):
+    from conftest import assert_clean_error, run_cli
+    proc = run_cli("serve", "--no-auth", "--host", host, "--data-dir", tmp_path, "--workers", "0")
+    assert_clean_error(proc, "no-auth")

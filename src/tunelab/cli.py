@@ -182,12 +182,15 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
          examples: int = typer.Option(900, help="reviews to generate"),
          epochs: float = typer.Option(1.0),
          quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Offline end-to-end demo: sentiment task, base vs LoRA fine-tuned SmolLM2-135M."""
+    """Offline end-to-end demo: star ratings, base SmolLM2-135M prompted zero- and few-shot vs
+    LoRA fine-tuned."""
     from tunelab.demo import run_demo
     quiet_libraries()
     report = run_demo(out, n_examples=examples, epochs=epochs, quiet=quiet)
     if quiet:
-        print(json.dumps({k: report[k] for k in ("base", "fine_tuned")}, default=str))
+        print(json.dumps({"verdict": report["comparison"]["verdict"],
+                          "rows": {r["name"]: r["primary"] for r in report["comparison"]["rows"]},
+                          "report": report["comparison"]["report_html"]}))
 
 
 from tunelab.cli_server import register as _register_server  # noqa: E402

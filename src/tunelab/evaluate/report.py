@@ -63,11 +63,20 @@ def confusion_text(conf: dict[str, Any]) -> list[str]:
     return out
 
 
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "invalid_rate": "invalid answers",
+                "normalized_match": "match", "exact_match": "exact match", "rougeL": "ROUGE-L",
+                "pass@1": "pass@1", "no_number_rate": "no number", "pass_rate": "pass rate"}
+
+
+def metric_name(key: str) -> str:
+    return METRIC_NAMES.get(key, key.replace("_", " "))
+
+
 def comparison_table(rows: list[RunResult]) -> list[list[str]]:
     primary = rows[0].task["primary"]
-    head = ["", primary, "prompt tok/req", "gen tok/req", "latency s", "req/s"]
-    extra = [k for k in ("macro_f1", "invalid_rate") if k in rows[0].metrics]
-    head[2:2] = extra
+    extra = [k for k in ("macro_f1", "invalid_rate", "no_number_rate") if k in rows[0].metrics]
+    head = ["", metric_name(primary), *map(metric_name, extra), "prompt tok/req",
+            "gen tok/req", "latency s", "req/s"]
     body = []
     for r in rows:
         cells = [r.name, _pct(r.primary)] + [_pct(r.metrics.get(k)) for k in extra] + \
@@ -249,7 +258,8 @@ def side_by_side(c, n: int = 10) -> tuple[str, list[dict[str, Any]]]:
 
 def write_report(c, out_dir: Path) -> None:
     out_dir = Path(out_dir)
-    charts: dict[str, bytes] = {"metric": chart_metric(c.rows, c.rows[0].task["primary"]),
+    charts: dict[str, bytes] = {"metric": chart_metric(c.rows,
+                                                       metric_name(c.rows[0].task["primary"])),
                                 "tokens": chart_tokens(c.rows)}
     if any("confusion" in r.metrics for r in c.rows):
         charts["confusion"] = chart_confusions(c.rows)
@@ -402,10 +412,11 @@ def _html(c, charts: dict[str, bytes]) -> str:
     who, items = side_by_side(c)
     if items:
         mark = lambda s: "<span class='ok'>✓</span>" if s >= 1 else "<span class='no'>✗</span>"
+        said = lambda t: e(t) if t.strip() else "<span class='small'>(no answer)</span>"
         rows = "".join(
             f"<tr><td>{e(it['prompt'])}</td><td>{e(it['reference'])}</td>"
-            f"<td>{mark(it['base_score'])} {e(it['base'])}</td>"
-            f"<td>{mark(it['tuned_score'])} {e(it['tuned'])}</td></tr>" for it in items)
+            f"<td>{mark(it['base_score'])} {said(it['base'])}</td>"
+            f"<td>{mark(it['tuned_score'])} {said(it['tuned'])}</td></tr>" for it in items)
         parts.append(f"<div class='card ex'><h2>Example answers: {e(who)} vs fine-tuned</h2>"
                      "<table><thead><tr><th>prompt</th><th>reference</th>"
                      f"<th>{e(who)}</th><th>fine-tuned</th></tr></thead><tbody>{rows}</tbody>"

@@ -410,3 +410,58 @@ def test_api_answers_while_a_job_trains(a, files, srv):
     finally:
         a.fine_tuning.jobs.cancel(job.id)
         poll_job(a, job.id, timeout=30)
+
+
+def test_evaluation_compares_base_and_fine_tuned(a, srv, files, done_job):
+    _, valid = files
+    with srv.http(srv.keys["a"]) as h:
+        r = h.post("/v1/tunelab/evaluations", json={
+            "model": done_job.fine_tuned_model, "test_file": valid.id, "few_shot": 2,
+            "general_check": False, "limit": 6})
+        assert r.status_code == 200, r.text
+        ev = r.json()
+        assert ev["object"] == "tunelab.evaluation" and ev["status"] == "queued"
+        ev = wait_for(lambda: (lambda e: e if e["status"] in ("succeeded", "failed") else None)(
+            h.get(f"/v1/tunelab/evaluations/{ev['id']}").json()), 180, 0.5,
+            what="the evaluation")
+        assert ev["status"] == "succeeded", ev["error"]
+        names = [row["name"] for row in ev["result"]["rows"]]
+        assert names[-1] == "fine-tuned" and "base zero-shot" in names and len(names) == 3
+        assert all(row["primary"] is not None for row in ev["result"]["rows"])
+        assert str(srv.data_dir) not in json.dumps(ev)        # no server paths
+        report = h.get(f"/v1/tunelab/evaluations/{ev['id']}/report")
+        assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+        assert [e["id"] for e in h.get("/v1/tunelab/evaluations").json()["data"]] == [ev["id"]]
+
+
+def test_template_and_split_raw_records(a, srv):
+    reviews = [(f"Review {i}: {'great' if i % 2 else 'awful'} product from batch {i}",
+                "positive" if i % 2 else "negative") for i in range(40)]
+    csv = "text,label\n" + "".join(f"{t},{l}\n" for t, l in reviews)
+    raw = a.files.create(file=("reviews.csv", csv.encode()), purpose="fine-tune")
+    assert raw.status == "error" and "cannot detect the format" in raw.status_details
+    with srv.http(srv.keys["a"]) as h:
+        names = {t["name"]: t for t in h.get("/v1/tunelab/templates").json()["data"]}
+        assert names["review-sentiment"]["fields"] == ["review", "sentiment"]
+        bad = h.post(f"/v1/tunelab/files/{raw.id}/template",
+                     json={"template": "review-sentiment"})
+        err = _error(bad, 400)
+        assert "reviews.csv:2" in err["message"] and err["param"] == "map.review"
+        _error(h.post(f"/v1/tunelab/files/{raw.id}/template", json={"template": "nope"}), 400)
+        r = h.post(f"/v1/tunelab/files/{raw.id}/template", json={
+            "template": "review-sentiment", "map": {"review": "text", "sentiment": "label"}})
+        assert r.status_code == 200, r.text
+        made = r.json()
+        assert made["file"]["status"] == "processed" and made["file"]["purpose"] == "fine-tune"
+        assert len(made["preview"]) == 5
+        assert made["preview"][0]["messages"][-1] == {"role": "assistant", "content": "negative"}
+        parts = h.post(f"/v1/tunelab/files/{made['file']['id']}/split",
+                       json={"val": 0.25, "test": 0.25, "seed": 1, "stratify_by": "assistant"})
+        assert parts.status_code == 200, parts.text
+        parts = parts.json()
+        counts = {k: v["validation"]["examples"] for k, v in parts.items()}
+        assert counts == {"train": 20, "validation": 10, "test": 10}
+        assert all(v["status"] == "processed" for v in parts.values())
+        _error(h.post(f"/v1/tunelab/files/{raw.id}/split", json={}), 400)   # not a chat file
+        _error(h.post(f"/v1/tunelab/files/{made['file']['id']}/split",
+                      json={"val": 0.6, "test": 0.5}), 400)

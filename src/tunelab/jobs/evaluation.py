@@ -20,7 +20,9 @@ def report_dir(store: Store, job_id: str) -> Path:
 
 def run(store: Store, job: Job, *, worker: str) -> None:
     from tunelab.evaluate.compare import compare
+    from tunelab.jobs.store import now
     r = job.request
+    store.update(Job, job.id, started_at=job.started_at or now())
     labels = _labels(store, job)
     try:
         comparison = compare(base=r.get("base_spec"), tuned=r["tuned_spec"],
@@ -29,7 +31,10 @@ def run(store: Store, job: Job, *, worker: str) -> None:
                              else None,
                              out_dir=report_dir(store, job.id), task=r.get("task", "auto"),
                              few_shot=r.get("few_shot", 5), system=r.get("system"),
-                             limit=r.get("limit"), quiet=True)
+                             general_check=r.get("general_check", True),
+                             limit=r.get("limit"), quiet=True,
+                             progress_factory=lambda name, total: _Progress(store, job.id,
+                                                                            name, total))
     except TunelabError as e:
         param = _PARAMS.get(e.field or "", e.field)
         for path, (fld, _) in labels.items():
@@ -42,6 +47,30 @@ def run(store: Store, job: Job, *, worker: str) -> None:
     result = json.loads(_redact(json.dumps(comparison.to_json()), labels))
     if store.finish_job(job.id, worker, "succeeded", result=result):
         store.add_event(job.id, f"The evaluation finished: {result.get('verdict', '')}")
+
+
+class _Progress:
+    """compare()'s progress bars -> the evaluation's `progress` (written at most every 0.5 s)."""
+
+    def __init__(self, store: Store, job_id: str, name: str, total: int):
+        self.store, self.job_id, self.name, self.total = store, job_id, name, total
+        self.done, self.written = 0, 0.0
+        self._write()
+
+    def _write(self) -> None:
+        import time
+        self.written = time.time()
+        self.store.update(Job, self.job_id, progress={"stage": self.name, "done": self.done,
+                                                      "total": self.total})
+
+    def update(self, n: int = 1) -> None:
+        import time
+        self.done += n
+        if time.time() - self.written > 0.5 or self.done >= self.total:
+            self._write()
+
+    def close(self) -> None:
+        self._write()
 
 
 def _data(store: Store, file_id: str) -> Path:
@@ -77,5 +106,6 @@ def view(job: Job) -> dict[str, Any]:
             "status": job.status, "model": r.get("model"), "base_model": r.get("base_model"),
             "test_file": r.get("test_file"), "training_file": r.get("training_file"),
             "task": r.get("task", "auto"), "few_shot": r.get("few_shot", 5),
-            "system": r.get("system"), "finished_at": job.finished_at,
-            "result": job.result, "error": job.error}
+            "system": r.get("system"), "general_check": r.get("general_check", True),
+            "started_at": job.started_at, "finished_at": job.finished_at,
+            "progress": job.progress, "result": job.result, "error": job.error}

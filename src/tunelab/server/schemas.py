@@ -101,6 +101,8 @@ class EvaluationCreate(_Strict):
     few_shot: Annotated[int, Field(ge=0, le=32)] = 5
     system: Annotated[str, StringConstraints(max_length=20_000)] | None = None
     limit: Annotated[int, Field(ge=1)] | None = Field(None, description="the first N test examples")
+    general_check: bool = Field(True, description="also compare both models on general prompts "
+                                "(forgetting)")
 
 
 class TemplateApply(_Strict):

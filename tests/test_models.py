@@ -32,10 +32,51 @@ def test_folder_without_config_is_rejected(tmp_path):
         models.resolve(tmp_path)
 
 
-def test_hub_id_offline_gives_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(TunelabError, match="could not load the tokenizer from 'nobody-xyz/no-model'"):
+def test_hub_id_offline_fails_at_once_with_the_accepted_specs(monkeypatch):
+    import time
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.monotonic()
+    with pytest.raises(TunelabError, match="'nobody-xyz/no-model' is not a builtin.*HF_HUB_OFFLINE"
+                                           ".*expected a builtin alias"):
         models.load_tokenizer("nobody-xyz/no-model")
+    assert time.monotonic() - started < 5
+
+
+def test_hub_id_without_network_fails_at_once(monkeypatch):
+    """No HF_HUB_OFFLINE, but the hub cannot be reached (this machine has no internet, and an
+    endpoint on a closed local port stands for it): one error, not ~45 s of retries."""
+    import time
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    started = time.monotonic()
+    proc_err = None
+    try:
+        models.resolve("someone/unknown-model")
+    except TunelabError as e:
+        proc_err = str(e)
+    assert proc_err and "cannot be reached" in proc_err and "a hub id like org/name" in proc_err
+    assert time.monotonic() - started < 5
+
+
+def test_tokenizer_only_folder_is_enough_to_render_and_validate(tmp_path, smol_tokenizer):
+    """Masks and token counts can be checked before anyone downloads weights."""
+    from conftest import run_cli
+    from tunelab.data.io import write_jsonl
+    folder = tmp_path / "tok"
+    smol_tokenizer.save_pretrained(folder)
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"messages": [{"role": "user", "content": f"hi {i}"},
+                                     {"role": "assistant", "content": "hello"}]}
+                       for i in range(12)])
+    render = run_cli("data", "render", data, "--tokenizer", folder)
+    assert render.returncode == 0 and "[[hello<|im_end|>]]" in render.stdout, render.stderr
+    for flag in ("--model", "--tokenizer"):   # both commands take both names
+        validate = run_cli("data", "validate", data, flag, folder)
+        assert validate.returncode == 0 and "median 36" in validate.stdout, validate.stdout
+    with pytest.raises(TunelabError, match="tokenizer but no model"):
+        models.load(folder)
 
 
 def test_local_folder_loads_with_fixed_tokenizer(tiny_model_dir):

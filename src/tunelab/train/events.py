@@ -133,8 +133,8 @@ class MetricsLog:
         if event.kind in ("metrics", "evaluation"):
             with self.metrics_file.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(event.data) + "\n")
-        if event.kind == "finished":
-            return   # the run folder has moved to output_dir; result.json has the summary
+        if event.kind == "finished" or not self.log_file.parent.is_dir():
+            return   # the run folder has moved to output_dir (or was removed after a failure)
         with self.log_file.open("a", encoding="utf-8") as f:
             f.write(describe(event) + "\n")
 

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -384,7 +385,8 @@ def run_training(built: Built):
             built.channel.subscribe(MetricsLog(run_dir.metrics_file, run_dir.log_file))
     resume_from = str(prep.resume_from) if prep.resume_from else None
     try:
-        output = trainer.train(resume_from_checkpoint=resume_from)
+        with _no_embedding_save_notice():
+            output = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException as e:
         if built.is_main:
             run_dir.after_failure()
@@ -450,10 +452,6 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
     """
     from tunelab.config import build_config, load_config
     started = time.time()
-    if isinstance(cfg, (str, Path)):
-        cfg = load_config(cfg)
-    elif isinstance(cfg, dict):
-        cfg = build_config(cfg)
     channel = EventChannel(enabled=int(os.environ.get("RANK", "0")) == 0)
     if on_event is not None:
         channel.subscribe(on_event)
@@ -461,6 +459,10 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
         from tunelab.train.progress import ProgressDisplay
         channel.subscribe(ProgressDisplay())
     try:
+        if isinstance(cfg, (str, Path)):
+            cfg = load_config(cfg)
+        elif isinstance(cfg, dict):
+            cfg = build_config(cfg)
         built = build(prepare(cfg, resume=resume), channel, callbacks=callbacks,
                       should_cancel=should_cancel)
         return write_outputs(built, run_training(built), started=started)
@@ -469,6 +471,15 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
     except BaseException as e:
         channel.emit("failed", {"message": str(e) or type(e).__name__})
         raise
+
+
+@contextmanager
+def _no_embedding_save_notice():
+    """PEFT warns at every adapter save that it keeps the resized embeddings; that is what a
+    model whose tokenizer gained tokens needs (their rows are trained), not news."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Setting `save_embedding_layers`", UserWarning)
+        yield
 
 
 class _EvalAwareCollator:
@@ -486,7 +497,8 @@ def _write_outputs(model, tokenizer, cfg: TrainConfig, partial: Path,
     from tunelab.train.report import plot_losses, write_results_csv
     if cfg.method != "full":
         adapter = partial / "adapter"
-        model.save_pretrained(adapter)
+        with _no_embedding_save_notice():
+            model.save_pretrained(adapter)
         tokenizer.save_pretrained(adapter)
         if cfg.method == "qlora":
             # merging into the 4-bit base would requantize it: merge into a bf16 copy instead

@@ -91,12 +91,11 @@ def test_killed_worker_resumes_and_restart_loses_nothing(tmp_path, tiny_model_di
 
 
 def test_stopping_the_server_hands_a_running_job_back(tmp_path, tiny_model_dir):
-    """SIGTERM: the worker saves a checkpoint at its current step and requeues the job; the
-    next server's worker finishes it from there."""
-    key = make_key(tmp_path, "alice")
-    srv = Server(tmp_path, "--workers", "1", "--model", f"tiny={tiny_model_dir}")
+    """SIGTERM: the worker saves a checkpoint at its current step and requeues the job (with
+    --no-auth: a single user, no keys)."""
+    srv = Server(tmp_path, "--workers", "1", "--model", f"tiny={tiny_model_dir}", "--no-auth")
     try:
-        c = srv.client(key)
+        c = srv.client(None)
         rows = "".join(json.dumps(r) + "\n" for r in sound_rows()[:36]).encode()
         train = c.files.create(file=("sounds.jsonl", rows), purpose="fine-tune")
         job = c.fine_tuning.jobs.create(
@@ -106,9 +105,10 @@ def test_stopping_the_server_hands_a_running_job_back(tmp_path, tiny_model_dir):
         wait_for(lambda: (c.fine_tuning.jobs.retrieve(job.id).model_extra["tunelab"]
                           ["progress"] or {}).get("step", 0) >= 2, 90, what="training")
         assert srv.stop() in (0, -signal.SIGTERM)   # uvicorn re-raises SIGTERM
-        srv = Server(tmp_path, "--workers", "0", "--model", f"tiny={tiny_model_dir}")
-        c = srv.client(key)
+        srv = Server(tmp_path, "--workers", "0", "--model", f"tiny={tiny_model_dir}", "--no-auth")
+        c = srv.client(None)
         j = c.fine_tuning.jobs.retrieve(job.id)
+        assert j.fine_tuned_model is None and j.organization_id == "org-local"
         assert j.status == "queued"
         (ckpt,) = list(c.fine_tuning.jobs.checkpoints.list(job.id))   # saved on the way out
         events = [e.message for e in c.fine_tuning.jobs.list_events(job.id)]

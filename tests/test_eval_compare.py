@@ -187,3 +187,20 @@ def test_a_crash_keeps_the_scored_examples(sound_run, sound_task, tmp_path):
         run_task(model, tok, ExactMatch(), examples, batch_size=4, predictions_file=preds,
                  progress=crash_after_first_batch)
     assert len(preds.read_text().splitlines()) == 4
+
+
+def test_labels_the_training_file_never_shows_are_a_counted_warning(sound_run, sound_task,
+                                                                      tmp_path):
+    from tunelab.evaluate.compare import compare
+    rows = [c.to_json() for c in read_conversations(sound_task["train"])
+            if c.messages[-1]["content"] != "woof"]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    test_woofs = sum(c.messages[-1]["content"] == "woof"
+                     for c in read_conversations(sound_task["test"]))
+    result = compare(base=None, tuned=str(sound_run.model_dir), data=sound_task["test"],
+                     out_dir=tmp_path / "out", task="classification",
+                     train=tmp_path / "train.jsonl", few_shot=2, general_check=False)
+    assert [r.name for r in result.rows] == ["base zero-shot", "base 2-shot", "fine-tuned"]
+    assert f"{test_woofs} test examples have labels the training file never shows: woof" in \
+        result.warnings
+    assert result.forgetting is None and Path(result.report_html).exists()

@@ -4,7 +4,6 @@ training file; key isolation; hostile input; the extensions; schemathesis agains
 OpenAPI schema. One server (with one worker) for the module."""
 from __future__ import annotations
 
-import io
 import json
 import socket
 import time

@@ -72,7 +72,10 @@ class JobRun:
 
     def _on_started(self, ev) -> None:
         from tunelab.jobs.spec import shown_hyperparameters
-        d = ev.data
+        # the model by the id the user asked for, not its path on this server
+        d = {**ev.data, "model": self.job.model}
+        if d.get("resumed_from"):
+            d["resumed_from"] = f"checkpoint at step {ev.step}"
         self.progress.update(started_step=ev.step, started_at=time.time())
         self._set_progress(ev.step, ev.total_steps)
         self.store.update(Job, self.job.id, hyperparameters=shown_hyperparameters(

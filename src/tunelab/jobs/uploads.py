@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from tunelab.data.formats import ConvertReport, convert_records
-from tunelab.data.io import FILE_KINDS, _SUFFIXES, file_kind, read_records, write_jsonl
+from tunelab.data.io import file_kind, read_records, write_jsonl
 from tunelab.data.validate import ERROR_LABELS, SAMPLES
 from tunelab.errors import TunelabError
 from tunelab.jobs.store import File, Store, new_id
@@ -31,17 +31,21 @@ def safe_filename(name: str | None) -> str:
     name = unicodedata.normalize("NFC", name or "")
     name = PureWindowsPath(PurePosixPath(name.replace("\\", "/")).name).name
     name = _CONTROL.sub("", name).strip().lstrip(".") or "upload"
-    while len(name.encode("utf-8")) > 255:
-        name = name[:-1]
-    return name
+    stem, suffix = (name, "") if len(Path(name).suffix) > 16 else \
+        (name[:len(name) - len(Path(name).suffix)], Path(name).suffix)
+    while len((stem + suffix).encode("utf-8")) > 255:   # shorten the stem, keep the suffix
+        stem = stem[:-1]
+    return stem + suffix
 
 
 def upload_path(store: Store, file_id: str, filename: str) -> Path:
-    """Where the raw bytes go: the suffix is kept only if it is one tunelab reads."""
+    """Where the raw bytes go: `upload` plus the name's suffix, which tells tunelab.data the
+    file's kind (.csv, .parquet, ...; without one it sniffs the content)."""
     suffix = Path(filename).suffix.lower()
+    ok = 1 < len(suffix) <= 10 and suffix[1:].isalnum() and suffix[1:].isascii()
     folder = store.path("files") / file_id
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / ("upload" + (suffix if suffix in _SUFFIXES else ""))
+    return folder / ("upload" + (suffix if ok else ""))
 
 
 class _Tokenizers:
@@ -241,5 +245,5 @@ def split(store: Store, f: File, *, val: float, test: float, seed: int,
     return out
 
 
-__all__ = ["FILE_KINDS", "safe_filename", "upload_path", "process", "new_file", "delete_file",
+__all__ = ["safe_filename", "upload_path", "process", "new_file", "delete_file",
            "apply_template", "split", "tokenizers"]

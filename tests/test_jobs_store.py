@@ -1,0 +1,133 @@
+"""The job store and the job spec, in-process: claims under contention, leases, keys, and the
+OpenAI request -> TrainConfig mapping."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.jobs import spec
+from tunelab.jobs.store import Event, Job, Store, new_id
+from tunelab.jobs.uploads import safe_filename
+
+
+def queued(store: Store, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        job = store.add(Job(id=new_id("ftjob-"), kind="fine_tune", owner="o", status="queued",
+                            model="m", base_spec="m"))
+        ids.append(job.id)
+    return ids
+
+
+def test_each_job_is_claimed_once_under_contention(tmp_path):
+    ids = queued(Store(tmp_path), 30)
+    claimed: list[tuple[int, str]] = []
+
+    def worker(i: int) -> None:
+        store = Store(tmp_path)            # its own engine and connections, like a process
+        while (job := store.claim_job(f"w{i}", 30)) is not None:
+            claimed.append((i, job.id))
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(j for _, j in claimed) == sorted(ids)
+    assert len({w for w, _ in claimed}) > 1
+
+
+def test_an_expired_lease_is_claimed_again(tmp_path):
+    store = Store(tmp_path)
+    (job_id,) = queued(store, 1)
+    job = store.claim_job("dead", lease_s=0.2)
+    assert job.id == job_id and job.attempts == 1
+    assert store.claim_job("other", 30) is None           # the lease holds
+    assert store.renew_lease(job_id, "dead", 0.2) == (True, False)
+    time.sleep(0.3)
+    assert store.requeue_expired() == [job_id]
+    job = store.claim_job("other", 30)
+    assert job.id == job_id and job.attempts == 2 and job.lease_owner == "other"
+    assert store.renew_lease(job_id, "dead", 30) == (False, False)   # the dead one lost it
+    store.update(Job, job_id, cancel_requested=True)
+    assert store.renew_lease(job_id, "other", 30) == (True, True)
+    assert store.finish_job(job_id, "other", "cancelled")
+    assert not store.finish_job(job_id, "other", "failed")             # final stays final
+
+
+def test_keys_store_only_a_hash(tmp_path):
+    store = Store(tmp_path)
+    key, token = store.create_key("alice")
+    assert store.key_for_token(token).id == key.id
+    assert store.key_for_token(token + "x") is None
+    with pytest.raises(TunelabError, match="active key named 'alice'"):
+        store.create_key("alice")
+    with pytest.raises(TunelabError):
+        store.create_key("a:b")        # part of model names
+    db = sqlite3.connect(tmp_path / "tunelab.db")
+    dump = "\n".join(db.iterdump())
+    assert token not in dump and token[8:20] not in dump
+    store.revoke_key("alice")
+    assert store.key_for_token(token) is None
+    assert store.create_key("alice")[0].name == "alice"   # the name is free again
+
+
+def test_pages_follow_the_cursor(tmp_path):
+    store = Store(tmp_path)
+    for i in range(7):
+        store.add_event("j", f"e{i}")
+    seen, after = [], None
+    while True:
+        rows, more = store.page(Event, Event.job_id == "j", after=after, limit=3)
+        seen += [r.message for r in rows]
+        if not more:
+            break
+        after = rows[-1].id
+    assert seen == [f"e{i}" for i in reversed(range(7))]
+
+
+def make(tmp_path, hp=None, options=None, seed=None, param="method.supervised.hyperparameters"):
+    return spec.train_config(base_spec="smollm2-135m-instruct", train_path=tmp_path / "t.jsonl",
+                             valid_path=None, output_dir=tmp_path / "run",
+                             hyperparameters=hp or {}, hyperparameters_param=param, seed=seed,
+                             options=options or {})
+
+
+def test_openai_hyperparameters_map_onto_the_config(tmp_path):
+    cfg = make(tmp_path, {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5},
+               {"method": "full", "max_length": 256}, seed=9)
+    assert cfg.epochs == 2 and cfg.batch_size == "auto" and cfg.seed == 9
+    assert cfg.learning_rate == pytest.approx(0.5 * 2e-5)     # x the auto rate of `full`
+    assert cfg.max_length == 256 and cfg.overwrite
+    shown = spec.shown_hyperparameters(cfg.model_dump(mode="json"))
+    assert shown == {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5}
+
+
+@pytest.mark.parametrize("hp, options, param", [
+    ({}, {"lora": {"r": 0}}, "tunelab.lora.r"),
+    ({}, {"epoch": 3}, "tunelab.epoch"),
+    ({}, {"train_file": "/etc/passwd"}, "tunelab.train_file"),
+    ({}, {"method": "full", "lora": {"r": 8}}, "tunelab.lora"),
+    ({"n_epochs": 2}, {"epochs": 3}, "tunelab.epochs"),
+    ({"batch_size": 4}, {"micro_batch_size": 0}, "tunelab.micro_batch_size"),
+])
+def test_config_errors_name_the_request_field(tmp_path, hp, options, param):
+    with pytest.raises(TunelabError) as e:
+        make(tmp_path, hp, options)
+    assert e.value.field == param
+
+
+@pytest.mark.parametrize("name, safe", [
+    ("../../etc/passwd", "passwd"), ("..\\..\\x.csv", "x.csv"), ("/abs/data.jsonl", "data.jsonl"),
+    ("..", "upload"), ("", "upload"), (".hidden.jsonl", "hidden.jsonl"),
+    ("a\x00b\n.jsonl", "ab.jsonl"), ("é" * 200 + ".jsonl", "é" * 124 + ".jsonl"),
+])
+def test_safe_filename(name, safe):
+    got = safe_filename(name)
+    assert "/" not in got and "\\" not in got and got not in (".", "..") and got
+    assert len(got.encode()) <= 255
+    if safe is not None:
+        assert got == safe

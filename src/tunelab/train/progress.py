@@ -71,8 +71,10 @@ class ProgressDisplay:
         procs = d.get("world_size", 1)
         split = f"{d['micro_batch_size']} x {d['gradient_accumulation_steps']} accumulation" + \
             (f" x {procs} processes" if procs > 1 else "")
+        # max_steps may end the run before the planned epochs do
+        epochs = min(d["epochs"], e.total_steps / d.get("steps_per_epoch", e.total_steps))
         self._print(f"tunelab: {d['train_examples']} train / {d['valid_examples']} valid "
-                    f"examples{packed}; {e.total_steps} steps ({d['epochs']:g} epochs) of batch "
+                    f"examples{packed}; {e.total_steps} steps ({epochs:.3g} epochs) of batch "
                     f"{d['batch_size']} = {split}; lr {d['learning_rate']:g}, {d['precision']}")
         if d.get("resumed_from"):
             self._print(f"tunelab: resuming at step {e.step} from {d['resumed_from']}")

@@ -165,6 +165,7 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
         average_tokens_across_devices=True,   # loss normalised by trained tokens, globally
         ddp_find_unused_parameters=False,
         disable_tqdm=True,   # tunelab.train.progress shows the run, from its events
+        log_level_replica="error",   # the Trainer would turn other processes' warnings back on
         dataloader_num_workers=0,
     )
 
@@ -364,7 +365,8 @@ def _started_data(prep: Prepared, trainable: int, total: int) -> dict[str, Any]:
             "trainable_parameters": trainable, "total_parameters": total,
             "micro_batch_size": plan.micro_batch_size,
             "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-            "world_size": plan.world_size, "precision": prep.precision,
+            "world_size": plan.world_size, "steps_per_epoch": plan.steps_per_epoch,
+            "precision": prep.precision,
             "packed_rows": len(prep.train_batches) if cfg.packing else None,
             "resumed_from": str(prep.resume_from) if prep.resume_from else None}
 

@@ -339,30 +339,30 @@ class Engine:
         with self._load_lock:
             if (unit := self._take(ukey, spec)) is not None:
                 return unit
-            base_src = ModelSource(src.path, src.gguf_file)
             tokenizer = load_tokenizer(spec, source=src)
-            if src.adapter is None:
-                m = self._load_model((src.path, src.gguf_file), spec, base_src, tokenizer)
+            base_src = ModelSource(src.path, src.gguf_file)
+            base_tok = tokenizer if src.adapter is None else load_tokenizer(source=base_src)
+            if len(base_tok) != len(tokenizer):
+                # The adapter's tokenizer grew the vocabulary past its base's: its embeddings
+                # differ, so it cannot share the base. Serve it merged, as a model of its own.
+                m = self._load_model(ukey, spec, src, tokenizer)
                 return self._register(ukey, spec, m, BASE_ADAPTER, tokenizer)
             base_key = (src.path, src.gguf_file)
-            with self._cv:
+            with self._cv:      # the base may be loaded already, for another spec
                 m = self._models.get(base_key)
                 if m is not None:
-                    m.refs += 1     # keep it from eviction while the adapter loads
+                    m.refs += 1
             if m is None:
-                base_tok = load_tokenizer(source=base_src)
-                if len(base_tok) != len(tokenizer):
-                    # The adapter's tokenizer grew the vocabulary past its base's: its
-                    # embeddings differ, so it cannot share the base. Serve it merged, alone.
-                    m = self._load_model(ukey, spec, src, tokenizer)
-                    return self._register(ukey, spec, m, BASE_ADAPTER, tokenizer)
-                m = self._load_model(base_key, _base_name(src.adapter), base_src, base_tok)
+                name = spec if src.adapter is None else _base_name(src.adapter)
+                m = self._load_model(base_key, name, base_src, base_tok)
+            if src.adapter is None:
+                return self._register(ukey, spec, m, BASE_ADAPTER, tokenizer)
             try:
-                name = self._add_adapter(m, src.adapter)
+                adapter = self._add_adapter(m, src.adapter)
             except BaseException:
                 self._release_ref(m)
                 raise
-            unit = self._register(ukey, spec, m, name, tokenizer)
+            unit = self._register(ukey, spec, m, adapter, tokenizer)
             self._evict(keep=m)
             return unit
 

@@ -1,6 +1,7 @@
 """/v1/files: upload (streamed, size-limited), list, retrieve, content, delete."""
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -14,6 +15,7 @@ from tunelab.server.context import Context, Owner, context, owner
 from tunelab.server.errors import APIError, not_found
 from tunelab.server.upload import receive
 
+log = logging.getLogger("tunelab.server")
 router = APIRouter(prefix="/v1", tags=["files"])
 PURPOSES = ("fine-tune",)
 
@@ -110,3 +112,13 @@ def delete_file(file_id: str, request: Request, who: Owner = Depends(owner)):
     f = get_file(ctx, who, file_id)
     uploads.delete_file(ctx.store, f)
     return {"id": f.id, "object": "file", "deleted": True}
+
+
+def reprocess_interrupted(ctx: Context) -> None:
+    """At startup: uploads a stopped server received but had not finished checking."""
+    for f in ctx.store.all(File, File.status == "uploaded", File.purpose == "fine-tune",
+                           File.created_at <= ctx.started):   # not uploads arriving now
+        try:
+            uploads.process(ctx.store, f, model=ctx.stats_model)
+        except Exception:
+            log.exception("processing %s", f.id)

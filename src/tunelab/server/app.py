@@ -25,9 +25,13 @@ def create_app(settings: Settings, supervisor=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        from tunelab.server.api_files import reprocess_interrupted
         from tunelab.server.api_jobs import revalidate_pending
-        # jobs a stopped server left half-validated; in a thread: startup stays quick
-        threading.Thread(target=revalidate_pending, args=(ctx.store,), daemon=True).start()
+
+        def resume_interrupted():   # what a stopped server left half-done, in a thread
+            reprocess_interrupted(ctx)
+            revalidate_pending(ctx.store)
+        threading.Thread(target=resume_interrupted, daemon=True).start()
         threading.Thread(target=_reap, args=(ctx, stop), daemon=True, name="reaper").start()
         if supervisor is not None:
             supervisor.start()

@@ -13,7 +13,15 @@ function niceTicks(lo, hi, n = 5) {
   const ticks = [];
   for (let t = Math.floor(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(+t.toPrecision(12));
   if (ticks[ticks.length - 1] < hi) ticks.push(+(ticks[ticks.length - 1] + step).toPrecision(12));
+  ticks.step = step;
   return ticks;
+}
+
+// Tick labels with as many decimals as the tick step needs (10.65 / 10.70, not 10.7 / 10.7).
+function tickFormat(step) {
+  let decimals = 0;
+  while (decimals < 6 && Math.abs(Math.round(step * 10 ** decimals) - step * 10 ** decimals) > 1e-6) decimals++;
+  return (t) => (Math.abs(t) >= 1e5 ? fmtNum(t, 3) : t.toFixed(decimals));
 }
 
 function observeWidth(el, draw) {
@@ -27,7 +35,7 @@ function observeWidth(el, draw) {
 }
 
 // Live line chart: chart.update(series) redraws; series = [{name, cls, points: [[x, y], ...]}].
-export function lineChart({ height = 260, xLabel = "step", yLabel = "", empty = "No points yet", xMax } = {}) {
+export function lineChart({ height = 260, xLabel = "step", yLabel = "", empty = "No points yet", xMax, yDomain } = {}) {
   const root = h("div", { class: "chart" });
   const legend = h("div", { class: "legend" });
   const plot = h("div", { class: "plot" });
@@ -51,20 +59,21 @@ export function lineChart({ height = 260, xLabel = "step", yLabel = "", empty = 
       return;
     }
     const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
-    const xHi = Math.max(xMax || 0, ...xs), xLo = Math.min(0, ...xs);
-    const yt = niceTicks(Math.min(...ys), Math.max(...ys), 4);
-    const xt = niceTicks(xLo, xHi || 1, Math.max(2, Math.min(8, Math.floor(W / 90))));
-    const y0 = yt[0], y1 = yt[yt.length - 1], x0 = xLo, x1 = xt[xt.length - 1];
+    const xHi = Math.max(xMax || 0, ...xs) || 1, xLo = Math.min(0, ...xs);
+    const yt = yDomain ? niceTicks(yDomain[0], yDomain[1], 4) : niceTicks(Math.min(...ys), Math.max(...ys), 4);
+    const xt = niceTicks(xLo, xHi, Math.max(2, Math.min(8, Math.floor(W / 90)))).filter((t) => t <= xHi);
+    const y0 = yt[0], y1 = yt[yt.length - 1], x0 = xLo, x1 = xHi;
+    const yFmt = tickFormat(yt.step || 1), xFmt = tickFormat(Math.max(1, xt.step || 1));
     const X = (x) => m.l + ((x - x0) / (x1 - x0 || 1)) * (W - m.l - m.r);
     const Y = (y) => H - m.b - ((y - y0) / (y1 - y0 || 1)) * (H - m.t - m.b);
     const g = h("g", { class: "axes" });
     for (const t of yt) {
       g.append(h("line", { x1: m.l, x2: W - m.r, y1: Y(t), y2: Y(t), class: "grid" }),
-               h("text", { x: m.l - 8, y: Y(t) + 4, "text-anchor": "end" }, fmtNum(t, 3)));
+               h("text", { x: m.l - 8, y: Y(t) + 4, "text-anchor": "end" }, yFmt(t)));
     }
     for (const t of xt) {
       if (t < x0) continue;
-      g.append(h("text", { x: X(t), y: H - m.b + 18, "text-anchor": "middle" }, fmtNum(t, 4)));
+      g.append(h("text", { x: X(t), y: H - m.b + 18, "text-anchor": "middle" }, xFmt(t)));
     }
     g.append(h("text", { x: W - m.r, y: H - 2, "text-anchor": "end", class: "axis-label" }, xLabel));
     svg.append(g);

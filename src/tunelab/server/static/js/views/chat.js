@@ -14,10 +14,11 @@ export async function render(root, { query }, ctx) {
   root.replaceChildren();
   const ids = models.map((m) => m.id);
   for (const q of ["left", "right"]) if (query.get(q) && !ids.includes(query.get(q))) ids.push(query.get(q));
-  const tuned = ids.filter((m) => m.startsWith("ft:"));
+  const created = Object.fromEntries(models.map((m) => [m.id, m.created || 0]));
+  const tuned = ids.filter((m) => m.startsWith("ft:")).sort((x, y) => created[y] - created[x]);
   const baseIds = ids.filter((m) => !m.startsWith("ft:"));
   const leftDefault = query.get("left") || baseIds[0] || ids[0] || "";
-  const rightDefault = query.get("right") || tuned.filter((m) => !/ckpt/.test(m)).pop() || tuned[0] || ids[1] || "";
+  const rightDefault = query.get("right") || tuned.find((m) => !/:ckpt/.test(m)) || tuned[0] || ids[1] || "";
 
   const modelSelect = (id, value) => {
     const s = h("select", { id, class: "model-select" });
@@ -75,7 +76,7 @@ function pane(side, letter, sel) {
   log.append(empty());
   sel.setAttribute("aria-label", `Model ${letter}`);
   sel.addEventListener("change", () => { history.length = 0; clear(log, empty()); });
-  const el = h("section", { class: ["chat-pane card", side], dataset: { side } },
+  const el = h("section", { class: "chat-pane card", dataset: { side } },
     h("header", { class: "pane-head" }, h("span", { class: "pane-letter", "aria-hidden": "true" }, letter), sel), log);
 
   async function ask(text, { temperature, max_tokens, system }, signal) {

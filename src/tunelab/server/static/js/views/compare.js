@@ -15,6 +15,14 @@ export async function render(root, { id, query }, ctx) {
   return id ? renderEvaluation(root, id, ctx) : renderForm(root, query, ctx);
 }
 
+let schemaCache = null;
+async function requestFields(name) {
+  try {
+    schemaCache ||= await get("/openapi.json");
+    return new Set(Object.keys(((schemaCache.components || {}).schemas || {})[name]?.properties || {}));
+  } catch { return new Set(); }
+}
+
 function remember(id) {
   const ids = JSON.parse(localStorage.getItem(HISTORY) || "[]").filter((x) => x !== id);
   localStorage.setItem(HISTORY, JSON.stringify([id, ...ids].slice(0, 20)));
@@ -32,7 +40,10 @@ async function renderForm(root, query, ctx) {
     return;
   }
   root.replaceChildren();
-  const tuned = models.filter((m) => String(m.id).startsWith("ft:"));
+  // Final fine-tuned models first (newest first), then their checkpoints.
+  const isCkpt = (m) => /:ckpt-/.test(m.id);
+  const tuned = models.filter((m) => String(m.id).startsWith("ft:"))
+    .sort((a, b) => (isCkpt(a) - isCkpt(b)) || ((b.created || 0) - (a.created || 0)));
   const base = models.filter((m) => !String(m.id).startsWith("ft:"));
   if (!tuned.length) {
     root.append(card(null, emptyState("No fine-tuned model yet", "Train one first; then compare it with its base model here.",
@@ -41,14 +52,21 @@ async function renderForm(root, query, ctx) {
     return;
   }
   const usable = files.filter((f) => f.status !== "error");
-  const modelSel = select(tuned.map((m) => [m.id, m.id]), { id: "c-model", value: query.get("model") || tuned[0].id });
+  const modelSel = select(tuned.map((m) => [m.id, isCkpt(m) ? `${m.id} (checkpoint)` : m.id]), { id: "c-model", value: query.get("model") || tuned[0].id });
   const baseSel = select([["", "— the fine-tune's own base —"], ...base.map((m) => [m.id, m.id])], { id: "c-base", value: "" });
-  const testGuess = (job && localStorage.getItem(`tunelab.testFor.${job.id}`)) || "";
+  // The test split made on the Data page for this model's training data, when there was one.
+  const jobOf = (model) => (/(ftjob-[A-Za-z0-9]+)/.exec(model || "") || [])[1];
+  const testFor = (model) => localStorage.getItem(`tunelab.testFor.${(job && job.id) || jobOf(model)}`) || "";
+  const testGuess = testFor(query.get("model") || tuned[0].id);
   const testSel = select(fileOptions(usable, { none: "— choose the held-out test file —" }), { id: "c-test", value: testGuess });
-  const trainSel = select(fileOptions(usable, { none: "— none (no few-shot row) —" }), { id: "c-train", value: (job && job.training_file) || "" });
-  const shots = h("input", { type: "number", id: "c-shots", min: 0, max: 50, value: 5, inputmode: "numeric" });
+  const trainSel = select(fileOptions(usable, { none: "— the fine-tuning job's training file —" }), { id: "c-train", value: "" });
+  const shots = h("input", { type: "number", id: "c-shots", min: 0, max: 32, value: 5, inputmode: "numeric" });
   const task = select(TASKS, { id: "c-task", value: "auto" });
   const system = h("textarea", { id: "c-system", rows: 2, placeholder: "e.g. Answer with one word: positive or negative." });
+  const limit = h("input", { type: "number", id: "c-limit", min: 1, step: 1, placeholder: "all", inputmode: "numeric" });
+  // Offered only when the server's schema has the field (older servers refuse unknown fields).
+  const fields = await requestFields("EvaluationCreate");
+  const general = fields.has("general_check") ? h("input", { type: "checkbox", id: "c-general", checked: true }) : null;
   const submit = button("Run comparison", { kind: "primary", type: "submit", icon: "compare" });
   const formErr = h("div", { class: "form-error", id: "c-form-err", role: "alert" });
   const form = h("form", { class: "form", novalidate: true },
@@ -57,10 +75,14 @@ async function renderForm(root, query, ctx) {
       field("Base model", baseSel, { hint: "Found from the fine-tuned model unless you pick one." }),
       field("Test file", testSel, { hint: "Held-out conversations: the last answer of each is the reference." }),
       field("Training file (for few-shot)", trainSel, { hint: "The few-shot row takes its examples from here, never from the test file." }),
-      field("Few-shot examples", shots, { hint: "How many examples go in the few-shot prompt." }),
-      field("Task", task, { hint: "Decides the metric: accuracy, exact match, ROUGE…" })),
+      field("Few-shot examples", shots, { hint: "How many examples go in the few-shot prompt; 0 skips that row." }),
+      field("Task", task, { hint: "Decides the metric: accuracy, exact match, ROUGE…" }),
+      field("Test examples", limit, { hint: "The first N of the test file; empty for all of them." }),
+      general ? h("div", { class: "check" }, general, h("label", { for: "c-general" }, "Check what the fine-tune forgot"),
+        h("span", { class: "hint" }, " — general prompts answered by both models (slower).")) : null),
     field("System prompt for the prompted baseline", system, { hint: "Optional: what you would otherwise tell the base model." }),
     h("div", { class: "form-actions" }, submit, formErr));
+  modelSel.addEventListener("change", () => { const t = testFor(modelSel.value); if (t && !testSel.value) testSel.value = t; });
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     clearFieldErrors(form);
@@ -70,6 +92,8 @@ async function renderForm(root, query, ctx) {
     if (baseSel.value) body.base_model = baseSel.value;
     if (trainSel.value) body.training_file = trainSel.value;
     if (system.value.trim()) body.system = system.value.trim();
+    if (limit.value) body.limit = +limit.value;
+    if (general && !general.checked) body.general_check = false;
     submit.disabled = true;
     try {
       const ev = await post("/v1/tunelab/evaluations", body);
@@ -77,7 +101,7 @@ async function renderForm(root, query, ctx) {
       ctx.navigate(`compare/${ev.id}`);
     } catch (err) {
       const shown = showParamError(form, err, { model: "c-model", base_model: "c-base", test_file: "c-test", training_file: "c-train",
-                                                few_shot: "c-shots", task: "c-task", system: "c-system" });
+                                                few_shot: "c-shots", task: "c-task", system: "c-system", limit: "c-limit" });
       formErr.replaceChildren(errorBox(err, { title: shown ? "Not started:" : "Could not start the comparison:" }));
     } finally { submit.disabled = false; }
   });
@@ -110,11 +134,11 @@ async function renderEvaluation(root, id, ctx) {
   let drawnResult = false;
 
   const draw = (ev) => {
-    ctx.setHeader("Comparison", { sub: `${ev.id}${ev.model ? " · " + ev.model : ""}` });
+    ctx.setHeader("Comparison", { sub: `${ev.id}${ev.model ? " · " + ev.model : ""}`, actions: [pill(ev.status)] });
     const active = !["succeeded", "failed", "cancelled"].includes(ev.status);
-    clear(status, h("section", { class: "card eval-status" }, h("div", { class: "row gap" }, pill(ev.status),
-      active ? h("span", { class: "muted" }, spinner(), ` Measuring every row on the test file… ${fmtDuration((Date.now() - started) / 1000)}`) : null),
-      ev.error ? errorBox({ message: ev.error.message || String(ev.error), code: ev.error.code }, { title: "Failed:" }) : null));
+    clear(status, active || ev.error ? h("section", { class: "card eval-status" },
+      active ? h("div", { class: "row gap muted" }, spinner(), `Measuring the base model (zero-shot, with a system prompt, few-shot) and the fine-tuned model on the test file… ${fmtDuration((Date.now() - started) / 1000)}`) : null,
+      ev.error ? errorBox({ message: ev.error.message || String(ev.error), code: ev.error.code }, { title: ev.error.param ? `Failed (${ev.error.param}):` : "Failed:" }) : null) : null);
     if (ev.status === "succeeded" && ev.result && !drawnResult) {
       drawnResult = true;
       clear(result, resultView(ev));
@@ -153,6 +177,12 @@ function resultView(ev) {
   const best = Math.max(...rows.map((x) => (Number.isFinite(+x.primary) ? +x.primary : -Infinity)));
   const metricKeys = [...new Set(rows.flatMap((x) => Object.keys(x.metrics || {})))]
     .filter((k) => k !== primary && typeof rows.find((x) => x.metrics && k in x.metrics).metrics[k] === "number").slice(0, 4);
+  // Rows name server paths for local models: show the ids the user knows.
+  // ft:{base}:{key}:{suffix}:{job}: the base id is the fine-tune's second part.
+  const baseId = ev.base_model || (String(ev.model).startsWith("ft:") ? String(ev.model).split(":")[1] : null);
+  const shown = (x) => (x.name === "fine-tuned" ? ev.model : baseId) ||
+    (/^[/<]/.test(x.model) ? x.model.split("/").filter(Boolean).slice(-1)[0] : x.model);
+  const allFrac = (k) => rows.every((x) => { const v = (x.metrics || {})[k]; return typeof v !== "number" || (v >= 0 && v <= 1); });
   const tunedWins = /^fine-tuned:/.test(r.verdict || "") && !/on par/.test(r.verdict || "");
   const out = h("div", { class: "eval-result" });
   out.append(h("div", { class: ["verdict", tunedWins ? "good" : /prompting wins/.test(r.verdict || "") ? "bad" : ""] },
@@ -162,9 +192,9 @@ function resultView(ev) {
       metricKeys.map((k) => h("th", { scope: "col", class: "num" }, k)),
       ["Prompt tokens", "Answer tokens", "Latency", "Req/s"].map((c) => h("th", { scope: "col", class: "num" }, c)))),
     h("tbody", {}, rows.map((x) => h("tr", { class: [x.name === "fine-tuned" && "tuned", +x.primary === best && "best"] },
-      h("th", { scope: "row" }, x.name, h("div", { class: "mono muted small" }, x.model)),
+      h("th", { scope: "row" }, x.name, h("div", { class: "mono muted small model-id", title: x.model }, shown(x))),
       h("td", { class: "num strong" }, fmtP(x.primary)),
-      metricKeys.map((k) => h("td", { class: "num" }, fmtNum(x.metrics[k], 3))),
+      metricKeys.map((k) => h("td", { class: "num" }, allFrac(k) ? pct(x.metrics[k]) : fmtNum(x.metrics[k], 3))),
       h("td", { class: "num" }, fmtInt(x.prompt_tokens)), h("td", { class: "num" }, fmtNum(x.completion_tokens, 3)),
       h("td", { class: "num" }, x.latency_s !== undefined ? `${fmtNum(x.latency_s, 2)} s` : "—"),
       h("td", { class: "num" }, fmtNum(x.requests_per_s, 3)))))))));
@@ -225,7 +255,8 @@ function reportFrame(ev) {
       clear(holder, frame, h("div", { class: "form-actions" }, open));
     } catch (e) { clear(holder, errorBox(e, { title: "Report unavailable:" })); }
   };
-  return card("Full report", holder, { sub: "Every example answer, per setup", actions: button("Show", { kind: "small", onClick: load }) });
+  load();
+  return card("Full report", holder, { sub: "Every example answer, per setup, with the charts of the comparison" });
 }
 
 export { toast };

@@ -68,13 +68,13 @@ function uploadCard(ctx) {
 
 function filesTable(files) {
   return h("div", { class: "table-wrap" }, h("table", { class: "table files" },
-    h("thead", {}, h("tr", {}, ["Name", "Examples", "Status", "Size", "Uploaded"].map((c) => h("th", { scope: "col" }, c)))),
+    h("thead", {}, h("tr", {}, ["Name", "Examples", "Status", "Size", "Uploaded"].map((c, i) => h("th", { scope: "col", class: i > 2 && "hide-phone" }, c)))),
     h("tbody", {}, files.map((f) => h("tr", {},
       h("td", {}, h("a", { href: `#/data/${f.id}`, class: "strong" }, icon("file", 15), " ", f.filename), h("div", { class: "mono muted small" }, f.id)),
       h("td", { class: "num" }, f.validation ? fmtInt(f.validation.examples) : "—"),
       h("td", {}, pill(f.status || "processed"), f.validation && errorCount(f.validation) ? h("span", { class: "muted small" }, ` ${fmtInt(errorCount(f.validation))} errors`) : null),
-      h("td", { class: "num" }, fmtBytes(f.bytes)),
-      h("td", {}, fmtAgo(f.created_at)))))));
+      h("td", { class: "num hide-phone" }, fmtBytes(f.bytes)),
+      h("td", { class: "hide-phone" }, fmtAgo(f.created_at)))))));
 }
 
 // ---------------------------------------------------------------- one file: the steps
@@ -306,7 +306,8 @@ function splitResult(r, ctx) {
   const part = (label, f) => f ? h("a", { class: "split-part", href: `#/data/${f.id}` },
     h("div", { class: "split-label" }, label),
     h("div", { class: "split-count" }, f.validation ? fmtInt(f.validation.examples) : "—"),
-    h("div", { class: "muted small mono" }, f.filename)) : null;
+    h("div", { class: "muted small mono" }, f.filename),
+    f.status === "error" ? h("div", { class: "bad-text small" }, `Not usable: ${f.status_details || "see its check"}`) : null) : null;
   const q = new URLSearchParams();
   if (r.train) q.set("training_file", r.train.id);
   if (r.validation) q.set("validation_file", r.validation.id);

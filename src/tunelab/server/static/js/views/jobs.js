@@ -44,18 +44,18 @@ function progressOf(job) {
 
 function jobsTable(jobs) {
   return h("div", { class: "table-wrap" }, h("table", { class: "table" },
-    h("thead", {}, h("tr", {}, ["Model", "Base", "Status", "Progress", "Created"].map((c) => h("th", { scope: "col" }, c)))),
+    h("thead", {}, h("tr", {}, ["Model", "Base", "Status", "Progress", "Created"].map((c, i) => h("th", { scope: "col", class: (i === 1 || i === 4) && "hide-phone" }, c)))),
     h("tbody", {}, jobs.map((j) => {
       const p = progressOf(j);
       const pct = p.total ? Math.min(100, (100 * (p.step || 0)) / p.total) : j.status === "succeeded" ? 100 : 0;
       return h("tr", {},
         h("td", {}, h("a", { class: "strong", href: `#/jobs/${j.id}` }, j.fine_tuned_model || j.user_provided_suffix || j.id),
           h("div", { class: "mono muted small" }, j.id)),
-        h("td", { class: "mono small" }, j.model),
+        h("td", { class: "mono small hide-phone" }, j.model),
         h("td", {}, pill(j.status)),
         h("td", {}, h("div", { class: "progress thin", title: `${Math.round(pct)}%` }, h("div", { class: ["progress-fill", j.status], style: { width: `${pct}%` } })),
           p.total ? h("div", { class: "muted small" }, `step ${fmtInt(p.step)} / ${fmtInt(p.total)}`) : null),
-        h("td", {}, fmtAgo(j.created_at)));
+        h("td", { class: "hide-phone" }, fmtAgo(j.created_at)));
     }))));
 }
 
@@ -79,7 +79,7 @@ async function renderJob(root, id, ctx) {
   const tiles = h("div", { class: "tiles" });
   const errorSlot = h("div");
   const lossChart = lineChart({ yLabel: "loss", empty: "Waiting for the first training steps…" });
-  const accChart = lineChart({ yLabel: "token accuracy", empty: "Waiting for the first training steps…" });
+  const accChart = lineChart({ yLabel: "token accuracy", yDomain: [0, 1], empty: "Waiting for the first training steps…" });
   const log = h("ol", { class: "log", "aria-live": "off" });
   const ckpts = h("div");
   const details = h("div");
@@ -210,7 +210,7 @@ async function renderJob(root, id, ctx) {
         const model = c.fine_tuned_model_checkpoint;
         return h("tr", {}, h("td", { class: "num" }, fmtInt(c.step_number)),
           h("td", { class: "num" }, fmtNum(m.train_loss, 4)), h("td", { class: "num" }, fmtNum(m.valid_loss ?? m.full_valid_loss, 4)),
-          h("td", { class: "right" }, model ? h("a", { class: "btn small ghost", href: `#/chat?right=${encodeURIComponent(model)}&left=${encodeURIComponent(job.model)}` }, icon("chat", 14), h("span", {}, "Chat")) : null));
+          h("td", { class: "align-right" }, model ? h("a", { class: "btn small ghost", href: `#/chat?right=${encodeURIComponent(model)}&left=${encodeURIComponent(job.model)}` }, icon("chat", 14), h("span", {}, "Chat")) : null));
       })))));
   }
 
@@ -228,8 +228,8 @@ async function renderJob(root, id, ctx) {
       row("Seed", job.seed ?? "—"),
     ];
     const cfgKeys = ["method", "learning_rate", "epochs", "batch_size", "max_length", "lora", "max_steps", "packing", "precision"];
-    for (const k of cfgKeys) if (cfg[k] !== undefined) kvs.push(row(`config.${k}`, h("span", { class: "mono" }, typeof cfg[k] === "object" ? JSON.stringify(cfg[k]) : String(cfg[k]))));
-    const results = (job.result_files || []).map((fid) => button(fid, { kind: "ghost small", icon: "download",
+    for (const k of cfgKeys) if (cfg[k] !== undefined && cfg[k] !== null) kvs.push(row(`config.${k}`, h("span", { class: "mono" }, typeof cfg[k] === "object" ? JSON.stringify(cfg[k]) : String(cfg[k]))));
+    const results = (job.result_files || []).map((fid) => button("metrics CSV", { kind: "ghost small", icon: "download", title: fid,
       onClick: () => download(`/v1/files/${fid}/content`, `${job.id}-results.csv`).catch((e) => toast(e.message, "bad")) }));
     if (results.length) kvs.push(row("Results", h("div", { class: "row gap" }, results)));
     clear(details, h("dl", { class: "kv wide" }, kvs));

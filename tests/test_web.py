@@ -1,0 +1,297 @@
+"""The web page (issue 9), end to end in a real browser: Debian's chromium driven by Playwright,
+against a real `tunelab serve` (its worker, the tiny random model registered with --model).
+
+One module-scoped server and browser; the slow part (upload -> split -> train -> watch) runs
+once in the `tuned` fixture, which records what the page showed while the job ran; the tests
+assert on that record, then chat with and compare the model it made. Screenshots of every
+page at laptop (1366x800) and phone (390x844) width go to the pytest tmp dir (and to
+$TUNELAB_WEB_SHOTS when set, to look at while working on the page).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import sound_rows
+from test_server_harness import Server, make_key
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+LAPTOP = {"width": 1366, "height": 800}
+PHONE = {"width": 390, "height": 844}
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="needs Debian's chromium: `make browser`")
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    data = tmp_path_factory.mktemp("web-data")
+    key = make_key(data, "web")
+    srv = Server(data, "--workers", "1", "--model", f"tiny={tiny_model_dir}")
+    srv.key = key
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("web-files")
+    rows = sound_rows()
+    good = folder / "sounds.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad = folder / "broken.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows[:12]) +
+                   '{"messages": [{"role": "bot", "content": "hi"}, '
+                   '{"role": "assistant", "content": "woof"}]}\n'
+                   '{"messages": [oops\n')
+    return {"good": good, "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("web-shots")
+    extra = os.environ.get("TUNELAB_WEB_SHOTS")
+
+    def shot(page, name: str, *, phone: bool = True) -> None:
+        """Full-page screenshots at laptop and phone width; at phone width nothing may
+        overflow sideways (the page scrolls vertically only)."""
+        sizes = [("laptop", LAPTOP)] + ([("phone", PHONE)] if phone else [])
+        for label, size in sizes:
+            page.set_viewport_size(size)
+            page.wait_for_timeout(250)   # charts redraw on resize
+            page.evaluate("window.scrollTo(0, 0)")
+            path = folder / f"{name}-{label}.png"
+            page.screenshot(path=str(path), full_page=True)
+            if extra:
+                Path(extra).mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, Path(extra) / path.name)
+            if label == "phone":
+                width = page.evaluate("document.documentElement.scrollWidth")
+                assert width <= PHONE["width"], f"{name}: {width}px wide at phone width"
+        page.set_viewport_size(LAPTOP)
+    shot.folder = folder
+    return shot
+
+
+def signed_in(browser, server):
+    """A browser context whose tab already holds the key (the sign-in form is tested apart)."""
+    ctx = browser.new_context(viewport=LAPTOP)
+    # top frame only: the comparison report's sandboxed frame has no storage
+    ctx.add_init_script("if (window === window.top) sessionStorage.setItem('tunelab.apiKey', "
+                        f"{json.dumps(server.key)})")
+    ctx.set_default_timeout(30_000)
+    page = ctx.new_page()
+    page.base = server.url
+    page.errors = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    return ctx, page
+
+
+@pytest.fixture
+def page(browser, server):
+    ctx, page = signed_in(browser, server)
+    yield page
+    ctx.close()
+    assert not page.errors, page.errors
+
+
+def assert_labelled(page) -> None:
+    """Every form control has an accessible name (a <label for>, or aria-label)."""
+    unnamed = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
+        .filter(e => e.type !== 'hidden' && !e.closest('[hidden]') &&
+                     !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+        .map(e => e.id || e.outerHTML.slice(0, 60))""")
+    assert not unnamed, unnamed
+
+
+def upload(page, path: Path) -> None:
+    page.goto(page.base + "/#/data")
+    page.set_input_files("#file-input", str(path))
+    page.wait_for_url("**/#/data/file-*")
+
+
+@pytest.fixture(scope="module")
+def tuned(browser, server, files, shots):
+    """Upload the good file, split it, train on the tiny model and watch the job, as a user
+    does; returns what the page showed along the way."""
+    ctx, page = signed_in(browser, server)
+    seen = {"points": [], "statuses": [], "banner_during_drop": None, "banner_after": None}
+    upload(page, files["good"])
+    page.wait_for_selector(".step.done")              # step 1 "Check" passed
+    seen["report"] = page.text_content(".report")
+    page.fill("#split-val", "20")
+    page.fill("#split-test", "25")
+    page.click("form:has(#split-val) button[type=submit]")
+    page.wait_for_selector(".split-parts")
+    seen["split"] = page.text_content(".split-parts")
+    shots(page, "data-good")
+    page.click("button:has-text('Train on these')")
+    page.wait_for_selector("#f-model")
+    page.select_option("#f-model", "tiny")
+    page.fill("#f-epochs", "3")
+    page.fill("#f-maxlen", "64")
+    page.fill("#f-suffix", "sounds")
+    seen["plan"] = page.text_content(".plan")
+    assert_labelled(page)
+    shots(page, "train")
+    page.click("button[form=train-form]")
+    page.wait_for_url("**/#/jobs/ftjob-*")
+    seen["job_url"] = page.url
+    # A marker that a reload would wipe: the curve must grow without one.
+    page.evaluate("window.__sameDocument = true")
+    dropped = False
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        status = page.text_content(".job-status .pill").strip().lower()
+        points = page.get_attribute(".chart-card svg", "data-points") or "0,0"
+        seen["statuses"].append(status)
+        seen["points"].append(int(points.split(",")[0]))
+        if not dropped and seen["points"][-1] >= 1 and status == "running":
+            # the connection drops for a few seconds while watching
+            dropped = True
+            page.route("**/v1/fine_tuning/jobs/**", lambda route: route.abort())
+            page.wait_for_selector(".banner:not([hidden])", timeout=15_000)
+            seen["banner_during_drop"] = page.text_content(".banner")
+            shots(page, "job-reconnecting", phone=False)
+            page.unroute("**/v1/fine_tuning/jobs/**")
+            page.wait_for_selector(".banner", state="hidden", timeout=30_000)
+            seen["banner_after"] = "hidden"
+        if status in ("succeeded", "failed", "cancelled"):
+            break
+        page.wait_for_timeout(700)
+    page.wait_for_selector(".page-actions button:has-text('Chat')")
+    seen["same_document"] = page.evaluate("window.__sameDocument === true")
+    seen["model"] = page.text_content(".page-titles h1").strip()
+    seen["checkpoints"] = page.locator(".card:has(h2:text('Checkpoints')) tbody tr").count()
+    seen["events"] = page.text_content(".log")
+    shots(page, "job-succeeded")
+    seen["page_errors"] = page.errors
+    ctx.close()
+    return seen
+
+
+# ---------------------------------------------------------------- tests
+def test_wrong_api_key_is_refused_and_the_right_one_signs_in(browser, server, shots):
+    ctx = browser.new_context(viewport=LAPTOP)
+    page = ctx.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#api-key")                 # auth is on: the sign-in form first
+    page.fill("#api-key", "tl-not-a-real-key")
+    page.keyboard.press("Enter")
+    error = page.wait_for_selector("#api-key-err:not([hidden])")
+    assert "refused" in error.text_content() and "401" in error.text_content()
+    assert page.get_attribute("#api-key", "aria-invalid") == "true"
+    assert "#/login" in page.url
+    shots(page, "login-refused")
+    page.fill("#api-key", server.key)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#dropzone")
+    assert page.evaluate("sessionStorage.getItem('tunelab.apiKey')") == server.key
+    assert page.evaluate("localStorage.getItem('tunelab.apiKey')") is None
+    ctx.close()
+
+
+def test_bad_file_shows_its_errors_with_line_numbers_and_fields(page, files, shots):
+    upload(page, files["bad"])
+    page.wait_for_selector(".err-kind")
+    kinds = {k.get_attribute("data-kind"): k.text_content()
+             for k in page.query_selector_all(".err-kind")}
+    assert "line 13" in kinds["unknown_role"] and "messages[0].role" in kinds["unknown_role"]
+    assert "'bot'" in kinds["unknown_role"]
+    assert "line 14" in kinds["not_json"]
+    assert page.is_disabled(".page-actions button:has-text('Train on it')")
+    assert page.is_disabled("form:has(#split-val) button[type=submit]")
+    shots(page, "data-bad")
+
+
+def test_good_file_trains_with_a_live_curve_and_succeeds(tuned):
+    assert "Trainable" in tuned["report"] and "48" in tuned["report"]
+    assert "12" in tuned["split"]                     # 48 examples, 25% held out for the test
+    assert "auto" not in tuned["plan"] and "Optimizer steps" in tuned["plan"]
+    assert "running" in tuned["statuses"]
+    assert tuned["statuses"][-1] == "succeeded", tuned["statuses"]
+    # the curve gained points while the page stayed the same document (no reload)
+    growth = sorted(set(tuned["points"]))
+    assert len(growth) >= 3 and growth[-1] > growth[0], tuned["points"]
+    assert tuned["same_document"]
+    # a dropped connection showed a banner and recovered by itself
+    assert "Connection lost" in tuned["banner_during_drop"]
+    assert tuned["banner_after"] == "hidden"
+    assert tuned["model"].startswith("ft:tiny:web:sounds:ftjob-")
+    assert tuned["checkpoints"] >= 1
+    assert "validation loss" in tuned["events"]
+    assert not tuned["page_errors"]
+
+
+def test_chat_streams_both_models_side_by_side(page, server, tuned, shots):
+    model = tuned["model"]
+    page.goto(f"{server.url}/#/chat?left=tiny&right={model}")
+    page.wait_for_selector("#chat-input")
+    assert page.input_value("#chat-model-right") == model
+    page.click(".chat-settings summary")
+    page.fill("#chat-max", "12")
+    assert_labelled(page)
+    # count how often the fine-tuned answer changes while it streams
+    page.evaluate("""() => { window.__updates = 0;
+        new MutationObserver(() => window.__updates++).observe(
+            document.querySelector('[data-side=right] .chat-log'),
+            {childList: true, subtree: true, characterData: true}); }""")
+    page.fill("#chat-input", "What sound does a dog make?")
+    page.keyboard.press("Enter")
+    # both answers end with a token count (or an error, shown in the pane that asked)
+    page.wait_for_function("""() => ['left', 'right'].every(s => document.querySelector(
+        `[data-side=${s}] .tokens, [data-side=${s}] .bubble-meta .alert`))""", timeout=90_000)
+    for side in ("left", "right"):
+        assert not page.query_selector(f"[data-side={side}] .bubble-meta .alert"), \
+            page.text_content(f"[data-side={side}] .chat-log")
+    right = page.query_selector("[data-side=right] .tokens")
+    assert int(right.get_attribute("data-tokens")) > 0
+    assert "tokens" in right.text_content()
+    assert page.text_content("[data-side=right] .bubble.assistant .bubble-text").strip()
+    assert page.evaluate("window.__updates") > 3          # arrived in pieces, not at once
+    assert page.text_content("[data-side=left] .bubble.user") == "What sound does a dog make?"
+    shots(page, "chat")
+
+
+def test_comparison_runs_from_the_page_and_shows_its_table(page, server, tuned, shots):
+    model = tuned["model"]
+    page.goto(f"{server.url}/#/compare?model={model}")
+    page.wait_for_selector("#c-test")
+    page.click("button:has-text('Run comparison')")     # no test file yet: said next to it
+    assert "test file" in page.text_content("#c-test-err")
+    options = page.eval_on_selector_all("#c-test option", "os => os.map(o => [o.value, o.text])")
+    test_file = next(v for v, text in options if text.startswith("sounds.test.jsonl"))
+    page.select_option("#c-test", test_file)
+    page.fill("#c-shots", "2")
+    if page.query_selector("#c-general"):
+        page.uncheck("#c-general")
+    assert_labelled(page)
+    shots(page, "compare-form")
+    page.click("button:has-text('Run comparison')")
+    page.wait_for_url("**/#/compare/eval-*")
+    table = page.wait_for_selector("#comparison-table", timeout=240_000)
+    rows = [r.text_content() for r in table.query_selector_all("tbody tr")]
+    assert any(r.startswith("fine-tuned") for r in rows), rows
+    assert any(r.startswith("base zero-shot") for r in rows), rows
+    assert any(r.startswith("base 2-shot") for r in rows), rows
+    assert page.text_content(".verdict-text").strip()
+    report = page.frame_locator(".report-frame iframe")
+    assert "fine-tuned" in report.locator("body").inner_text(timeout=30_000)
+    shots(page, "compare-result")

@@ -156,6 +156,17 @@ def test_bad_training_file_fails_the_job(a):
     assert "bad.jsonl:6" in job.error.message
 
 
+def test_training_errors_name_the_file_and_line(a, files, srv):
+    """A file that validated but cannot be trained with the job's options (every answer cut
+    by max_length): the job fails naming the training file, by its name, with a line."""
+    job = a.fine_tuning.jobs.create(model="tiny", training_file=files[0].id,
+                                    extra_body={"tunelab": tiny_training(max_length=8)})
+    job = poll_job(a, job.id, timeout=90)
+    assert job.status == "failed" and job.error.param == "training_file", job.error
+    assert "sounds.jsonl:1: field 'messages'" in job.error.message, job.error.message
+    assert str(srv.data_dir) not in job.error.message
+
+
 def test_other_formats_are_converted(a):
     csv = "question,answer\n" + "".join(f"What is {i} plus one?,{i + 1}\n" for i in range(12))
     f = a.files.create(file=("qa.csv", csv.encode()), purpose="fine-tune")

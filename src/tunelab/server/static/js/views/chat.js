@@ -111,7 +111,8 @@ function pane(side, letter, sel) {
         first !== null ? ` · ${fmtNum((first - t0) / 1000, 2)} s to first token` : "",
         n > 1 && secs > 0 ? ` · ${fmtNum(n / secs, 3)} tok/s` : "",
         usage ? ` · prompt ${fmtInt(usage.prompt_tokens)}` : "",
-        finish === "length" ? h("span", { class: "warn-text" }, " · cut at max tokens") : "");
+        finish === "length" ? h("span", { class: "warn-text" }, " · cut at max tokens") : "",
+        answer && !answer.trim() ? h("span", { class: "warn-text" }, " · only whitespace") : "");
     } catch (e) {
       history.pop();
       if (e.name === "AbortError") {

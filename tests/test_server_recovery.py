@@ -1,6 +1,7 @@
 """Jobs survive: a worker SIGKILLed mid-job is noticed (its lease expires) and the job resumes
 from its last complete checkpoint on the next worker, ending with the same weights as an
-uninterrupted job; a restarted server has every file, job, event, checkpoint and model."""
+uninterrupted job; a restarted server has every file, job, event, checkpoint and model; a
+server stopped mid-job hands the job back with a checkpoint. Also --no-auth."""
 from __future__ import annotations
 
 import json
@@ -84,40 +85,43 @@ def test_killed_worker_resumes_and_restart_loses_nothing(tmp_path, tiny_model_di
         answer = c.chat.completions.create(model=job.fine_tuned_model, max_tokens=3,
                                            messages=[{"role": "user", "content": "hi"}])
         assert answer.usage.completion_tokens >= 1
+
+        # a graceful stop (SIGTERM) mid-job: the worker saves a checkpoint at its current step
+        # and hands the job back to the queue
+        long = c.fine_tuning.jobs.create(
+            model="tiny", training_file=train.id, hyperparameters={"batch_size": 4},
+            extra_body={"tunelab": tiny_training(max_steps=300, save_steps=1000,
+                                                 eval_steps=None)})
+        wait_for(lambda: (c.fine_tuning.jobs.retrieve(long.id).model_extra["tunelab"]
+                          ["progress"] or {}).get("step", 0) >= 2, 90, what="training")
+        assert srv.stop() in (0, -signal.SIGTERM)
+        srv = Server(tmp_path, "--workers", "0", "--model", f"tiny={tiny_model_dir}")
+        c = srv.client(key)
+        assert c.fine_tuning.jobs.retrieve(long.id).status == "queued"
+        (ckpt,) = list(c.fine_tuning.jobs.checkpoints.list(long.id))   # saved on the way out
+        assert ckpt.step_number >= 2
+        assert any("The worker stopped" in e.message
+                   for e in c.fine_tuning.jobs.list_events(long.id))
+        c.fine_tuning.jobs.cancel(long.id)      # queued: cancelled at once, checkpoint kept
+        assert c.fine_tuning.jobs.retrieve(long.id).status == "cancelled"
+        assert [k.step_number for k in c.fine_tuning.jobs.checkpoints.list(long.id)] == \
+            [ckpt.step_number]
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
         srv.stop()
 
 
-def test_stopping_the_server_hands_a_running_job_back(tmp_path, tiny_model_dir):
-    """SIGTERM: the worker saves a checkpoint at its current step and requeues the job (with
-    --no-auth: a single user, no keys)."""
-    srv = Server(tmp_path, "--workers", "1", "--model", f"tiny={tiny_model_dir}", "--no-auth")
+def test_no_auth_single_user(tmp_path):
+    srv = Server(tmp_path, "--workers", "0", "--no-auth")
     try:
         c = srv.client(None)
-        rows = "".join(json.dumps(r) + "\n" for r in sound_rows()[:36]).encode()
-        train = c.files.create(file=("sounds.jsonl", rows), purpose="fine-tune")
-        job = c.fine_tuning.jobs.create(
-            model="tiny", training_file=train.id, hyperparameters={"batch_size": 4},
-            extra_body={"tunelab": tiny_training(max_steps=300, save_steps=1000,
-                                                 eval_steps=None)})
-        wait_for(lambda: (c.fine_tuning.jobs.retrieve(job.id).model_extra["tunelab"]
-                          ["progress"] or {}).get("step", 0) >= 2, 90, what="training")
-        assert srv.stop() in (0, -signal.SIGTERM)   # uvicorn re-raises SIGTERM
-        srv = Server(tmp_path, "--workers", "0", "--model", f"tiny={tiny_model_dir}", "--no-auth")
-        c = srv.client(None)
-        j = c.fine_tuning.jobs.retrieve(job.id)
-        assert j.fine_tuned_model is None and j.organization_id == "org-local"
-        assert j.status == "queued"
-        (ckpt,) = list(c.fine_tuning.jobs.checkpoints.list(job.id))   # saved on the way out
-        events = [e.message for e in c.fine_tuning.jobs.list_events(job.id)]
-        assert any("The worker stopped" in m for m in events)
-        c.fine_tuning.jobs.cancel(job.id)      # queued: cancelled at once, checkpoint kept
-        j = c.fine_tuning.jobs.retrieve(job.id)
-        assert j.status == "cancelled"
-        assert [k.step_number for k in c.fine_tuning.jobs.checkpoints.list(job.id)] == \
-            [ckpt.step_number]
+        with srv.http() as h:
+            assert h.get("/v1/tunelab/info").json()["auth"] is False
+        rows = "".join(json.dumps(r) + "\n" for r in sound_rows()[:12]).encode()
+        f = c.files.create(file=("sounds.jsonl", rows), purpose="fine-tune")
+        assert [x.id for x in c.files.list()] == [f.id]
+        assert srv.client("tl-anything").files.retrieve(f.id).id == f.id   # keys ignored
     finally:
         srv.stop()
 

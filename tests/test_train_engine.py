@@ -20,7 +20,8 @@ from tunelab.data.io import write_jsonl
 from tunelab.data.render import render
 from tunelab.errors import TunelabError
 from tunelab.train.auto import auto_batch_size, auto_epochs, make_plan
-from tunelab.train.packing import PackedCollator, pack
+from tunelab.batching import PadCollator
+from tunelab.train.packing import pack
 from tunelab.train.trainer import COMPLETE, complete_checkpoints
 
 from conftest import SOUNDS, sound_rows
@@ -112,7 +113,7 @@ def test_packed_rows_give_the_same_logits_as_separate_examples(smol_tokenizer, t
     packed = pack(rows, max_length=sum(len(r["input_ids"]) for r in rows[:3]) + 1)
     assert len(packed) == 2 and sum(len(p["input_ids"]) for p in packed) == \
         sum(len(r["input_ids"]) for r in rows)
-    batch = PackedCollator(smol_tokenizer.pad_token_id)(packed)
+    batch = PadCollator(smol_tokenizer.pad_token_id)(packed)
     assert "attention_mask" not in batch
     with torch.no_grad():
         packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits

@@ -24,19 +24,33 @@ from tunelab.data.render import IGNORE_INDEX
 
 
 def pad_rows(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows of input_ids (+ labels, when present) to the longest in the batch."""
+    """Right-pad rows of input_ids (+ labels, when present) to the longest in the batch.
+
+    Packed rows (tunelab.train.packing) carry position_ids restarting at 0 for each example and
+    get no attention mask: transformers then builds a block-diagonal mask from the positions.
+    Their padding is one more segment (positions from 0, labels -100), isolated like the rest.
+    """
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    packed = "position_ids" in rows[0]
     with_labels = "labels" in rows[0]
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long) if with_labels else None
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.arange(width).repeat(len(rows), 1) if packed else None
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n] = torch.as_tensor(r["input_ids"])
         mask[i, :n] = 1
         if labels is not None:
             labels[i, :n] = torch.as_tensor(r["labels"])
-    batch = {"input_ids": ids, "attention_mask": mask}
+        if positions is not None:
+            positions[i, :n] = torch.as_tensor(r["position_ids"])
+            positions[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids}
+    if positions is not None:
+        batch["position_ids"] = positions
+    else:
+        batch["attention_mask"] = mask
     if labels is not None:
         batch["labels"] = labels
     return batch
@@ -55,7 +69,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict[str
 
 
 class PadCollator:
-    """The training collator: pads, decides nothing (labels were made by data.render)."""
+    """The training collator, for plain and packed rows: pads, decides nothing (labels were
+    made by data.render)."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id

@@ -1,8 +1,9 @@
 """Packing: several rendered examples per row of at most max_length tokens.
 
-Each example keeps its own position_ids (restarting at 0) and the collator passes no attention
-mask, so transformers builds a block-diagonal causal mask from the position_ids (masking_utils'
-packed-sequence detection; it needs use_cache=False): an example attends only to itself.
+Each example keeps its own position_ids (restarting at 0) and the collator
+(tunelab.batching.PadCollator) passes no attention mask for such rows, so transformers builds
+a block-diagonal causal mask from the position_ids (masking_utils' packed-sequence detection;
+it needs use_cache=False): an example attends only to itself.
 
 Written by hand because the libraries' packing does something else: TRL's "bfd" packing and
 transformers' DataCollatorWithFlattening flatten a whole batch into ONE row, whose attention
@@ -12,9 +13,6 @@ here rows are capped at max_length, so the cost per row stays that of one max_le
 from __future__ import annotations
 
 import bisect
-from typing import Any
-
-import torch
 
 from tunelab.data.render import IGNORE_INDEX
 
@@ -49,22 +47,3 @@ def pack(rows: list[dict[str, list[int]]], max_length: int) -> list[dict[str, li
             pos += list(range(len(r["input_ids"])))
         packed.append({"input_ids": ids, "labels": labels, "position_ids": pos})
     return packed
-
-
-class PackedCollator:
-    """Pads packed rows to the batch's longest. Padding is its own segment (positions from 0,
-    labels -100), so it is isolated like any other example. No attention_mask on purpose."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        ids, labels, pos = [], [], []
-        for f in features:
-            extra = width - len(f["input_ids"])
-            ids.append(list(f["input_ids"]) + [self.pad_token_id] * extra)
-            labels.append(list(f["labels"]) + [IGNORE_INDEX] * extra)
-            pos.append(list(f["position_ids"]) + list(range(extra)))
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "position_ids": torch.tensor(pos)}

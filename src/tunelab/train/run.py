@@ -313,7 +313,6 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
           should_cancel: Callable[[], bool] | None = None) -> Built:
     """Load the model, apply the method, and assemble the Trainer with its callbacks."""
     import datasets
-    from transformers import DataCollatorForSeq2Seq
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from tunelab.train.callbacks import EvaluateAtEpochEnd, EventReporter
@@ -332,13 +331,10 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     channel.enabled = channel.enabled and is_main   # one process reports for all
     reporter = EventReporter(channel, _started_data(prep, trainable, total),
                              should_cancel=should_cancel)
-    # pads input_ids with the pad token and labels with -100; decides nothing else
-    padded = DataCollatorForSeq2Seq(prep.tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
-    if cfg.packing:  # validation is never packed: its loss must be comparable across configs
-        from tunelab.train.packing import PackedCollator
-        collator = _EvalAwareCollator(PackedCollator(prep.tokenizer.pad_token_id), padded)
-    else:
-        collator = padded
+    # pads (plain rows, and packed rows for training; validation is never packed, so its loss
+    # compares across configs) and decides nothing else: tunelab.batching, shared with eval
+    from tunelab.batching import PadCollator
+    collator = PadCollator(prep.tokenizer.pad_token_id)
     # the reporter comes last: it sees (and may veto) what the others decided for a step
     trainer_callbacks = [EvaluateAtEpochEnd(), *(callbacks or [])]
     if cfg.early_stopping_patience:
@@ -482,16 +478,6 @@ def _no_embedding_save_notice():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Setting `save_embedding_layers`", UserWarning)
         yield
-
-
-class _EvalAwareCollator:
-    """Packed rows for training, padded single examples for evaluation."""
-
-    def __init__(self, packed, padded):
-        self.packed, self.padded = packed, padded
-
-    def __call__(self, features):
-        return self.packed(features) if "position_ids" in features[0] else self.padded(features)
 
 
 def _write_outputs(model, tokenizer, cfg: TrainConfig, partial: Path,

@@ -131,3 +131,15 @@ def test_safe_filename(name, safe):
     assert len(got.encode()) <= 255
     if safe is not None:
         assert got == safe
+
+
+def test_keys_commands(tmp_path):
+    from conftest import assert_clean_error, run_cli
+    made = run_cli("keys", "create", "carol", "--data-dir", tmp_path)
+    assert made.returncode == 0 and made.stdout.strip().startswith("tl-")
+    token = made.stdout.strip()
+    listed = run_cli("keys", "list", "--data-dir", tmp_path)
+    assert "carol" in listed.stdout and token not in listed.stdout and token[:8] in listed.stdout
+    assert run_cli("keys", "revoke", "carol", "--data-dir", tmp_path).returncode == 0
+    assert Store(tmp_path).key_for_token(token) is None
+    assert_clean_error(run_cli("keys", "revoke", "carol", "--data-dir", tmp_path), "carol")

@@ -170,10 +170,6 @@ def run(store: Store, job: Job, *, worker: str, key_name: str, threads: int | No
         run_.forget_after(step)
         run_.event(f"Resuming from the last complete checkpoint (step {step})")
     store.update(Job, job.id, started_at=job.started_at or now())
-    # train() builds the model (LoRA's random init) before its Trainer seeds the RNGs: seeded
-    # here, a job's weights depend on its seed only, not on what the worker process ran before
-    from transformers import set_seed
-    set_seed(cfg.seed)
     try:
         result = train(cfg, resume=bool(ckpts), quiet=True, on_event=run_.on_event,
                        should_cancel=should_cancel)

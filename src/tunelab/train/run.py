@@ -319,6 +319,10 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     from tunelab.train.trainer import TunelabTrainer
 
     cfg, plan = prep.cfg, prep.plan
+    # Seeded before the model is built: LoRA's (and resized embeddings') random initialisation
+    # happens here, before the Trainer seeds anything, so the same seed gives the same weights.
+    from transformers import set_seed
+    set_seed(cfg.seed)
     model = _apply_method(_load_model(cfg, prep.tokenizer, prep.source), cfg)
     trainable, total = count_parameters(model)
     args = _training_arguments(cfg, plan, prep.run_dir.partial, bool(prep.valid_rows),

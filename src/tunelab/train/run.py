@@ -478,9 +478,12 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
 @contextmanager
 def _no_embedding_save_notice():
     """PEFT warns at every adapter save that it keeps the resized embeddings; that is what a
-    model whose tokenizer gained tokens needs (their rows are trained), not news."""
+    model whose tokenizer gained tokens needs (their rows are trained), not news. It also warns
+    that it cannot open the base's config when base_model_name_or_path is a builtin alias (the
+    portable spec we record), which it only wants for that same vocabulary check."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Setting `save_embedding_layers`", UserWarning)
+        warnings.filterwarnings("ignore", "Could not find a config file in", UserWarning)
         yield
 
 

@@ -101,6 +101,9 @@ def signed_in(browser, server):
     page.base = server.url
     page.errors = []
     page.on("pageerror", lambda e: page.errors.append(str(e)))
+    # works offline: every script, style, font and call goes to tunelab itself
+    page.on("request", lambda r: r.url.startswith((server.url, "data:", "blob:", "about:"))
+            or page.errors.append(f"request off the server: {r.url}"))
     return ctx, page
 
 
@@ -119,6 +122,37 @@ def assert_labelled(page) -> None:
                      !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
         .map(e => e.id || e.outerHTML.slice(0, 60))""")
     assert not unnamed, unnamed
+
+
+# WCAG contrast of every visible text against the background it is drawn on (solid
+# backgrounds: the page uses no text over images); disabled controls are exempt, as in WCAG.
+CONTRAST_JS = """() => {
+  const rgb = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+                               return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+  const bg = (el) => { for (; el; el = el.parentElement) { const c = rgb(getComputedStyle(el).backgroundColor);
+                                                          if (c.length === 3 || c[3] > 0.9) return c.slice(0, 3); }
+                       return [255, 255, 255]; };
+  const bad = [];
+  for (const el of document.querySelectorAll('body *')) {
+    if (el.closest('svg, [disabled], [hidden], .toasts')) continue;
+    const text = [...el.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
+    const r = el.getBoundingClientRect();
+    if (!text || !r.width || !r.height) continue;
+    const st = getComputedStyle(el);
+    const fg = rgb(st.color), b = bg(el);
+    const [hi, lo] = [lum(fg.slice(0, 3)), lum(b)].sort((x, y) => y - x);
+    const ratio = (hi + 0.05) / (lo + 0.05);
+    const large = parseFloat(st.fontSize) >= 24 || (parseFloat(st.fontSize) >= 18.5 && +st.fontWeight >= 700);
+    if (ratio < (large ? 3 : 4.5)) bad.push(`${text.slice(0, 30)}: ${ratio.toFixed(2)}`);
+  }
+  return bad;
+}"""
+
+
+def assert_contrast(page) -> None:
+    bad = page.evaluate(CONTRAST_JS)
+    assert not bad, bad
 
 
 def upload(page, path: Path) -> None:
@@ -181,6 +215,7 @@ def tuned(browser, server, files, shots):
     seen["model"] = page.text_content(".page-titles h1").strip()
     seen["checkpoints"] = page.locator(".card:has(h2:text('Checkpoints')) tbody tr").count()
     seen["events"] = page.text_content(".log")
+    seen["contrast"] = page.evaluate(CONTRAST_JS)
     shots(page, "job-succeeded")
     seen["page_errors"] = page.errors
     ctx.close()
@@ -218,7 +253,30 @@ def test_bad_file_shows_its_errors_with_line_numbers_and_fields(page, files, sho
     assert "line 14" in kinds["not_json"]
     assert page.is_disabled(".page-actions button:has-text('Train on it')")
     assert page.is_disabled("form:has(#split-val) button[type=submit]")
+    assert_contrast(page)
     shots(page, "data-bad")
+    page.emulate_media(color_scheme="dark")             # the dark theme follows the system
+    assert_contrast(page)
+    shots(page, "data-bad-dark", phone=False)
+
+
+def test_keyboard_reaches_the_navigation_and_the_upload_in_order(page):
+    page.goto(page.base + "/#/data")
+    page.wait_for_selector("#dropzone")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    focused = []
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("document.activeElement.textContent.trim()"))
+    nav = ["Data", "Train", "Jobs", "Compare", "Chat"]
+    assert [f for f in focused if f in nav] == nav                   # in the order shown
+    assert focused.index("Choose a file") > focused.index("Chat")     # then the page itself
+    page.reload()
+    page.wait_for_selector("#dropzone")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")                                        # skip link -> heading
+    assert page.evaluate("document.activeElement.tagName") == "H1"
 
 
 def test_good_file_trains_with_a_live_curve_and_succeeds(tuned):
@@ -238,6 +296,7 @@ def test_good_file_trains_with_a_live_curve_and_succeeds(tuned):
     assert tuned["checkpoints"] >= 1
     assert "validation loss" in tuned["events"]
     assert not tuned["page_errors"]
+    assert not tuned["contrast"], tuned["contrast"]
 
 
 def test_chat_streams_both_models_side_by_side(page, server, tuned, shots):
@@ -294,4 +353,5 @@ def test_comparison_runs_from_the_page_and_shows_its_table(page, server, tuned, 
     assert page.text_content(".verdict-text").strip()
     report = page.frame_locator(".report-frame iframe")
     assert "fine-tuned" in report.locator("body").inner_text(timeout=30_000)
+    assert_contrast(page)
     shots(page, "compare-result")

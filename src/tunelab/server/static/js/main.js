@@ -40,6 +40,7 @@ const ctx = {
 let shell;
 let cleanup = null;
 let renderToken = 0;
+let firstRoute = true;
 
 function buildShell() {
   const nav = h("nav", { class: "nav", "aria-label": "Main" },
@@ -121,7 +122,10 @@ async function route() {
       h("div", {}, e instanceof ApiError ? e.message : `Something went wrong: ${e.message}`)));
     console.error(e);
   }
-  if (token === renderToken && document.activeElement === document.body) shell.title.focus({ preventScroll: true });
+  // After an in-page navigation, focus moves to the new page's heading (screen readers
+  // announce it); on first load it stays at the top so Tab reaches "Skip to content" first.
+  if (token === renderToken && !firstRoute && document.activeElement === document.body) shell.title.focus({ preventScroll: true });
+  firstRoute = false;
 }
 
 async function loadInfo() {

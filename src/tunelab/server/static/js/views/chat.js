@@ -103,7 +103,9 @@ function pane(side, letter, sel) {
           if (log.scrollHeight - log.scrollTop - log.clientHeight < 80) log.scrollTop = log.scrollHeight;
         },
       });
-      body.textContent = answer || "(empty answer)";
+      // A whitespace-only answer is drawn with visible marks rather than as a blank bubble.
+      if (answer && !answer.trim()) body.replaceChildren(h("span", { class: "muted" }, answer.replace(/\n/g, "↵").replace(/ /g, "·")));
+      else body.textContent = answer || "(empty answer)";
       history.push({ role: "assistant", content: answer });
       const secs = (performance.now() - (first ?? t0)) / 1000;
       const n = usage ? usage.completion_tokens : chunks;

@@ -79,7 +79,9 @@ export function validationReport(file, ctx) {
   }
   const t = v.tokens;
   if (t && t.examples) {
-    out.append(h("h3", {}, "Tokens ", h("span", { class: "muted small" }, `counted with the chat template of ${t.model || "the model"}, max length ${fmtInt(t.max_length)}`)));
+    // the server names a local model by its folder: its last part is what a user recognises
+    const model = String(t.model || "the model").replace(/[\\/]+$/, "").split(/[\\/]/).pop();
+    out.append(h("h3", {}, "Tokens ", h("span", { class: "muted small", title: t.model || "" }, `counted with the chat template of ${model}, max length ${fmtInt(t.max_length)}`)));
     const tps = tokensPerSecond(ctx);
     const trainTokens = t.epoch_tokens * t.epochs;
     const secs = t.estimated_seconds ?? (tps ? trainTokens / tps.value : null);

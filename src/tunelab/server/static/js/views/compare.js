@@ -138,6 +138,9 @@ async function renderEvaluation(root, id, ctx) {
     const active = !["succeeded", "failed", "cancelled"].includes(ev.status);
     clear(status, active || ev.error ? h("section", { class: "card eval-status" },
       active ? h("div", { class: "row gap muted" }, spinner(), `Measuring the base model (zero-shot, with a system prompt, few-shot) and the fine-tuned model on the test file… ${fmtDuration((Date.now() - started) / 1000)}`) : null,
+      active && ev.progress && ev.progress.total ? h("div", { class: "eval-progress" },
+        h("div", { class: "small" }, `${ev.progress.stage}: ${fmtInt(ev.progress.done)} of ${fmtInt(ev.progress.total)}`),
+        h("div", { class: "progress" }, h("div", { class: "progress-fill", style: { width: `${(100 * ev.progress.done) / ev.progress.total}%` } }))) : null,
       ev.error ? errorBox({ message: ev.error.message || String(ev.error), code: ev.error.code }, { title: ev.error.param ? `Failed (${ev.error.param}):` : "Failed:" }) : null) : null);
     if (ev.status === "succeeded" && ev.result && !drawnResult) {
       drawnResult = true;

@@ -26,7 +26,7 @@ export async function render(root, { query }, ctx) {
     } catch (err) {
       auth.clear();
       const msg = err instanceof ApiError && err.status === 401
-        ? `This API key was refused by the server (401${err.message ? ": " + err.message : ""}).`
+        ? `This API key was refused by the server (401${err.message ? ": " + err.message.replace(/\.$/, "") : ""}).`
         : err.message;
       setFieldError(form, "api-key", msg);
       input.focus();

@@ -149,7 +149,7 @@ export function showParamError(form, err, map) {
     if (!has(key)) continue;
     const box = form.querySelector(`#${CSS.escape(id)}-err`);
     if (!box) continue;
-    box.textContent = err.message;
+    box.textContent = err.message.replace(/^field '[^']*': /, "");   // it is shown at that field
     box.hidden = false;
     const c = form.querySelector(`#${CSS.escape(id)}`);
     if (c) { c.setAttribute("aria-invalid", "true"); c.focus(); }

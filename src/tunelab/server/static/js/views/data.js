@@ -174,7 +174,12 @@ function templateStep(file, ctx, open) {
 function templateForm(file, ctx, list, cols) {
   if (!list.length) return emptyState("No templates", "The server's template library is empty.");
   const byName = Object.fromEntries(list.map((t) => [t.name, t]));
-  const guess = list.find((t) => cols && (t.fields || []).every((f) => cols.includes(f))) || list[0];
+  // The likeliest template: the most of its fields among the columns, then one named like the file.
+  const stem = file.filename.toLowerCase();
+  const score = (t) => (t.fields || []).filter((f) => cols && cols.includes(f)).length * 2 +
+    (t.optional || []).filter((f) => cols && cols.includes(f)).length +
+    (stem.includes(t.name.split("-")[0]) ? 1.5 : 0);
+  const guess = list.reduce((best, t) => (score(t) > score(best) ? t : best), list[0]);
   const tplSel = select(list.map((t) => [t.name, t.description ? `${t.name} — ${t.description}` : t.name]), { id: "tpl-name", value: guess.name });
   const mapping = h("div", { class: "mapping" });
   const mix = h("input", { type: "checkbox", id: "tpl-mix", checked: true });
@@ -224,6 +229,10 @@ function templateForm(file, ctx, list, cols) {
     for (const f of [...(t.fields || []), ...(t.optional || [])]) {
       const ctl = form.querySelector(`#map-${CSS.escape(f)}`);
       const v = ctl.value;
+      if (!v && (t.fields || []).includes(f)) {
+        showParamError(form, { param: f, message: `Choose the column that holds '${f}' (or a fixed value).` }, { [f]: `map-${f}` });
+        return;
+      }
       if (v === "fixed") values[f] = form.querySelector(`#map-${CSS.escape(f)}-value`).value;
       else if (v.startsWith("col:")) { if (v.slice(4) !== f) map[f] = v.slice(4); }
       else if (!cols && v && v !== f) map[f] = v;
@@ -255,8 +264,8 @@ function templateResult(r, ctx) {
       f.validation ? ` · ${fmtInt(f.validation.examples)} conversations` : "",
       nErr ? h("span", { class: "bad-text" }, ` · ${fmtInt(nErr)} errors`) : "",
       " ", f.id ? h("a", { href: `#/data/${f.id}` }, "Open it →") : null)),
-    preview.length ? h("div", {}, h("h3", {}, `Preview (${preview.length} of the conversations)`),
-      h("div", { class: "previews" }, preview.slice(0, 4).map((c) => conversation(c, { compact: true })))) : null);
+    preview.length ? h("div", {}, h("h3", {}, `Preview: the first ${Math.min(6, preview.length)} conversations`),
+      h("div", { class: "previews" }, preview.slice(0, 6).map((c) => conversation(c, { compact: true })))) : null);
 }
 
 // ---------------------------------------------------------------- split step

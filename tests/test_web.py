@@ -61,7 +61,11 @@ def files(tmp_path_factory):
                    '{"messages": [{"role": "bot", "content": "hi"}, '
                    '{"role": "assistant", "content": "woof"}]}\n'
                    '{"messages": [oops\n')
-    return {"good": good, "bad": bad}
+    reviews = folder / "reviews.csv"   # raw rows, not conversations: the template step's input
+    reviews.write_text("text,label\n" + "".join(
+        f"{'great screen' if i % 2 else 'broke in a day'} #{i},{'positive' if i % 2 else 'negative'}\n"
+        for i in range(20)))
+    return {"good": good, "bad": bad, "reviews": reviews}
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +262,23 @@ def test_bad_file_shows_its_errors_with_line_numbers_and_fields(page, files, sho
     page.emulate_media(color_scheme="dark")             # the dark theme follows the system
     assert_contrast(page)
     shots(page, "data-bad-dark", phone=False)
+
+
+def test_raw_rows_become_conversations_with_a_template_and_a_preview(page, files, shots):
+    upload(page, files["reviews"])
+    page.wait_for_selector("#tpl-name")                # opened by itself: rows are not chats
+    assert "not conversations yet" in page.text_content(".step:first-child")
+    page.select_option("#tpl-name", "review-sentiment")
+    page.select_option("#map-review", "col:text")      # the file's own columns are offered
+    page.click("button:has-text('Apply template')")    # 'sentiment' has no column yet
+    assert "sentiment" in page.text_content("#map-sentiment-err")
+    page.select_option("#map-sentiment", "col:label")
+    page.click("button:has-text('Apply template')")
+    page.wait_for_selector(".tpl-done")
+    assert "20 conversations" in page.text_content(".tpl-done .alert")
+    first = page.query_selector(".previews .conv")
+    assert first.query_selector(".msg.assistant").text_content().strip().endswith(("positive", "negative"))
+    shots(page, "data-template")
 
 
 def test_keyboard_reaches_the_navigation_and_the_upload_in_order(page):

@@ -162,4 +162,3 @@ window.addEventListener("offline", () => ctx.setOnline(false));
   await route();
 })();
 
-export { ctx };

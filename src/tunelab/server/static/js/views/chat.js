@@ -134,4 +134,3 @@ function pane(side, letter, sel) {
   return { el, model: () => sel.value, ask, reset: () => { history.length = 0; clear(log, empty()); } };
 }
 
-export { icon };

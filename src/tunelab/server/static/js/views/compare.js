@@ -1,8 +1,7 @@
 // Compare: run the base-vs-fine-tuned comparison (POST /v1/tunelab/evaluations) and read its
 // table, charts, example answers and full report.
 
-import { h, icon, fmtInt, fmtNum, fmtDuration, fmtAgo, pill, errorBox, field, select, button, card,
-         clearFieldErrors, spinner, emptyState, clear, toast } from "../dom.js";
+import { h, icon, fmtInt, fmtNum, fmtDuration, fmtAgo, pill, errorBox, field, select, button, card, clearFieldErrors, spinner, emptyState, clear } from "../dom.js";
 import { get, post, request, listAll } from "../api.js";
 import { bars } from "../chart.js";
 import { fineTuneFiles, fileOptions, showParamError } from "./common.js";
@@ -262,4 +261,3 @@ function reportFrame(ev) {
   return card("Full report", holder, { sub: "Every example answer, per setup, with the charts of the comparison" });
 }
 
-export { toast };

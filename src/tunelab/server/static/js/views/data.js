@@ -1,8 +1,7 @@
 // Data: upload -> check (validation report) -> template raw rows -> split -> train.
 
-import { h, icon, fmtInt, fmtBytes, fmtAgo, pill, errorBox, copyable, toast, field, select, button,
-         card, emptyState, clearFieldErrors, spinner } from "../dom.js";
-import { get, post, del, upload, download, request, ApiError } from "../api.js";
+import { h, icon, fmtInt, fmtBytes, fmtAgo, pill, errorBox, toast, field, select, button, card, emptyState, clearFieldErrors, spinner } from "../dom.js";
+import { get, post, del, upload, download, request } from "../api.js";
 import { validationReport, conversation, errorCount, isRawRows, fineTuneFiles, showParamError } from "./common.js";
 
 export async function render(root, { id }, ctx) {
@@ -327,4 +326,3 @@ function splitResult(r, ctx) {
       r.test ? h("span", { class: "muted small" }, "The test split is preselected when you compare models later.") : null));
 }
 
-export { ApiError };

@@ -172,4 +172,3 @@ function recentJobs() {
   return card("Recent jobs", body, { actions: h("a", { href: "#/jobs", class: "small" }, "All jobs →") });
 }
 
-export { icon };

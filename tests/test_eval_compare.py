@@ -204,3 +204,15 @@ def test_labels_the_training_file_never_shows_are_a_counted_warning(sound_run, s
     assert f"{test_woofs} test examples have labels the training file never shows: woof" in \
         result.warnings
     assert result.forgetting is None and Path(result.report_html).exists()
+
+
+def test_shots_are_never_in_label_order():
+    """A 135M model shown reviews rated 1, 2, 3, 4, 5 answered "6" to every test review."""
+    task = Classification()
+    train = [Example(f"t:{i}", [{"role": "user", "content": f"review {i}"}], str(1 + i % 5))
+             for i in range(50)]
+    task.prepare(train)
+    for seed in range(30):
+        labels = [int(s.reference) for s in choose_shots(train, [], 5, task, seed=seed)]
+        assert sorted(labels) == [1, 2, 3, 4, 5]
+        assert labels not in ([1, 2, 3, 4, 5], [5, 4, 3, 2, 1])

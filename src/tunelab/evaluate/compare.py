@@ -18,8 +18,8 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.runner import RunResult, load_examples, run_task
-from tunelab.evaluate.tasks import Classification, Example, Task, examples_from, make_task, \
-    normalize_answer
+from tunelab.evaluate.tasks import Classification, Example, Task, _label_key, examples_from, \
+    make_task, normalize_answer
 
 ZERO_SHOT, SYSTEM, TUNED = "base zero-shot", "base + system prompt", "fine-tuned"
 
@@ -83,7 +83,14 @@ def choose_shots(train: list[Example], test: list[Example], k: int, task: Task, 
         for label in order:
             if by_label[label] and len(shots) < k:
                 shots.append(by_label[label].pop())
-    rng.shuffle(shots)   # not grouped by label: the last shot's label would bias the answer
+    # Not grouped by label (the last shot's label would bias the answer), and not in label
+    # order: a 135M model shown 1, 2, 3, 4, 5 answered "6" to every review (measured).
+    keys = [_label_key(normalize_answer(s.reference)) for s in shots]
+    for _ in range(20):
+        rng.shuffle(shots)
+        keys = [_label_key(normalize_answer(s.reference)) for s in shots]
+        if len(set(keys)) < 3 or (keys != sorted(keys) and keys != sorted(keys, reverse=True)):
+            break
     return shots
 
 

@@ -115,11 +115,11 @@ class ExactMatch(Task):
 
 
 class Classification(Task):
-    """Answers are matched to a label set, after normalization (case, punctuation): the answer
-    is a label; else it starts with one ("Positive. The reviewer..."); else it names exactly one
-    label as a whole word ("The sentiment is positive"). So a base model that explains itself is
-    not marked wrong for the explaining; an answer naming none or several labels is invalid:
-    wrong, and counted."""
+    """Answers are matched to a label set, after normalization (case, punctuation): the first
+    label the answer names, as whole words ("Positive." and "Positive. The reviewer..." are
+    positive, "The author gave it 4 stars out of 5" is 4), as the answer filters of common
+    evaluation harnesses do. So a base model that explains itself is not marked wrong
+    for the explaining; an answer that names no label is invalid: wrong, and counted."""
     name, primary, label = "classification", "accuracy", "accuracy"
     MAX_LABELS = 50
 
@@ -149,20 +149,16 @@ class Classification(Task):
 
     def max_new_tokens(self, examples, tokenizer):
         longest = max(len(tokenizer(l, add_special_tokens=False)["input_ids"]) for l in self.labels)
-        return longest + 8   # the label, and room for a model's "." or first words after it
+        # the label, or a short sentence naming it ("The author of the review gave it 4 stars")
+        return longest + 16
 
     def match(self, prediction: str) -> str | None:
-        p = normalize_answer(prediction)
-        if p in self.labels:
-            return p
-        prefixed = [l for l in self.labels if p.startswith(l + " ")]
-        if prefixed:
-            return max(prefixed, key=len)
-        padded = f" {p} "
-        named = [l for l in self.labels if f" {l} " in padded]
-        # a label inside a longer one ("4" in "4 stars"?) only counts once
-        named = [l for l in named if not any(l != o and f" {l} " in f" {o} " for o in named)]
-        return named[0] if len(named) == 1 else None
+        words = normalize_answer(prediction).split()
+        for start in range(len(words)):      # the first label named, longest first at a word
+            for label in sorted(self.labels, key=len, reverse=True):
+                if words[start:start + len(label.split())] == label.split():
+                    return label
+        return None
 
     def score(self, prediction, example):
         predicted = self.match(prediction)

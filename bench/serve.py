@@ -1,0 +1,376 @@
+"""Serving speed: tunelab's generation engine against plain transformers and `transformers serve`.
+
+    .venv/bin/python bench/serve.py [--reps 3] [--only engine,sequential,peer,http,load]
+
+The builtin smollm2-135m-instruct, 8 clients that each ask one question at the same moment for
+64 greedy tokens (every answer is longer than that, so each request makes 64 tokens):
+  sequential    plain transformers `model.generate`, the same requests answered one at a time
+                (fp32 as from_pretrained loads it, and bf16);
+  peer          `transformers serve --continuous-batching` (paged attention), started here on a
+                free 127.0.0.1 port with the cached smollm2 folder, 8 streaming openai clients
+                (--dtype auto, which is fp32 for this folder, and bfloat16);
+  engine        tunelab.server.engine.Engine in this process (precision auto: bf16 on CPUs with
+                AVX-512 BF16);
+  http          `tunelab serve` with the same 8 streaming openai clients;
+  load          `tunelab serve` under 200 requests from 50 concurrent clients (32 tokens each):
+                errors, tok/s, time to first token and the server's peak RSS.
+Prints aggregate generated tokens/s (all completion tokens / wall time from the first request
+to the last answer) and time to first token p50/p95 (from the moment all requests were sent,
+so queueing counts), medians over --reps repetitions, and ratios against the peers.
+Not a test: no assertions. The machine may be shared: quote medians and say so.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MODEL = "smollm2-135m-instruct"
+MAX_NEW = 64
+QUESTIONS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how photosynthesis works, step by step.",
+    "Describe the city of Paris to a tourist who has never been there.",
+    "What are the benefits of regular exercise? Give several examples.",
+    "Tell me about the history of the printing press.",
+    "How do airplanes stay in the air? Explain it to a child.",
+    "Write a poem about the ocean at night.",
+    "Give detailed advice to a new programmer who is learning Python.",
+]
+
+
+@dataclass
+class Run:
+    tokens: int
+    seconds: float
+    ttfts: list[float]
+    errors: int = 0
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+@dataclass
+class Result:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def tok_s(self) -> float:
+        return statistics.median(r.tok_s for r in self.runs)
+
+    def ttft(self, q: float) -> float:
+        xs = sorted(t for r in self.runs for t in r.ttfts)
+        return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def messages(q: str) -> list[dict]:
+    return [{"role": "user", "content": q}]
+
+
+# ---- in-process: plain generate and the tunelab engine --------------------------------------
+
+
+class _FirstToken:
+    """A generate() streamer that notes when the first new token comes (put #1 is the prompt)."""
+
+    def __init__(self):
+        self.calls, self.at = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2 and self.at is None:
+            self.at = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def sequential(dtype_name: str, reps: int) -> Result:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.models import resolve
+    from tunelab.runtime import set_threads
+    set_threads()
+    folder = resolve(MODEL).path
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompts = [tok.apply_chat_template(messages(q), add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True) for q in QUESTIONS]
+    kw = dict(max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
+              pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    with torch.inference_mode():
+        model.generate(**prompts[0], max_new_tokens=4, do_sample=False)     # warm-up
+    res = Result(f"transformers generate, one at a time ({dtype_name})")
+    for _ in range(reps):
+        start, ttfts, tokens = time.perf_counter(), [], 0
+        for p in prompts:
+            streamer = _FirstToken()
+            with torch.inference_mode():
+                out = model.generate(**p, streamer=streamer, **kw)
+            tokens += out.shape[1] - p["input_ids"].shape[1]
+            ttfts.append(streamer.at - start)
+        res.runs.append(Run(tokens, time.perf_counter() - start, ttfts))
+        print(f"  {res.name}: {res.runs[-1].tok_s:.1f} tok/s", flush=True)
+    return res
+
+
+async def _engine_once(engine) -> Run:
+    from tunelab.server.engine import GenerationRequest
+    start = time.perf_counter()
+
+    async def one(q: str) -> tuple[int, float]:
+        first, n = None, 0
+        async for c in engine.generate(GenerationRequest(MODEL, messages(q), max_new_tokens=MAX_NEW,
+                                                         temperature=0)):
+            if first is None and c.completion_tokens:
+                first = time.perf_counter() - start
+            n = c.completion_tokens
+        return n, first
+
+    got = await asyncio.gather(*(one(q) for q in QUESTIONS))
+    return Run(sum(n for n, _ in got), time.perf_counter() - start, [t for _, t in got])
+
+
+def engine(reps: int) -> Result:
+    from tunelab.server.engine import Engine, GenerationRequest
+
+    async def main() -> Result:
+        eng = Engine()
+        try:
+            async for _ in eng.generate(GenerationRequest(MODEL, messages("hi"), max_new_tokens=4,
+                                                          temperature=0)):
+                pass    # load + warm-up
+            res = Result("tunelab engine (in process)")
+            for _ in range(reps):
+                steps = eng.forward_steps
+                res.runs.append(await _engine_once(eng))
+                print(f"  {res.name}: {res.runs[-1].tok_s:.1f} tok/s, "
+                      f"{eng.forward_steps - steps} forward steps", flush=True)
+            res.note = f"dtype {eng.dtype}"
+            return res
+        finally:
+            eng.close()
+    return asyncio.run(main())
+
+
+# ---- over HTTP: transformers serve and tunelab serve -----------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Poll `url` until it answers 200 (transformers serve: /health; its /v1/models scans the
+    hub cache and fails when there is none)."""
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with await asyncio.to_thread(urllib.request.urlopen, url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        await asyncio.sleep(1)
+    raise RuntimeError("server did not come up")
+
+
+async def _http_once(base: str, model: str, n_requests: int, clients: int,
+                     max_new: int) -> Run:
+    import openai
+    client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0, timeout=600)
+    slots = asyncio.Semaphore(clients)
+    start = time.perf_counter()
+    errors = 0
+
+    async def one(q: str) -> tuple[int, float | None]:
+        nonlocal errors
+        async with slots:
+            first, n = None, 0
+            try:
+                stream = await client.chat.completions.create(
+                    model=model, messages=messages(q), max_tokens=max_new, temperature=0,
+                    stream=True, stream_options={"include_usage": True})
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content and first is None:
+                        first = time.perf_counter() - start
+                    if chunk.usage:
+                        n = chunk.usage.completion_tokens
+            except Exception as e:
+                errors += 1
+                print(f"    request failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            return n, first
+
+    qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(n_requests)]
+    got = await asyncio.gather(*(one(q) for q in qs))
+    return Run(sum(n for n, _ in got), time.perf_counter() - start,
+               [t for _, t in got if t is not None], errors)
+
+
+class PeakRSS(threading.Thread):
+    """Samples the RSS of a process and its children every 50 ms."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.done = pid, 0, threading.Event()
+
+    def run(self):
+        import psutil
+        proc = psutil.Process(self.pid)
+        while not self.done.wait(0.05):
+            try:
+                rss = proc.memory_info().rss + sum(c.memory_info().rss
+                                                   for c in proc.children(recursive=True))
+            except psutil.Error:
+                continue
+            self.peak = max(self.peak, rss)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def peer(dtype: str, reps: int) -> Result:
+    from tunelab.models import resolve
+    folder = resolve(MODEL).path
+    port = free_port()
+    exe = Path(sys.executable).parent / "transformers"
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen([str(exe), "serve", "--continuous-batching", "--host", "127.0.0.1",
+                             "--port", str(port), "--dtype", dtype, folder],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    res = Result(f"transformers serve --continuous-batching (--dtype {dtype})")
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        async def main():
+            await _wait_ready(f"http://127.0.0.1:{port}/health", proc, 600)
+            await _http_once(base, folder, 1, 1, 4)     # warm-up
+            for _ in range(reps):
+                res.runs.append(await _http_once(base, folder, 8, 8, MAX_NEW))
+                print(f"  {res.name}: {res.runs[-1].tok_s:.1f} tok/s "
+                      f"({res.runs[-1].errors} errors)", flush=True)
+        asyncio.run(main())
+    except Exception as e:
+        log.seek(0)
+        res.note = f"could not run: {e}; log tail: {log.read()[-1500:]}"
+        print("  " + res.note, flush=True)
+    finally:
+        _stop(proc)
+    return res
+
+
+def tunelab_http(reps: int, load: bool) -> list[Result]:
+    data = tempfile.mkdtemp(prefix="tunelab-bench-")
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", "--port", "0",
+                             "--no-auth", "--workers", "0", "--data-dir", data],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    results = []
+    try:
+        base = None
+        for line in proc.stdout:
+            if m := re.search(r"serving (http://\S+)", line):
+                base = m.group(1) + "/v1"
+                break
+        if base is None:
+            raise RuntimeError(f"tunelab serve did not start (exit {proc.wait()})")
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+        rss = PeakRSS(proc.pid)
+        rss.start()
+
+        async def main():
+            await _wait_ready(base + "/models", proc, 120)
+            await _http_once(base, MODEL, 1, 1, 4)      # loads the model
+            res = Result("tunelab serve (HTTP, streaming)")
+            for _ in range(reps):
+                res.runs.append(await _http_once(base, MODEL, 8, 8, MAX_NEW))
+                print(f"  {res.name}: {res.runs[-1].tok_s:.1f} tok/s "
+                      f"({res.runs[-1].errors} errors)", flush=True)
+            if res.runs:
+                results.append(res)
+            if load:
+                res = Result("tunelab serve: 200 requests, 50 clients, 32 tokens")
+                res.runs.append(await _http_once(base, MODEL, 200, 50, 32))
+                res.note = (f"errors {res.runs[0].errors}/200, peak server RSS "
+                            f"{rss.peak / 2**30:.2f} GiB")
+                print(f"  {res.name}: {res.tok_s:.1f} tok/s, {res.note}", flush=True)
+                results.append(res)
+        asyncio.run(main())
+        rss.done.set()
+    finally:
+        _stop(proc)
+    return results
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def report(results: list[Result]) -> None:
+    print(f"\n{'':58} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p95':>9}")
+    for r in results:
+        if r.runs:
+            print(f"{r.name:58} {r.tok_s:7.1f} {r.ttft(0.5):8.2f}s {r.ttft(0.95):8.2f}s  {r.note}")
+        else:
+            print(f"{r.name:58} {'-':>7}  {r.note[:300]}")
+    ours = [r for r in results if r.runs and r.name.startswith("tunelab")]
+    peers = [r for r in results if r.runs and not r.name.startswith("tunelab")]
+    if ours and peers:
+        print()
+        for o in ours:
+            if "200 requests" in o.name:
+                continue
+            for p in peers:
+                print(f"{o.name} / {p.name}: tok/s x{o.tok_s / p.tok_s:.2f}, "
+                      f"TTFT p50 x{p.ttft(0.5) / o.ttft(0.5):.2f} faster")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", default="sequential,peer,engine,http,load")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    results: list[Result] = []
+    if "sequential" in only:
+        results += [sequential("fp32", args.reps), sequential("bf16", args.reps)]
+    if "peer" in only:
+        results += [peer("auto", args.reps), peer("bfloat16", args.reps)]
+    if "engine" in only:
+        results.append(engine(args.reps))
+    if "http" in only or "load" in only:
+        results += tunelab_http(args.reps if "http" in only else 0, "load" in only)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -182,6 +182,25 @@ def test_a_client_that_goes_away_leaves_the_batch(engine, lively_dir):
     assert asyncio.run(first_chunk_only())
 
 
+def test_a_client_that_goes_away_while_its_model_loads_holds_nothing(tiny_model_dir):
+    eng = Engine(precision="fp32", memory_budget_bytes=1 << 30)
+
+    async def leave_early():
+        task = asyncio.ensure_future(answer(eng, tiny_model_dir, PROMPTS[0], max_new_tokens=4))
+        await asyncio.sleep(0.05)       # loading takes longer than this
+        task.cancel()
+        for _ in range(500):
+            if eng._models and all(m.refs == 0 for m in eng._models.values()):
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    try:
+        assert asyncio.run(leave_early())
+    finally:
+        eng.close()
+
+
 def test_unload_and_lru_eviction(tmp_path, lively_dir, tiny_model_dir, adapter_dir):
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)

@@ -234,7 +234,12 @@ class Engine:
         (unknown model spec, prompt longer than the model's positions, max_new_tokens that do
         not fit); the last chunk has a finish_reason. GenerationFailed if the batch fails."""
         loop = asyncio.get_running_loop()
-        seq = await loop.run_in_executor(self._prep, self._prepare, request)
+        prepared = self._prep.submit(self._prepare, request)
+        try:
+            seq = await asyncio.wrap_future(prepared)
+        except asyncio.CancelledError:   # the client left while its model was loading
+            prepared.add_done_callback(_release_unused(self))
+            raise
         queue: asyncio.Queue = asyncio.Queue()
         seq.sink = (loop, queue)
         stream = _TextStream(seq.unit.tokenizer, list(request.stop))
@@ -333,7 +338,7 @@ class Engine:
     def _unit(self, spec: str) -> _Unit:
         from tunelab.models import ModelSource, load_tokenizer, resolve
         src = resolve(spec)
-        ukey = (src.path, src.gguf_file, src.adapter)
+        ukey = (_norm(src.path), src.gguf_file, src.adapter and _norm(src.adapter))
         if (unit := self._take(ukey, spec)) is not None:
             return unit
         with self._load_lock:
@@ -347,7 +352,7 @@ class Engine:
                 # differ, so it cannot share the base. Serve it merged, as a model of its own.
                 m = self._load_model(ukey, spec, src, tokenizer)
                 return self._register(ukey, spec, m, BASE_ADAPTER, tokenizer)
-            base_key = (src.path, src.gguf_file)
+            base_key = ukey[:2]
             with self._cv:      # the base may be loaded already, for another spec
                 m = self._models.get(base_key)
                 if m is not None:
@@ -369,7 +374,7 @@ class Engine:
     def _take(self, ukey: tuple, spec: str) -> _Unit | None:
         with self._cv:
             unit = self._units.get(ukey)
-            if unit is None or unit.model.key not in self._models:
+            if unit is None or self._models.get(unit.model.key) is not unit.model:
                 return None
             unit.model.refs += 1
             unit.model.last_used = time.monotonic()
@@ -477,11 +482,12 @@ class Engine:
 
     def _submit(self, seq: _Seq) -> None:
         with self._cv:
-            if self._closed or seq.unit.model.key not in self._models:
+            m = seq.unit.model
+            if self._closed or self._models.get(m.key) is not m:
                 self._fail(seq, GenerationFailed("the model was unloaded"))
                 self._flush()
                 return
-            seq.unit.model.waiting.append(seq)
+            m.waiting.append(seq)
             self._cv.notify()
 
     def _run(self) -> None:
@@ -536,7 +542,10 @@ class Engine:
         # Left padding, as model.generate does: every prompt ends where generation starts.
         ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs])
         mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs])
-        cache = DynamicCache()  # no config: plain full-attention layers that _merge can pad
+        # No config: plain full-attention layers that _merge and _keep_rows can pad and slice.
+        # Sliding-window layers then keep every position; their mask still limits the window,
+        # counted in cache columns (left padding included), as model.generate does.
+        cache = DynamicCache()
         logits = self._forward(m, ids, mask, cache, seqs)
         tokens = self._sample(logits, seqs)
         keep = [i for i, (s, t) in enumerate(zip(seqs, tokens)) if not self._advance(s, t)]
@@ -673,6 +682,19 @@ class Engine:
                 for s, _ in out:
                     if s.sink is not None and s.sink[0] is loop:
                         s.cancelled = True
+
+
+def _release_unused(engine: Engine):
+    def done(f) -> None:
+        if not f.cancelled() and f.exception() is None:
+            engine._release(f.result())
+    return done
+
+
+def _norm(path: str) -> str:
+    """One key per folder, however the spec spelled it (hub ids stay as they are)."""
+    p = Path(path)
+    return str(p.resolve()) if p.exists() else path
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:

@@ -17,14 +17,20 @@ The builtin smollm2-135m-instruct, 8 clients that each ask one question at the s
 Prints aggregate generated tokens/s (all completion tokens / wall time from the first request
 to the last answer) and time to first token p50/p95 (from the moment all requests were sent,
 so queueing counts), medians over --reps repetitions, and ratios against the peers.
-Not a test: no assertions. The machine may be shared: quote medians and say so.
+Each section runs in its own process: torch work on one thread slows later torch work on another
+in the same process (every thread that runs parallel ops keeps its own OpenMP pool; with more
+pool threads than cores libgomp stops spinning, measured 1.6x slower steps here), and peak RSS
+stays each section's own. Not a test: no assertions. The machine may be shared: quote medians of
+a few repetitions and say so.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -32,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -201,7 +207,12 @@ async def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 async def _http_once(base: str, model: str, n_requests: int, clients: int,
                      max_new: int) -> Run:
     import openai
-    client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0, timeout=600)
+    async with openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0,
+                                  timeout=600) as client:
+        return await _http_load(client, model, n_requests, clients, max_new)
+
+
+async def _http_load(client, model: str, n_requests: int, clients: int, max_new: int) -> Run:
     slots = asyncio.Semaphore(clients)
     start = time.perf_counter()
     errors = 0
@@ -327,6 +338,7 @@ def tunelab_http(reps: int, load: bool) -> list[Result]:
         rss.done.set()
     finally:
         _stop(proc)
+        shutil.rmtree(data, ignore_errors=True)
     return results
 
 
@@ -352,22 +364,39 @@ def report(results: list[Result]) -> None:
                       f"TTFT p50 x{p.ttft(0.5) / o.ttft(0.5):.2f} faster")
 
 
+SECTIONS = {
+    "sequential": lambda reps: [sequential("fp32", reps), sequential("bf16", reps)],
+    "peer": lambda reps: [peer("auto", reps), peer("bfloat16", reps)],
+    "engine": lambda reps: [engine(reps)],
+    "http": lambda reps: tunelab_http(reps, load=False),
+    "load": lambda reps: tunelab_http(0, load=True),
+}
+
+
+def run_section(name: str, reps: int) -> list[Result]:
+    """One section in a fresh process (see the module docstring for why)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        proc = subprocess.run([sys.executable, __file__, "--section", name, "--reps", str(reps),
+                               "--out", out.name])
+        if proc.returncode != 0:
+            return [Result(name, note=f"failed with exit code {proc.returncode}")]
+        return [Result(r["name"], [Run(**x) for x in r["runs"]], r["note"])
+                for r in json.loads(Path(out.name).read_text())]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", default="sequential,peer,engine,http,load")
+    ap.add_argument("--only", default=",".join(SECTIONS))
+    ap.add_argument("--section", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    only = set(args.only.split(","))
+    if args.section:
+        results = SECTIONS[args.section](args.reps)
+        Path(args.out).write_text(json.dumps([asdict(r) for r in results]))
+        return
     print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start", flush=True)
-    results: list[Result] = []
-    if "sequential" in only:
-        results += [sequential("fp32", args.reps), sequential("bf16", args.reps)]
-    if "peer" in only:
-        results += [peer("auto", args.reps), peer("bfloat16", args.reps)]
-    if "engine" in only:
-        results.append(engine(args.reps))
-    if "http" in only or "load" in only:
-        results += tunelab_http(args.reps if "http" in only else 0, "load" in only)
+    results = [r for name in args.only.split(",") for r in run_section(name, args.reps)]
     print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)
     report(results)
 

@@ -224,6 +224,11 @@ class Engine:
         # Loads and prompt rendering run off the event loop; a slow load must not hold up
         # requests for models already loaded, hence more than one worker.
         self._prep = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tunelab-prep")
+        # All forward steps run on this one thread. Every thread that runs parallel torch ops
+        # keeps an OpenMP pool of its own, and with more pool threads than cores libgomp stops
+        # spinning: steps measured 1.6x slower when another thread of the process had run
+        # torch work. A host process should leave heavy torch work to the engine (or to other
+        # processes, as tunelab's job workers do).
         self._thread = threading.Thread(target=self._run, name="tunelab-engine", daemon=True)
         self._thread.start()
 
@@ -238,7 +243,7 @@ class Engine:
         try:
             seq = await asyncio.wrap_future(prepared)
         except asyncio.CancelledError:   # the client left while its model was loading
-            prepared.add_done_callback(_release_unused(self))
+            prepared.add_done_callback(self._release_prepared)
             raise
         queue: asyncio.Queue = asyncio.Queue()
         seq.sink = (loop, queue)
@@ -281,7 +286,7 @@ class Engine:
         for u in units:
             if u.adapter == BASE_ADAPTER:
                 models.append(u.model)
-            elif u.adapter != BASE_ADAPTER:
+            else:
                 self._drop_adapter(u)
         for m in dict.fromkeys(models):
             self._drop_model(m, GenerationFailed(f"model '{model}' was unloaded"))
@@ -654,6 +659,11 @@ class Engine:
 
     # ---- delivery ---------------------------------------------------------------------------
 
+    def _release_prepared(self, prepared) -> None:
+        """A request prepared for a client that has gone: give back its hold on the model."""
+        if not prepared.cancelled() and prepared.exception() is None:
+            self._release(prepared.result())
+
     def _release(self, s: _Seq) -> None:
         if not s.released:
             s.released = True
@@ -682,13 +692,6 @@ class Engine:
                 for s, _ in out:
                     if s.sink is not None and s.sink[0] is loop:
                         s.cancelled = True
-
-
-def _release_unused(engine: Engine):
-    def done(f) -> None:
-        if not f.cancelled() and f.exception() is None:
-            engine._release(f.result())
-    return done
 
 
 def _norm(path: str) -> str:

@@ -352,9 +352,10 @@ class Engine:
             tokenizer = load_tokenizer(spec, source=src)
             base_src = ModelSource(src.path, src.gguf_file)
             base_tok = tokenizer if src.adapter is None else load_tokenizer(source=base_src)
-            if len(base_tok) != len(tokenizer):
-                # The adapter's tokenizer grew the vocabulary past its base's: its embeddings
-                # differ, so it cannot share the base. Serve it merged, as a model of its own.
+            if len(base_tok) != len(tokenizer) or \
+                    (src.adapter is not None and not _mixable(src.adapter)):
+                # An adapter whose tokenizer grew the vocabulary past its base's (other
+                # embeddings), or one PEFT cannot mix into a batch: merged, a model of its own.
                 m = self._load_model(ukey, spec, src, tokenizer)
                 return self._register(ukey, spec, m, BASE_ADAPTER, tokenizer)
             base_key = ukey[:2]
@@ -703,6 +704,12 @@ def _norm(path: str) -> str:
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+def _mixable(adapter_dir: str) -> bool:
+    """PEFT batches `adapter_names=` for plain LoRA only (it refuses DoRA, for one)."""
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return cfg.get("peft_type") == "LORA" and not cfg.get("use_dora")
 
 
 def _base_name(adapter_dir: str) -> str:

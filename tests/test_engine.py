@@ -103,22 +103,28 @@ def test_greedy_matches_generate_with_base_and_adapter_rows_in_one_batch(engine,
         assert chunks[-1].prompt_tokens > 5
 
 
-def test_dora_adapter_is_served_merged_beside_its_base(tmp_path, engine, lively_dir):
-    """PEFT cannot mix DoRA adapters into a batch: such a fine-tune is a model of its own."""
+@pytest.mark.parametrize("kind", ["dora", "with_embeddings"])
+def test_unmixable_adapters_are_served_merged_beside_their_base(tmp_path, engine, lively_dir,
+                                                                 kind):
+    """PEFT cannot mix DoRA adapters into a batch, and an adapter saved with whole embedding
+    layers would overwrite the shared base's: such a fine-tune is a model of its own."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     torch.manual_seed(2)
-    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(lively_dir),
-                          LoraConfig(r=4, use_dora=True, init_lora_weights=False,
-                                     target_modules=["q_proj", "v_proj"]))
-    dora.save_pretrained(tmp_path / "dora")
-    jobs = [(tmp_path / "dora", PROMPTS[0]), (lively_dir, PROMPTS[1])]
+    base = AutoModelForCausalLM.from_pretrained(lively_dir)
+    if kind == "with_embeddings":   # as if trained on a resized vocabulary
+        torch.nn.init.normal_(base.get_input_embeddings().weight, std=0.3)
+    tuned = get_peft_model(base, LoraConfig(r=4, use_dora=kind == "dora",
+                                            init_lora_weights=False,
+                                            target_modules=["q_proj", "v_proj"]))
+    tuned.save_pretrained(tmp_path / kind, save_embedding_layers=kind == "with_embeddings")
+    jobs = [(tmp_path / kind, PROMPTS[0]), (lively_dir, PROMPTS[1])]
     got = asyncio.run(answer_all(engine, jobs, max_new_tokens=8, temperature=0))
-    assert got[0][0].strip() == reference(tmp_path / "dora", PROMPTS[:1], 8)[0]
+    assert got[0][0].strip() == reference(tmp_path / kind, PROMPTS[:1], 8)[0]
     assert got[1][0].strip() == reference(lively_dir, PROMPTS[1:2], 8)[0]
-    engine.unload(str(tmp_path / "dora"))
-    assert str(tmp_path / "dora") not in engine.loaded()
+    engine.unload(str(tmp_path / kind))
+    assert str(tmp_path / kind) not in engine.loaded()
 
 
 def test_concurrent_requests_share_forward_steps(engine, lively_dir):

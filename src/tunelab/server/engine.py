@@ -706,10 +706,22 @@ def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
         queue.put_nowait(item)
 
 
+_ADAPTER_OWN = ("lora_", "trainable_tokens_delta", "modules_to_save")
+
+
 def _mixable(adapter_dir: str) -> bool:
-    """PEFT batches `adapter_names=` for plain LoRA only (it refuses DoRA, for one)."""
-    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    return cfg.get("peft_type") == "LORA" and not cfg.get("use_dora")
+    """Whether the adapter can share its base with other rows of a batch: PEFT batches
+    `adapter_names=` for plain LoRA only (it refuses DoRA, for one), and an adapter saved with
+    whole layers (PEFT saves the embeddings of a resized vocabulary, as tunelab's LoRA on a
+    template-less base does) would overwrite the shared base's weights when loaded."""
+    from safetensors import safe_open
+    folder = Path(adapter_dir)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    weights = folder / "adapter_model.safetensors"
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or not weights.exists():
+        return False
+    with safe_open(str(weights), "pt") as f:
+        return all(any(own in k for own in _ADAPTER_OWN) for k in f.keys())
 
 
 def _base_name(adapter_dir: str) -> str:

@@ -253,6 +253,24 @@ def test_unload_and_lru_eviction(tmp_path, lively_dir, tiny_model_dir, adapter_d
         eng.close()
 
 
+def test_prepacked_bf16_linears_give_the_same_logits(lively_dir):
+    import torch
+
+    from tunelab.models import load
+    from tunelab.server.engine import _prepack_linears
+    model, tokenizer = load(lively_dir, dtype=torch.bfloat16)
+    ids = torch.tensor([tokenizer("a few words to look at")["input_ids"]] * 3)
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        added = _prepack_linears(model, 16)
+        if added == 0:
+            pytest.skip("this CPU/torch has no oneDNN bf16 prepacked linear")
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert added >= sum(m.weight.numel() * 2 for m in model.modules()
+                        if type(m) is torch.nn.Linear)
+
+
 def test_streamed_text_is_whole_characters(smol_tokenizer):
     text = "Grüße, 世界! 🙂🎉 naïve café — ok"
     ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]

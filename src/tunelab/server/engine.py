@@ -28,8 +28,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,14 +256,16 @@ class Engine:
         self._adapter_ids = itertools.count()
         self._closed = False
         self._outbox: list[tuple[_Seq, Any]] = []
-        # Loads and prompt rendering run off the event loop; a slow load must not hold up
-        # requests for models already loaded, hence more than one worker.
+        self._jobs: deque[tuple[Callable, tuple, Future]] = deque()   # torch work to run
+        # Requests are admitted (spec resolved, prompt rendered, limits checked) off the event
+        # loop; a request waiting for a model load must not hold up the others.
         self._prep = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tunelab-prep")
-        # All forward steps run on this one thread. Every thread that runs parallel torch ops
-        # keeps an OpenMP pool of its own, and with more pool threads than cores libgomp stops
-        # spinning: steps measured 1.6x slower when another thread of the process had run
-        # torch work. A host process should leave heavy torch work to the engine (or to other
-        # processes, as tunelab's job workers do).
+        # ALL torch work (loads, adapters, steps) runs on this one thread. Every thread that
+        # runs parallel torch ops keeps an OpenMP pool of its own, and with more pool threads
+        # than cores libgomp stops spinning: steps measured 1.6x slower when another thread of
+        # the process had run torch work, which costs more than pausing the other models'
+        # streams while a model loads. A host process should leave heavy torch work to the
+        # engine (or to other processes, as tunelab's job workers do).
         self._thread = threading.Thread(target=self._run, name="tunelab-engine", daemon=True)
         self._thread.start()
 
@@ -332,6 +334,8 @@ class Engine:
             self._closed = True
             self._cv.notify_all()
         self._thread.join()
+        while self._jobs:
+            self._jobs.popleft()[2].set_exception(GenerationFailed("the engine was closed"))
         self._prep.shutdown(wait=False, cancel_futures=True)
         for m in list(self._models.values()):
             self._drop_model(m, GenerationFailed("the engine was closed"))
@@ -437,13 +441,8 @@ class Engine:
 
     def _load_model(self, key: tuple, name: str, src, tokenizer) -> _Model:
         """Load (under _load_lock), holding one ref for the caller."""
-        from tunelab.models import load_model
         self._evict(need=_disk_bytes(src.path))
-        model = load_model(source=src, tokenizer=tokenizer, dtype=self.dtype).to(self.device)
-        model.eval()
-        nbytes = _param_bytes(model)
-        if self.device.type == "cpu" and 2 * nbytes <= self.memory_budget_bytes:
-            nbytes += _prepack_linears(model, self.max_batch_size)
+        model, nbytes = self._on_torch_thread(self._load_weights, src, tokenizer)
         cfg = model.config.get_text_config(decoder=True)
         m = _Model(key, name, model, nbytes, getattr(cfg, "max_position_embeddings", None),
                    refs=1)
@@ -452,10 +451,22 @@ class Engine:
         self._evict(keep=m)
         return m
 
+    def _load_weights(self, src, tokenizer) -> tuple[Any, int]:
+        from tunelab.models import load_model
+        model = load_model(source=src, tokenizer=tokenizer, dtype=self.dtype).to(self.device)
+        model.eval()
+        nbytes = _param_bytes(model)
+        if self.device.type == "cpu" and 2 * nbytes <= self.memory_budget_bytes:
+            nbytes += _prepack_linears(model, self.max_batch_size)
+        return model, nbytes
+
     def _add_adapter(self, m: _Model, adapter_dir: str) -> str:
+        return self._on_torch_thread(self._inject_adapter, m, adapter_dir)
+
+    def _inject_adapter(self, m: _Model, adapter_dir: str) -> str:
         from peft import PeftModel
         name = f"adapter{next(self._adapter_ids)}"  # PEFT names must be plain identifiers
-        with m.lock:    # never change modules under a running step
+        with m.lock:
             before = _param_bytes(m.model)
             if not m.peft:
                 m.model = PeftModel.from_pretrained(m.model, adapter_dir, adapter_name=name)
@@ -536,15 +547,31 @@ class Engine:
             m.waiting.append(seq)
             self._cv.notify()
 
+    def _on_torch_thread(self, fn: Callable, *args):
+        """Run `fn(*args)` on the scheduler thread, between steps, and return its result."""
+        done: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise GenerationFailed("the engine was closed")
+            self._jobs.append((fn, args, done))
+            self._cv.notify()
+        return done.result()
+
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not any(m.waiting or m.rows
-                                                   for m in self._models.values()):
+                while not self._closed and not self._jobs and \
+                        not any(m.waiting or m.rows for m in self._models.values()):
                     self._cv.wait()
                 if self._closed:
                     return
+                jobs, self._jobs = self._jobs, deque()
                 busy = [m for m in self._models.values() if m.waiting or m.rows]
+            for fn, args, done in jobs:
+                try:
+                    done.set_result(fn(*args))
+                except BaseException as e:
+                    done.set_exception(e)
             for m in busy:      # one step per model, round robin
                 with m.lock:
                     if m.model is None:

@@ -216,3 +216,15 @@ def test_shots_are_never_in_label_order():
         labels = [int(s.reference) for s in choose_shots(train, [], 5, task, seed=seed)]
         assert sorted(labels) == [1, 2, 3, 4, 5]
         assert labels not in ([1, 2, 3, 4, 5], [5, 4, 3, 2, 1])
+
+
+def test_general_file_reports_loss_and_match_before_and_after(sound_run, sound_task, tmp_path):
+    from tunelab.evaluate.compare import compare
+    result = compare(base=None, tuned=str(sound_run.output_dir), data=sound_task["test"],
+                     out_dir=tmp_path / "out", task="classification", few_shot=0,
+                     general=sound_task["train"], general_check=False, limit=4)
+    f = result.forgetting["file"]
+    assert f["tuned"]["loss"] < f["base"]["loss"]      # it trained on these very answers
+    assert f["tuned"]["normalized_match"] > f["base"]["normalized_match"]
+    assert "train.jsonl: loss" in Path(result.report_md).read_text()
+    assert "train.jsonl: loss" in Path(result.report_html).read_text()

@@ -191,15 +191,20 @@ def forgetting_summary(base: RunResult, tuned: RunResult, *, examples: int = 4) 
 
 
 def forgetting_line(f: dict[str, Any]) -> str:
-    g = f["general"]
-    what = ("no change" if abs(g["delta_points"]) < 0.5 else
-            f"{g['delta_points']:+.1f} points")
-    line = (f"general check ({g['items']} prompts): base {100 * g['base']:.0f}% -> fine-tuned "
-            f"{100 * g['tuned']:.0f}% ({what}; {g['lost']} answers lost, {g['gained']} gained)")
+    parts = []
+    if f.get("general"):
+        g = f["general"]
+        what = ("no change" if abs(g["delta_points"]) < 0.5 else
+                f"{g['delta_points']:+.1f} points")
+        parts.append(f"general check ({g['items']} prompts): base {100 * g['base']:.0f}% -> "
+                     f"fine-tuned {100 * g['tuned']:.0f}% ({what}; {g['lost']} answers lost, "
+                     f"{g['gained']} gained)")
     if f.get("file"):
         x = f["file"]
-        line += (f"; {x['name']}: loss {x['base']['loss']:.3f} -> {x['tuned']['loss']:.3f}")
-    return line
+        parts.append(f"{x['name']}: loss {x['base']['loss']:.3f} -> {x['tuned']['loss']:.3f}, "
+                     f"match {100 * x['base']['normalized_match']:.0f}% -> "
+                     f"{100 * x['tuned']['normalized_match']:.0f}%")
+    return "; ".join(parts)
 
 
 def _file_check(run, model, tok, examples: list[Example], who: str,
@@ -218,9 +223,10 @@ def compare(*, base: str | None, tuned: str, data: str | Path, out_dir: str | Pa
             task: str = "auto", train: str | Path | None = None, few_shot: int = 5,
             system: str | None = None, general: str | Path | None = None,
             general_check: bool = True, labels: list[str] | None = None,
-            limit: int | None = None, batch_size: int = 16, quiet: bool = True,
+            limit: int | None = None, batch_size: int = 16,
             progress_factory=None) -> Comparison:
-    """Run every row on the same test split, check forgetting, write the report."""
+    """Run every row on the same test split, check forgetting, write the report.
+    `progress_factory(name, total)` returns a bar (update, close) for each setup, or None."""
     from tunelab import models
     from tunelab.config import DEFAULT_MAX_LENGTH
     from tunelab.data.conversation import read_conversations

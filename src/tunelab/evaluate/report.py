@@ -41,7 +41,7 @@ def format_metrics(res: RunResult) -> str:
             text = f"{value:.4f}"
         else:
             text = str(value)
-        lines.append(f"{key:<17} {text}")
+        lines.append(f"{metric_name(key):<17} {text}")
     if "confusion" in m:
         lines.append("")
         lines += confusion_text(m["confusion"])
@@ -65,7 +65,10 @@ def confusion_text(conf: dict[str, Any]) -> list[str]:
 
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "invalid_rate": "invalid answers",
                 "normalized_match": "match", "exact_match": "exact match", "rougeL": "ROUGE-L",
-                "pass@1": "pass@1", "no_number_rate": "no number", "pass_rate": "pass rate"}
+                "pass@1": "pass@1", "no_number_rate": "no number", "pass_rate": "pass rate",
+                "test_loss": "test loss", "test_perplexity": "perplexity",
+                "token_accuracy": "token accuracy", "trained_tokens": "trained tokens",
+                "max_length": "max length"}
 
 
 def metric_name(key: str) -> str:
@@ -95,8 +98,7 @@ def format_comparison(c) -> str:
     out = [*lines, "", c.verdict]
     if c.forgetting:
         from tunelab.evaluate.compare import forgetting_line
-        if c.forgetting.get("general"):
-            out.append(forgetting_line(c.forgetting))
+        out.append(forgetting_line(c.forgetting))
     out += [f"warning: {w}" for w in c.warnings]
     return "\n".join(out)
 
@@ -295,7 +297,7 @@ def _markdown(c, charts: dict[str, bytes]) -> str:
     for name in ("metric", "tokens", "confusion", "training", "forgetting"):
         if name in charts:
             md.append(f"![{name}](charts/{name}.png)")
-    if c.forgetting and c.forgetting.get("general"):
+    if c.forgetting:
         from tunelab.evaluate.compare import forgetting_line
         md += ["", "## Forgetting", "", forgetting_line(c.forgetting)]
     who, items = side_by_side(c)
@@ -397,6 +399,9 @@ def _html(c, charts: dict[str, bytes]) -> str:
                          f"<p>{e(forgetting_line(c.forgetting))}</p>"
                          f"{_img(charts, 'forgetting', 'general check by category')}</div>")
         parts.append("</div><div style='height:20px'></div>")
+    if c.forgetting and "forgetting" not in charts:
+        parts.append(f"<div class='card'><h2>Forgetting</h2>"
+                     f"<p>{e(forgetting_line(c.forgetting))}</p></div>")
     if c.forgetting and c.forgetting.get("general"):
         g = c.forgetting["general"]
         changed = [("lost", x) for x in g["lost_examples"]] + \

@@ -32,7 +32,7 @@ def run(store: Store, job: Job, *, worker: str) -> None:
                              out_dir=report_dir(store, job.id), task=r.get("task", "auto"),
                              few_shot=r.get("few_shot", 5), system=r.get("system"),
                              general_check=r.get("general_check", True),
-                             limit=r.get("limit"), quiet=True,
+                             limit=r.get("limit"),
                              progress_factory=lambda name, total: _Progress(store, job.id,
                                                                             name, total))
     except TunelabError as e:

@@ -61,6 +61,8 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
           max_length: Optional[int] = typer.Option(None, help="tokens per example for the loss "
                                                    "(default: what the model was trained with)"),
           batch_size: int = typer.Option(16),
+          precision: str = typer.Option("auto", help="weights for inference: auto (bf16 where "
+                                        "the hardware has it), bf16, fp16 or fp32"),
           predictions: Optional[Path] = typer.Option(None, help="write scored answers (JSONL) "
                                                      "here, batch by batch"),
           quiet: bool = typer.Option(False, "--quiet", "-q")):
@@ -70,12 +72,12 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
     from tunelab import models
     from tunelab.evaluate import evaluate, load_examples, make_task
     from tunelab.evaluate.report import format_metrics
-    from tunelab.runtime import set_threads
+    from tunelab.runtime import set_threads, torch_dtype
     examples = load_examples(task, data, limit=limit)
     task_obj = make_task(task, examples, labels=labels.split(",") if labels else None)
     quiet_libraries()
     set_threads()
-    m, tok = models.load(model)
+    m, tok = models.load(model, dtype=torch_dtype(precision))
     max_length = max_length or models.trained_with(model).max_length
     with tqdm(total=len(examples), desc=f"{task_obj.name}", disable=quiet or as_json,
               unit="ex", file=sys.stderr) as bar:
@@ -113,6 +115,8 @@ def compare(tuned: str = typer.Option(..., "--tuned", help="fine-tuned model: a 
             out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="report folder"),
             limit: Optional[int] = typer.Option(None, help="the first N test examples"),
             batch_size: int = typer.Option(16),
+            precision: str = typer.Option("auto", help="weights for inference: auto (bf16 "
+                                          "where the hardware has it), bf16, fp16 or fp32"),
             as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
             quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Fine-tuned vs the base model prompted zero-shot, with a system prompt and few-shot:
@@ -128,7 +132,7 @@ def compare(tuned: str = typer.Option(..., "--tuned", help="fine-tuned model: a 
                          train=train_file, few_shot=few_shot, system=system, general=general,
                          general_check=not no_general_check,
                          labels=labels.split(",") if labels else None, limit=limit,
-                         batch_size=batch_size, progress_factory=bars)
+                         batch_size=batch_size, precision=precision, progress_factory=bars)
     if as_json:
         print(json.dumps(result.to_json()))
         return
@@ -180,7 +184,7 @@ def chat(model: str = typer.Argument("smollm2-135m-instruct", help="model spec")
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
          examples: int = typer.Option(900, help="reviews to generate"),
-         epochs: float = typer.Option(1.0),
+         epochs: float = typer.Option(2.0),
          quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Offline end-to-end demo: star ratings, base SmolLM2-135M prompted zero- and few-shot vs
     LoRA fine-tuned."""

@@ -40,7 +40,7 @@ def build_dataset(folder: Path, *, n: int = 900, seed: int = 0) -> dict[str, Pat
 
 
 def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instruct",
-             n_examples: int = 900, epochs: float = 1.0, few_shot: int = 5,
+             n_examples: int = 900, epochs: float = 2.0, few_shot: int = 5,
              quiet: bool = False) -> dict:
     from tqdm.auto import tqdm
 
@@ -62,7 +62,7 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instru
     say(f"[2/3] LoRA fine-tuning {model}")
     cfg = TrainConfig(model=model, train_file=paths["train"], valid_file=paths["val"],
                       output_dir=out / "run", overwrite=True, method="lora", epochs=epochs,
-                      batch_size=8, learning_rate=1e-3, max_length=256, logging_steps=5)
+                      batch_size=8, learning_rate=3e-4, max_length=256, logging_steps=5)
     result = train(cfg, quiet=quiet)
 
     say(f"[3/3] base model zero-shot and {few_shot}-shot vs the fine-tuned model, on the same "

@@ -223,15 +223,16 @@ def compare(*, base: str | None, tuned: str, data: str | Path, out_dir: str | Pa
             task: str = "auto", train: str | Path | None = None, few_shot: int = 5,
             system: str | None = None, general: str | Path | None = None,
             general_check: bool = True, labels: list[str] | None = None,
-            limit: int | None = None, batch_size: int = 16,
+            limit: int | None = None, batch_size: int = 16, precision: str = "auto",
             progress_factory=None) -> Comparison:
     """Run every row on the same test split, check forgetting, write the report.
-    `progress_factory(name, total)` returns a bar (update, close) for each setup, or None."""
+    `progress_factory(name, total)` returns a bar (update, close) for each setup, or None.
+    `precision`: the weights' dtype for every model ('auto': bf16 where the hardware has it)."""
     from tunelab import models
     from tunelab.config import DEFAULT_MAX_LENGTH
     from tunelab.data.conversation import read_conversations
     from tunelab.evaluate.report import write_report
-    from tunelab.runtime import set_threads
+    from tunelab.runtime import set_threads, torch_dtype
 
     provenance = models.trained_with(tuned)
     base = base or provenance.base
@@ -285,7 +286,8 @@ def compare(*, base: str | None, tuned: str, data: str | Path, out_dir: str | Pa
     file_losses: dict[str, dict] = {}
     max_length = provenance.max_length or DEFAULT_MAX_LENGTH
 
-    model, tok = models.load(base)
+    dtype = torch_dtype(precision)
+    model, tok = models.load(base, dtype=dtype)
     rows.append(run(model, tok, ZERO_SHOT, base))
     if system:
         rows.append(run(model, tok, SYSTEM, base, [with_system(e, system) for e in examples]))
@@ -300,7 +302,7 @@ def compare(*, base: str | None, tuned: str, data: str | Path, out_dir: str | Pa
     del model
     gc.collect()
 
-    model, tok = models.load(tuned)
+    model, tok = models.load(tuned, dtype=dtype)
     rows.append(run(model, tok, TUNED, tuned))
     if general_set:
         general_runs["tuned"] = run(model, tok, "general fine-tuned", tuned, on=general_set[0],

@@ -79,8 +79,8 @@ async def chat_completions(body: ChatCompletionCreate, request: Request,
     except StopAsyncIteration:
         first = None
     except TunelabError as e:
-        raise APIError(400, str(e), param="messages" if "prompt" in str(e).lower() else "model",
-                       code="invalid_request") from None
+        # the engine names the request field (model, messages[i], max_tokens, ...) in e.field
+        raise APIError(400, str(e), param=e.field or "model", code="invalid_request") from None
     completion_id = new_id("chatcmpl-")
     created = int(time.time())
     if body.stream:

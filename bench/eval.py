@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--examples", type=int, default=96)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--examples", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
 
@@ -44,14 +44,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_dataset(Path(tmp), n=max(300, args.examples * 3))
         examples = load_examples("classification", paths["test"])[:args.examples]
-    model, tok = models.load(args.model)
+    from tunelab.runtime import torch_dtype
+    model, tok = models.load(args.model)                       # fp32, as a hand-written loop
+    fast, _ = models.load(args.model, dtype=torch_dtype("auto"))   # as tunelab eval loads it
     task = make_task("classification", examples)
     stops = sorted(stop_ids(model))
 
-    def one_at_a_time() -> tuple[float, int]:
+    def one_at_a_time(on=examples) -> tuple[float, int]:
         generated = 0
         started = time.perf_counter()
-        for e in examples:
+        for e in on:
             ids = torch.tensor([render_prompt(e.messages, tok)])
             with torch.inference_mode():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -60,26 +62,27 @@ def main() -> None:
             generated += out.shape[1] - ids.shape[1]
         return time.perf_counter() - started, generated
 
-    def tunelab_eval() -> tuple[float, int, float]:
+    def tunelab_eval(m) -> tuple[float, int, float]:
         started = time.perf_counter()
-        res = run_task(model, tok, task, examples, batch_size=args.batch_size)
+        res = run_task(m, tok, task, examples, batch_size=args.batch_size)
         return (time.perf_counter() - started, round(res.completion_tokens * res.examples),
                 res.metrics["accuracy"])
 
-    one_at_a_time(), tunelab_eval()   # warm-up: allocator, kernels
+    one_at_a_time(examples[:2]), tunelab_eval(model), tunelab_eval(fast)   # warm-up
     peer = [one_at_a_time() for _ in range(args.repeats)]
-    ours = [tunelab_eval() for _ in range(args.repeats)]
+    ours32 = [tunelab_eval(model) for _ in range(args.repeats)]
+    ours = [tunelab_eval(fast) for _ in range(args.repeats)]
     peer_s = statistics.median(t for t, _ in peer)
-    ours_s = statistics.median(t for t, _, _ in ours)
     n = len(examples)
     print(f"model {args.model}, {n} star-rating examples, {threads} threads, "
           f"median of {args.repeats} (machine may be shared: compare within this run)")
-    print(f"  one-at-a-time generate (max_new_tokens 64): {n / peer_s:6.2f} examples/s  "
+    print(f"  one-at-a-time generate, fp32 (max_new_tokens 64): {n / peer_s:6.2f} examples/s  "
           f"({peer_s:.1f} s, {peer[0][1] / n:.1f} generated tokens/example)")
-    print(f"  tunelab eval (batch {args.batch_size}, capped by the task): {n / ours_s:6.2f} "
-          f"examples/s  ({ours_s:.1f} s, {ours[0][1] / n:.1f} generated tokens/example, "
-          f"accuracy {ours[0][2]:.1%})")
-    print(f"  ratio: {peer_s / ours_s:.2f}x")
+    for name, runs in (("fp32", ours32), (str(fast.dtype).replace("torch.", ""), ours)):
+        s = statistics.median(t for t, _, _ in runs)
+        print(f"  tunelab eval, {name} (batch {args.batch_size}, capped by the task): "
+              f"{n / s:6.2f} examples/s  ({s:.1f} s, {runs[0][1] / n:.1f} generated "
+              f"tokens/example, accuracy {runs[0][2]:.1%}): {peer_s / s:.1f}x")
 
     # where tunelab's time goes: one batch's prefill vs its decode steps
     from tunelab.batching import pad_prompts

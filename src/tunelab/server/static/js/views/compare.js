@@ -169,6 +169,12 @@ async function renderEvaluation(root, id, ctx) {
   return () => { alive = false; clearTimeout(timer); };
 }
 
+// The names tunelab's report uses for metric keys (tunelab/evaluate/report.py METRIC_NAMES).
+const METRIC_NAMES = { accuracy: "accuracy", macro_f1: "macro-F1", invalid_rate: "invalid answers",
+  normalized_match: "match", exact_match: "exact match", rougeL: "ROUGE-L", "pass@1": "pass@1",
+  no_number_rate: "no number", timeouts: "timeouts" };
+const metricName = (k) => METRIC_NAMES[k] || k.replace(/_/g, " ");
+
 function resultView(ev) {
   const r = ev.result;
   const rows = r.rows || [];
@@ -188,10 +194,10 @@ function resultView(ev) {
   const tunedWins = /^fine-tuned:/.test(r.verdict || "") && !/on par/.test(r.verdict || "");
   const out = h("div", { class: "eval-result" });
   out.append(h("div", { class: ["verdict", tunedWins ? "good" : /prompting wins/.test(r.verdict || "") ? "bad" : ""] },
-    h("div", { class: "verdict-label" }, `Task: ${r.task || "—"} · metric: ${primary}`), h("div", { class: "verdict-text" }, r.verdict || "")));
+    h("div", { class: "verdict-label" }, `Task: ${r.task || "—"} · metric: ${metricName(primary)}`), h("div", { class: "verdict-text" }, r.verdict || "")));
   out.append(card("Results", h("div", { class: "table-wrap" }, h("table", { class: "table cmp", id: "comparison-table" },
-    h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Setup"), h("th", { scope: "col", class: "num" }, primary),
-      metricKeys.map((k) => h("th", { scope: "col", class: "num" }, k)),
+    h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Setup"), h("th", { scope: "col", class: "num" }, metricName(primary)),
+      metricKeys.map((k) => h("th", { scope: "col", class: "num" }, metricName(k))),
       ["Prompt tokens", "Answer tokens", "Latency", "Req/s"].map((c) => h("th", { scope: "col", class: "num" }, c)))),
     h("tbody", {}, rows.map((x) => h("tr", { class: [x.name === "fine-tuned" && "tuned", +x.primary === best && "best"] },
       h("th", { scope: "row" }, x.name, h("div", { class: "mono muted small model-id", title: x.model }, shown(x))),
@@ -202,7 +208,7 @@ function resultView(ev) {
       h("td", { class: "num" }, fmtNum(x.requests_per_s, 3)))))))));
   out.append(h("div", { class: "grid-3 charts" },
     card(null, bars(rows.map((x) => ({ label: x.name, value: x.primary, cls: x.name === "fine-tuned" ? "tuned" : "" })),
-      { title: `${primary} (higher is better)`, format: fmtP, max: isFrac ? 1 : undefined })),
+      { title: `${metricName(primary)} (higher is better)`, format: fmtP, max: isFrac ? 1 : undefined })),
     card(null, bars(rows.map((x) => ({ label: x.name, value: x.prompt_tokens, cls: x.name === "fine-tuned" ? "tuned" : "" })),
       { title: "Prompt tokens per request (lower is cheaper)", format: fmtInt })),
     card(null, bars(rows.map((x) => ({ label: x.name, value: x.latency_s, cls: x.name === "fine-tuned" ? "tuned" : "" })),

@@ -48,7 +48,7 @@ def data_render(file: Path = typer.Argument(..., help="JSONL of conversations"),
                 limit: Optional[int] = typer.Option(None, help="render the first N examples")):
     """Show exactly which tokens are trained (labels != -100)."""
     from tunelab import models
-    from tunelab.data.conversation import read_conversations
+    from tunelab.data.conversation import read_conversations, split_source
     from tunelab.data.render import render_examples
     quiet_libraries()
     tok = models.load_tokenizer(tokenizer)
@@ -58,7 +58,7 @@ def data_render(file: Path = typer.Argument(..., help="JSONL of conversations"),
         rows = render_examples([conv.messages], tok, max_length=max_length, sources=[conv.source])
         for row in rows:
             if as_json:
-                print(json.dumps({"line": int(conv.source.rsplit(":", 1)[1]), **row}))
+                print(json.dumps({"line": split_source(conv.source)[1], **row}))
                 continue
             trained = sum(1 for x in row["labels"] if x != -100)
             print(f"--- {conv.source}: {len(row['input_ids'])} tokens, {trained} trained "

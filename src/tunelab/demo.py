@@ -45,7 +45,7 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instru
     from tqdm.auto import tqdm
 
     from tunelab.config import TrainConfig
-    from tunelab.evaluate.compare import compare, forgetting_line
+    from tunelab.evaluate.compare import compare
     from tunelab.evaluate.report import format_comparison
     from tunelab.runtime import set_threads
     from tunelab.train import train

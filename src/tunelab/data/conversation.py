@@ -73,6 +73,15 @@ def problems(obj: Any) -> list[Problem]:
     return found
 
 
+def split_source(source: str | None) -> tuple[str | None, int | None]:
+    """A Conversation.source ("file:line") back into (file, line); (source, None) when it has no
+    line number, (None, None) when there is none."""
+    if not source:
+        return None, None
+    file, _, line = source.rpartition(":")
+    return (file, int(line)) if file and line.isdigit() else (source, None)
+
+
 def parse_conversation(obj: Any, *, file: str | Path | None = None,
                        line: int | None = None) -> Conversation:
     """Check one record against the contract and return it as a Conversation.

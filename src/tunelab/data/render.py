@@ -244,10 +244,9 @@ def _generation_prompt(fmt: ChatFormatter, history: Sequence[dict[str, Any]]) ->
 def _with_source(e: TunelabError, source: str | None) -> TunelabError:
     if not source or e.file is not None:
         return e
-    file, _, line = source.rpartition(":")
-    cls = type(e)
-    return cls(e.reason, file=file or source, line=int(line) if line.isdigit() else None,
-               field=e.field)
+    from tunelab.data.conversation import split_source
+    file, line = split_source(source)
+    return type(e)(e.reason, file=file, line=line, field=e.field)
 
 
 def _labels_from_offsets(ids: list[int], offsets, spans) -> list[int]:

@@ -18,8 +18,8 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.runner import RunResult, load_examples, run_task
-from tunelab.evaluate.tasks import Classification, Example, Task, _label_key, examples_from, \
-    make_task, normalize_answer
+from tunelab.evaluate.tasks import (Classification, Example, Task, examples_from,
+                                    label_order_key, make_task, normalize_answer)
 
 ZERO_SHOT, SYSTEM, TUNED = "base zero-shot", "base + system prompt", "fine-tuned"
 
@@ -85,10 +85,9 @@ def choose_shots(train: list[Example], test: list[Example], k: int, task: Task, 
                 shots.append(by_label[label].pop())
     # Not grouped by label (the last shot's label would bias the answer), and not in label
     # order: a 135M model shown 1, 2, 3, 4, 5 answered "6" to every review (measured).
-    keys = [_label_key(normalize_answer(s.reference)) for s in shots]
     for _ in range(20):
         rng.shuffle(shots)
-        keys = [_label_key(normalize_answer(s.reference)) for s in shots]
+        keys = [label_order_key(normalize_answer(s.reference)) for s in shots]
         if len(set(keys)) < 3 or (keys != sorted(keys) and keys != sorted(keys, reverse=True)):
             break
     return shots

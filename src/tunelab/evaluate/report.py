@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +179,7 @@ def chart_confusions(rows: list[RunResult]) -> bytes:
 
 
 def chart_training(run_dir: Path) -> bytes | None:
-    from tunelab.train.callbacks import read_metrics
+    from tunelab.train.events import read_metrics
     entries = read_metrics(run_dir / "metrics.jsonl")
     train = [(e["step"], e["train_loss"]) for e in entries if "train_loss" in e]
     valid = [(e["step"], e["valid_loss"]) for e in entries if "valid_loss" in e]
@@ -437,6 +436,3 @@ def _html(c, charts: dict[str, bytes]) -> str:
     parts.append("</main></body></html>")
     return "\n".join(parts)
 
-
-def comparison_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -223,10 +223,7 @@ def evaluate(model, tokenizer, data: str | Path | Sequence[Conversation] | Seque
                       predictions_file=predictions_file, batch_size=batch_size,
                       max_new_tokens=max_new_tokens, progress=progress)
     if with_loss and task_obj.name != "code":
-        result.metrics.update({f"test_{k}" if k in ("loss", "perplexity") else k: v
-                               for k, v in loss_metrics(
-                                   model, tokenizer, examples_as_conversations(examples),
-                                   max_length=max_length,
-                                   batch_size=max(1, batch_size // 2)).items()
-                               if k in ("loss", "perplexity")})
+        loss = loss_metrics(model, tokenizer, examples_as_conversations(examples),
+                            max_length=max_length, batch_size=max(1, batch_size // 2))
+        result.metrics.update(test_loss=loss["loss"], test_perplexity=loss["perplexity"])
     return result

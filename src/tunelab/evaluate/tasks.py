@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from tunelab.data.conversation import Conversation
+from tunelab.data.conversation import Conversation, split_source
 from tunelab.errors import TunelabError
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -40,14 +40,10 @@ class Example:
     reference: str
     meta: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def file_line(self) -> tuple[str | None, int | None]:
-        file, _, line = self.id.rpartition(":")
-        return (file, int(line)) if file and line.isdigit() else (None, None)
-
     def error(self, message: str, field: str = "messages") -> TunelabError:
-        file, line = self.file_line
-        return TunelabError(message, file=file, line=line, field=field)
+        file, line = split_source(self.id)
+        return TunelabError(message, file=file if line is not None else None, line=line,
+                            field=field)
 
 
 def examples_from(conversations: list[Conversation]) -> list[Example]:
@@ -137,7 +133,7 @@ class Classification(Task):
                                   f"({', '.join(self.given)})", "messages[-1].content")
             self.labels = [normalize_answer(l) for l in self.given]
         else:
-            self.labels = sorted(set(refs), key=_label_key)
+            self.labels = sorted(set(refs), key=label_order_key)
         if len(self.labels) > self.MAX_LABELS:
             raise TunelabError(f"{len(self.labels)} different answers: too many for "
                                "classification (use --task exact_match or rouge, or --labels)",
@@ -195,7 +191,7 @@ class Classification(Task):
         return {**super().describe(), "labels": self.labels}
 
 
-def _label_key(label: str):
+def label_order_key(label: str):
     """Numbers in numeric order (stars 1..5), words alphabetically."""
     try:
         return (0, float(label), label)
@@ -212,9 +208,7 @@ def final_number(text: str) -> float | None:
     text. '$1,250.' is 1250; calculator annotations (<<48/2=24>>) are ignored."""
     text = _CALC.sub("", text)
     if "####" in text:
-        text = text.rsplit("####", 1)[1]
-        found = _NUMBER.findall(text)
-        found = found[:1]
+        found = _NUMBER.findall(text.rsplit("####", 1)[1])[:1]
     else:
         found = _NUMBER.findall(text)[-1:]
     if not found:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunelab.config import TrainConfig
-from tunelab.data.conversation import read_conversations
+from tunelab.data.conversation import read_conversations, split_source
 from tunelab.data.io import write_json
 from tunelab.data.render import IGNORE_INDEX, render_examples
 from tunelab.errors import TunelabError
@@ -69,10 +69,10 @@ def _render_file(path: Path, tokenizer, max_length: int) -> list[dict[str, list[
     if len(rows) == len(convs):  # one row per conversation: name the offending line
         for row, src in zip(rows, sources):
             if all(label == IGNORE_INDEX for label in row["labels"]):
-                file, _, line = src.rpartition(":")
+                file, line = split_source(src)
                 raise TunelabError(f"nothing left to train on after truncation to max_length="
                                    f"{max_length} (the prompt alone is longer)", file=file,
-                                   line=int(line), field="messages")
+                                   line=line, field="messages")
     elif any(all(label == IGNORE_INDEX for label in r["labels"]) for r in rows):
         raise TunelabError(f"some turns have nothing left to train on after truncation to "
                            f"max_length={max_length}", file=path, field="max_length")

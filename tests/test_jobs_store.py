@@ -26,11 +26,14 @@ def queued(store: Store, n: int) -> list[str]:
 def test_each_job_is_claimed_once_under_contention(tmp_path):
     ids = queued(Store(tmp_path), 30)
     claimed: list[tuple[int, str]] = []
+    start = threading.Barrier(4)
 
     def worker(i: int) -> None:
         store = Store(tmp_path)            # its own engine and connections, like a process
+        start.wait()                       # all four race from the same moment
         while (job := store.claim_job(f"w{i}", 30)) is not None:
             claimed.append((i, job.id))
+            time.sleep(0.01)               # "work" on it, as a worker would, so the others get turns
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()

@@ -22,7 +22,7 @@ from tunelab.errors import TunelabError
 from tunelab.train.auto import auto_batch_size, auto_epochs, make_plan
 from tunelab.batching import PadCollator
 from tunelab.train.packing import pack
-from tunelab.train.trainer import COMPLETE, complete_checkpoints
+from tunelab.train.rundir import COMPLETE, complete_checkpoints
 
 from conftest import SOUNDS, sound_rows
 

@@ -205,6 +205,17 @@ def _from_pretrained(loader, src: ModelSource, what: str, **kwargs):
         raise TunelabError(f"could not load the {what} from '{src.path}': {first}") from None
 
 
+def stop_token_ids(tokenizer, also=None) -> list[int]:
+    """The ids that end an assistant turn: the chat template's end-of-turn token, the tokenizer's
+    eos, then `also` (a generation config's eos_token_id: an id, a list or None). The one place
+    training's pad choice, generation and the server's engine take their stop set from."""
+    from tunelab.data.render import end_of_turn_token
+    also = also if isinstance(also, list) else [also] if also is not None else []
+    ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)),
+           tokenizer.eos_token_id, *also]
+    return [i for i in dict.fromkeys(ids) if i is not None]
+
+
 def prepare_tokenizer(tokenizer):
     """Fix a tokenizer for chat SFT. Returns it (modified in place)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -213,9 +224,7 @@ def prepare_tokenizer(tokenizer):
         tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
         tokenizer.chat_template = CHATML_TEMPLATE
         tokenizer.eos_token = "<|im_end|>"
-    from tunelab.data.render import end_of_turn_token
-    eot = end_of_turn_token(tokenizer)
-    stop = {tokenizer.convert_tokens_to_ids(eot), tokenizer.eos_token_id}
+    stop = set(stop_token_ids(tokenizer))
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stop:
         vocab = tokenizer.get_vocab()
         candidates = [tokenizer.unk_token, "<|endoftext|>", "<pad>", "<|pad|>",
@@ -263,12 +272,8 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, tokenizer=None,
         if merge_adapter:
             model = model.merge_and_unload()
     if tokenizer is not None:
-        from tunelab.data.render import end_of_turn_token
-        eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
         gc = model.generation_config
-        eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else \
-            [gc.eos_token_id] if gc.eos_token_id is not None else []
-        gc.eos_token_id = list(dict.fromkeys([eot_id, tokenizer.eos_token_id, *eos]))
+        gc.eos_token_id = stop_token_ids(tokenizer, also=gc.eos_token_id)
         gc.pad_token_id = tokenizer.pad_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -428,12 +428,10 @@ class Engine:
 
     def _register(self, ukey: tuple, spec: str, m: _Model, adapter: str, tokenizer) -> _Unit:
         """Make `spec` servable by `m`; the caller already holds the request's ref on `m`."""
-        from tunelab.data.render import end_of_turn_token
-        eos = set(m.model.generation_config.eos_token_id or [])
-        eos |= {tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)),
-                tokenizer.eos_token_id}
-        unit = _Unit(m, adapter, tokenizer, frozenset(i for i in eos if i is not None),
-                     _spec_names(spec))
+        from tunelab.models import stop_token_ids
+        # an adapter may bring its own tokenizer: its stop ids join the base model's
+        eos = stop_token_ids(tokenizer, also=m.model.generation_config.eos_token_id)
+        unit = _Unit(m, adapter, tokenizer, frozenset(eos), _spec_names(spec))
         with self._cv:
             self._units[ukey] = unit
             m.last_used = time.monotonic()

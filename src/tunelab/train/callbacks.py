@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from tunelab.train.events import EventChannel, read_metrics  # noqa: F401 (read_metrics: API)
+from tunelab.train.events import EventChannel
 
 
 class EventReporter(TrainerCallback):

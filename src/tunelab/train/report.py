@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from tunelab.data.io import atomic_write
-from tunelab.train.callbacks import read_metrics
+from tunelab.train.events import read_metrics
 
 RESULTS_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss",
                    "valid_mean_token_accuracy"]

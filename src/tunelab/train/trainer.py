@@ -29,9 +29,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.batching import trained_token_loss
 from tunelab.errors import TunelabError
-# the checkpoint lifecycle lives in rundir; these names stay importable from here
-from tunelab.train.rundir import (COMPLETE, checkpoint_state, commit_checkpoint,  # noqa: F401
-                                  complete_checkpoints, rotate_checkpoints)
+from tunelab.train.rundir import commit_checkpoint, rotate_checkpoints
 
 
 class NonFiniteLoss(TunelabError):

@@ -116,6 +116,15 @@ def test_fine_tune_end_to_end(a, srv, done_job):
     models = {m.id for m in a.models.list()}
     assert {"tiny", job.fine_tuned_model, c3.fine_tuned_model_checkpoint} <= models
 
+    # the job's speed becomes this server's training-time estimate for its base model
+    tps = job.model_extra["tunelab"]["progress"]["tokens_per_second"]
+    assert tps > 0
+    with srv.http(None) as h:
+        info = h.get("/v1/tunelab/info").json()
+    assert info["stats_model"] == "tiny"
+    assert info["training_speed"]["tiny"]["jobs"] >= 1
+    assert info["training_speed"]["tiny"]["tokens_per_second"] > 0
+
 
 @pytest.mark.parametrize("which", ["final", "checkpoint"])
 def test_chat_with_fine_tuned_model(a, done_job, which):
@@ -394,6 +403,20 @@ def test_bad_json_requests(srv, path, body, status, param):
     with srv.http(srv.keys["a"]) as h:
         err = _error(h.post(path, json=body), status)
     assert err["param"] == param, err
+
+
+@pytest.mark.parametrize("value, said", [
+    (100, "Invalid value for 'method.supervised.hyperparameters.n_epochs': Input should be less "
+          "than or equal to 50"),
+    ("lots", "Invalid value for 'method.supervised.hyperparameters.n_epochs': Input should be "
+             "'auto' or a valid integer, unable to parse string as an integer"),
+])
+def test_a_bad_value_of_an_auto_field_says_what_it_takes(srv, value, said):
+    body = {"model": "tiny", "training_file": "x", "method": {
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": value}}}}
+    with srv.http(srv.keys["a"]) as h:
+        err = _error(h.post("/v1/fine_tuning/jobs", json=body), 400)
+    assert err["message"] == said and err["param"] == "method.supervised.hyperparameters.n_epochs"
 
 
 def test_unparseable_json_and_unknown_routes(srv):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -376,3 +377,45 @@ def test_comparison_runs_from_the_page_and_shows_its_table(page, server, tuned, 
     assert "fine-tuned" in report.locator("body").inner_text(timeout=30_000)
     assert_contrast(page)
     shots(page, "compare-result")
+
+
+def test_training_time_is_estimated_from_jobs_this_server_finished(page, server, tuned):
+    """A browser that never watched a job still gets a time estimate: the server publishes
+    the speed of the jobs it finished."""
+    page.goto(f"{server.url}/#/train")
+    page.wait_for_selector("#f-model")
+    page.select_option("#f-model", "tiny")
+    plan = page.text_content(".plan")
+    assert "median of 1 finished job on this server" in plan, plan
+    assert "tok/s" in plan and "≈" in plan
+
+
+def test_a_running_job_is_cancelled_from_its_page(page, server, tuned, shots):
+    page.goto(f"{server.url}/#/train")
+    page.wait_for_selector("#f-model")
+    page.select_option("#f-model", "tiny")
+    options = page.eval_on_selector_all("#f-train option", "os => os.map(o => [o.value, o.text])")
+    page.select_option("#f-train", next(v for v, text in options
+                                        if text.startswith("sounds.jsonl")))
+    page.fill("#f-epochs", "50")            # 2,400 steps: minutes, so the cancel lands mid-run
+    page.fill("#f-batch", "1")
+    page.fill("#f-maxlen", "64")
+    page.fill("#f-suffix", "long")
+    page.click("button[form=train-form]")
+    page.wait_for_url("**/#/jobs/ftjob-*")
+    page.wait_for_function("""() => {
+        const pts = document.querySelector('.chart-card svg')?.getAttribute('data-points');
+        return pts && +pts.split(',')[0] >= 2; }""", timeout=120_000)
+    page.once("dialog", lambda d: d.accept())
+    page.click("#cancel-job")
+    page.wait_for_function("document.querySelector('.job-status .pill')?.textContent"
+                           ".trim().toLowerCase() === 'cancelled'", timeout=60_000)
+    assert "What was trained so far is kept" in page.text_content(".view")
+    assert page.locator(".card:has(h2:text('Checkpoints')) tbody tr").count() >= 1
+    assert page.query_selector("#cancel-job") is None
+    # the log reads newest first, in the server's order, though many events share a second
+    log = page.text_content(".log")
+    steps = [int(s) for s in re.findall(r"Step (\d+)/2400", log)]
+    assert len(steps) >= 2 and steps == sorted(steps, reverse=True), steps
+    assert log.index("The job was cancelled") < log.index("Cancellation requested")
+    shots(page, "job-cancelled", phone=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,20 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def training_speeds(store: Store, recent: int = 20) -> dict[str, dict[str, Any]]:
+    """Training tokens/s on this server by base model: the median over its most recent
+    succeeded jobs (each job's own median step speed). Machine facts, not anyone's data."""
+    jobs, _ = store.page(Job, Job.kind == "fine_tune", Job.status == "succeeded",
+                         limit=recent * 5)
+    seen: dict[str, list[float]] = {}
+    for job in jobs:
+        tps = (job.progress or {}).get("tokens_per_s")
+        if tps and len(seen.setdefault(job.model, [])) < recent:
+            seen[job.model].append(float(tps))
+    return {model: {"tokens_per_second": round(statistics.median(v), 1), "jobs": len(v)}
+            for model, v in seen.items() if v}
+
+
 class JobRun:
     """The event sink and bookkeeping for one attempt at a job."""
 
@@ -53,6 +68,7 @@ class JobRun:
         self.name = model_name(job, key_name)
         self.last: dict[str, Any] = {}    # the latest train / valid metrics, for checkpoints
         self.progress: dict[str, Any] = dict(job.progress or {})
+        self.speeds: list[float] = []     # training tokens/s of this attempt's logged steps
 
     def event(self, message: str, **kw) -> None:
         self.store.add_event(self.job.id, message, **kw)
@@ -90,6 +106,10 @@ class JobRun:
 
     def _on_metrics(self, ev) -> None:
         d = ev.data
+        if d.get("tokens_per_s"):
+            # the run's median speed: what training-time estimates on this server start from
+            self.speeds.append(float(d["tokens_per_s"]))
+            self.progress["tokens_per_s"] = round(statistics.median(self.speeds), 1)
         self.last.update({k: d[k] for k in ("train_loss", "train_mean_token_accuracy") if k in d})
         data = {"step": ev.step, "total_steps": ev.total_steps, **d}
         loss = d.get("train_loss")

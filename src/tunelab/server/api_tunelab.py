@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 import tunelab
 from tunelab.errors import TunelabError
-from tunelab.jobs import evaluation, spec, uploads
+from tunelab.jobs import evaluation, finetune, spec, uploads
 from tunelab.jobs.store import File, Job, new_id
 from tunelab.server import views
 from tunelab.server.api_files import get_file
@@ -19,12 +19,20 @@ from tunelab.server.schemas import EvaluationCreate, SplitRequest, TemplateApply
 router = APIRouter(prefix="/v1/tunelab", tags=["tunelab extensions"])
 
 
-@router.get("/info", summary="Server facts (no key needed): auth, version, base models")
+@router.get("/info", summary="Server facts (no key needed): auth, version, base models, "
+                          "training speed")
 def info(request: Request):
+    """`training_speed`: median training tokens/s per base model over its recent succeeded jobs
+    here; `stats_model`: the base model whose chat template counts an upload's tokens, so an
+    upload's training-time estimate is its tokens over that model's speed."""
     ctx = context(request)
+    stats_model = next((name for name, s in ctx.base_models.items() if s == ctx.stats_model),
+                       None)
     return {"auth": ctx.settings.auth, "version": tunelab.__version__,
             "models": list(ctx.base_models), "workers": ctx.settings.workers,
             "max_upload_bytes": ctx.settings.max_upload_bytes,
+            "stats_model": stats_model,
+            "training_speed": finetune.training_speeds(ctx.store),
             "tunelab_options": spec.options_schema()}
 
 

@@ -76,6 +76,34 @@ def validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
     return (f"Invalid value for '{param}': {msg}" if param else msg), param
 
 
+# errors saying "not this member of the union": when another member of the same field matched
+# its type and failed a bound, that one says what is wrong
+_MEMBER_MISMATCH = ("literal_error", "_type", "_parsing")
+
+
+def first_problem(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """The first field's problem, in words, and the field. A value failing a union such as
+    "auto" | int <= 50 gets one pydantic error per member; 100 must read "less than or equal
+    to 50", not "should be 'auto'"."""
+    fields: dict[str | None, list[dict[str, Any]]] = {}
+    for err in errors:
+        fields.setdefault(_loc_param(tuple(err.get("loc", ()))), []).append(err)
+    if not fields:
+        return "invalid request", None
+    errs = next(iter(fields.values()))
+    specific = [e for e in errs if not e.get("type", "").endswith(_MEMBER_MISMATCH)]
+    if specific or len(errs) == 1:
+        message, param = validation_message((specific or errs)[0])
+    else:   # no member matched: say what each would take
+        param = _loc_param(tuple(errs[0].get("loc", ())))
+        wants = " or ".join(dict.fromkeys(e.get("msg", "").removeprefix("Input should be ")
+                                          for e in errs))
+        message = f"Invalid value for '{param}': Input should be {wants}"
+    if len(fields) > 1:
+        message += f" (and {len(fields) - 1} more problems)"
+    return message, param
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_req: Request, e: APIError):
@@ -85,10 +113,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, e: RequestValidationError):
-        errors = e.errors()
-        message, param = validation_message(errors[0]) if errors else ("invalid request", None)
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problems)"
+        message, param = first_problem(list(e.errors()))
         return _response(400, message, param=param)
 
     @app.exception_handler(TunelabError)

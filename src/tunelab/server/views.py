@@ -31,7 +31,8 @@ def _progress(job: Job) -> dict[str, Any] | None:
     if job.status == "running" and done > 0 and p.get("started_at") and total:
         rate = (p.get("updated_at", time.time()) - p["started_at"]) / done
         eta = max(0, round(rate * (total - step)))
-    return {"step": step, "total_steps": total, "eta_seconds": eta}
+    return {"step": step, "total_steps": total, "eta_seconds": eta,
+            "tokens_per_second": p.get("tokens_per_s")}
 
 
 def job(j: Job, key_name: str) -> dict[str, Any]:

@@ -103,6 +103,11 @@ async function route() {
     else a.removeAttribute("aria-current");
   }
   renderWho();
+  // the training-speed figures behind time estimates grow as jobs finish
+  if ((view === "data" || view === "train") && ctx.info && !ctx.info.missing) {
+    try { ctx.info = await get("/v1/tunelab/info", { quiet401: true }); } catch { /* keep the last */ }
+    if (token !== renderToken) return;
+  }
   const page = shell.page;
   page.replaceChildren(h("div", { class: "loading" }, h("span", { class: "spinner" }), "Loading…"));
   let mod;

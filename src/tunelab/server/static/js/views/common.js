@@ -34,11 +34,12 @@ export function isRawRows(file) {
   return file.status === "error" && /cannot detect the format|no format/i.test(file.status_details || "");
 }
 
-// Training throughput for time estimates: the server's figure when it gives one, else what
-// this browser saw in jobs it watched.
-export function tokensPerSecond(ctx) {
-  const s = ctx.info && (ctx.info.train_tokens_per_second || ctx.info.tokens_per_second);
-  if (s) return { value: s, source: "measured by the server" };
+// Training throughput for time estimates: the server's median over its recent jobs on `model`
+// (default: the model uploads are counted with), else what this browser saw in jobs it watched.
+export function tokensPerSecond(ctx, model) {
+  const info = ctx.info || {};
+  const s = (info.training_speed || {})[model || info.stats_model];
+  if (s) return { value: s.tokens_per_second, source: `median of ${s.jobs} finished job${s.jobs === 1 ? "" : "s"} on this server` };
   const local = +localStorage.getItem("tunelab.tps");
   if (local) return { value: local, source: "seen in a job watched from this browser" };
   return null;

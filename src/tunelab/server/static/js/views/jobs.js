@@ -68,6 +68,7 @@ async function renderJob(root, id, ctx) {
     return;
   }
   const events = new Map();
+  let nextRank = 0;
   let checkpoints = [];
   let alive = true, timer = null, delay = RUNNING_POLL_MS, failures = 0, finalFetched = false;
 
@@ -118,7 +119,8 @@ async function renderJob(root, id, ctx) {
   }
 
   function sortedEvents() {
-    return [...events.values()].sort((a, b) => (a.created_at - b.created_at) || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+    // the server's order (event ids are random and many events share a second)
+    return [...events.values()].sort((a, b) => a.rank - b.rank);
   }
 
   function series() {
@@ -238,18 +240,21 @@ async function renderJob(root, id, ctx) {
   async function pollEvents() {
     // OpenAI lists events newest first and pages backwards with after=<id>: read pages until
     // one holds an event already seen.
+    // Everything new is newer than everything seen, and comes newest first.
     let after = null;
+    const fresh = [];
     for (let i = 0; i < 100; i++) {
       const page = await get(`/v1/fine_tuning/jobs/${job.id}/events?limit=100${after ? `&after=${encodeURIComponent(after)}` : ""}`);
       const data = page.data || [];
       let known = false;
       for (const ev of data) {
-        if (events.has(ev.id)) known = true;
-        else events.set(ev.id, ev);
+        if (events.has(ev.id)) { known = true; break; }
+        fresh.push(ev);
       }
-      if (known || !page.has_more || !data.length) return;
+      if (known || !page.has_more || !data.length) break;
       after = data[data.length - 1].id;
     }
+    for (const ev of fresh.reverse()) events.set(ev.id, { ...ev, rank: nextRank++ });
   }
 
   async function pollCheckpoints() {

@@ -43,7 +43,7 @@ export async function render(root, { query }, ctx) {
       h("input", { type: "radio", name: "method", value: v, checked: i === 0 }),
       h("span", { class: "choice-title" }, label), h("span", { class: "choice-text" }, text))));
   const num = (id, attrs = {}) => h("input", { type: "number", id, placeholder: "auto", inputmode: "decimal", ...attrs });
-  const epochs = num("f-epochs", { min: 1, max: 100, step: "any" });
+  const epochs = num("f-epochs", { min: 1, max: 50, step: 1 });   // the API's bound
   const batch = num("f-batch", { min: 1, max: 1024, step: 1 });
   const lrm = num("f-lr", { min: 0, step: "any" });
   const rank = num("f-rank", { min: 1, max: 512, step: 1, placeholder: "16" });
@@ -98,7 +98,7 @@ export async function render(root, { query }, ctx) {
     const t = f && f.validation && f.validation.tokens;
     const steps = n && bs ? Math.ceil(n / bs) * ep : null;
     const tokens = t && t.epoch_tokens ? t.epoch_tokens * ep : null;
-    const tps = tokensPerSecond(ctx);
+    const tps = tokensPerSecond(ctx, modelSel.value === OTHER ? null : modelSel.value);
     plan.replaceChildren(h("dl", { class: "kv" },
       h("dt", {}, "Examples"), h("dd", {}, n ? fmtInt(n) : "—"),
       h("dt", {}, "Epochs"), h("dd", {}, ep ? fmtNum(ep) : "auto"),
@@ -106,7 +106,8 @@ export async function render(root, { query }, ctx) {
       h("dt", {}, "Learning rate"), h("dd", {}, fmtNum(lr)),
       h("dt", {}, "Optimizer steps"), h("dd", {}, steps ? `≈ ${fmtInt(steps)}` : "—"),
       h("dt", {}, "Tokens"), h("dd", {}, tokens ? `≈ ${fmtInt(tokens)}` : "—"),
-      h("dt", {}, "Time"), h("dd", {}, tokens && tps ? `≈ ${fmtDuration(tokens / tps.value)}` : h("span", { class: "muted" }, "unknown"))));
+      h("dt", {}, "Time"), h("dd", {}, tokens && tps ? [`≈ ${fmtDuration(tokens / tps.value)} `, h("span", { class: "muted small" }, `at ${fmtInt(tps.value)} tok/s, ${tps.source}`)]
+                                                     : h("span", { class: "muted" }, "unknown until a first job has run here"))));
   };
   form.addEventListener("input", update);
   form.addEventListener("change", update);

@@ -475,6 +475,27 @@ def test_evaluation_compares_base_and_fine_tuned(a, srv, files, done_job):
         assert [e["id"] for e in h.get("/v1/tunelab/evaluations").json()["data"]] == [ev["id"]]
 
 
+def test_a_running_evaluation_is_cancelled(a, srv, files, done_job):
+    train, valid = files
+    with srv.http(srv.keys["a"]) as h:
+        ev = h.post("/v1/tunelab/evaluations", json={     # with the 104-prompt general check
+            "model": done_job.fine_tuned_model, "test_file": valid.id,
+            "training_file": train.id, "few_shot": 2}).json()
+        wait_for(lambda: (h.get(f"/v1/tunelab/evaluations/{ev['id']}").json()["progress"]
+                          or {}).get("done"), 120, 0.2, what="the evaluation to answer")
+        asked = time.time()
+        r = h.post(f"/v1/tunelab/evaluations/{ev['id']}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "running", r.text
+        ev = wait_for(lambda: (lambda e: e if e["status"] != "running" else None)(
+            h.get(f"/v1/tunelab/evaluations/{ev['id']}").json()), 60, 0.2,
+            what="the evaluation to stop")
+        assert ev["status"] == "cancelled" and ev["result"] is None
+        assert time.time() - asked < 30
+        err = _error(h.post(f"/v1/tunelab/evaluations/{ev['id']}/cancel"), 400)
+        assert err["code"] == "evaluation_not_cancellable"
+        assert h.get(f"/v1/tunelab/evaluations/{ev['id']}/report").status_code == 404
+
+
 def test_template_and_split_raw_records(a, srv):
     reviews = [(f"Review {i}: {'great' if i % 2 else 'awful'} product from batch {i}",
                 "positive" if i % 2 else "negative") for i in range(40)]

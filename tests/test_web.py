@@ -419,3 +419,22 @@ def test_a_running_job_is_cancelled_from_its_page(page, server, tuned, shots):
     assert len(steps) >= 2 and steps == sorted(steps, reverse=True), steps
     assert log.index("The job was cancelled") < log.index("Cancellation requested")
     shots(page, "job-cancelled", phone=False)
+
+
+def test_a_running_comparison_is_cancelled_from_its_page(page, server, tuned, shots):
+    page.goto(f"{server.url}/#/compare?model={tuned['model']}")
+    page.wait_for_selector("#c-test")
+    options = page.eval_on_selector_all("#c-test option", "os => os.map(o => [o.value, o.text])")
+    page.select_option("#c-test", next(v for v, text in options
+                                       if text.startswith("sounds.test.jsonl")))
+    if page.query_selector("#c-general"):
+        page.check("#c-general")            # the 104-prompt general check: long enough to cancel
+    page.click("button:has-text('Run comparison')")
+    page.wait_for_url("**/#/compare/eval-*")
+    page.wait_for_selector(".eval-progress", timeout=120_000)
+    page.click("#cancel-eval")
+    page.wait_for_selector(".alert:has-text('Cancelled. A comparison keeps nothing partial')",
+                           timeout=60_000)
+    assert page.query_selector("#cancel-eval") is None
+    assert page.query_selector("#comparison-table") is None
+    shots(page, "compare-cancelled", phone=False)

@@ -3,6 +3,8 @@ few-shot, and the fine-tuned model on the same test file), its report kept under
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,26 @@ def report_dir(store: Store, job_id: str) -> Path:
     return store.path("evaluations") / job_id
 
 
-def run(store: Store, job: Job, *, worker: str) -> None:
+class Cancelled(Exception):
+    """Raised from a progress update once the user cancels or the worker stops."""
+
+
+def run(store: Store, job: Job, *, worker: str, should_cancel: Callable[[], bool] = lambda: False,
+        stopping: Callable[[], bool] = lambda: False) -> None:
+    """One attempt at an evaluation. A cancel (or the worker stopping) is noticed after each
+    batch of answers: cancelled, the job ends "cancelled"; stopped, it goes back to the queue
+    and starts over on the next worker (an evaluation keeps no checkpoint)."""
     from tunelab.evaluate.compare import compare
     from tunelab.jobs.store import now
     r = job.request
     store.update(Job, job.id, started_at=job.started_at or now())
     labels = _labels(store, job)
+
+    def progress(name: str, total: int) -> _Progress:
+        if should_cancel():
+            raise Cancelled
+        return _Progress(store, job.id, name, total, should_cancel)
+
     try:
         comparison = compare(base=r.get("base_spec"), tuned=r["tuned_spec"],
                              data=_data(store, job.request["test_file"]),
@@ -33,8 +49,16 @@ def run(store: Store, job: Job, *, worker: str) -> None:
                              few_shot=r.get("few_shot", 5), system=r.get("system"),
                              general_check=r.get("general_check", True),
                              limit=r.get("limit"),
-                             progress_factory=lambda name, total: _Progress(store, job.id,
-                                                                            name, total))
+                             progress_factory=progress)
+    except Cancelled:
+        if stopping():
+            if store.update(Job, job.id, Job.lease_owner == worker, status="queued",
+                            lease_owner=None, lease_expires_at=None, attempts=Job.attempts - 1):
+                store.add_event(job.id, "The worker stopped; the evaluation starts again when "
+                                "a worker is free")
+        elif store.finish_job(job.id, worker, "cancelled"):
+            store.add_event(job.id, "The evaluation was cancelled")
+        return
     except TunelabError as e:
         param = _PARAMS.get(e.field or "", e.field)
         for path, (fld, _) in labels.items():
@@ -52,19 +76,21 @@ def run(store: Store, job: Job, *, worker: str) -> None:
 class _Progress:
     """compare()'s progress bars -> the evaluation's `progress` (written at most every 0.5 s)."""
 
-    def __init__(self, store: Store, job_id: str, name: str, total: int):
+    def __init__(self, store: Store, job_id: str, name: str, total: int,
+                 should_cancel: Callable[[], bool]):
         self.store, self.job_id, self.name, self.total = store, job_id, name, total
+        self.should_cancel = should_cancel
         self.done, self.written = 0, 0.0
         self._write()
 
     def _write(self) -> None:
-        import time
         self.written = time.time()
         self.store.update(Job, self.job_id, progress={"stage": self.name, "done": self.done,
                                                       "total": self.total})
 
     def update(self, n: int = 1) -> None:
-        import time
+        if self.should_cancel():
+            raise Cancelled
         self.done += n
         if time.time() - self.written > 0.5 or self.done >= self.total:
             self._write()

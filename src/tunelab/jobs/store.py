@@ -316,6 +316,16 @@ class Store:
         return self.update(Job, job_id, *cond, status=status, finished_at=now(),
                            lease_owner=None, lease_expires_at=None, **values)
 
+    def cancel_job(self, job_id: str) -> str | None:
+        """A job not yet running is cancelled at once ("cancelled"); a running one is asked to
+        stop, which its worker's heartbeat reads ("requested"); None if it had already ended."""
+        if self.update(Job, job_id, Job.status.in_(("validating_files", "queued")),
+                       status="cancelled", finished_at=now(), cancel_requested=True):
+            return "cancelled"
+        if self.update(Job, job_id, Job.status.in_(ACTIVE), cancel_requested=True):
+            return "requested"
+        return None
+
     def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
                   data: dict[str, Any] | None = None) -> Event:
         return self.add(Event(id=new_id("ftevent-"), job_id=job_id, level=level, type=type,

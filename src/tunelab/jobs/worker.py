@@ -106,7 +106,8 @@ class Worker:
             should_cancel = lambda: beat.cancel.is_set() or self.stop.is_set()  # noqa: E731
             if job.kind == "evaluation":
                 from tunelab.jobs import evaluation
-                evaluation.run(self.store, job, worker=self.id)
+                evaluation.run(self.store, job, worker=self.id, should_cancel=should_cancel,
+                               stopping=self.stop.is_set)
             else:
                 finetune.run(self.store, job, worker=self.id, key_name=key_name,
                              threads=self.threads, should_cancel=should_cancel,

@@ -10,7 +10,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 from tunelab.errors import TunelabError
 from tunelab.jobs import spec
 from tunelab.jobs.finetune import job_dir
-from tunelab.jobs.store import ACTIVE, FINAL, Event, File, Job, Model, Store, new_id, now
+from tunelab.jobs.store import FINAL, Event, File, Job, Model, Store, new_id
 from tunelab.server import views
 from tunelab.server.api_files import get_file
 from tunelab.server.context import Context, Owner, context, owner
@@ -144,11 +144,10 @@ def cancel_job(fine_tuning_job_id: str, request: Request, who: Owner = Depends(o
     if job.status in FINAL:
         raise APIError(400, f"Job {job.id} has already {job.status}; it cannot be cancelled",
                        param="fine_tuning_job_id", code="job_not_cancellable")
-    waiting = Job.status.in_(("validating_files", "queued"))
-    if job.status != "running" and store.update(Job, job.id, waiting, status="cancelled",
-                                                finished_at=now(), cancel_requested=True):
+    outcome = store.cancel_job(job.id)
+    if outcome == "cancelled":
         store.add_event(job.id, "The job was cancelled")
-    elif store.update(Job, job.id, Job.status.in_(ACTIVE), cancel_requested=True):
+    elif outcome == "requested":
         store.add_event(job.id, "Cancellation requested: training stops at its next step and "
                         "keeps a checkpoint")
     return views.job(get_job(ctx, who, job.id), who.name)

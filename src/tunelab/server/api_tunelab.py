@@ -136,6 +136,21 @@ def list_evaluations(request: Request, who: Owner = Depends(owner), after: str |
     return views.page([evaluation.view(j) for j in rows], more)
 
 
+@router.post("/evaluations/{evaluation_id}/cancel", summary="Cancel an evaluation")
+def cancel_evaluation(evaluation_id: str, request: Request, who: Owner = Depends(owner)):
+    """A queued evaluation is cancelled at once; a running one stops after its current batch
+    of answers and then reads `cancelled`."""
+    ctx = context(request)
+    job = get_evaluation(ctx, who, evaluation_id)
+    outcome = ctx.store.cancel_job(job.id)
+    if outcome is None:
+        raise APIError(400, f"Evaluation {job.id} has already {job.status}; it cannot be "
+                       "cancelled", param="evaluation_id", code="evaluation_not_cancellable")
+    ctx.store.add_event(job.id, "The evaluation was cancelled" if outcome == "cancelled" else
+                        "Cancellation requested: the evaluation stops after its current batch")
+    return evaluation.view(get_evaluation(ctx, who, job.id))
+
+
 @router.get("/evaluations/{evaluation_id}", summary="Retrieve an evaluation")
 def retrieve_evaluation(evaluation_id: str, request: Request, who: Owner = Depends(owner)):
     return evaluation.view(get_evaluation(context(request), who, evaluation_id))

@@ -132,9 +132,23 @@ async function renderEvaluation(root, id, ctx) {
   root.append(h("p", { class: "crumbs" }, h("a", { href: "#/compare" }, "← Compare")), status, result);
   let drawnResult = false;
 
+  const cancel = async () => {
+    try {
+      await post(`/v1/tunelab/evaluations/${encodeURIComponent(id)}/cancel`, {});
+      clearTimeout(timer);
+      tick();
+    } catch (e) { clear(status, errorBox(e, { title: "Cancel failed:" })); }
+  };
+
   const draw = (ev) => {
-    ctx.setHeader("Comparison", { sub: `${ev.id}${ev.model ? " · " + ev.model : ""}`, actions: [pill(ev.status)] });
     const active = !["succeeded", "failed", "cancelled"].includes(ev.status);
+    ctx.setHeader("Comparison", { sub: `${ev.id}${ev.model ? " · " + ev.model : ""}`,
+      actions: [pill(ev.status), active ? button("Cancel", { kind: "danger", icon: "stop", id: "cancel-eval", onClick: cancel }) : null] });
+    if (ev.status === "cancelled") {
+      clear(status, h("div", { class: "alert muted" }, icon("stop"), h("div", {}, "Cancelled. A comparison keeps nothing partial: ",
+        h("a", { href: `#/compare?model=${encodeURIComponent(ev.model || "")}` }, "run it again"), " to measure.")));
+      return false;
+    }
     clear(status, active || ev.error ? h("section", { class: "card eval-status" },
       active ? h("div", { class: "row gap muted" }, spinner(), `Measuring the base model (zero-shot, with a system prompt, few-shot) and the fine-tuned model on the test file… ${fmtDuration((Date.now() - started) / 1000)}`) : null,
       active && ev.progress && ev.progress.total ? h("div", { class: "eval-progress" },

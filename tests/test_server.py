@@ -475,6 +475,22 @@ def test_evaluation_compares_base_and_fine_tuned(a, srv, files, done_job):
         assert [e["id"] for e in h.get("/v1/tunelab/evaluations").json()["data"]] == [ev["id"]]
 
 
+def test_jobs_are_listed_by_metadata(a, files):
+    made = {team: a.fine_tuning.jobs.create(model="tiny", training_file=files[0].id,
+                                            metadata={"team": team, "run": "m"},
+                                            extra_body={"tunelab": tiny_training()})
+            for team in ("search", "ads")}
+    for job in made.values():
+        a.fine_tuning.jobs.cancel(job.id)
+    ids = lambda **q: [j.id for j in a.fine_tuning.jobs.list(**q)]   # noqa: E731
+    assert ids(metadata={"team": "ads"}) == [made["ads"].id]
+    assert ids(metadata={"team": "search", "run": "m"}) == [made["search"].id]
+    assert ids(metadata={"team": "search", "run": "other"}) == []
+    assert {made["ads"].id, made["search"].id} <= set(ids())
+    for job in made.values():
+        poll_job(a, job.id, timeout=60)
+
+
 def test_a_running_evaluation_is_cancelled(a, srv, files, done_job):
     train, valid = files
     with srv.http(srv.keys["a"]) as h:

@@ -120,12 +120,19 @@ def revalidate_pending(store: Store) -> None:
             log.exception("validating %s", job.id)
 
 
-@router.get("/jobs", summary="List fine-tuning jobs")
+@router.get("/jobs", summary="List fine-tuning jobs",
+            description="`metadata[KEY]=VALUE` (repeatable) keeps the jobs whose metadata has "
+                        "every given KEY equal to VALUE, as OpenAI's filter does.")
 def list_jobs(request: Request, who: Owner = Depends(owner), after: After = None,
               limit: Limit = 20):
     ctx = context(request)
-    rows, more = ctx.store.page(Job, Job.owner == who.id, Job.kind == "fine_tune", after=after,
-                                limit=limit)
+    wanted = {k[len("metadata["):-1]: v for k, v in request.query_params.multi_items()
+              if k.startswith("metadata[") and k.endswith("]")}
+    if any(not k for k in wanted):
+        raise APIError(400, "metadata filters read metadata[KEY]=VALUE", param="metadata")
+    by_meta = [Job.meta[k].as_string() == v for k, v in wanted.items()]
+    rows, more = ctx.store.page(Job, Job.owner == who.id, Job.kind == "fine_tune", *by_meta,
+                                after=after, limit=limit)
     return views.page([views.job(j, who.name) for j in rows], more)
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tunelab
@@ -117,6 +118,9 @@ def test_lora_trains_only_the_adapter_and_learns(lora_run):
 def test_lora_outputs_adapter_and_merged_model(lora_run):
     result, _, base_dir, _ = lora_run
     assert (result.adapter_dir / "adapter_config.json").exists()
+    # the vocabulary was not resized: the adapter carries its LoRA weights, not whole layers
+    adapter = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter), [k for k in adapter if "lora_" not in k]
     merged = AutoModelForCausalLM.from_pretrained(result.model_dir)
     base = dict(AutoModelForCausalLM.from_pretrained(base_dir).named_parameters())
     differs = [n for n, p in merged.named_parameters() if not torch.equal(p, base[n])]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -289,9 +290,19 @@ def test_lora_trains_the_chat_tokens_a_base_model_gained(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", rows)
     from test_train import ParamSnapshot
     snap = ParamSnapshot()
-    res = tunelab.train({"model": str(base), "train_file": str(tmp_path / "t.jsonl"),
-                         "output_dir": str(tmp_path / "o"), "max_steps": 3, "precision": "fp32",
-                         "learning_rate": 1e-2}, quiet=True, callbacks=[snap])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = tunelab.train({"model": str(base), "train_file": str(tmp_path / "t.jsonl"),
+                             "output_dir": str(tmp_path / "o"), "max_steps": 3, "save_steps": 1,
+                             "precision": "fp32", "learning_rate": 1e-2},
+                            quiet=True, callbacks=[snap])
+    # tunelab tells PEFT the vocabulary was resized: it neither guesses (a Hub lookup for a
+    # base that is not a local folder) nor warns at each save
+    assert not [w for w in seen if "embedding" in str(w.message) or "remote file" in
+                str(w.message)], [str(w.message) for w in seen]
+    adapter = load_file(res.adapter_dir / "adapter_model.safetensors")
+    assert any("embed_tokens" in k and k.endswith("base_layer.weight") for k in adapter) and \
+        any(k.endswith("lm_head.weight") for k in adapter), list(adapter)   # whole layers
     new_rows = {n for n in snap.trainable if "trainable_tokens" in n}
     assert new_rows and new_rows <= snap.changed()                    # the new rows trained
     before = load_file(base / "model.safetensors")["model.embed_tokens.weight"]

@@ -16,11 +16,11 @@ the same events (tunelab.train.events).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -197,6 +197,16 @@ def _apply_method(model, cfg: TrainConfig):
     # checkpoint, the output) records the user's model spec instead, so the folder is itself a
     # spec that loads anywhere tunelab runs.
     peft_model.peft_config["default"].base_model_name_or_path = portable_spec(cfg.model)
+    # PEFT's save_embedding_layers="auto" works out at every save whether the vocabulary was
+    # resized by reading the base's config.json, from the Hub when the recorded base is not a
+    # local folder (the builtin's portable name): a network lookup and a warning at each
+    # checkpoint. tunelab knows the answer: it resized the vocabulary iff it added tokens (and
+    # then the whole layers must travel with the adapter, as "auto" would decide).
+    targets = cfg.lora.target_modules
+    embeddings_targeted = isinstance(targets, list) and \
+        bool({"embed_tokens", "lm_head"} & set(targets))
+    peft_model.save_pretrained = functools.partial(
+        peft_model.save_pretrained, save_embedding_layers=bool(added) or embeddings_targeted)
     return peft_model
 
 
@@ -387,8 +397,7 @@ def run_training(built: Built):
             built.channel.subscribe(MetricsLog(run_dir.metrics_file, run_dir.log_file))
     resume_from = str(prep.resume_from) if prep.resume_from else None
     try:
-        with _no_embedding_save_notice():
-            output = trainer.train(resume_from_checkpoint=resume_from)
+        output = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException as e:
         if built.is_main:
             run_dir.after_failure()
@@ -475,25 +484,12 @@ def train(cfg: TrainConfig | dict | str | Path, *, resume: bool = False, quiet: 
         raise
 
 
-@contextmanager
-def _no_embedding_save_notice():
-    """PEFT warns at every adapter save that it keeps the resized embeddings; that is what a
-    model whose tokenizer gained tokens needs (their rows are trained), not news. It also warns
-    that it cannot open the base's config when base_model_name_or_path is a builtin alias (the
-    portable spec we record), which it only wants for that same vocabulary check."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Setting `save_embedding_layers`", UserWarning)
-        warnings.filterwarnings("ignore", "Could not find a config file in", UserWarning)
-        yield
-
-
 def _write_outputs(model, tokenizer, cfg: TrainConfig, partial: Path,
                    result: TrainResult) -> None:
     from tunelab.train.report import plot_losses, write_results_csv
     if cfg.method != "full":
         adapter = partial / "adapter"
-        with _no_embedding_save_notice():
-            model.save_pretrained(adapter)
+        model.save_pretrained(adapter)
         tokenizer.save_pretrained(adapter)
         if cfg.method == "qlora":
             # merging into the 4-bit base would requantize it: merge into a bf16 copy instead

@@ -188,6 +188,7 @@ def test_other_formats_are_converted(a):
     ({"tunelab": {"max_lenght": 64}}, "tunelab.max_lenght"),
     ({"tunelab": {"method": "dpo"}}, "tunelab.method"),
     ({"tunelab": {"output_dir": "/etc"}}, "tunelab.output_dir"),
+    ({"tunelab": {"replay_file": "/etc/passwd"}}, "tunelab.replay_file"),   # no server paths
     ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 0}}}},
      "method.supervised.hyperparameters.batch_size"),

@@ -185,12 +185,14 @@ def chat(model: str = typer.Argument("smollm2-135m-instruct", help="model spec")
 def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
          examples: int = typer.Option(900, help="reviews to generate"),
          epochs: float = typer.Option(2.0),
+         replay: int = typer.Option(64, help="general prompts the base model answers for "
+                                    "replay against forgetting (0: none)"),
          quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Offline end-to-end demo: star ratings, base SmolLM2-135M prompted zero- and few-shot vs
     LoRA fine-tuned."""
     from tunelab.demo import run_demo
     quiet_libraries()
-    report = run_demo(out, n_examples=examples, epochs=epochs, quiet=quiet)
+    report = run_demo(out, n_examples=examples, epochs=epochs, replay=replay, quiet=quiet)
     if quiet:
         print(json.dumps({"verdict": report["comparison"]["verdict"],
                           "rows": {r["name"]: r["primary"] for r in report["comparison"]["rows"]},

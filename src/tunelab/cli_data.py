@@ -199,3 +199,36 @@ def data_split(file: Path = typer.Argument(..., help="JSONL to split"),
     from tunelab.data.split import split_file
     counts = split_file(file, output, val=val, test=test, seed=seed, stratify_by=stratify_by)
     _say(quiet, "  ".join(f"{k} {v:,}" for k, v in counts.items()) + f" -> {output}")
+
+
+@data_app.command("replay")
+def data_replay(model: str = typer.Option(..., "--model", "-m",
+                                          help="the base model you will fine-tune"),
+                output: Path = typer.Option(..., "--output", "-o", help="JSONL to write"),
+                n: int = typer.Option(100, "-n", help="conversations to make (about 10% of "
+                                      "the training examples is a usual share)"),
+                prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSONL of "
+                                                       "{'prompt': ...} (default: tunelab's "
+                                                       "240 general prompts)"),
+                seed: int = typer.Option(0, "--seed"),
+                max_new_tokens: int = typer.Option(160, "--max-new-tokens"),
+                precision: str = typer.Option("auto", "--precision"),
+                quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Replay data against forgetting: general prompts answered by the base model itself.
+
+    Train with it as `replay_file:` (or append it to the training file); the comparison's
+    general check shows what it kept."""
+    from tqdm.auto import tqdm
+
+    from tunelab.data.io import write_jsonl
+    from tunelab.data.replay import make_replay
+    quiet_libraries()
+    with tqdm(total=n, desc="answering", unit="prompt", disable=True if quiet else None,
+              file=sys.stderr) as bar:
+        rows, stats = make_replay(model, n, prompts=prompts, seed=seed,
+                                  max_new_tokens=max_new_tokens, precision=precision,
+                                  progress=bar.update)
+    write_jsonl(output, rows)
+    dropped = f"; dropped {stats.cut} cut at {max_new_tokens} tokens" if stats.cut else ""
+    dropped += f", {stats.empty} empty" if stats.empty else ""
+    _say(quiet, f"{stats.kept} of {stats.asked} answers by {model}{dropped} -> {output}")

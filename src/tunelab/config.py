@@ -39,6 +39,9 @@ class TrainConfig(_Strict):
     model: str = Field(DEFAULT_MODEL, description="builtin alias, model folder, .gguf or hub id")
     train_file: Path = Field(..., description="JSONL of {'messages': [...]} conversations")
     valid_file: Path | None = Field(None, description="JSONL for validation during training")
+    replay_file: Path | None = Field(None, description="general conversations trained along "
+                                     "with train_file against forgetting (`tunelab data "
+                                     "replay` makes them from the base model's own answers)")
     output_dir: Path = Path("runs/latest")
     overwrite: bool = Field(False, description="replace an existing output_dir")
 

@@ -41,7 +41,7 @@ def build_dataset(folder: Path, *, n: int = 900, seed: int = 0) -> dict[str, Pat
 
 def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instruct",
              n_examples: int = 900, epochs: float = 2.0, few_shot: int = 5,
-             quiet: bool = False) -> dict:
+             replay: int = 64, quiet: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from tunelab.config import TrainConfig
@@ -58,10 +58,18 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instru
     counts = {k: sum(1 for _ in open(p, encoding="utf-8")) for k, p in paths.items()}
     say(f"[1/3] data: {counts['train']} train / {counts['val']} val / {counts['test']} test "
         f"reviews rated 1-5 stars, in {out / 'data'}")
+    replay_file = None
+    if replay:
+        from tunelab.data.replay import make_replay
+        rows, stats = make_replay(model, replay)
+        replay_file = out / "data" / "replay.jsonl"
+        write_jsonl(replay_file, rows)
+        say(f"      replay: {stats.kept} general answers by the base model itself, trained "
+            f"along against forgetting ({stats.cut} cut at the length cap left out)")
 
     say(f"[2/3] LoRA fine-tuning {model}")
     cfg = TrainConfig(model=model, train_file=paths["train"], valid_file=paths["val"],
-                      output_dir=out / "run", overwrite=True, method="lora", epochs=epochs,
+                      replay_file=replay_file, output_dir=out / "run", overwrite=True, method="lora", epochs=epochs,
                       batch_size=8, learning_rate=3e-4, max_length=256, logging_steps=5)
     result = train(cfg, quiet=quiet)
 

@@ -14,9 +14,12 @@ from tunelab.config import TrainConfig, build_config
 from tunelab.errors import TunelabError
 from tunelab.train.auto import auto_learning_rate
 
-# set by the job itself, never by the request's `tunelab` field
-RESERVED = {"model": "model", "train_file": "training_file", "valid_file": "validation_file",
-            "output_dir": None, "overwrite": None}
+# set by the job itself, never by the request's `tunelab` field (each a path on this server,
+# which a request must not name): key -> the hint in the error
+RESERVED = {"model": "use the top-level 'model'", "train_file": "use the top-level "
+            "'training_file'", "valid_file": "use the top-level 'validation_file'",
+            "output_dir": "the server chooses it", "overwrite": "the server chooses it",
+            "replay_file": "a server path; append replay conversations to the training file"}
 # OpenAI hyperparameter -> TrainConfig key
 HYPERPARAMETERS = {"n_epochs": "epochs", "batch_size": "batch_size",
                    "learning_rate_multiplier": "learning_rate"}
@@ -29,9 +32,7 @@ def train_config(*, base_spec: str, train_path: Path, valid_path: Path | None, o
     ("method.supervised.hyperparameters" or "hyperparameters")."""
     for key in options:
         if key in RESERVED:
-            top = RESERVED[key]
-            hint = f"use the top-level '{top}'" if top else "the server chooses it"
-            raise TunelabError(f"set by the job ({hint})", field=f"tunelab.{key}")
+            raise TunelabError(f"set by the job ({RESERVED[key]})", field=f"tunelab.{key}")
     data: dict[str, Any] = {}
     method = options.get("method", "lora")
     for name, key in HYPERPARAMETERS.items():

@@ -73,7 +73,8 @@ class ProgressDisplay:
             (f" x {procs} processes" if procs > 1 else "")
         # max_steps may end the run before the planned epochs do
         epochs = min(d["epochs"], e.total_steps / d.get("steps_per_epoch", e.total_steps))
-        self._print(f"tunelab: {d['train_examples']} train / {d['valid_examples']} valid "
+        replay = f" (with {d['replay_examples']} replay)" if d.get("replay_examples") else ""
+        self._print(f"tunelab: {d['train_examples']} train{replay} / {d['valid_examples']} valid "
                     f"examples{packed}; {e.total_steps} steps ({epochs:.3g} epochs) of batch "
                     f"{d['batch_size']} = {split}; lr {d['learning_rate']:g}, {d['precision']}")
         if d.get("resumed_from"):

@@ -263,6 +263,7 @@ class Prepared:
     plan: Plan
     precision: str
     tensorboard: bool
+    replay_examples: int = 0         # of train_rows, the last ones, from replay_file
 
 
 @dataclass
@@ -289,7 +290,7 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Prepared:
     else:
         run_dir.check_fresh(cfg.overwrite)
         resume_from = None
-    for name in ("train_file", "valid_file"):
+    for name in ("train_file", "valid_file", "replay_file"):
         p = getattr(cfg, name)
         if p is not None and not Path(p).is_file():
             raise TunelabError("file not found", file=p, field=name)
@@ -304,6 +305,9 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Prepared:
     source = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model, source=source)
     train_rows = _render_file(cfg.train_file, tokenizer, cfg.max_length)
+    replay_rows = _render_file(cfg.replay_file, tokenizer, cfg.max_length) \
+        if cfg.replay_file else []
+    train_rows += replay_rows      # shuffled in with the task's rows by the Trainer's sampler
     valid_rows = _render_file(cfg.valid_file, tokenizer, cfg.max_length) if cfg.valid_file else []
     _check_target_modules(cfg, source)
     if cfg.packing:
@@ -316,7 +320,7 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Prepared:
                      world_size=int(os.environ.get("WORLD_SIZE", "1")),
                      on_gpu=torch.cuda.is_available())
     return Prepared(cfg, run_dir, resume_from, source, tokenizer, train_rows, valid_rows,
-                    train_batches, plan, precision, tensorboard)
+                    train_batches, plan, precision, tensorboard, len(replay_rows))
 
 
 def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = None,
@@ -370,6 +374,7 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
 def _started_data(prep: Prepared, trainable: int, total: int) -> dict[str, Any]:
     cfg, plan = prep.cfg, prep.plan
     return {"method": cfg.method, "model": cfg.model, "train_examples": len(prep.train_rows),
+            "replay_examples": prep.replay_examples,
             "valid_examples": len(prep.valid_rows), "epochs": plan.epochs,
             "batch_size": plan.batch_size, "learning_rate": plan.learning_rate,
             "trainable_parameters": trainable, "total_parameters": total,

@@ -185,7 +185,7 @@ def chat(model: str = typer.Argument("smollm2-135m-instruct", help="model spec")
 def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
          examples: int = typer.Option(900, help="reviews to generate"),
          epochs: float = typer.Option(2.0),
-         replay: int = typer.Option(64, help="general prompts the base model answers for "
+         replay: int = typer.Option(48, help="general prompts the base model answers for "
                                     "replay against forgetting (0: none)"),
          quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Offline end-to-end demo: star ratings, base SmolLM2-135M prompted zero- and few-shot vs

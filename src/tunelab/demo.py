@@ -41,7 +41,7 @@ def build_dataset(folder: Path, *, n: int = 900, seed: int = 0) -> dict[str, Pat
 
 def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instruct",
              n_examples: int = 900, epochs: float = 2.0, few_shot: int = 5,
-             replay: int = 64, quiet: bool = False) -> dict:
+             replay: int = 48, quiet: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from tunelab.config import TrainConfig

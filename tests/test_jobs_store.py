@@ -33,7 +33,7 @@ def test_each_job_is_claimed_once_under_contention(tmp_path):
         start.wait()                       # all four race from the same moment
         while (job := store.claim_job(f"w{i}", 30)) is not None:
             claimed.append((i, job.id))
-            time.sleep(0.01)               # "work" on it, as a worker would, so the others get turns
+            time.sleep(0.01)     # "work" on it, as a worker would: the others get turns
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()

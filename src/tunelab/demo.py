@@ -69,8 +69,9 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instru
 
     say(f"[2/3] LoRA fine-tuning {model}")
     cfg = TrainConfig(model=model, train_file=paths["train"], valid_file=paths["val"],
-                      replay_file=replay_file, output_dir=out / "run", overwrite=True, method="lora", epochs=epochs,
-                      batch_size=8, learning_rate=3e-4, max_length=256, logging_steps=5)
+                      replay_file=replay_file, output_dir=out / "run", overwrite=True,
+                      method="lora", epochs=epochs, batch_size=8, learning_rate=3e-4,
+                      max_length=256, logging_steps=5)
     result = train(cfg, quiet=quiet)
 
     say(f"[3/3] base model zero-shot and {few_shot}-shot vs the fine-tuned model, on the same "

@@ -52,8 +52,7 @@ def run(store: Store, job: Job, *, worker: str, should_cancel: Callable[[], bool
                              progress_factory=progress)
     except Cancelled:
         if stopping():
-            if store.update(Job, job.id, Job.lease_owner == worker, status="queued",
-                            lease_owner=None, lease_expires_at=None, attempts=Job.attempts - 1):
+            if store.hand_back(job.id, worker):
                 store.add_event(job.id, "The worker stopped; the evaluation starts again when "
                                 "a worker is free")
         elif store.finish_job(job.id, worker, "cancelled"):

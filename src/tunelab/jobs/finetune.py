@@ -199,8 +199,7 @@ def run(store: Store, job: Job, *, worker: str, key_name: str, threads: int | No
             run_.keep_checkpoint(Path(e.checkpoint), step)
         if stopping():   # the worker is shutting down: hand the job back, lose nothing
             at = f" at step {step}" if e.checkpoint is not None else ""
-            if store.update(Job, job.id, Job.lease_owner == worker, status="queued",
-                            lease_owner=None, lease_expires_at=None, attempts=Job.attempts - 1):
+            if store.hand_back(job.id, worker):
                 run_.event(f"The worker stopped; the job continues from its checkpoint{at} "
                            "when a worker is free")
             return

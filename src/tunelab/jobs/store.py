@@ -316,6 +316,12 @@ class Store:
         return self.update(Job, job_id, *cond, status=status, finished_at=now(),
                            lease_owner=None, lease_expires_at=None, **values)
 
+    def hand_back(self, job_id: str, worker: str) -> bool:
+        """A worker shutting down returns its running job to the queue; the attempt does not
+        count against the job (it was stopped, not lost)."""
+        return self.update(Job, job_id, Job.lease_owner == worker, status="queued",
+                           lease_owner=None, lease_expires_at=None, attempts=Job.attempts - 1)
+
     def cancel_job(self, job_id: str) -> str | None:
         """A job not yet running is cancelled at once ("cancelled"); a running one is asked to
         stop, which its worker's heartbeat reads ("requested"); None if it had already ended."""

@@ -239,8 +239,7 @@ async function renderJob(root, id, ctx) {
 
   async function pollEvents() {
     // OpenAI lists events newest first and pages backwards with after=<id>: read pages until
-    // one holds an event already seen.
-    // Everything new is newer than everything seen, and comes newest first.
+    // one holds an event already seen. Everything new is newer than everything seen.
     let after = null;
     const fresh = [];
     for (let i = 0; i < 100; i++) {

@@ -24,8 +24,8 @@ class Cancelled(Exception):
     """Raised from a progress update once the user cancels or the worker stops."""
 
 
-def run(store: Store, job: Job, *, worker: str, should_cancel: Callable[[], bool] = lambda: False,
-        stopping: Callable[[], bool] = lambda: False) -> None:
+def run(store: Store, job: Job, *, worker: str, should_cancel: Callable[[], bool],
+        stopping: Callable[[], bool]) -> None:
     """One attempt at an evaluation. A cancel (or the worker stopping) is noticed after each
     batch of answers: cancelled, the job ends "cancelled"; stopped, it goes back to the queue
     and starts over on the next worker (an evaluation keeps no checkpoint)."""

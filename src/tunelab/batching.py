@@ -107,6 +107,27 @@ def trained_token_loss(model, batch: dict[str, torch.Tensor]) -> TokenLoss:
     return TokenLoss(loss_sum, trained_mask.sum(), correct, outputs)
 
 
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its trained tokens, and how many there are.
+
+    What preference training and the `preference` evaluation score an answer by. Like
+    trained_token_loss, the LM head runs only at positions some row trains.
+    """
+    labels = batch["labels"]
+    model_inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                             "position_ids")}
+    targets = labels[:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=labels.device)
+    logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits.float()
+    kept_targets = targets[:, keep]
+    # cross_entropy is -log p(target); ignored positions come back as 0
+    token_logps = -torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), kept_targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return token_logps.sum(dim=-1), (kept_targets != IGNORE_INDEX).sum(dim=-1)
+
+
 def rows_loss(model, rows: Sequence[dict[str, Any]], pad_token_id: int, *,
               batch_size: int = 8) -> tuple[float, int, int]:
     """(summed loss, trained tokens, correct tokens) of rendered rows, without gradients.

@@ -11,10 +11,11 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
-                      model_validator)
+                      create_model, model_validator)
 
 from tunelab.errors import TunelabError
 from tunelab.models import DEFAULT_MODEL
+from tunelab.objectives import OBJECTIVES
 
 # Tokens per example, for training and for every loss computed on a tuned model's data (a tuned
 # model remembers the max_length it was trained with: tunelab.models.trained_with).
@@ -35,9 +36,16 @@ class LoraSettings(_Strict):
 Auto = Literal["auto"]
 
 
-class TrainConfig(_Strict):
+class _TrainConfig(_Strict):
+    # Two axes, named apart: `objective` is WHAT is optimised (sft: cross-entropy on answers;
+    # dpo: preferences between two answers), `method` is HOW the weights are adapted (lora,
+    # dora, qlora, full). Each objective's own settings sit under its name (dpo: {beta, ...}).
+    objective: Literal[tuple(OBJECTIVES)] = Field(  # type: ignore[valid-type]
+        "sft", description="what is optimised: " + "; ".join(
+            f"{o.name}: {o.title}" for o in OBJECTIVES.values()))
     model: str = Field(DEFAULT_MODEL, description="builtin alias, model folder, .gguf or hub id")
-    train_file: Path = Field(..., description="JSONL of {'messages': [...]} conversations")
+    train_file: Path = Field(..., description="JSONL: conversations for sft, preference "
+                             "pairs for dpo")
     valid_file: Path | None = Field(None, description="JSONL for validation during training")
     replay_file: Path | None = Field(None, description="general conversations trained along "
                                      "with train_file against forgetting (`tunelab data "
@@ -58,7 +66,8 @@ class TrainConfig(_Strict):
     micro_batch_size: int | None = Field(None, ge=1, description="examples per device per "
                                          "forward; default: fits a token budget (auto.py); "
                                          "the rest of the batch is gradient accumulation")
-    learning_rate: PositiveFloat | Auto = Field("auto", description="auto: 2e-4 LoRA/DoRA, 2e-5 full")
+    learning_rate: PositiveFloat | Auto = Field("auto", description="auto: sft 2e-4 LoRA/DoRA, "
+                                                "2e-5 full; dpo a tenth of that")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup",
                           "cosine_with_min_lr", "inverse_sqrt", "polynomial",
                           "warmup_stable_decay"] = "cosine"
@@ -87,8 +96,12 @@ class TrainConfig(_Strict):
     tensorboard: bool | Auto = Field("auto", description="auto: when tensorboard is installed")
 
     @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
+    def _check(self) -> _TrainConfig:
         # "field: message", so build_config can name the field
+        for o in OBJECTIVES.values():
+            if o.settings is not None and o.name != self.objective and \
+                    getattr(self, o.name) != o.settings():
+                raise ValueError(f"{o.name}: settings given but objective is '{self.objective}'")
         if self.method == "full" and self.lora != LoraSettings():
             raise ValueError("lora: settings given but method is 'full'")
         if self.freeze_layers and self.method != "full":
@@ -99,6 +112,15 @@ class TrainConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# The config: the shared keys plus one section per objective that has settings, read from the
+# objective registry (a new objective's settings need no edit here).
+TrainConfig = create_model(
+    "TrainConfig", __base__=_TrainConfig, __module__=__name__,
+    **{o.name: (o.settings, Field(default_factory=o.settings,
+                                  description=f"{o.title} settings (objective: {o.name})"))
+       for o in OBJECTIVES.values() if o.settings is not None})
 
 
 # Names users bring from TRL / transformers / other tools, to point them at ours.

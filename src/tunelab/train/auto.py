@@ -11,8 +11,9 @@ The rules (documented in the README), in the spirit of the OpenAI fine-tuning AP
   a CPU gains nothing from more than a few thousand rows per matmul; the rest of the global batch
   is gradient accumulation (the loss is normalised by the step's trained tokens, so the result
   is the same), split over the processes of a distributed run.
-- learning_rate: 2e-4 for LoRA / DoRA / QLoRA (adapters start at zero and need large steps),
-  2e-5 for full fine-tuning (the usual SFT rate for small models).
+- learning_rate: the objective's rule (tunelab.objectives): for SFT 2e-4 for LoRA / DoRA /
+  QLoRA (adapters start at zero and need large steps), 2e-5 for full fine-tuning (the usual
+  SFT rate for small models); for DPO a tenth of those.
 """
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ def auto_batch_size(n: int) -> int:
     return 8 if n < 2_000 else 16 if n < 10_000 else 32
 
 
-def auto_learning_rate(method: str) -> float:
-    return 2e-5 if method == "full" else 2e-4
+def auto_learning_rate(method: str, objective: str = "sft") -> float:
+    from tunelab.objectives import get
+    return get(objective).auto_learning_rate(method)
 
 
 TOKENS_PER_FORWARD = {"cpu": 4096, "gpu": 32768}
@@ -78,7 +80,7 @@ def make_plan(cfg: TrainConfig, n_train: int, *, n_examples: int | None = None,
         micro = max(1, batch // world_size)
     accum = max(1, round(batch / (micro * world_size)))
     effective = micro * accum * world_size
-    lr = auto_learning_rate(cfg.method) if cfg.learning_rate == "auto" else float(cfg.learning_rate)
+    lr = auto_learning_rate(cfg.method, cfg.objective) if cfg.learning_rate == "auto" else float(cfg.learning_rate)
     steps_per_epoch = max(1, math.ceil(n_train / effective))
     total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * epochs))
     eval_steps = cfg.eval_steps or max(1, total // 5)

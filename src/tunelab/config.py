@@ -102,6 +102,11 @@ class _TrainConfig(_Strict):
             if o.settings is not None and o.name != self.objective and \
                     getattr(self, o.name) != o.settings():
                 raise ValueError(f"{o.name}: settings given but objective is '{self.objective}'")
+        if OBJECTIVES[self.objective].data_kind != "conversations":
+            for name in ("packing", "replay_file"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: applies to conversations (objective 'sft'), not "
+                                     f"to {OBJECTIVES[self.objective].data_kind}")
         if self.method == "full" and self.lora != LoraSettings():
             raise ValueError("lora: settings given but method is 'full'")
         if self.freeze_layers and self.method != "full":

@@ -44,8 +44,13 @@ class Objective:
     data_kind: ClassVar[str]           # "conversations" | "preferences"
     expected_format: ClassVar[str]     # one line for errors: what a row of its data looks like
     settings: ClassVar[type[BaseModel] | None] = None   # its config section, under `name`
-    # metrics logged besides the loss, as train_<m> and valid_<m> (in this order)
+    # the statistics `loss` sums (every one, every call: processes reduce them by position);
+    # "trained" (trained tokens) feeds trained_tokens_seen
+    stat_names: ClassVar[tuple[str, ...]]
+    # metrics logged besides the loss, as train_<m> and valid_<m>; the first is the headline
+    # the terminal shows beside the validation loss, under `metric_label`
     metric_names: ClassVar[tuple[str, ...]] = ()
+    metric_label: ClassVar[str] = ""
     # OpenAI hyperparameter -> config key, beyond the shared n_epochs / batch_size /
     # learning_rate_multiplier (DPO: beta -> dpo.beta)
     api_hyperparameters: ClassVar[dict[str, str]] = {}

@@ -137,7 +137,10 @@ class DPO(Objective):
                        "[...], 'non_preferred_output': [...]} as OpenAI's DPO, or TRL's "
                        "'prompt', 'chosen', 'rejected')")
     settings = DPOSettings
+    stat_names = ("loss_sum", "pairs", "reward_correct", "reward_chosen", "reward_rejected",
+                  "trained")
     metric_names = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
+    metric_label = "reward acc"
     api_hyperparameters = {"beta": "dpo.beta"}
 
     def auto_learning_rate(self, method: str) -> float:

@@ -15,7 +15,9 @@ class SFT(Objective):
     api_type = "supervised"
     data_kind = "conversations"
     expected_format = "{'messages': [{'role', 'content'}, ...]} conversations"
+    stat_names = ("loss_sum", "trained", "correct")
     metric_names = ("mean_token_accuracy",)
+    metric_label = "valid acc"
 
     def auto_learning_rate(self, method: str) -> float:
         # LoRA / DoRA / QLoRA adapters start at zero and need large steps; 2e-5 is the usual

@@ -16,18 +16,21 @@ class EventReporter(TrainerCallback):
     """Turns the Trainer's hooks into training events, and polls a cancel request every
     optimizer step.
 
-    Metrics lines (the data of "metrics" events): step, epoch, train_loss,
-    train_mean_token_accuracy, learning_rate, grad_norm, tokens_seen (non-padding input tokens),
-    trained_tokens_seen, tokens_per_s, elapsed_s. Validation lines ("evaluation"): step, epoch,
-    valid_loss, valid_mean_token_accuracy, best, elapsed_s.
+    Metrics lines (the data of "metrics" events): step, epoch, train_loss, train_<m> for each of
+    the objective's metrics (SFT: train_mean_token_accuracy; DPO: train_reward_accuracy, ...),
+    learning_rate, grad_norm, tokens_seen (non-padding input tokens), trained_tokens_seen,
+    tokens_per_s, elapsed_s. Validation lines ("evaluation"): step, epoch, valid_loss,
+    valid_<m>, best, elapsed_s.
 
     On a cancel request the run saves a checkpoint at the current step and stops; `cancelled_at`
     and `cancel_checkpoint` tell train() to raise TrainingCancelled.
     """
 
     def __init__(self, channel: EventChannel, started: dict[str, Any], *,
+                 metric_names: tuple[str, ...] = ("mean_token_accuracy",),
                  should_cancel: Callable[[], bool] | None = None):
         self.channel = channel
+        self.metric_names = metric_names
         self.started_data = started
         self.should_cancel = should_cancel
         self.started = time.time()
@@ -89,9 +92,9 @@ class EventReporter(TrainerCallback):
         if "loss" in logs:
             kind = "metrics"
             self.last_train_loss = float(logs["loss"])
-            entry.update(train_loss=self.last_train_loss,
-                         train_mean_token_accuracy=logs.get("mean_token_accuracy"),
-                         learning_rate=float(logs.get("learning_rate", math.nan)))
+            entry["train_loss"] = self.last_train_loss
+            entry.update({f"train_{m}": logs.get(m) for m in self.metric_names})
+            entry["learning_rate"] = float(logs.get("learning_rate", math.nan))
             if "grad_norm" in logs:
                 entry["grad_norm"] = float(logs["grad_norm"])
             tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
@@ -105,9 +108,9 @@ class EventReporter(TrainerCallback):
             self.last_valid_loss = float(logs["eval_loss"])
             # the Trainer updates best_metric after this log: compare with the best before it
             best = state.best_metric is None or self.last_valid_loss < state.best_metric
-            entry.update(valid_loss=self.last_valid_loss,
-                         valid_mean_token_accuracy=logs.get("eval_mean_token_accuracy"),
-                         best=bool(best))
+            entry["valid_loss"] = self.last_valid_loss
+            entry.update({f"valid_{m}": logs.get(f"eval_{m}") for m in self.metric_names})
+            entry["best"] = bool(best)
         else:
             return  # the end-of-training summary: result.json has it
         entry["elapsed_s"] = round(self.elapsed_before + now - self.started, 2)

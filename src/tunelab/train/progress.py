@@ -13,7 +13,9 @@ from typing import TextIO
 
 from tunelab.train.events import TrainEvent
 
-COLUMNS = f"{'step':>7}  {'epoch':>6}  {'train loss':>10}  {'valid loss':>10}  {'valid acc':>9}"
+
+def _columns(label: str) -> str:
+    return f"{'step':>7}  {'epoch':>6}  {'train loss':>10}  {'valid loss':>10}  {label:>10}"
 
 
 class ProgressDisplay:
@@ -25,6 +27,7 @@ class ProgressDisplay:
         self.train_loss: float | None = None
         self.pending: TrainEvent | None = None   # without a bar: a train row that may get a
         self.header_shown = False                # validation at the same step
+        self.metric, self.label = "mean_token_accuracy", "valid acc"   # the objective's headline
 
     # -- the channel's per-step tick ---------------------------------------------------------
     def on_step(self, step: int, total: int) -> None:
@@ -47,24 +50,28 @@ class ProgressDisplay:
     def _row(self, e: TrainEvent) -> None:
         """A table row: a train row (metrics event) or a validation row."""
         if not self.header_shown:
-            self._print(COLUMNS)
+            self._print(_columns(self.label))
             self.header_shown = True
         d = e.data
         train = f"{self.train_loss:.4f}" if self.train_loss is not None else "-"
         valid = acc = best = ""
         if e.kind == "evaluation":
             valid = f"{d['valid_loss']:.4f}"
-            a = d.get("valid_mean_token_accuracy")
+            a = d.get(f"valid_{self.metric}")
             acc = f"{100 * a:.1f}%" if a is not None else "-"
             best = "  best" if d.get("best") else ""
-        self._print(f"{e.step:>7}  {d['epoch']:>6.2f}  {train:>10}  {valid:>10}  {acc:>9}"
+        self._print(f"{e.step:>7}  {d['epoch']:>6.2f}  {train:>10}  {valid:>10}  {acc:>10}"
                     f"{best}".rstrip())
 
     # -- events ------------------------------------------------------------------------------
     def _started(self, e: TrainEvent) -> None:
+        from tunelab.objectives import get
         d = e.data
+        objective = get(d.get("objective", "sft"))
+        self.metric, self.label = objective.metric_names[0], objective.metric_label
         pct = 100 * d["trainable_parameters"] / max(1, d["total_parameters"])
-        self._print(f"tunelab: {d['method']} fine-tuning {d['model']}: "
+        what = "" if objective.name == "sft" else f" ({objective.title})"
+        self._print(f"tunelab: {d['method']} fine-tuning{what} {d['model']}: "
                     f"{d['trainable_parameters']:,} of {d['total_parameters']:,} parameters "
                     f"trainable ({pct:.2f}%)")
         packed = f" (packed into {d['packed_rows']} rows)" if d.get("packed_rows") else ""

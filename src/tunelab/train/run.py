@@ -1,8 +1,11 @@
-"""train(config) -> TrainResult: fine-tune a model (full, LoRA, DoRA, QLoRA) on conversations.
+"""train(config) -> TrainResult: fine-tune a model (full, LoRA, DoRA, QLoRA) with an objective
+(SFT on conversations, DPO on preference pairs: tunelab.objectives).
 
 Built on transformers.Trainer (+ PEFT for adapters). We hand it datasets whose labels were
-already made by tunelab.data.render, and a pad-only collator: supervision is decided in one
-place. A run goes through four stages, each a function:
+already made by tunelab.data.render, and the objective's pad-only collator: supervision is
+decided in one place. Nothing here asks which objective runs: reading and rendering the data,
+the batch, the loss and the metrics are the objective's. A run goes through four stages, each a
+function:
 
   prepare        check everything a user can get wrong (config, data, model spec, method,
                  output folder), render the data and plan the steps; no weights are read
@@ -26,10 +29,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunelab.config import TrainConfig
-from tunelab.data.conversation import read_conversations, split_source
 from tunelab.data.io import write_json
-from tunelab.data.render import IGNORE_INDEX, render_examples
+from tunelab.data.render import IGNORE_INDEX
 from tunelab.errors import TunelabError
+from tunelab.objectives import Objective, get as get_objective
 from tunelab.train.auto import Plan, make_plan
 from tunelab.train.events import EventChannel, TrainEvent, TrainingCancelled
 from tunelab.train.rundir import RunDir, checkpoint_state, checkpoint_step
@@ -58,25 +61,6 @@ class TrainResult:
 
 def partial_dir(cfg: TrainConfig) -> Path:
     return RunDir(cfg.output_dir).partial
-
-
-def _render_file(path: Path, tokenizer, max_length: int) -> list[dict[str, list[int]]]:
-    """Training rows (labels decided by tunelab.data.render); batched tokenization."""
-    convs = read_conversations(path)
-    sources = [c.source for c in convs]
-    rows = render_examples([c.messages for c in convs], tokenizer, max_length=max_length,
-                           sources=sources)
-    if len(rows) == len(convs):  # one row per conversation: name the offending line
-        for row, src in zip(rows, sources):
-            if all(label == IGNORE_INDEX for label in row["labels"]):
-                file, line = split_source(src)
-                raise TunelabError(f"nothing left to train on after truncation to max_length="
-                                   f"{max_length} (the prompt alone is longer)", file=file,
-                                   line=line, field="messages")
-    elif any(all(label == IGNORE_INDEX for label in r["labels"]) for r in rows):
-        raise TunelabError(f"some turns have nothing left to train on after truncation to "
-                           f"max_length={max_length}", file=path, field="max_length")
-    return rows
 
 
 def _check_method(cfg: TrainConfig) -> None:
@@ -261,6 +245,7 @@ class Prepared:
     valid_rows: list[dict]
     train_batches: list[dict]        # the rows the Trainer sees (packed rows when packing)
     plan: Plan
+    objective: Objective
     precision: str
     tensorboard: bool
     replay_examples: int = 0         # of train_rows, the last ones, from replay_file
@@ -302,13 +287,16 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Prepared:
     set_threads(cfg.threads)
 
     import torch
+    objective = get_objective(cfg.objective)
     source = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model, source=source)
-    train_rows = _render_file(cfg.train_file, tokenizer, cfg.max_length)
-    replay_rows = _render_file(cfg.replay_file, tokenizer, cfg.max_length) \
-        if cfg.replay_file else []
+
+    def rows_of(path):
+        return objective.read_rows(Path(path), tokenizer, cfg.max_length, cfg)
+    train_rows = rows_of(cfg.train_file)
+    replay_rows = rows_of(cfg.replay_file) if cfg.replay_file else []
     train_rows += replay_rows      # shuffled in with the task's rows by the Trainer's sampler
-    valid_rows = _render_file(cfg.valid_file, tokenizer, cfg.max_length) if cfg.valid_file else []
+    valid_rows = rows_of(cfg.valid_file) if cfg.valid_file else []
     _check_target_modules(cfg, source)
     if cfg.packing:
         from tunelab.train.packing import pack
@@ -316,11 +304,11 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Prepared:
     else:
         train_batches = train_rows
     plan = make_plan(cfg, len(train_batches), n_examples=len(train_rows),
-                     longest=max(len(r["input_ids"]) for r in train_batches),
+                     longest=max(map(objective.row_length, train_batches)),
                      world_size=int(os.environ.get("WORLD_SIZE", "1")),
                      on_gpu=torch.cuda.is_available())
     return Prepared(cfg, run_dir, resume_from, source, tokenizer, train_rows, valid_rows,
-                    train_batches, plan, precision, tensorboard, len(replay_rows))
+                    train_batches, plan, objective, precision, tensorboard, len(replay_rows))
 
 
 def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = None,
@@ -339,6 +327,11 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     set_seed(cfg.seed)
     model = _apply_method(_load_model(cfg, prep.tokenizer, prep.source), cfg)
     trainable, total = count_parameters(model)
+    # the objective's look at the starting model (DPO, full: the reference log-probabilities)
+    prep.objective.before_training(
+        model, {"train": prep.train_batches, "valid": prep.valid_rows}, cfg,
+        pad_token_id=prep.tokenizer.pad_token_id, batch_size=plan.micro_batch_size,
+        precision=prep.precision)
     args = _training_arguments(cfg, plan, prep.run_dir.partial, bool(prep.valid_rows),
                                prep.precision, prep.tensorboard)
     if args.n_gpu > 1:  # torch DataParallel: one process driving several GPUs
@@ -348,11 +341,11 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     is_main = args.process_index == 0
     channel.enabled = channel.enabled and is_main   # one process reports for all
     reporter = EventReporter(channel, _started_data(prep, trainable, total),
+                             metric_names=prep.objective.metric_names,
                              should_cancel=should_cancel)
     # pads (plain rows, and packed rows for training; validation is never packed, so its loss
-    # compares across configs) and decides nothing else: tunelab.batching, shared with eval
-    from tunelab.batching import PadCollator
-    collator = PadCollator(prep.tokenizer.pad_token_id)
+    # compares across configs) and decides nothing else: the objective's, shared with eval
+    collator = functools.partial(prep.objective.collate, pad_token_id=prep.tokenizer.pad_token_id)
     # the reporter comes last: it sees (and may veto) what the others decided for a step
     trainer_callbacks = [EvaluateAtEpochEnd(), *(callbacks or [])]
     if cfg.early_stopping_patience:
@@ -362,7 +355,8 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
         model=model, args=args, train_dataset=datasets.Dataset.from_list(prep.train_batches),
         eval_dataset=datasets.Dataset.from_list(prep.valid_rows) if prep.valid_rows else None,
         data_collator=collator, processing_class=prep.tokenizer,
-        callbacks=[*trainer_callbacks, reporter], keep_checkpoints=cfg.save_total_limit)
+        callbacks=[*trainer_callbacks, reporter], keep_checkpoints=cfg.save_total_limit,
+        objective=prep.objective, config=cfg)
     for printer in (PrinterCallback, ProgressCallback):   # raw log dicts and a second bar
         trainer.remove_callback(printer)
     if prep.resume_from is not None:
@@ -373,7 +367,8 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
 
 def _started_data(prep: Prepared, trainable: int, total: int) -> dict[str, Any]:
     cfg, plan = prep.cfg, prep.plan
-    return {"method": cfg.method, "model": cfg.model, "train_examples": len(prep.train_rows),
+    return {"objective": cfg.objective, "method": cfg.method, "model": cfg.model,
+            "train_examples": len(prep.train_rows),
             "replay_examples": prep.replay_examples,
             "valid_examples": len(prep.valid_rows), "epochs": plan.epochs,
             "batch_size": plan.batch_size, "learning_rate": plan.learning_rate,
@@ -434,11 +429,13 @@ def write_outputs(built: Built, output, *, started: float) -> TrainResult:
         else float(output.training_loss),
         valid_loss=valid_loss, best_step=best_step, steps=int(output.global_step),
         train_examples=len(prep.train_rows),
-        trained_tokens=sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX)
-                           for r in prep.train_rows),
+        trained_tokens=sum(sum(1 for x in labels if x != IGNORE_INDEX)   # every side's labels
+                           for r in prep.train_rows for k, labels in r.items()
+                           if k.endswith("labels")),
         seconds=round(time.time() - started, 2),
         extra={"trainable_parameters": built.trainable, "total_parameters": built.total,
-               "precision": prep.precision, "method": cfg.method, "epochs": plan.epochs,
+               "precision": prep.precision, "objective": cfg.objective,
+               "method": cfg.method, "epochs": plan.epochs,
                "batch_size": plan.batch_size, "micro_batch_size": plan.micro_batch_size,
                "gradient_accumulation_steps": plan.gradient_accumulation_steps,
                "world_size": plan.world_size, "learning_rate": plan.learning_rate,
@@ -511,8 +508,11 @@ def _write_outputs(model, tokenizer, cfg: TrainConfig, partial: Path,
         del merged.config.tunelab_added_token_ids
     merged.save_pretrained(partial / "model")
     tokenizer.save_pretrained(partial / "model")
-    write_results_csv(partial / "metrics.jsonl", partial / "results.csv")
-    plot_losses(partial / "metrics.jsonl", partial / "loss.png", best_step=result.best_step)
+    objective = get_objective(cfg.objective)
+    write_results_csv(partial / "metrics.jsonl", partial / "results.csv", objective.metric_names)
+    headline = objective.metric_names[0] if objective.name != "sft" else None
+    plot_losses(partial / "metrics.jsonl", partial / "loss.png", best_step=result.best_step,
+                metric=headline, metric_label=objective.metric_label)
     write_json(partial / "result.json", result.to_json())
 
 

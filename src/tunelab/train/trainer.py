@@ -1,11 +1,13 @@
 """transformers.Trainer with what it lacks for us, and nothing else:
 
-- the loss computed from logits at the trained positions only (tunelab.batching.
-  trained_token_loss, the same function evaluation uses): in SFT most tokens are prompt, and the
-  full [batch, length, vocab] fp32 logits are the largest tensor of the step (1.7 GB for 8 x 1024
-  tokens x 49k vocab) and the LM head a fifth of a small model's FLOPs. Normalised by the trained
-  tokens of the whole optimizer step, like the stock loss;
-- mean token accuracy on the trained tokens, for training and validation (as TRL reports it);
+- the loss and metrics of the run's objective (tunelab.objectives: SFT, DPO, ...), which the
+  Trainer never names: the objective returns a summed loss and summed statistics, the trainer
+  normalises the loss by what the objective counts over the whole optimizer step (trained tokens
+  for SFT, pairs for DPO, across processes) and sums the statistics over each logging window;
+  the objective turns the sums into the logged metrics (SFT: mean token accuracy, as TRL reports
+  it; DPO: reward accuracy, margin, chosen and rejected rewards). SFT's loss runs the LM head at
+  trained positions only (tunelab.batching): in SFT most tokens are prompt, and the full
+  [batch, length, vocab] fp32 logits are the largest tensor of the step;
 - checkpoints that a kill cannot corrupt: a checkpoint counts only once its COMPLETE marker is
   written (atomically, last), and old checkpoints are rotated away only after that. The stock
   Trainer writes `checkpoint-N/` in place and rotates before the write is known to be whole, so
@@ -13,8 +15,9 @@
 - length-grouped batches shuffled by a generator seeded per epoch (data_seed + epoch): the stock
   LengthGroupedSampler draws from the global RNG when the epoch starts, so a run resumed in the
   middle of epoch >= 2 would shuffle differently and skip the wrong batches;
-- validation loss per trained token (the stock eval loss is a mean of per-batch means, so short
-  examples weigh more, and it would not match `tunelab eval`'s test loss);
+- validation loss per trained item over the whole set (the stock eval loss is a mean of
+  per-batch means, so short examples weigh more, and it would not match `tunelab eval`'s test
+  loss), and no logits gathered during validation (nothing reads them);
 - a non-finite loss stops the run at the step it happens (the stock Trainer filters NaN out of
   its logs and keeps going, and would then save NaN weights).
 """
@@ -27,7 +30,6 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from tunelab.batching import trained_token_loss
 from tunelab.errors import TunelabError
 from tunelab.train.rundir import commit_checkpoint, rotate_checkpoints
 
@@ -50,64 +52,87 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 class TunelabTrainer(Trainer):
-    # The loss below is normalised by the optimizer step's trained-token count (num_items_in_batch),
-    # so the Trainer must neither divide it by the accumulation steps again nor skip counting.
+    # The loss below is normalised by the optimizer step's item count (num_items_in_batch), so
+    # the Trainer must neither divide it by the accumulation steps again nor skip counting.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, keep_checkpoints: int = 2, **kwargs):
+    def __init__(self, *args, objective, config, keep_checkpoints: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
-        self.model_accepts_loss_kwargs = True   # count trained tokens whatever the model class
+        self.objective, self.config = objective, config
+        self.model_accepts_loss_kwargs = True   # count items whatever the model class
         self.keep_checkpoints = keep_checkpoints
-        # [correct predictions, trained tokens] since the last log, per mode
-        self._token_counts = {"train": torch.zeros(2, dtype=torch.long),
-                              "eval": torch.zeros(2, dtype=torch.long)}
-        self._eval_loss_sum = torch.zeros((), dtype=torch.float64)
+        # the objective's statistics summed since the last log, per mode
+        self._sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self.trained_tokens_seen = 0
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
-        lengths = [len(ids) for ids in dataset["input_ids"]]
+        lengths = [self.objective.row_length(row) for row in dataset]
         return EpochSeededLengthGroupedSampler(
             self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps,
             lengths, self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
-    # -- loss on trained positions only, and metrics ----------------------------------------
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        return LengthGroupedSampler(self.args.eval_batch_size,
+                                    lengths=[self.objective.row_length(r) for r in eval_dataset])
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """What the objective normalises by (trained tokens, pairs), over the optimizer step's
+        micro-batches and, with average_tokens_across_devices, over every process."""
+        if not batch_samples:
+            return None
+        items = sum(torch.as_tensor(self.objective.items(b)) for b in batch_samples)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            items = self.accelerator.gather(items.to(device)).sum()
+        return items.to(device)
+
+    # -- the objective's loss, and its metrics -----------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        part = trained_token_loss(model, inputs)   # the one loss, shared with evaluation
-        if num_items_in_batch is not None:
-            loss = part.loss_sum / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                loss = loss * self.args.world_size   # DDP averages gradients over processes
-        else:
-            loss = part.loss_sum / part.trained.clamp(min=1)
-        with torch.no_grad():
-            self._token_counts["train" if model.training else "eval"] += \
-                torch.stack([part.correct, part.trained]).cpu()
-            if not model.training:
-                self._eval_loss_sum += part.loss_sum.detach().double().cpu()
-        return (loss, part.outputs) if return_outputs else loss
+        part = self.objective.loss(model, inputs, self.config)
+        if num_items_in_batch is None:
+            num_items_in_batch = self.objective.items(inputs)
+        loss = part.loss_sum / torch.as_tensor(num_items_in_batch).clamp(min=1)
+        if model.training and self.args.average_tokens_across_devices and \
+                self.args.world_size > 1:
+            loss = loss * self.args.world_size   # DDP averages gradients over processes
+        sums = self._sums["train" if model.training else "eval"]
+        for name, value in part.stats.items():
+            value = value.detach().double().cpu()
+            sums[name] = sums[name] + value if name in sums else value
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Validation: the loss (and the statistics compute_loss sums); no logits kept."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def log(self, logs, start_time=None):
         mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
         if mode is not None:  # every rank logs these, so the reduce below cannot hang
-            counts = self._token_counts[mode].double()
-            if mode == "eval":
-                counts = torch.cat([counts, self._eval_loss_sum.view(1)])
+            # every statistic the objective declares, 0 where this process saw no batch
+            names = self.objective.stat_names
+            stacked = torch.stack([self._sums[mode].get(n, torch.zeros((), dtype=torch.float64))
+                                   for n in names])
             if self.args.world_size > 1:
-                counts = self.accelerator.reduce(counts.to(self.args.device), "sum").cpu()
-            correct, total = int(counts[0]), int(counts[1])
-            if total:
-                logs["eval_mean_token_accuracy" if mode == "eval" else "mean_token_accuracy"] = \
-                    correct / total
-                if mode == "eval":   # per trained token, over the whole validation set
-                    logs["eval_loss"] = float(counts[2]) / total
-                    self._eval_loss_sum.zero_()
+                stacked = self.accelerator.reduce(stacked.to(self.args.device), "sum").cpu()
+            sums = dict(zip(names, stacked))
+            values = self.objective.metrics({n: float(v) for n, v in sums.items()})
+            prefix = "eval_" if mode == "eval" else ""
+            for name in self.objective.metric_names:
+                if name in values:
+                    logs[prefix + name] = values[name]
+            if mode == "eval" and "loss" in values:   # per item, over the whole validation set
+                logs["eval_loss"] = values["loss"]
             if mode == "train":
-                self.trained_tokens_seen += total
+                self.trained_tokens_seen += int(sums.get("trained", 0))
                 logs["trained_tokens_seen"] = self.trained_tokens_seen
-            self._token_counts[mode].zero_()
+            self._sums[mode] = {}
         super().log(logs, start_time)
 
     # -- a NaN stops the run where it happens ------------------------------------------------

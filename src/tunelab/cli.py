@@ -23,6 +23,9 @@ app.add_typer(data_app, name="data")
 @app.command()
 def train(config: Path = typer.Argument(..., help="YAML config"),
           set_: list[str] = typer.Option([], "--set", help="override: key=value (lora.r=8)"),
+          objective: Optional[str] = typer.Option(
+              None, "--objective", help="what is optimised: sft (conversations) or dpo "
+              "(preference pairs); same as --set objective=..."),
           resume: bool = typer.Option(False, "--resume",
                                       help="continue a killed, failed or cancelled run from its "
                                       "last checkpoint"),
@@ -34,7 +37,7 @@ def train(config: Path = typer.Argument(..., help="YAML config"),
     from tunelab.train import train as run_train
     from tunelab.train.events import TrainingCancelled
     from tunelab.train.progress import CtrlCCancels
-    cfg = load_config(config, set_)
+    cfg = load_config(config, [*set_, *([f"objective={objective}"] if objective else [])])
     quiet_libraries()
     main_process = int(os.environ.get("RANK", "0")) == 0
     try:

@@ -58,6 +58,21 @@ class Objective:
     def auto_learning_rate(self, method: str) -> float:
         raise NotImplementedError
 
+    def check_kind(self, path: Path, field: str) -> None:
+        """A file of the other kind (pairs given to SFT, conversations to DPO) is named as
+        such, before any row is read; files of neither kind are left to `read_rows`, whose
+        errors name the bad line."""
+        from tunelab.data.preference import data_kind_of
+        try:
+            kind = data_kind_of(path)
+        except TunelabError:
+            return
+        if kind != self.data_kind:
+            fits = [o.name for o in OBJECTIVES.values() if o.data_kind == kind]
+            hint = f" (to train on {kind}, use objective: {fits[0]})" if fits else ""
+            raise TunelabError(f"holds {kind}, but objective '{self.name}' trains on "
+                               f"{self.expected_format}{hint}", file=path, field=field)
+
     def read_rows(self, path: Path, tokenizer, max_length: int, cfg) -> list[dict[str, Any]]:
         """The file's examples rendered into rows of token-id lists; the first bad line raises a
         TunelabError naming file, line and field."""

@@ -275,10 +275,13 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Prepared:
     else:
         run_dir.check_fresh(cfg.overwrite)
         resume_from = None
+    objective = get_objective(cfg.objective)
     for name in ("train_file", "valid_file", "replay_file"):
         p = getattr(cfg, name)
         if p is not None and not Path(p).is_file():
             raise TunelabError("file not found", file=p, field=name)
+        if p is not None:
+            objective.check_kind(Path(p), name)
     _check_method(cfg)
     tensorboard = _want_tensorboard(cfg)
     from transformers.utils import logging as hf_logging
@@ -287,7 +290,6 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Prepared:
     set_threads(cfg.threads)
 
     import torch
-    objective = get_objective(cfg.objective)
     source = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model, source=source)
 

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from tunelab.data.formats import FORMATS, PREFERENCE_FORMATS
 from tunelab.errors import TunelabError
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and prepare training data.")
@@ -81,28 +82,42 @@ def _visualize(tok, row) -> str:
     return "".join(out)
 
 
+TARGETS = {"chat": "conversations", "dpo": "preferences"}
+
+
 @data_app.command("convert")
 def data_convert(file: Path = typer.Argument(..., help="JSONL, JSON, CSV, TSV, Parquet, or a "
                                              "folder saved by datasets"),
-                 output: Path = typer.Option(..., "--output", "-o", help="chat JSONL to write"),
-                 to: str = typer.Option("chat", "--to", help="target format (chat: OpenAI messages)"),
-                 from_: Optional[str] = typer.Option(None, "--from", help="force the input format: "
-                                                     "messages, sharegpt, alpaca, "
-                                                     "prompt_completion, gsm8k, qa"),
+                 output: Path = typer.Option(..., "--output", "-o", help="JSONL to write"),
+                 to: Optional[str] = typer.Option(None, "--to", help="chat (conversations -> "
+                                                  "OpenAI messages) or dpo (preference pairs -> "
+                                                  "OpenAI's DPO format); default: whichever the "
+                                                  "data holds"),
+                 from_: Optional[str] = typer.Option(None, "--from", help="force the input "
+                                                     f"format: {', '.join(FORMATS)}; preference "
+                                                     f"pairs: {', '.join(PREFERENCE_FORMATS)}"),
                  system: Optional[str] = typer.Option(None, "--system",
-                                                      help="system message for every conversation "
-                                                      "that has none"),
+                                                      help="system message for every "
+                                                      "conversation (or pair's prompt) that has "
+                                                      "none"),
                  quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Convert a dataset in any common format to chat JSONL (format detected from the first rows)."""
+    """Convert a dataset in any common format to chat JSONL, or preference pairs to OpenAI's
+    DPO format (format detected from the first rows)."""
     from tqdm.auto import tqdm
 
     from tunelab.data.formats import convert_file
-    if to != "chat":
-        raise TunelabError(f"unknown target format {to!r} (only 'chat' is supported)", field="to")
+    if to is not None and to not in TARGETS:
+        raise TunelabError(f"unknown target format {to!r} (expected one of: "
+                           f"{', '.join(TARGETS)})", field="to")
     with tqdm(desc="converting", unit="ex", disable=True if quiet else None, file=sys.stderr,
               leave=False) as bar:
-        report = convert_file(file, output, fmt=from_, system=system, progress=bar.update)
-    _say(quiet, f"converted {report.examples:,} examples ({report.format}) -> {output}")
+        report = convert_file(file, output, fmt=from_, system=system,
+                              kind=TARGETS.get(to), progress=bar.update)
+    if report.kind == "preferences":
+        _say(quiet, f"converted {report.examples:,} preference pairs ({report.format} -> "
+                    f"OpenAI DPO format) -> {output}")
+    else:
+        _say(quiet, f"converted {report.examples:,} examples ({report.format}) -> {output}")
 
 
 @data_app.command("template")
@@ -144,7 +159,8 @@ def data_template(file: Optional[Path] = typer.Argument(None, help="records (any
 
 
 @data_app.command("validate")
-def data_validate(file: Path = typer.Argument(..., help="chat JSONL to check"),
+def data_validate(file: Path = typer.Argument(..., help="JSONL of conversations or of "
+                                              "preference pairs to check"),
                   model: str = typer.Option("smollm2-135m-instruct", "--tokenizer", "-t",
                                             "--model", "-m", help="model spec (or a folder with "
                                             "only tokenizer files) whose template counts the "
@@ -157,7 +173,8 @@ def data_validate(file: Path = typer.Argument(..., help="chat JSONL to check"),
                   no_tokens: bool = typer.Option(False, "--no-tokens", help="skip token statistics"),
                   as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
                   quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Check a training file; exit 0 when it can be trained on, 1 when not."""
+    """Check a training file (conversations or preference pairs, told apart by its rows); exit 0
+    when it can be trained on, 1 when not."""
     import os
 
     from tqdm.auto import tqdm
@@ -195,7 +212,8 @@ def data_split(file: Path = typer.Argument(..., help="JSONL to split"),
                                                          help="a field (e.g. label), or "
                                                          "'assistant' for the final answer"),
                quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Deterministic train/val/test split; exact duplicates never land in two splits."""
+    """Deterministic train/val/test split; exact duplicates never land in two splits, nor do
+    preference pairs of one prompt."""
     from tunelab.data.split import split_file
     counts = split_file(file, output, val=val, test=test, seed=seed, stratify_by=stratify_by)
     _say(quiet, "  ".join(f"{k} {v:,}" for k, v in counts.items()) + f" -> {output}")

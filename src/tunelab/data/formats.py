@@ -1,4 +1,5 @@
-"""Detect a dataset's format from its first rows and convert every row to OpenAI `messages`.
+"""Detect a dataset's format from its first rows and convert every row to OpenAI `messages`
+(conversations) or to OpenAI's DPO format (preference pairs).
 
 Formats (name: the fields that identify it):
   messages           `messages`: [{role, content, weight?}] (OpenAI / ChatML; content may also be
@@ -10,8 +11,12 @@ Formats (name: the fields that identify it):
   gsm8k              `question`, `answer` whose last line is `#### N`: the calculator
                      annotations <<48/2=24>> are removed and N is kept as `final_answer`
   qa                 `question`, `answer` (any other question/answer pair)
+and preference pairs (tunelab.data.preference), written in OpenAI's DPO format:
+  openai_dpo, trl_conversational, trl_standard, trl_implicit
 
-Other top-level fields (a label, an id) are kept beside `messages`, so `data split
+Each format is one record in REGISTRY (its identifying fields, the fields it reads, its
+converter); detection, conversion and the error messages all read that one table. Other
+top-level fields (a label, an id) are kept beside `messages`, so `data split
 --stratify-by label` and evaluation can still use them. Columns that hold JSON text (CSV can
 hold no lists) are parsed. Every converted record is checked against the conversation contract,
 and conversion collects every bad row before failing, so one run names all of them.
@@ -26,18 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.data import preference
 from tunelab.data.conversation import problems
 from tunelab.data.io import read_records, write_jsonl
 from tunelab.errors import TunelabError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "gsm8k", "qa")
-REQUIRED = {"messages": ("messages",), "sharegpt": ("conversations",),
-            "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
-            "gsm8k": ("question", "answer"), "qa": ("question", "answer")}
-CONSUMED = {"messages": {"messages"}, "sharegpt": {"conversations", "system"},
-            "alpaca": {"instruction", "input", "output", "system"},
-            "prompt_completion": {"prompt", "completion"}, "gsm8k": {"question", "answer"},
-            "qa": {"question", "answer"}}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant",
                   "bard": "assistant", "system": "system"}
@@ -54,11 +52,17 @@ def candidates(record: Any) -> list[str]:
     """The formats whose identifying fields this record has, most specific first."""
     if not isinstance(record, dict):
         return []
-    found = [f for f in FORMATS if all(_has(record, k) for k in REQUIRED[f])]
-    if "gsm8k" in found and not (isinstance(record["answer"], str)
-                                 and _GSM8K_FINAL.search(record["answer"])):
-        found.remove("gsm8k")
-    return found
+    return [f.name for f in REGISTRY.values()
+            if all(_has(record, k) for k in f.required) and f.accepts(record)]
+
+
+def _expected() -> str:
+    """The identifying fields of every format, formats that share them named together."""
+    by_fields: dict[tuple[str, ...], list[str]] = {}
+    for f in REGISTRY.values():
+        by_fields.setdefault(f.required, []).append(f.name)
+    return "; ".join(f"{'/'.join(names)}: {', '.join(fields)}"
+                     for fields, names in by_fields.items())
 
 
 def detect_format(records: Iterable[Any], *, file: str | Path | None = None) -> str:
@@ -74,9 +78,8 @@ def detect_format(records: Iterable[Any], *, file: str | Path | None = None) -> 
     if common:
         return common[0]
     keys = sorted(set().union(*(r.keys() for r in records)))
-    expected = "; ".join(f"{f}: {', '.join(REQUIRED[f])}" for f in FORMATS if f != "qa")
     raise TunelabError(f"cannot detect the format from the fields {keys} (expected one of "
-                       f"{expected}); pass --from NAME if the rows differ", file=file)
+                       f"{_expected()}); pass --from NAME if the rows differ", file=file)
 
 
 def _text(value: Any, fld: str) -> str:
@@ -189,42 +192,106 @@ def _scalar(v: Any) -> bool:
     return v is None or isinstance(v, (str, int, float, bool))
 
 
-def convert_record(record: Any, fmt: str, *, system: str | None = None) -> dict[str, Any]:
-    """One record in `fmt` -> {"messages": [...], **kept fields}. Raises TunelabError (field set)."""
-    if fmt not in FORMATS:
-        raise TunelabError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})",
+def _kept(record: dict, consumed: frozenset[str]) -> dict[str, Any]:
+    """The fields a conversion does not read (a label, an id), when they are plain values."""
+    return {k: v for k, v in record.items() if k not in consumed and _scalar(v)}
+
+
+ChatConverter = Callable[[dict], Any]   # record -> messages, or (messages, fields it derives)
+
+
+def _chat(fn: ChatConverter, consumed: frozenset[str]):
+    """A conversation format's converter: its messages (and fields it derives), the system
+    message, the kept fields, checked against the conversation contract."""
+    def convert(record: dict, system: str | None) -> dict[str, Any]:
+        got = fn(record)
+        msgs, derived = got if isinstance(got, tuple) else (got, {})
+        if system and not (msgs and msgs[0].get("role") == "system"):
+            msgs = [{"role": "system", "content": system}, *msgs]
+        out = {"messages": msgs, **_kept(record, consumed), **derived}
+        found = problems(out)   # the contract, so what convert writes is what train accepts
+        if found:
+            raise TunelabError(found[0].message, field=found[0].field)
+        return out
+    return convert
+
+
+def _pair(name: str):
+    """A preference format's converter: the pair (checked by the preference contract) in
+    OpenAI's DPO format, with the system message and the kept fields."""
+    consumed = preference.REGISTRY[name].consumed
+
+    def convert(record: dict, system: str | None) -> dict[str, Any]:
+        pair, found = preference.pair_problems(record, name)
+        if found:
+            raise TunelabError(found[0].message, field=found[0].field)
+        if system and pair.prompt[0]["role"] != "system":
+            pair.prompt.insert(0, {"role": "system", "content": system})
+        pair.extra = _kept(record, consumed)
+        return pair.to_json()
+    return convert
+
+
+@dataclass(frozen=True)
+class Format:
+    """One input format: how its rows are recognised and what they become."""
+    name: str
+    kind: str                          # what it converts to: "conversations" | "preferences"
+    required: tuple[str, ...]          # identifying fields: all present, none null
+    convert: Callable[[dict, str | None], dict[str, Any]]   # (record, system) -> output row
+    accepts: Callable[[dict], bool] = lambda record: True   # a finer test than the fields
+
+
+def _chat_format(name: str, required: tuple[str, ...], fn: ChatConverter, *,
+                 also_reads: tuple[str, ...] = (), accepts=None) -> Format:
+    consumed = frozenset(required + also_reads)
+    return Format(name, "conversations", required, _chat(fn, consumed),
+                  accepts or (lambda record: True))
+
+
+def _is_gsm8k(record: dict) -> bool:
+    return isinstance(record["answer"], str) and bool(_GSM8K_FINAL.search(record["answer"]))
+
+
+# Detection order: most specific first. Preference pairs come first: a row with chosen and
+# rejected answers is a pair even when it also carries a `messages` copy of one of them.
+REGISTRY: dict[str, Format] = {f.name: f for f in (
+    *(Format(p.name, "preferences", p.required, _pair(p.name), p.accepts)
+      for p in preference.REGISTRY.values()),
+    _chat_format("messages", ("messages",), lambda r: _messages(r["messages"], "messages")),
+    _chat_format("sharegpt", ("conversations",), _sharegpt, also_reads=("system",)),
+    _chat_format("alpaca", ("instruction", "output"), _alpaca, also_reads=("input", "system")),
+    _chat_format("prompt_completion", ("prompt", "completion"), _prompt_completion),
+    _chat_format("gsm8k", ("question", "answer"), _gsm8k, accepts=_is_gsm8k),
+    _chat_format("qa", ("question", "answer"), _qa),
+)}
+FORMATS = tuple(n for n, f in REGISTRY.items() if f.kind == "conversations")
+PREFERENCE_FORMATS = preference.PREFERENCE_FORMATS
+
+
+def _format(fmt: str) -> Format:
+    if fmt not in REGISTRY:
+        raise TunelabError(f"unknown format {fmt!r} (expected one of: {', '.join(REGISTRY)})",
                            field="from")
+    return REGISTRY[fmt]
+
+
+def convert_record(record: Any, fmt: str, *, system: str | None = None) -> dict[str, Any]:
+    """One record in `fmt` -> {"messages": [...], **kept fields} for a conversation format, a
+    pair in OpenAI's DPO format for a preference format. Raises TunelabError (field set)."""
+    f = _format(fmt)
     if not isinstance(record, dict):
         raise TunelabError(f"expected an object, got {type(record).__name__}")
-    for k in REQUIRED[fmt]:
+    for k in f.required:
         if not _has(record, k):
-            raise TunelabError(f"missing (format {fmt} needs: {', '.join(REQUIRED[fmt])})", field=k)
-    kept: dict[str, Any] = {}
-    if fmt == "messages":
-        msgs = _messages(record["messages"], "messages")
-    elif fmt == "sharegpt":
-        msgs = _sharegpt(record)
-    elif fmt == "alpaca":
-        msgs = _alpaca(record)
-    elif fmt == "prompt_completion":
-        msgs = _prompt_completion(record)
-    elif fmt == "gsm8k":
-        msgs, kept = _gsm8k(record)
-    else:
-        msgs = _qa(record)
-    if system and not (msgs and msgs[0].get("role") == "system"):
-        msgs = [{"role": "system", "content": system}, *msgs]
-    out = {"messages": msgs, **{k: v for k, v in record.items()
-                                if k not in CONSUMED[fmt] and _scalar(v)}, **kept}
-    found = problems(out)   # the contract, so what convert writes is what train accepts
-    if found:
-        raise TunelabError(found[0].message, field=found[0].field)
-    return out
+            raise TunelabError(f"missing (format {fmt} needs: {', '.join(f.required)})", field=k)
+    return f.convert(record, system)
 
 
 @dataclass
 class ConvertReport:
     format: str
+    kind: str = ""                     # "conversations" | "preferences"
     examples: int = 0
     errors: list[TunelabError] = field(default_factory=list)
     output: str | None = None
@@ -232,19 +299,22 @@ class ConvertReport:
 
 def convert_records(records: Iterable[tuple[int, Any]], *, fmt: str | None = None,
                     system: str | None = None, file: str | Path | None = None,
-                    report: ConvertReport | None = None,
+                    report: ConvertReport | None = None, kind: str | None = None,
                     progress: Callable[[int], Any] | None = None) -> Iterator[dict[str, Any]]:
     """Stream converted records; bad ones are collected on `report.errors` (file and line set).
 
-    The format is detected from the first rows unless `fmt` is given.
+    The format is detected from the first rows unless `fmt` is given; `kind` ("conversations"
+    or "preferences") refuses data of the other kind.
     """
     it = iter(records)
     head = list(itertools.islice(it, DETECT_ROWS))
     fmt = fmt or detect_format([r for _, r in head], file=file)
-    if fmt not in FORMATS:
-        raise TunelabError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
+    f = _format(fmt)
+    if kind is not None and f.kind != kind:
+        what = preference.KIND_TITLES
+        raise TunelabError(f"holds {what[f.kind]} (format {fmt}), not {what[kind]}", file=file)
     if report is not None:
-        report.format = fmt
+        report.format, report.kind = fmt, f.kind
     for where, record in itertools.chain(head, it):
         if progress is not None:
             progress(1)
@@ -271,16 +341,17 @@ class _BadRows(Exception):
 
 
 def convert_file(src: str | Path, dst: str | Path, *, fmt: str | None = None,
-                 system: str | None = None,
+                 system: str | None = None, kind: str | None = None,
                  progress: Callable[[int], Any] | None = None) -> ConvertReport:
-    """Convert any supported input to a chat JSONL file, atomically.
+    """Convert any supported input to JSONL, atomically: conversations to chat (`messages`),
+    preference pairs to OpenAI's DPO format. `kind` refuses data of the other kind.
 
     Every bad row is collected; if there are any, nothing is written and one TunelabError names
     the first with its line and lists the others' lines.
     """
     report = ConvertReport(format=fmt or "")
     rows = convert_records(read_records(src), fmt=fmt, system=system, file=src, report=report,
-                           progress=progress)
+                           kind=kind, progress=progress)
 
     def checked():
         yield from rows

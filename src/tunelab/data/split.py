@@ -1,4 +1,6 @@
-"""Deterministic train/validation/test splits that never put one example in two splits."""
+"""Deterministic train/validation/test splits that never put one example in two splits, nor,
+for preference pairs, one prompt (a prompt usually comes with several pairs of answers: pairs
+of one prompt in two splits would let validation score answers to a prompt training saw)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tunelab.data.preference import DETECT_ROWS, detect_kind, prompt_of
+from tunelab.data.validate import prompt_key
 from tunelab.errors import TunelabError
 
 T = TypeVar("T")
@@ -28,18 +32,21 @@ def _cut(keys: list[str], val: float, test: float) -> tuple[list[str], list[str]
 
 
 def split(examples: Sequence[T], *, val: float = 0.1, test: float = 0.1, seed: int = 0,
-          stratify_by: Callable[[T], Any] | None = None) -> tuple[list[T], list[T], list[T]]:
-    """Shuffle with `seed` and cut. Exact duplicates are grouped so they land in one split.
+          stratify_by: Callable[[T], Any] | None = None,
+          group_by: Callable[[T], str] | None = None) -> tuple[list[T], list[T], list[T]]:
+    """Shuffle with `seed` and cut. Exact duplicates are grouped so they land in one split;
+    `group_by` (example -> key) groups by another identity (preference pairs: their prompt).
 
     With `stratify_by` (example -> label), each label is cut in the same proportions, so a
-    rare class is in every split (when it has enough examples). A duplicate group takes the
-    label of its first example.
+    rare class is in every split (when it has enough examples). A group takes the label of its
+    first example.
     """
     if not 0 <= val < 1 or not 0 <= test < 1 or val + test >= 1:
         raise ValueError("val and test must be fractions in [0, 1) that sum to less than 1")
+    key_of = group_by or example_key
     groups: dict[str, list[T]] = {}
     for ex in examples:
-        groups.setdefault(example_key(ex), []).append(ex)
+        groups.setdefault(key_of(ex), []).append(ex)
     keys = sorted(groups)
     rng = random.Random(seed)
     if stratify_by is None:
@@ -77,11 +84,23 @@ def label_of(record: Any, field: str) -> Any:
     return record[field]
 
 
+def prompt_group(fmt: str | None = None) -> Callable[[dict], str]:
+    """Preference pairs -> the key of their prompt (tunelab.data.validate.prompt_key: up to
+    case, punctuation and spacing), so all pairs of one prompt share a split; a row with no
+    readable prompt is its own group."""
+    def key(record: dict) -> str:
+        prompt = prompt_of(record, fmt)
+        return "prompt:" + prompt_key(prompt).hex() if prompt else example_key(record)
+    return key
+
+
 def split_file(path: str | Path, out_dir: str | Path, *, val: float = 0.1, test: float = 0.1,
                seed: int = 0, stratify_by: str | None = None) -> dict[str, int]:
     """Split a JSONL file into out_dir/{train,val,test}.jsonl (each written atomically).
 
-    Records are kept as they are (any JSON objects); an empty split is still written.
+    Records are kept as they are (any JSON objects); an empty split is still written. A file of
+    preference pairs (its first rows say) is split by prompt: every pair of a prompt lands in
+    one split.
     """
     from tunelab.data.io import iter_jsonl, write_jsonl
     if not 0 <= val < 1 or not 0 <= test < 1 or val + test >= 1:
@@ -100,7 +119,9 @@ def split_file(path: str | Path, out_dir: str | Path, *, val: float = 0.1, test:
     if not records:
         raise TunelabError("no examples (the file is empty)", file=path)
     key = (lambda r: label_of(r, stratify_by)) if stratify_by else None
-    parts = split(records, val=val, test=test, seed=seed, stratify_by=key)
+    kind, fmt = detect_kind(records[:DETECT_ROWS])
+    parts = split(records, val=val, test=test, seed=seed, stratify_by=key,
+                  group_by=prompt_group(fmt) if kind == "preferences" else None)
     out = Path(out_dir)
     counts = {}
     for name, rows in zip(("train", "val", "test"), parts):

@@ -1,23 +1,34 @@
 """`tunelab data validate`: can this file be trained on, and what will training see?
 
-One streaming pass: every line is checked against the conversation contract (collecting every
+One streaming pass over a file of conversations (SFT) or of preference pairs (DPO; the kind is
+read from the first rows): every line is checked against its contract (collecting every
 problem, not stopping at the first), exact and near duplicates are found by hashing, and the
-valid conversations are rendered in batches with the model's own template (tunelab.data.render,
-the same code training uses) for token statistics: lengths, what max_length cuts, trained vs
-context tokens. Memory is a few hashes and two ints per example.
+valid examples are rendered in batches with the model's own template (tunelab.data.render, the
+same code training uses) for token statistics: lengths, what max_length cuts, trained vs
+context tokens; for pairs also the prompt, chosen and rejected tokens. Memory is a few hashes
+and a few ints per example.
+
+What differs between the two kinds (the contract, the identity of an example, rendering) is
+one small class each, `_Conversations` and `_Pairs`; the pass, the report and its statistics
+are shared.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from tunelab.data.conversation import problems
+from tunelab.data.conversation import Problem, problems
 from tunelab.data.io import iter_jsonl_lenient
+from tunelab.data.preference import (DETECT_ROWS, KIND_TITLES, REGISTRY as PREFERENCE_REGISTRY,
+                                     PreferencePair, detect_kind, pair_problems, record_kind,
+                                     shared_prompt_length)
 from tunelab.data.render import HistoryRewriteError, per_turn, render_many
 from tunelab.errors import TunelabError
 
@@ -43,14 +54,24 @@ ERROR_LABELS = {
     "mask_ambiguous": "no unambiguous loss mask with this template",
     "duplicate": "duplicate examples",
     "too_few_examples": "too few examples",
+    # preference pairs
+    "not_preference": "not a preference pair",
+    "missing_field": "missing field",
+    "bad_json": "JSON text that does not parse",
+    "bad_answer": "answer is not one assistant message",
+    "prompt_not_user": "prompt does not end with a user turn",
+    "no_shared_prompt": "answers share no prompt",
+    "identical_pair": "chosen and rejected identical",
+    "prompt_mismatch": "prompt tokens differ between the two answers",
 }
 # Near-duplicate = same words: case, punctuation and spacing ignored. Cheap enough for 100k
 # examples in one pass (MinHash would also catch reworded copies, at many times the cost).
 # str.translate + split is ~5x faster than a regex substitution over the same text.
 _PUNCT = str.maketrans({c: " " for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"})
+_NOUNS = {"conversations": "examples", "preferences": "pairs"}   # in counts: "60 pairs"
 
 
-def _canonical(messages: list[dict[str, Any]]) -> str:
+def _canonical(messages: Any) -> str:
     return json.dumps(messages, sort_keys=True, ensure_ascii=False)
 
 
@@ -74,6 +95,13 @@ def _prompt_key(messages: Sequence[dict[str, Any]], parts: list[str] | None = No
     return _digest("\x1f".join(parts[:-1]))
 
 
+def prompt_key(prompt: Sequence[dict[str, Any]]) -> bytes:
+    """The identity of a prompt (its messages up to case, punctuation and spacing): the same
+    for a preference pair's prompt and a conversation's turns before its last answer, so leakage
+    checks and splits see one prompt whichever kind of file it is in."""
+    return _digest(_normalized(prompt))
+
+
 @dataclass
 class ValidationReport:
     file: str
@@ -82,6 +110,8 @@ class ValidationReport:
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     tokens: dict[str, Any] | None = None
+    kind: str = "conversations"        # or "preferences"
+    preference_format: str | None = None   # for pairs: the file's format (openai_dpo, ...)
 
     @property
     def trainable(self) -> bool:
@@ -95,13 +125,17 @@ class ValidationReport:
             e["first"].append(message)
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "trainable": self.trainable, "examples": self.examples,
-                "valid": self.valid, "errors": self.errors, "warnings": self.warnings,
-                "tokens": self.tokens}
+        return {"file": self.file, "kind": self.kind, "trainable": self.trainable,
+                "examples": self.examples, "valid": self.valid, "errors": self.errors,
+                "warnings": self.warnings, "tokens": self.tokens,
+                **({"format": self.preference_format} if self.preference_format else {})}
 
     def format(self) -> str:
+        noun = _NOUNS[self.kind]
         out = [f"file       {self.file}",
-               f"examples   {self.examples:,} ({self.valid:,} valid)"]
+               f"data       {KIND_TITLES[self.kind]}" + (f" ({self.preference_format})"
+                                       if self.preference_format else ""),
+               f"{noun:<10} {self.examples:,} ({self.valid:,} valid)"]
         if self.errors:
             out.append("errors")
             for e in self.errors.values():
@@ -111,19 +145,7 @@ class ValidationReport:
         if t:
             out.append(f"tokens     (template of {t['model']}, max length {t['max_length']:,})")
             if t["examples"]:
-                out.append(f"  per example      min {t['min']:,}  median {t['median']:,}  "
-                           f"p95 {t['p95']:,}  max {t['max']:,}")
-                out.append(f"  over max length  {t['over_max_length']:,} examples would be cut, "
-                           f"losing {t['trained_tokens_lost']:,} trained tokens")
-                share = t["trained_tokens"] / max(1, t["total_tokens"])
-                out.append(f"  trained          {t['trained_tokens']:,} of {t['total_tokens']:,} "
-                           f"tokens ({share:.1%}); context {t['context_tokens']:,}")
-                out.append(f"  training         ~{round(t['epoch_tokens'] * t['epochs']):,} tokens for "
-                           f"{t['epochs']:g} epochs "
-                           f"({round(t['epoch_trained_tokens'] * t['epochs']):,} trained)")
-                if t["rows"] != t["examples"]:
-                    out.append(f"  rows             {t['rows']:,} (conversations the template "
-                               "rewrites are trained one turn per row)")
+                out += _token_lines(t, noun)
         if self.warnings:
             out.append("warnings")
             out += [f"  - {w}" for w in self.warnings]
@@ -133,44 +155,112 @@ class ValidationReport:
         return "\n".join(out)
 
 
+def _spread(d: dict[str, Any]) -> str:
+    return f"min {d['min']:,}  median {d['median']:,}  p95 {d['p95']:,}  max {d['max']:,}"
+
+
+def _token_lines(t: dict[str, Any], noun: str) -> list[str]:
+    per = noun[:-1]
+    out = [f"  {'per ' + per:<16} {_spread(t)}"]
+    if "sides" in t:
+        out[0] += "  (the longer side)"
+        names = {"prompt": "prompt", "chosen": "chosen answer", "rejected": "rejected answer"}
+        out += [f"  {names.get(side, side):<16} {_spread(d)}  ({d['total']:,} in all)"
+                for side, d in t["sides"].items()]
+    out.append(f"  over max length  {t['over_max_length']:,} {noun} would be cut, "
+               f"losing {t['trained_tokens_lost']:,} trained tokens")
+    share = t["trained_tokens"] / max(1, t["total_tokens"])
+    out.append(f"  trained          {t['trained_tokens']:,} of {t['total_tokens']:,} "
+               f"tokens ({share:.1%}); context {t['context_tokens']:,}")
+    out.append(f"  training         ~{round(t['epoch_tokens'] * t['epochs']):,} tokens for "
+               f"{t['epochs']:g} epochs "
+               f"({round(t['epoch_trained_tokens'] * t['epochs']):,} trained)")
+    if t["rows"] != t["examples"]:
+        out.append(f"  rows             {t['rows']:,} (conversations the template "
+                   "rewrites are trained one turn per row)")
+    return out
+
+
 def _has_consecutive_roles(messages: Sequence[dict[str, Any]]) -> bool:
     roles = [m["role"] for m in messages]
     return any(a == b for a, b in zip(roles, roles[1:]))
 
 
+def _render_error_kind(e: TunelabError, messages: Sequence[dict[str, Any]]) -> str:
+    if "refused" in e.reason:
+        return "consecutive_roles" if _has_consecutive_roles(messages) else "template_refused"
+    return "mask_ambiguous"
+
+
+def _pick(ls: list[int], q: float) -> int:
+    return ls[min(len(ls) - 1, math.ceil(q * len(ls)) - 1)] if ls else 0
+
+
+def _spread_of(values: list[int]) -> dict[str, int]:
+    ls = sorted(values)
+    return {"min": ls[0] if ls else 0, "median": _pick(ls, 0.5), "p95": _pick(ls, 0.95),
+            "max": ls[-1] if ls else 0, "total": sum(ls)}
+
+
 class _TokenStats:
+    """Token counts over rendered rows: one row per conversation (or per trained turn), or a
+    chosen and a rejected row per pair. A pair's length is its longer side (what max_length
+    cuts, and what a batch pads to); its tokens are both sides'."""
+
     def __init__(self, max_length: int):
         self.max_length = max_length
         self.lengths: list[int] = []
-        self.trained = self.lost = self.over = self.kept = self.kept_trained = 0
+        self.total = self.trained = self.lost = self.over = self.kept = self.kept_trained = 0
         self.examples = 0
+        self.sides: dict[str, list[int]] | None = None
 
-    def add(self, row: dict[str, list[int]]) -> None:
+    def _side(self, row: dict[str, list[int]]) -> tuple[int, int, int, int]:
+        """(tokens, trained, trained beyond max_length, kept tokens) of one row."""
         labels = row["labels"]
         n = len(labels)
         trained = n - labels.count(-100)   # C-speed counts: no per-token Python loop
-        self.lengths.append(n)
-        self.trained += trained
-        if n > self.max_length:
-            tail = labels[self.max_length:]
-            lost = len(tail) - tail.count(-100)
+        tail = labels[self.max_length:]
+        lost = len(tail) - tail.count(-100)
+        return n, trained, lost, min(n, self.max_length)
+
+    def add(self, row: dict[str, list[int]]) -> None:
+        self._count(self._side(row))
+
+    def add_pair(self, chosen: dict[str, list[int]], rejected: dict[str, list[int]],
+                 prompt_tokens: int) -> None:
+        c, r = self._side(chosen), self._side(rejected)
+        self._count(c, r)
+        if self.sides is None:
+            self.sides = {"prompt": [], "chosen": [], "rejected": []}
+        self.sides["prompt"].append(prompt_tokens)
+        self.sides["chosen"].append(c[1])
+        self.sides["rejected"].append(r[1])
+
+    def _count(self, *sides: tuple[int, int, int, int]) -> None:
+        self.lengths.append(max(s[0] for s in sides))
+        self.total += sum(s[0] for s in sides)
+        self.trained += sum(s[1] for s in sides)
+        lost = sum(s[2] for s in sides)
+        if any(s[0] > self.max_length for s in sides):
             self.over += 1
             self.lost += lost
-            trained -= lost
-        self.kept += min(n, self.max_length)
-        self.kept_trained += trained
+        self.kept += sum(s[3] for s in sides)
+        self.kept_trained += sum(s[1] for s in sides) - lost
 
     def summary(self, model: str, epochs: float) -> dict[str, Any]:
         ls = sorted(self.lengths)
-        total = sum(ls)
-        pick = lambda q: ls[min(len(ls) - 1, math.ceil(q * len(ls)) - 1)] if ls else 0  # noqa: E731
-        return {"model": model, "max_length": self.max_length, "examples": self.examples,
-                "rows": len(ls), "min": ls[0] if ls else 0, "median": pick(0.5),
-                "p95": pick(0.95), "max": ls[-1] if ls else 0, "total_tokens": total,
-                "trained_tokens": self.trained, "context_tokens": total - self.trained,
-                "over_max_length": self.over, "trained_tokens_lost": self.lost,
-                "epochs": epochs, "epoch_tokens": self.kept,
-                "epoch_trained_tokens": self.kept_trained, "histogram": _histogram(ls)}
+        out = {"model": model, "max_length": self.max_length, "examples": self.examples,
+               "rows": len(ls), "min": ls[0] if ls else 0, "median": _pick(ls, 0.5),
+               "p95": _pick(ls, 0.95), "max": ls[-1] if ls else 0, "total_tokens": self.total,
+               "trained_tokens": self.trained, "context_tokens": self.total - self.trained,
+               "over_max_length": self.over, "trained_tokens_lost": self.lost,
+               "epochs": epochs, "epoch_tokens": self.kept,
+               "epoch_trained_tokens": self.kept_trained, "histogram": _histogram(ls)}
+        if self.sides is not None:
+            # prompt: tokens before the answer; chosen / rejected: each answer's trained tokens
+            # (its content and the end-of-turn token)
+            out["sides"] = {side: _spread_of(v) for side, v in self.sides.items()}
+        return out
 
 
 def _histogram(lengths: list[int], bins: int = 20) -> dict[str, list]:
@@ -182,52 +272,88 @@ def _histogram(lengths: list[int], bins: int = 20) -> dict[str, list]:
     return {"edges": [round(float(e), 1) for e in edges], "counts": counts.tolist()}
 
 
+class _Keys(NamedTuple):
+    exact: bytes                        # the same example
+    near: bytes                         # the same words
+    prompt: bytes | None                # the same prompt
+    claim: tuple[bytes, bytes] | None   # (what it is about, what it says): contradictions
+
+
+def _conversation_keys(msgs: list[dict[str, Any]]) -> _Keys:
+    parts = _norm_parts(msgs)   # once per example: full, prompt and answer keys share it
+    pk = _prompt_key(msgs, parts)
+    return _Keys(_digest(_canonical(msgs)), _digest("\x1f".join(parts)), pk,
+                 (pk, _digest(parts[-1])) if pk is not None else None)
+
+
+def _pair_keys(pair: PreferencePair) -> _Keys:
+    parts = _norm_parts(pair.prompt)
+    chosen, rejected = _norm_parts([{"role": "assistant", "content": a}
+                                    for a in (pair.chosen, pair.rejected)])
+    exact = _digest(_canonical({"prompt": pair.prompt, "chosen": pair.chosen,
+                                "rejected": pair.rejected}))
+    near = _digest("\x1f".join(["pair", *parts, chosen, rejected]))
+    # the same two answers to the same prompt, preferred one way or the other
+    claim = None if chosen == rejected else \
+        (_digest("\x1f".join([*parts, *sorted((chosen, rejected))])),
+         b"<" if chosen < rejected else b">")
+    return _Keys(exact, near, _digest("\x1f".join(parts)), claim)
+
+
 def _keys_of(path: Path) -> tuple[set[bytes], set[bytes], set[bytes]]:
-    """Exact, normalized and prompt keys of another split (bad lines are that file's business)."""
+    """Exact, normalized and prompt keys of another split, conversations or pairs (bad lines
+    are that file's business)."""
     exact, near, prompts = set(), set(), set()
     for _, obj in iter_jsonl_lenient(path):
-        if isinstance(obj, dict) and isinstance(obj.get("messages"), list) and \
+        keys = None
+        if record_kind(obj) == "preferences":
+            pair, _ = pair_problems(obj)
+            keys = _pair_keys(pair) if pair is not None else None
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list) and \
                 all(isinstance(m, dict) for m in obj["messages"]):
-            msgs = obj["messages"]
-            exact.add(_digest(_canonical(msgs)))
-            near.add(_digest(_normalized(msgs)))
-            pk = _prompt_key(msgs)
-            if pk:
-                prompts.add(pk)
+            keys = _conversation_keys(obj["messages"])
+        if keys is not None:
+            exact.add(keys.exact)
+            near.add(keys.near)
+            if keys.prompt:
+                prompts.add(keys.prompt)
     return exact, near, prompts
 
 
-def validate_file(path: str | Path, *, tokenizer=None, model: str = "", max_length: int = 1024,
-                  epochs: float = 3, others: Sequence[str | Path] = (),
-                  progress: Callable[[int], None] | None = None) -> ValidationReport:
-    """Validate a chat JSONL file; `others` are validation/test files checked for leakage.
+class _Conversations:
+    """SFT data: `{"messages": [...]}` per line."""
+    kind, one = "conversations", "conversation"
+    contradiction = "prompts appear with different answers (contradictory labels?)"
 
-    With a tokenizer, valid conversations are rendered with its template for token statistics,
-    and template refusals / ambiguous masks are errors too.
-    """
-    path = Path(path)
-    report = ValidationReport(file=str(path))
-    stats = _TokenStats(max_length) if tokenizer is not None else None
-    exact: dict[bytes, int] = {}
-    near: dict[bytes, int] = {}
-    answers: dict[bytes, bytes] = {}
-    conflicting: set[bytes] = set()
-    near_dups: list[str] = []
-    batch: list[tuple[int, list[dict[str, Any]]]] = []
+    def __init__(self, path: Path, report: ValidationReport):
+        self.path, self.report = path, report
 
-    def where(line: int) -> str:
-        return f"{path}:{line}"
+    def check(self, obj: Any, line: int) -> list[dict[str, Any]] | None:
+        found = problems(obj)
+        if found:
+            _add_problems(self.report, found, self.path, line)
+            return None
+        return [{k: v for k, v in m.items() if k in ("role", "content", "weight")}
+                for m in obj["messages"]]
 
-    def flush() -> None:
-        if not batch:
-            return
-        convs = [m for _, m in batch]
-        rows = render_many(convs, tokenizer, sources=[where(n) for n, _ in batch], errors="return")
-        for (line, msgs), row in zip(batch, rows):
+    keys = staticmethod(_conversation_keys)
+
+    def late_check(self, msgs: list[dict[str, Any]], line: int) -> bool:
+        if msgs[-1]["role"] != "assistant":
+            self.report.add_error(
+                "assistant_not_last", f"{self.path}:{line}: field 'messages': the last message "
+                f"is {msgs[-1]['role']!r}; a trailing turn after the last answer is never trained")
+            return False
+        return True
+
+    def render(self, batch: list[tuple[int, Any]], tokenizer, stats: _TokenStats) -> None:
+        report = self.report
+        where = [f"{self.path}:{n}" for n, _ in batch]
+        rows = render_many([m for _, m in batch], tokenizer, sources=where, errors="return")
+        for (line, msgs), src, row in zip(batch, where, rows):
             if isinstance(row, HistoryRewriteError):
                 turns = per_turn(msgs)
-                row = render_many(turns, tokenizer, sources=[where(line)] * len(turns),
-                                  errors="return")
+                row = render_many(turns, tokenizer, sources=[src] * len(turns), errors="return")
                 bad = next((r for r in row if isinstance(r, TunelabError)), None)
                 if bad is None:
                     stats.examples += 1
@@ -237,85 +363,199 @@ def validate_file(path: str | Path, *, tokenizer=None, model: str = "", max_leng
                     continue
                 row = bad
             if isinstance(row, TunelabError):
-                if "refused" in row.reason:
-                    kind = "consecutive_roles" if _has_consecutive_roles(msgs) else "template_refused"
-                else:
-                    kind = "mask_ambiguous"
-                report.add_error(kind, str(row))
+                report.add_error(_render_error_kind(row, msgs), str(row))
                 continue
             stats.examples += 1
             report.valid += 1
             stats.add(row)
-        if progress:
-            progress(len(batch))
-        batch.clear()
+
+    def finish(self, stats: _TokenStats | None) -> None:
+        pass
+
+
+_MESSAGE_INDEX = re.compile(r"messages\[(\d+)\](.*)")
+
+
+class _Pairs:
+    """DPO data: preference pairs in any of tunelab.data.preference's formats, every line read
+    in the format of the file's first rows (so a line that lacks its fields is told which)."""
+    kind, one = "preferences", "pair"
+    contradiction = ("pairs contradict another pair (the same two answers to the same prompt, "
+                     "preferred the other way round)")
+
+    def __init__(self, path: Path, report: ValidationReport, fmt: str):
+        self.path, self.report, self.fmt = path, report, fmt
+        self.spec = PREFERENCE_REGISTRY[fmt]
+        self.too_long: list[int] = []
+        self.alike: list[int] = []
+
+    def check(self, obj: Any, line: int) -> PreferencePair | None:
+        pair, found = pair_problems(obj, self.fmt)
+        if found:
+            _add_problems(self.report, found, self.path, line)
+            return None
+        pair.source = f"{self.path}:{line}"
+        return pair
+
+    def keys(self, pair: PreferencePair) -> _Keys:
+        return _pair_keys(pair)
+
+    def late_check(self, pair: PreferencePair, line: int) -> bool:
+        if _normalized([{"content": pair.chosen}]) == _normalized([{"content": pair.rejected}]):
+            self.alike.append(line)
+        return True
+
+    def _field(self, fld: str | None, n_prompt: int, side: str) -> str | None:
+        """A rendered conversation's field (messages[i]...) as the pair's own field."""
+        m = _MESSAGE_INDEX.fullmatch(fld or "")
+        if m is None:
+            return fld
+        i = int(m.group(1))
+        return (f"{self.spec.prompt_field}[{i}]" if i < n_prompt else side) + m.group(2)
+
+    def render(self, batch: list[tuple[int, PreferencePair]], tokenizer,
+               stats: _TokenStats) -> None:
+        convs, sources = [], []
+        for _, pair in batch:
+            convs += pair.conversations()
+            sources += [pair.source] * 2
+        rows = render_many(convs, tokenizer, sources=sources, errors="return")
+        for i, (line, pair) in enumerate(batch):
+            sides = rows[2 * i], rows[2 * i + 1]
+            bad = next((k for k in (0, 1) if isinstance(sides[k], TunelabError)), None)
+            if bad is not None:
+                e = sides[bad]
+                side = (self.spec.chosen, self.spec.rejected)[bad]
+                e = TunelabError(e.reason, file=e.file, line=e.line,
+                                 field=self._field(e.field, len(pair.prompt), side))
+                self.report.add_error(_render_error_kind(e, convs[2 * i + bad]), str(e))
+                continue
+            prompt_tokens = shared_prompt_length(*sides)
+            if prompt_tokens is None:
+                self.report.add_error("prompt_mismatch", str(TunelabError(
+                    "the chat template renders the prompt differently before the chosen and "
+                    "the rejected answer (tokens merge across the boundary): the pair cannot "
+                    "share one prompt", file=self.path, line=line,
+                    field=self.spec.prompt_field)))
+                continue
+            if prompt_tokens >= stats.max_length:
+                self.too_long.append(line)
+            stats.examples += 1
+            self.report.valid += 1
+            stats.add_pair(*sides, prompt_tokens)
+
+    def finish(self, stats: _TokenStats | None) -> None:
+        if self.alike:
+            self.report.warnings.append(
+                f"{len(self.alike)} pairs whose answers differ only in case, punctuation or "
+                f"spacing (little to learn): lines {_lines(self.alike)}")
+        if self.too_long:
+            self.report.warnings.append(
+                f"{len(self.too_long)} pairs have a prompt of max length ({stats.max_length:,} "
+                f"tokens) or more: nothing of their answers is left to train, and training "
+                f"refuses them (raise max_length): lines {_lines(self.too_long)}")
+
+
+def _lines(lines: list[int]) -> str:
+    return ", ".join(map(str, lines[:SAMPLES])) + (", ..." if len(lines) > SAMPLES else "")
+
+
+def _add_problems(report: ValidationReport, found: list[Problem], path: Path,
+                  line: int) -> None:
+    for kind in dict.fromkeys(p.kind for p in found):   # each kind once per record
+        p = next(p for p in found if p.kind == kind)
+        report.add_error(kind, str(TunelabError(p.message, file=path, line=line, field=p.field)))
+
+
+def validate_file(path: str | Path, *, tokenizer=None, model: str = "", max_length: int = 1024,
+                  epochs: float = 3, others: Sequence[str | Path] = (),
+                  progress: Callable[[int], None] | None = None) -> ValidationReport:
+    """Validate a JSONL file of conversations or of preference pairs (which, its first rows
+    say); `others` are validation/test files checked for leakage.
+
+    With a tokenizer, valid examples are rendered with its template for token statistics,
+    and template refusals / ambiguous masks are errors too.
+    """
+    path = Path(path)
+    kind, fmt = detect_kind(obj for _, obj in itertools.islice(iter_jsonl_lenient(path),
+                                                                DETECT_ROWS))
+    report = ValidationReport(file=str(path), kind=kind or "conversations",
+                              preference_format=fmt)
+    data = _Pairs(path, report, fmt) if kind == "preferences" else _Conversations(path, report)
+    noun = _NOUNS[data.kind]
+    stats = _TokenStats(max_length) if tokenizer is not None else None
+    exact: dict[bytes, int] = {}
+    near: dict[bytes, int] = {}
+    prompts: set[bytes] = set()
+    claims: dict[bytes, bytes] = {}
+    contradicting: set[bytes] = set()
+    near_dups: list[str] = []
+    batch: list[tuple[int, Any]] = []
+
+    def flush() -> None:
+        if batch:
+            data.render(batch, tokenizer, stats)
+            if progress:
+                progress(len(batch))
+            batch.clear()
 
     for line, obj in iter_jsonl_lenient(path):
         report.examples += 1
         if isinstance(obj, TunelabError):
-            kind = ("bad_encoding" if "UTF-8" in obj.reason else
-                    "line_too_long" if "longer than" in obj.reason else "not_json")
-            report.add_error(kind, str(obj))
+            err = ("bad_encoding" if "UTF-8" in obj.reason else
+                   "line_too_long" if "longer than" in obj.reason else "not_json")
+            report.add_error(err, str(obj))
             continue
-        found = problems(obj)
-        if found:
-            for kind in dict.fromkeys(p.kind for p in found):   # each kind once per record
-                p = next(p for p in found if p.kind == kind)
-                report.add_error(kind, str(TunelabError(p.message, file=path, line=line,
-                                                        field=p.field)))
+        item = data.check(obj, line)
+        if item is None:
             continue
-        msgs = [{k: v for k, v in m.items() if k in ("role", "content", "weight")}
-                for m in obj["messages"]]
-        key = _digest(_canonical(msgs))
-        if key in exact:
-            report.add_error("duplicate", f"{where(line)}: same conversation as line {exact[key]}")
+        keys = data.keys(item)
+        if keys.exact in exact:
+            report.add_error("duplicate", f"{path}:{line}: same {data.one} as line "
+                             f"{exact[keys.exact]}")
             continue
-        exact[key] = line
-        parts = _norm_parts(msgs)   # once per example: full, prompt and answer keys share it
-        nkey = _digest("\x1f".join(parts))
-        if nkey in near:
-            near_dups.append(f"line {line} ~ line {near[nkey]}")
+        exact[keys.exact] = line
+        if keys.near in near:
+            near_dups.append(f"line {line} ~ line {near[keys.near]}")
         else:
-            near[nkey] = line
-        pk = _prompt_key(msgs, parts)
-        if pk is not None:
-            ans = _digest(parts[-1])
-            if answers.setdefault(pk, ans) != ans:
-                conflicting.add(pk)
-        if msgs[-1]["role"] != "assistant":
-            report.add_error("assistant_not_last", f"{where(line)}: field 'messages': the last "
-                             f"message is {msgs[-1]['role']!r}; a trailing turn after the last "
-                             "answer is never trained")
+            near[keys.near] = line
+        if keys.prompt is not None:
+            prompts.add(keys.prompt)
+        if keys.claim is not None:
+            about, says = keys.claim
+            if claims.setdefault(about, says) != says:
+                contradicting.add(about)
+        if not data.late_check(item, line):
             continue
         if stats is None:
             report.valid += 1
             continue
-        batch.append((line, msgs))
+        batch.append((line, item))
         if len(batch) >= BATCH:
             flush()
     if stats is not None:
         flush()
         report.tokens = stats.summary(model or getattr(tokenizer, "name_or_path", ""), epochs)
+    data.finish(stats)
 
     if report.examples < MIN_EXAMPLES:
-        report.add_error("too_few_examples", f"{path}: {report.examples} examples; at least "
+        report.add_error("too_few_examples", f"{path}: {report.examples} {noun}; at least "
                          f"{MIN_EXAMPLES} are needed (50+ for a useful fine-tune)")
     elif report.examples < FEW_EXAMPLES:
-        report.warnings.append(f"only {report.examples} examples: fine-tuning usually needs at "
+        report.warnings.append(f"only {report.examples} {noun}: fine-tuning usually needs at "
                                f"least {FEW_EXAMPLES}, often hundreds")
     if near_dups:
         report.warnings.append(f"{len(near_dups)} near-duplicates (same text up to case, "
                                f"punctuation and spacing): {', '.join(near_dups[:SAMPLES])}")
-    if conflicting:
-        report.warnings.append(f"{len(conflicting)} prompts appear with different answers "
-                               "(contradictory labels?)")
+    if contradicting:
+        report.warnings.append(f"{len(contradicting)} {data.contradiction}")
     for other in others:
         o_exact, o_near, o_prompts = _keys_of(Path(other))
         n_exact = sum(1 for k in exact if k in o_exact)
         n_near = sum(1 for k in near if k in o_near) - n_exact
-        n_prompt = sum(1 for k in answers if k in o_prompts)
+        n_prompt = sum(1 for k in prompts if k in o_prompts)
         if n_exact or n_near or n_prompt:
             report.warnings.append(
-                f"leakage into {other}: {n_exact} identical examples, {max(0, n_near)} "
+                f"leakage into {other}: {n_exact} identical {noun}, {max(0, n_near)} "
                 f"near-identical, {n_prompt} shared prompts")
     return report

@@ -1,9 +1,12 @@
-"""Uploaded files: converted to chat JSONL and validated with tunelab.data, as `tunelab data
-convert` and `tunelab data validate` do; templated and split as `tunelab data template / split`.
+"""Uploaded files: converted and validated with tunelab.data, as `tunelab data convert` and
+`tunelab data validate` do; templated and split as `tunelab data template / split`.
 
 A file lives in `files/<id>/`: the bytes as uploaded (`upload<suffix>`; the user's file name is
-only a label, never part of a path) and, once converted, `data.jsonl`. Messages that name a
-server path name the user's file instead.
+only a label, never part of a path) and, once converted, `data.jsonl`: chat JSONL for
+conversations, OpenAI's DPO format for preference pairs. The file's `validation` says which
+(`kind`: "conversations" | "preferences"; tunelab.data.preference.data_kind_of reads it from
+data.jsonl itself) and `format` the format it was uploaded in. Messages that name a server path
+name the user's file instead.
 """
 from __future__ import annotations
 
@@ -83,11 +86,13 @@ def _redact_report(value: Any, paths: dict[Path, str]) -> Any:
 
 
 def _error_report(filename: str, errors: list[TunelabError], examples: int,
-                  kind: str) -> dict[str, Any]:
-    """A ValidationReport-shaped answer for a file that could not even be converted."""
-    return {"file": filename, "trainable": False, "examples": examples, "valid": 0,
-            "errors": {kind: {"label": ERROR_LABELS.get(kind, kind.replace("_", " ")),
-                              "count": len(errors), "first": [str(e) for e in errors[:SAMPLES]]}},
+                  error_kind: str, data_kind: str | None = None) -> dict[str, Any]:
+    """A ValidationReport-shaped answer for a file that could not even be converted (its
+    `kind`: what its rows were recognised as, None when not even that)."""
+    label = ERROR_LABELS.get(error_kind, error_kind.replace("_", " "))
+    return {"file": filename, "kind": data_kind, "trainable": False, "examples": examples,
+            "valid": 0, "errors": {error_kind: {"label": label, "count": len(errors),
+                                                "first": [str(e) for e in errors[:SAMPLES]]}},
             "warnings": [], "tokens": None}
 
 
@@ -101,46 +106,57 @@ def _jsonl_records(raw: Path, bad: list[TunelabError]):
             yield line, obj
 
 
-def _chat_jsonl(raw: Path) -> bool:
-    """A JSONL file meant as chat conversations: some of its first objects have "messages"."""
+def _as_uploaded(raw: Path) -> str | None:
+    """The format a JSONL upload is validated in as uploaded, so every line number is the
+    user's and every bad line is reported (format detection would stop at rows that differ):
+    "messages" when its first rows are mostly conversations, their preference format when they
+    are mostly preference pairs (the validator reads every preference format); None: convert
+    it first."""
     from itertools import islice
 
-    from tunelab.data.formats import DETECT_ROWS
-    head = islice(_jsonl_records(raw, []), DETECT_ROWS)
-    return any(isinstance(obj, dict) and "messages" in obj for _, obj in head)
+    from tunelab.data.io import iter_jsonl_lenient
+    from tunelab.data.preference import DETECT_ROWS, detect_kind
+    # the rows the validator detects from (bad lines included), so the two agree
+    kind, fmt = detect_kind(obj for _, obj in islice(iter_jsonl_lenient(raw), DETECT_ROWS))
+    return {"conversations": "messages", "preferences": fmt}.get(kind)
+
+
+DATA_LABELS = {"conversations": "as chat JSONL", "preferences": "as OpenAI DPO JSONL"}
 
 
 def process(store: Store, f: File, *, model: str | None, max_length: int = 1024) -> File:
     """Convert and validate an uploaded file; sets status ("processed" | "error"),
-    status_details (the first errors, line-numbered), validation, format and data_path."""
+    status_details (the first errors, line-numbered), validation (with the data's `kind`),
+    format and data_path."""
     from tunelab.data.formats import summarize_errors
     from tunelab.data.validate import validate_file
     raw = store.path(f.raw_path)
     data = raw.parent / "data.jsonl"
-    labels = {raw: f.filename, data: f"{f.filename} (as chat JSONL)"}
+    labels = {raw: f.filename, data: f"{f.filename} ({DATA_LABELS['conversations']})"}
     report = ConvertReport(format="")
     bad: list[TunelabError] = []
     try:
         kind = file_kind(raw)
-        # Chat JSONL is validated as uploaded: every line number is the user's line and every
-        # bad line is reported (format detection would stop at rows that differ).
-        chat = kind == "jsonl" and _chat_jsonl(raw)
+        # JSONL in a form the validator reads (conversations, preference pairs) is validated
+        # as uploaded; the rest is converted first and its converted rows validated.
+        as_is = _as_uploaded(raw) if kind == "jsonl" else None
         records = _jsonl_records(raw, bad) if kind == "jsonl" else read_records(raw, kind=kind)
-        rows = convert_records(records, fmt="messages" if chat else None, file=raw,
-                               report=report)
-        write_jsonl(data, rows)
+        rows = convert_records(records, fmt=as_is, file=raw, report=report)
+        report.examples = write_jsonl(data, rows)
     except TunelabError as e:   # unreadable, empty, or no format detected
         data.unlink(missing_ok=True)
         return _set_error(store, f, _redact(str(e), labels),
-                          _error_report(f.filename, [_redacted(e, labels)], 0, "unreadable"))
+                          _error_report(f.filename, [_redacted(e, labels)], 0, "unreadable",
+                                        report.kind or None))
     f.format = report.format
+    labels[data] = f"{f.filename} ({DATA_LABELS[report.kind]})"
     errors = sorted(bad + report.errors, key=lambda e: e.line or 0)
-    if errors and not chat:
+    if errors and not as_is:
         data.unlink(missing_ok=True)
         errs = [_redacted(e, labels) for e in errors]
         return _set_error(store, f, summarize_errors(errs),
                           _error_report(f.filename, errs, report.examples + len(errs),
-                                        "conversion"))
+                                        "conversion", report.kind))
     tokenizer = None
     warnings = []
     if model:
@@ -148,12 +164,13 @@ def process(store: Store, f: File, *, model: str | None, max_length: int = 1024)
             tokenizer = tokenizers.get(model)
         except TunelabError as e:
             warnings.append(f"no token statistics: {e}")
-    rep = validate_file(raw if chat else data, tokenizer=tokenizer, model=model or "",
+    rep = validate_file(raw if as_is else data, tokenizer=tokenizer, model=model or "",
                         max_length=max_length)
     result = _redact_report(rep.to_json(), labels)
     result["file"] = f.filename
     result["warnings"] = warnings + result["warnings"]
     result["format"] = report.format
+    result["kind"] = report.kind   # what data.jsonl holds, as converted
     if not rep.trainable:
         data.unlink(missing_ok=True)
         firsts = [m for e in rep.errors.values() for m in e["first"]]
@@ -228,7 +245,7 @@ def split(store: Store, f: File, *, val: float, test: float, seed: int,
 
     from tunelab.data.split import split_file
     if f.data_path is None:
-        raise TunelabError(f"the file is not a processed chat file (status {f.status})",
+        raise TunelabError(f"the file is not a processed data file (status {f.status})",
                            field="file_id")
     stem = Path(f.filename).stem
     with tempfile.TemporaryDirectory(dir=store.path("files")) as tmp:

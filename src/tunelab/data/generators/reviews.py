@@ -154,3 +154,27 @@ def generate_reviews(n: int, seed: int = 0) -> list[Review]:
             seen.add(r.text)
             out.append(r)
     return out
+
+
+# Rating explanations, as a second annotator writes them: the right number, then a sentence.
+# For preference data (prefer the bare number) and for training data whose answer format is
+# inconsistent (some annotators explain their rating).
+_VERDICT = {5: ["nothing but strong praise", "enthusiastic about every part of it",
+                "no complaints at all, only strong praise"],
+            4: ["mostly happy, with at most a minor complaint", "positive with a small reservation",
+                "clearly satisfied, apart from a small gripe"],
+            3: ["as much good as bad", "mixed: one thing good, one thing bad",
+                "neither happy nor unhappy overall"],
+            2: ["mostly unhappy, with a small consolation", "disappointed, though not entirely",
+                "negative, with one minor positive"],
+            1: ["nothing but strong complaints", "angry about every part of it",
+                "completely negative, with no redeeming point"]}
+_EXPLAIN = ["{n} stars. The reviewer is {v}.", "I would say {n}: the author is {v}.",
+            "{n} - the review is {v}, which points to {n} out of 5.",
+            "The rating is {n} stars, because the author is {v}.",
+            "{n}. The text is {v}, so {n} stars fits best."]
+
+
+def explain_rating(stars: int, rng: random.Random) -> str:
+    """An answer that gives the rating and explains it, in one of several phrasings."""
+    return rng.choice(_EXPLAIN).format(n=stars, v=rng.choice(_VERDICT[stars]))

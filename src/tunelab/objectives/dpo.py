@@ -45,7 +45,8 @@ def render_pairs(pairs, tokenizer, *, max_length: int | None) -> list[dict[str, 
     rejected_labels}. Raises a TunelabError with the pair's source when the two renderings do
     not share their prompt tokens, or truncation leaves a side nothing to train on."""
     from tunelab.data.conversation import split_source
-    from tunelab.data.render import IGNORE_INDEX, render_many
+    from tunelab.data.preference import shared_prompt_length
+    from tunelab.data.render import render_many
     convs, sources = [], []
     for p in pairs:
         chosen, rejected = p.conversations()
@@ -56,9 +57,8 @@ def render_pairs(pairs, tokenizer, *, max_length: int | None) -> list[dict[str, 
     for i, pair in enumerate(pairs):
         c, r = rendered[2 * i], rendered[2 * i + 1]
         file, line = split_source(pair.source)
-        start_c = next(k for k, x in enumerate(c["labels"]) if x != IGNORE_INDEX)
-        start_r = next(k for k, x in enumerate(r["labels"]) if x != IGNORE_INDEX)
-        if start_c != start_r or c["input_ids"][:start_c] != r["input_ids"][:start_r]:
+        start_c = shared_prompt_length(c, r)   # the one rule, shared with `data validate`
+        if start_c is None:
             raise TunelabError("the chat template renders the prompt differently before the "
                                "chosen and the rejected answer (tokens merge across the "
                                "boundary): the pair cannot share one prompt", file=file,

@@ -192,7 +192,7 @@ def test_other_formats_are_converted(a):
     ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 0}}}},
      "method.supervised.hyperparameters.batch_size"),
-    ({"method": {"type": "dpo"}}, "method.type"),
+    ({"method": {"type": "reinforcement"}}, "method.type"),   # not an objective here
     ({"bogus": 1}, "bogus"),
 ])
 def test_job_options_are_validated(a, files, extra, param):

@@ -187,6 +187,7 @@ def tuned(browser, server, files, shots):
     page.fill("#f-epochs", "3")
     page.fill("#f-maxlen", "64")
     page.fill("#f-suffix", "sounds")
+    page.wait_for_selector(".plan[aria-busy=false]")   # the server's plan for these settings
     seen["plan"] = page.text_content(".plan")
     assert_labelled(page)
     shots(page, "train")
@@ -385,6 +386,7 @@ def test_training_time_is_estimated_from_jobs_this_server_finished(page, server,
     page.goto(f"{server.url}/#/train")
     page.wait_for_selector("#f-model")
     page.select_option("#f-model", "tiny")
+    page.wait_for_selector(".plan[aria-busy=false]")
     plan = page.text_content(".plan")
     assert "median of 1 finished job on this server" in plan, plan
     assert "tok/s" in plan and "≈" in plan
@@ -438,3 +440,125 @@ def test_a_running_comparison_is_cancelled_from_its_page(page, server, tuned, sh
     assert page.query_selector("#cancel-eval") is None
     assert page.query_selector("#comparison-table") is None
     shots(page, "compare-cancelled", phone=False)
+
+
+# ---------------------------------------------------------------- DPO on the page (issue 12)
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    from test_server_dpo import pairs
+    folder = tmp_path_factory.mktemp("web-pairs")
+    rows = pairs()
+    train, valid = folder / "prefs.jsonl", folder / "prefs-valid.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:36]))
+    valid.write_text("".join(json.dumps(r) + "\n" for r in rows[36:]))
+    return {"train": train, "valid": valid, "rows": rows}
+
+
+def test_the_data_view_shows_preference_pairs_side_by_side(page, pair_files, shots):
+    upload(page, pair_files["train"])
+    pair = page.wait_for_selector(".file-preview .pair")
+    first = pair_files["rows"][0]
+    cols = {c: pair.query_selector(f".pair-col.{c}") for c in ("prompt", "chosen", "rejected")}
+    assert first["input"]["messages"][0]["content"] in cols["prompt"].text_content()
+    assert cols["chosen"].text_content().endswith(first["preferred_output"][0]["content"])
+    assert cols["rejected"].text_content().endswith(first["non_preferred_output"][0]["content"])
+    boxes = {c: el.bounding_box() for c, el in cols.items()}
+    assert boxes["prompt"]["x"] < boxes["chosen"]["x"] < boxes["rejected"]["x"]   # side by side
+    assert abs(boxes["prompt"]["y"] - boxes["rejected"]["y"]) < 2
+    assert page.locator(".file-preview .pair").count() == 3
+    assert "preference pairs" in page.text_content(".step:first-child")
+    assert_contrast(page)
+    shots(page, "data-pairs")
+    page.click(".page-actions button:has-text('Train on it')")      # DPO is preselected
+    page.wait_for_selector("#f-model")
+    assert page.is_checked("input[name=objective][value=dpo]")
+
+
+def test_the_train_view_offers_dpo_with_its_own_settings(page, server, files, pair_files, shots):
+    """The objectives, their hyperparameters and the auto values all come from the server."""
+    for path in (files["good"], pair_files["train"]):
+        upload(page, path)
+        page.wait_for_selector(".step:first-child .sub:has-text('Every example')")
+    page.goto(page.base + "/#/train")
+    page.wait_for_selector("#f-model")
+    page.select_option("#f-model", "tiny")
+    objectives = page.eval_on_selector_all("input[name=objective]", "os => os.map(o => o.value)")
+    assert objectives == ["supervised", "dpo"]
+    assert page.is_checked("input[name=objective][value=supervised]")
+    assert page.is_hidden("#f-hp-beta")                     # DPO's own box, hidden for SFT
+    trainable = lambda: page.eval_on_selector_all(          # noqa: E731
+        "#f-train option", "os => os.map(o => o.text.split(' · ')[0])")
+    assert "sounds.jsonl" in trainable() and "prefs.jsonl" not in trainable()
+    page.check("input[name=objective][value=dpo]")
+    page.wait_for_selector(".plan[aria-busy=false]")
+    assert page.is_visible("#f-hp-beta")
+    assert page.get_attribute("#f-hp-beta", "placeholder") == "auto (0.1)"
+    assert set(trainable()) == {"prefs.jsonl"}               # only preference pairs
+    assert "hidden" in page.text_content("#f-train-hint")
+    plan = page.text_content(".plan")
+    assert "Objectivedpo" in plan and "Beta0.1" in plan
+    assert "Learning rate2.0e-5" in plan                    # DPO's own auto rate (SFT's: 2e-4)
+    assert "Optimizer steps≈ " in plan and "auto" not in plan
+    page.fill("#f-hp-beta", "0.25")
+    page.fill("#f-lr", "10")
+    page.wait_for_selector(".plan[aria-busy=false]")
+    assert "Beta0.25" in page.text_content(".plan")
+    page.fill("#f-hp-beta", "20")                          # over the API's bound: said at the box
+    page.fill("#f-maxlen", "64")
+    page.fill("#f-suffix", "prefs")
+    page.click("button[form=train-form]")
+    assert "less than or equal to 10" in page.wait_for_selector("#f-hp-beta-err:not([hidden])").text_content()
+    assert_labelled(page)
+    page.fill("#f-hp-beta", "0.25")
+    page.wait_for_selector(".plan[aria-busy=false]")
+    shots(page, "train-dpo")
+    page.click("button[form=train-form]")
+    page.wait_for_url("**/#/jobs/ftjob-*")
+    job_id = page.url.rsplit("/", 1)[1]
+    with server.http(server.key) as h:
+        job = h.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["method"]["type"] == "dpo"
+    assert job["method"]["dpo"]["hyperparameters"]["beta"] == 0.25
+    assert job["tunelab"]["config"]["learning_rate"] == pytest.approx(10 * 2e-5)
+    page.wait_for_function("document.querySelector('.job-status .pill')?.textContent.trim()"
+                           ".toLowerCase() === 'succeeded'", timeout=240_000)
+
+
+def test_the_job_page_plots_dpo_metrics(page, server, pair_files, shots):
+    """A DPO job with a validation file: the page plots loss, reward accuracy and reward
+    margin, and its checkpoint table shows the objective's metrics."""
+    with server.http(server.key) as h:
+        ids = []
+        for name in ("train", "valid"):
+            r = h.post("/v1/files", data={"purpose": "fine-tune"},
+                       files={"file": (pair_files[name].name, pair_files[name].read_bytes())})
+            assert r.status_code == 200 and r.json()["status"] == "processed", r.text
+            ids.append(r.json()["id"])
+        r = h.post("/v1/fine_tuning/jobs", json={
+            "model": "tiny", "training_file": ids[0], "validation_file": ids[1], "suffix": "dpo",
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {
+                "beta": 0.2, "batch_size": 4, "learning_rate_multiplier": 10}}},
+            "tunelab": {"method": "lora", "lora": {"r": 4, "alpha": 8}, "max_steps": 8,
+                        "max_length": 64, "logging_steps": 1, "eval_steps": 4,
+                        "precision": "fp32"}})
+        assert r.status_code == 200, r.text
+        job_id = r.json()["id"]
+    page.goto(f"{server.url}/#/jobs/{job_id}")
+    page.wait_for_function("document.querySelector('.job-status .pill')?.textContent.trim()"
+                           ".toLowerCase() === 'succeeded'", timeout=240_000)
+    charts = page.eval_on_selector_all(".chart-card h2", "hs => hs.map(h => h.textContent)")
+    assert charts == ["Loss", "Reward accuracy", "Reward margin"]
+    acc = page.get_attribute("[data-metric=reward_accuracy] svg", "data-points")
+    assert [int(n) for n in acc.split(",")] == [8, 2]        # 8 training steps, 2 evaluations
+    assert "reward accuracy" in page.get_attribute("[data-metric=reward_accuracy] svg",
+                                                   "aria-label")
+    head = page.text_content(".card:has(h2:text('Checkpoints')) thead")
+    for label in ("Reward accuracy", "Reward margin", "Reward chosen", "Reward rejected"):
+        assert label.upper() in head.upper()
+    row = page.text_content(".card:has(h2:text('Checkpoints')) tbody tr")
+    assert "%" in row                                         # the accuracy, as a share
+    assert "Reward accuracy" in page.text_content(".tiles")
+    details = page.text_content(".card:has(h2:text('Details'))")
+    assert "dpo (direct preference optimisation)" in details and "Beta0.2" in details
+    assert_contrast(page)
+    shots(page, "job-dpo")

@@ -16,6 +16,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.jobs.store import Event, Job, Model, Store, new_id, now
+from tunelab.objectives import OBJECTIVES
 
 log = logging.getLogger("tunelab.jobs")
 
@@ -87,22 +88,23 @@ class JobRun:
         self.store.update(Job, self.job.id, progress=dict(self.progress))
 
     def _on_started(self, ev) -> None:
-        from tunelab.jobs.spec import shown_hyperparameters
+        from tunelab.jobs import spec
         # the model by the id the user asked for, not its path on this server
         d = {**ev.data, "model": self.job.model}
         if d.get("resumed_from"):
             d["resumed_from"] = f"checkpoint at step {ev.step}"
         self.progress.update(started_step=ev.step, started_at=time.time())
         self._set_progress(ev.step, ev.total_steps)
-        self.store.update(Job, self.job.id, hyperparameters=shown_hyperparameters(
+        self.store.update(Job, self.job.id, hyperparameters=spec.shown_hyperparameters(
             self.job.request.get("config", {}), d))
         if d.get("resumed_from"):
             self.event(f"Fine-tuning resumed from the checkpoint at step {ev.step} of "
                        f"{ev.total_steps}", data=d)
             return
-        self.event(f"Fine-tuning started: {d.get('method', '')} on {self.job.model}, "
-                   f"{d.get('train_examples', '?')} training examples, {ev.total_steps} steps",
-                   data=d)
+        objective = OBJECTIVES[d.get("objective") or "sft"]
+        self.event(f"Fine-tuning started: {d.get('method', '')} {objective.title} on "
+                   f"{self.job.model}, {d.get('train_examples', '?')} training examples, "
+                   f"{ev.total_steps} steps", data=d)
 
     def _on_metrics(self, ev) -> None:
         d = ev.data
@@ -110,7 +112,9 @@ class JobRun:
             # the run's median speed: what training-time estimates on this server start from
             self.speeds.append(float(d["tokens_per_s"]))
             self.progress["tokens_per_s"] = round(statistics.median(self.speeds), 1)
-        self.last.update({k: d[k] for k in ("train_loss", "train_mean_token_accuracy") if k in d})
+        # train_loss and train_<m> for each of the objective's metrics (SFT: token accuracy,
+        # DPO: reward accuracy, margin, ...): whatever the objective logs, by its prefix
+        self.last.update({k: v for k, v in d.items() if k.startswith("train_")})
         data = {"step": ev.step, "total_steps": ev.total_steps, **d}
         loss = d.get("train_loss")
         self.event(f"Step {ev.step}/{ev.total_steps}: training loss={loss:.4f}"
@@ -120,11 +124,11 @@ class JobRun:
 
     def _on_evaluation(self, ev) -> None:
         d = ev.data
-        valid = {k: d.get(k) for k in ("valid_loss", "valid_mean_token_accuracy")}
+        valid = {k: v for k, v in d.items() if k.startswith("valid_")}
         self.last.update(valid)
+        # OpenAI's full_valid_*: the whole validation file, which is what tunelab scores
         data = {"step": ev.step, "total_steps": ev.total_steps, **d,
-                "full_valid_loss": d.get("valid_loss"),
-                "full_valid_mean_token_accuracy": d.get("valid_mean_token_accuracy")}
+                **{f"full_{k}": v for k, v in valid.items()}}
         loss = d.get("valid_loss")
         self.event(f"Step {ev.step}/{ev.total_steps}: validation loss={loss:.4f}"
                    if isinstance(loss, (int, float)) else f"Step {ev.step}/{ev.total_steps}",
@@ -150,8 +154,7 @@ class JobRun:
         shutil.rmtree(dest, ignore_errors=True)
         os.rename(tmp, dest)
         metrics = {"step": float(step), **{k: v for k, v in self.last.items() if v is not None}}
-        metrics.update(full_valid_loss=self.last.get("valid_loss"),
-                       full_valid_mean_token_accuracy=self.last.get("valid_mean_token_accuracy"))
+        metrics.update({f"full_{k}": v for k, v in self.last.items() if k.startswith("valid_")})
         self.store.add(Model(id=name, kind="checkpoint", owner=self.job.owner, job_id=self.job.id,
                              checkpoint_id=new_id("ftckpt-"), step=step, metrics=metrics,
                              path=self.store.rel(dest)))
@@ -269,9 +272,10 @@ def _param_of(store: Store, job: Job, e: TunelabError) -> tuple[str | None, str]
                 param = fld
                 message = message.replace(path, f.filename)
     if param is None and e.field:
-        from tunelab.jobs.spec import _param
-        hp = "method.supervised.hyperparameters"
+        from tunelab.jobs import spec
+        objective = OBJECTIVES[(job.request.get("config") or {}).get("objective", "sft")]
         param = {"train_file": "training_file", "valid_file": "validation_file",
-                 "model": "model"}.get(e.field) or _param(e.field, hp)
+                 "model": "model"}.get(e.field) or \
+            spec.request_param(e.field, spec.hyperparameters_param(objective), objective)
     message = message.replace(str(job_dir(store, job.id)), f"<job {job.id}>")
     return param, message

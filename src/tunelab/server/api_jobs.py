@@ -3,14 +3,17 @@ retrieve, cancel, events, checkpoints. The API process only records jobs: worker
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 
+from tunelab.config import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.jobs import spec
 from tunelab.jobs.finetune import job_dir
 from tunelab.jobs.store import FINAL, Event, File, Job, Model, Store, new_id
+from tunelab.objectives import BY_API_TYPE, OBJECTIVES, Objective
 from tunelab.server import views
 from tunelab.server.api_files import get_file
 from tunelab.server.context import Context, Owner, context, owner
@@ -38,41 +41,69 @@ def _training_file(ctx: Context, who: Owner, file_id: str, param: str) -> File:
     return f
 
 
-@router.post("/jobs", summary="Create a fine-tuning job")
-def create_job(body: FineTuningJobCreate, background: BackgroundTasks, request: Request,
-               who: Owner = Depends(owner)):
-    ctx = context(request)
-    if body.model.startswith("ft:"):
-        raise APIError(400, "fine-tuning a fine-tuned model again is not supported: start from "
-                       "its base model", param="model", code="model_not_available")
-    base_spec, _ = ctx.model_spec(who, body.model)
-    train_f = _training_file(ctx, who, body.training_file, "training_file")
-    valid_f = _training_file(ctx, who, body.validation_file, "validation_file") \
-        if body.validation_file else None
-    if body.method and body.method.supervised and body.method.supervised.hyperparameters:
-        hp, hp_param = body.method.supervised.hyperparameters, "method.supervised.hyperparameters"
+def method_of(body: FineTuningJobCreate) -> tuple[Objective, dict, str]:
+    """The objective `method.type` names, its hyperparameters as given, and where they came
+    from (for errors): method.<type>.hyperparameters, or the deprecated top-level ones."""
+    api_type = body.method.type if body.method else spec.DEFAULT_API_TYPE
+    objective = spec.objective_of(api_type)
+    section = getattr(body.method, api_type, None) if body.method else None
+    for other in BY_API_TYPE:
+        if other != api_type and getattr(body.method, other, None) is not None:
+            raise APIError(400, f"method.{other} is given but method.type is '{api_type}'",
+                           param=f"method.{other}")
+    if section is not None and section.hyperparameters is not None:
         if body.hyperparameters is not None:
-            raise APIError(400, "give hyperparameters in method.supervised.hyperparameters or "
+            raise APIError(400, f"give hyperparameters in method.{api_type}.hyperparameters or "
                            "the deprecated top-level hyperparameters, not both",
                            param="hyperparameters")
-    else:
-        hp, hp_param = body.hyperparameters, "hyperparameters"
-    job_id = new_id("ftjob-")
+        return objective, section.hyperparameters.model_dump(), \
+            spec.hyperparameters_param(objective)
+    hp = body.hyperparameters.model_dump() if body.hyperparameters else {}
+    return objective, hp, "hyperparameters"
+
+
+def job_config(ctx: Context, who: Owner, body: FineTuningJobCreate, job_id: str, *,
+               base_spec: str) -> tuple[TrainConfig, Objective, File | None, File | None]:
+    """The request as the training config its job will run (400 naming the field at fault)."""
+    objective, hp, hp_param = method_of(body)
+    train_f = _training_file(ctx, who, body.training_file, "training_file") \
+        if body.training_file else None
+    valid_f = _training_file(ctx, who, body.validation_file, "validation_file") \
+        if body.validation_file else None
     store = ctx.store
 
     def data(f: File):   # an unprocessed file fails the job at validation, by name
         return store.path(f.data_path or f.raw_path)
 
     try:
-        cfg = spec.train_config(base_spec=base_spec, train_path=data(train_f),
+        cfg = spec.train_config(base_spec=base_spec,
+                                train_path=data(train_f) if train_f else Path("unknown.jsonl"),
                                 valid_path=data(valid_f) if valid_f else None,
                                 output_dir=job_dir(store, job_id) / "run",
-                                hyperparameters=hp.model_dump() if hp else {},
-                                hyperparameters_param=hp_param, seed=body.seed,
-                                options=body.tunelab or {})
+                                hyperparameters=hp, hyperparameters_param=hp_param,
+                                seed=body.seed, options=body.tunelab or {},
+                                objective=objective.name)
     except TunelabError as e:
         raise APIError(400, e.reason, param=e.field, code="invalid_hyperparameters"
                        if e.field and "hyperparameters" in e.field else "invalid_config") from None
+    return cfg, objective, train_f, valid_f
+
+
+def base_model_spec(ctx: Context, who: Owner, model: str) -> str:
+    if model.startswith("ft:"):
+        raise APIError(400, "fine-tuning a fine-tuned model again is not supported: start from "
+                       "its base model", param="model", code="model_not_available")
+    return ctx.model_spec(who, model)[0]
+
+
+@router.post("/jobs", summary="Create a fine-tuning job")
+def create_job(body: FineTuningJobCreate, background: BackgroundTasks, request: Request,
+               who: Owner = Depends(owner)):
+    ctx = context(request)
+    base_spec = base_model_spec(ctx, who, body.model)
+    job_id = new_id("ftjob-")
+    cfg, _, train_f, valid_f = job_config(ctx, who, body, job_id, base_spec=base_spec)
+    store = ctx.store
     config = cfg.model_dump(mode="json")
     job = Job(id=job_id, kind="fine_tune", owner=who.id, status="validating_files",
               model=body.model, base_spec=base_spec, training_file=train_f.id,
@@ -88,10 +119,13 @@ def create_job(body: FineTuningJobCreate, background: BackgroundTasks, request: 
 
 
 def validate_job(store: Store, job_id: str) -> None:
-    """validating_files -> queued, or failed naming the file at fault."""
+    """validating_files -> queued, or failed naming the file at fault: a file that did not
+    process, or one that holds the wrong kind of data for the job's objective (conversations
+    for DPO, preference pairs for supervised)."""
     job = store.get(Job, job_id)
     if job is None or job.status != "validating_files":
         return
+    objective = OBJECTIVES[(job.request.get("config") or {}).get("objective", "sft")]
     for param, file_id in (("training_file", job.training_file),
                            ("validation_file", job.validation_file)):
         if not file_id:
@@ -102,6 +136,10 @@ def validate_job(store: Store, job_id: str) -> None:
             problem = f"{file_id} was deleted"
         elif f.status != "processed" or not f.data_path:
             problem = f"{f.id} ({f.filename}) is not valid: {f.status_details or f.status}"
+        else:
+            wrong = spec.wrong_kind(objective, spec.data_kind_of(store.path(f.data_path)))
+            if wrong:
+                problem = f"{f.id} ({f.filename}) {wrong}"
         if problem:
             error = {"code": f"invalid_{param}", "message": problem, "param": param}
             if store.finish_job(job_id, None, "failed", error=error):

@@ -2,19 +2,24 @@
 and splitting an uploaded file, and evaluations (the base-vs-fine-tuned comparison as a job)."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from typing import Annotated, Any, get_args
+
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 import tunelab
+from tunelab.config import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.jobs import evaluation, finetune, spec, uploads
 from tunelab.jobs.store import File, Job, new_id
-from tunelab.server import views
+from tunelab.objectives import BY_API_TYPE
+from tunelab.server import api_jobs, views
 from tunelab.server.api_files import get_file
 from tunelab.server.context import Context, Owner, context, owner
 from tunelab.server.errors import APIError, not_found
-from tunelab.server.schemas import EvaluationCreate, SplitRequest, TemplateApply
+from tunelab.server.schemas import (HYPERPARAMETER_MODELS, EvaluationCreate, JobPlan,
+                                    SplitRequest, TemplateApply, config_field)
 
 router = APIRouter(prefix="/v1/tunelab", tags=["tunelab extensions"])
 
@@ -33,7 +38,153 @@ def info(request: Request):
             "max_upload_bytes": ctx.settings.max_upload_bytes,
             "stats_model": stats_model,
             "training_speed": finetune.training_speeds(ctx.store),
-            "tunelab_options": spec.options_schema()}
+            "tunelab_options": spec.options_schema(),
+            "objectives": objectives_info(),
+            "data_formats": data_formats()}
+
+
+def _member(schema: dict[str, Any]) -> dict[str, Any]:
+    """An "auto" | value field's schema: the value member (its type and bounds)."""
+    members = [m for m in schema.get("anyOf", [schema]) if m.get("const") != "auto"]
+    return members[0] if members else {}
+
+
+def objectives_info() -> list[dict[str, Any]]:
+    """The objective registry as the API publishes it, for clients and the page (no copies of
+    it elsewhere): each objective's method type, the files it trains on, its hyperparameters
+    (bounds, the config key each sets, the value `auto` stands for when it needs no data), its
+    auto learning rate per adaptation method, and the metrics its events carry as train_<m> /
+    valid_<m>. Values of `auto` that depend on the data: POST /v1/tunelab/plan."""
+    methods = get_args(TrainConfig.model_fields["method"].annotation)
+    out = []
+    for api_type, o in BY_API_TYPE.items():
+        model = HYPERPARAMETER_MODELS[api_type]
+        props = model.model_json_schema()["properties"]
+        keys = spec.api_hyperparameters(o)
+        hps = []
+        for name, key in keys.items():
+            field = config_field(key)
+            member = _member(props[name])
+            hps.append({"name": name, "config_key": key, "type": member.get("type"),
+                        **{b: member[b] for b in ("minimum", "maximum", "exclusiveMinimum",
+                                                  "exclusiveMaximum") if b in member},
+                        "description": field.description,
+                        "auto": field.default if field.default != "auto" else None})
+        out.append({"name": o.name, "title": o.title, "api_type": api_type,
+                    "data_kind": o.data_kind, "expected_format": o.expected_format,
+                    "hyperparameters": hps,
+                    "auto_learning_rate": {m: o.auto_learning_rate(m) for m in methods},
+                    "metrics": list(o.metric_names), "metric_label": o.metric_label})
+    return out
+
+
+def data_formats() -> dict[str, list[str]]:
+    """The row formats uploads recognise, by the kind of data they hold (a file object's
+    validation.format is one of them)."""
+    from tunelab.data.formats import REGISTRY
+    out: dict[str, list[str]] = {}
+    for name, fmt in REGISTRY.items():
+        out.setdefault(fmt.kind, []).append(name)
+    return out
+
+
+@router.post("/plan", summary="Check a fine-tuning request and resolve its auto values")
+def plan(body: JobPlan, request: Request, who: Owner = Depends(owner)):
+    """The body of POST /v1/fine_tuning/jobs, validated the same way (400 naming the field),
+    and nothing started: the training config the job would run, and what `auto` resolves to
+    on its training file (epochs, batch size, learning rate, optimizer steps, tokens). A
+    training file of the wrong kind for method.type is a warning here (the job would fail)."""
+    from tunelab.train.auto import auto_learning_rate, make_plan
+    ctx = context(request)
+    model = body.model or next(iter(ctx.base_models), None)
+    if model is None:
+        raise APIError(400, "no base model on this server", param="model")
+    base_spec = api_jobs.base_model_spec(ctx, who, model)
+    cfg, objective, train_f, _ = api_jobs.job_config(ctx, who, body, "plan", base_spec=base_spec)
+    config = cfg.model_dump(mode="json")
+    report = (train_f.validation or {}) if train_f else {}
+    examples = report.get("valid", report.get("examples")) if train_f else None
+    tokens = report.get("tokens") or {}
+    resolved: dict[str, Any] = {"learning_rate": cfg.learning_rate if cfg.learning_rate != "auto"
+                                else auto_learning_rate(cfg.method, cfg.objective)}
+    steps = None
+    if examples:
+        p = make_plan(cfg, examples, n_examples=examples, longest=tokens.get("max"))
+        resolved.update(epochs=p.epochs, batch_size=p.batch_size, learning_rate=p.learning_rate)
+        steps = p.total_steps
+    warnings = []
+    if train_f is not None and train_f.data_path:
+        wrong = spec.wrong_kind(objective, spec.data_kind_of(ctx.store.path(train_f.data_path)))
+        if wrong:
+            warnings.append(f"{train_f.filename} {wrong}")
+    epochs = resolved.get("epochs")
+    return {"object": "tunelab.plan", "model": model,
+            "method": spec.method_view(config, spec.shown_hyperparameters(config, resolved)),
+            "examples": examples, "epochs": epochs, "batch_size": resolved.get("batch_size"),
+            "learning_rate": resolved["learning_rate"],
+            "auto_learning_rate": auto_learning_rate(cfg.method, cfg.objective),
+            "steps": steps,
+            "tokens": round(tokens["epoch_tokens"] * epochs)
+            if epochs and tokens.get("epoch_tokens") else None,
+            "warnings": warnings,
+            "config": {k: v for k, v in config.items() if k not in spec.RESERVED}}
+
+
+@router.get("/files/{file_id}/preview", summary="The first examples of a file, as tunelab "
+            "reads them")
+def preview(file_id: str, request: Request, who: Owner = Depends(owner),
+            limit: Annotated[int, Query(ge=1, le=50)] = 5):
+    """`kind`: "conversations" (`data`: {line, messages}) or "preferences" (`data`: {line,
+    prompt: messages, chosen, rejected}, whatever format the file used); a row that cannot be
+    read has `error` instead. A file that did not process previews its upload when that is
+    JSONL (what it holds, beside why it failed); otherwise `kind` is null."""
+    ctx = context(request)
+    f = get_file(ctx, who, file_id)
+    path = ctx.store.path(f.data_path) if f.data_path else ctx.store.path(f.raw_path)
+    if not f.data_path and not _jsonl(path):
+        return {"object": "tunelab.preview", "kind": None, "data": []}
+    return {"object": "tunelab.preview", **_preview(path, limit)}
+
+
+def _jsonl(path) -> bool:
+    from tunelab.data.io import file_kind
+    try:
+        return file_kind(path) == "jsonl"
+    except TunelabError:
+        return False
+
+
+def _preview(path, limit: int) -> dict[str, Any]:
+    """The first `limit` rows of a JSONL file; its kind is its first good row's."""
+    from tunelab.data.io import iter_jsonl_lenient
+    from tunelab.data.preference import preference_format
+    kind, rows = None, []
+    try:
+        for line, record in iter_jsonl_lenient(path):
+            if isinstance(record, TunelabError):
+                rows.append({"line": line, "error": record.reason})
+            else:
+                kind = kind or ("preferences" if preference_format(record) is not None
+                                else "conversations")
+                rows.append({"line": line, **_preview_row(record, kind)})
+            if len(rows) >= limit:
+                break
+    except TunelabError as e:   # unreadable
+        return {"kind": kind, "data": rows, "error": e.reason}
+    return {"kind": kind, "data": rows}
+
+
+def _preview_row(record: Any, kind: str) -> dict[str, Any]:
+    from tunelab.data.preference import pair_problems
+    if kind == "preferences":
+        pair, problems = pair_problems(record)
+        if pair is None:
+            p = problems[0]
+            return {"error": f"field '{p.field}': {p.message}" if p.field else p.message}
+        return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        return {"messages": record["messages"]}
+    return {"error": "not a conversation ({'messages': [...]})"}
 
 
 @router.get("/templates", summary="The prompt-template library")

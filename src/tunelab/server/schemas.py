@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic.fields import FieldInfo
+
+from tunelab.config import TrainConfig
+from tunelab.objectives import BY_API_TYPE, Objective
 
 MAX_COMPLETION_TOKENS = 4096     # per request; a bigger ask is a 400, not a long wait
 Id = Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -14,18 +18,54 @@ class _Strict(BaseModel):
 
 
 class Hyperparameters(_Strict):
+    """What every method type takes (and the deprecated top-level `hyperparameters`)."""
     n_epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=50)] = "auto"
     batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = "auto"
     learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=10)] = "auto"
 
 
-class Supervised(_Strict):
-    hyperparameters: Hyperparameters | None = None
+def config_field(key: str) -> FieldInfo:
+    """The TrainConfig field a dotted key names ("dpo.beta")."""
+    model: Any = TrainConfig
+    *parents, leaf = key.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation
+    return model.model_fields[leaf]
 
 
-class Method(_Strict):
-    type: Literal["supervised"] = Field(description="tunelab trains supervised fine-tunes only")
-    supervised: Supervised | None = None
+def _hyperparameters_model(objective: Objective) -> type[BaseModel]:
+    """Hyperparameters: the shared ones, plus the objective's own, each "auto" (the config's
+    default) or a value within the config field's own bounds."""
+    if not objective.api_hyperparameters:
+        return Hyperparameters
+    own = {}
+    for name, key in objective.api_hyperparameters.items():
+        f = config_field(key)
+        own[name] = (Literal["auto"] | Annotated[(f.annotation, *f.metadata)],
+                     Field("auto", description=f"{f.description or key} (auto: "
+                           f"{f.default}, the training config's {key})"))
+    return create_model(f"{_camel(objective.api_type)}Hyperparameters", __base__=Hyperparameters,
+                        __module__=__name__, **own)
+
+
+def _camel(api_type: str) -> str:
+    return "".join(p.title() for p in api_type.split("_"))
+
+
+# method.<type>: {"hyperparameters": ...}, one model per objective of the registry
+HYPERPARAMETER_MODELS: dict[str, type[BaseModel]] = {
+    t: _hyperparameters_model(o) for t, o in BY_API_TYPE.items()}
+METHOD_SECTIONS: dict[str, type[BaseModel]] = {
+    t: create_model(_camel(t), __base__=_Strict, __module__=__name__,
+                    hyperparameters=(HYPERPARAMETER_MODELS[t] | None, None))
+    for t in BY_API_TYPE}
+
+Method = create_model(
+    "Method", __base__=_Strict, __module__=__name__,
+    type=(Literal[tuple(BY_API_TYPE)],  # type: ignore[valid-type]
+          Field(description="the training objective: " + "; ".join(
+              f"{t}: {o.title} on {o.data_kind}" for t, o in BY_API_TYPE.items()))),
+    **{t: (section | None, None) for t, section in METHOD_SECTIONS.items()})
 
 
 class FineTuningJobCreate(_Strict):
@@ -38,15 +78,23 @@ class FineTuningJobCreate(_Strict):
                    Annotated[str, StringConstraints(max_length=512)]] | None = \
         Field(None, max_length=16)
     hyperparameters: Hyperparameters | None = Field(None, description="deprecated by OpenAI in "
-                                                    "favour of method.supervised.hyperparameters")
-    method: Method | None = None
+                                                    "favour of method.<type>.hyperparameters")
+    method: Method | None = Field(  # type: ignore[valid-type]
+        None, description="{type, <type>: {hyperparameters}}; default: supervised")
     integrations: list[dict[str, Any]] | None = Field(None, max_length=0,
                                                       description="not supported: leave empty")
     tunelab: dict[str, Any] | None = Field(
         None, description="tunelab's training options: any key of the training config (method "
         "lora|dora|full, lora: {r, alpha, dropout, target_modules}, max_length, max_steps, "
-        "packing, precision, ...), as in a `tunelab train` YAML config. Validated like one; an "
-        "error names the field as tunelab.<key>. GET /v1/tunelab/info lists them.")
+        "packing, precision, dpo: {loss_type}, ...), as in a `tunelab train` YAML config. "
+        "Validated like one; an error names the field as tunelab.<key>. GET /v1/tunelab/info "
+        "lists them.")
+
+
+class JobPlan(FineTuningJobCreate):
+    """A fine-tuning request checked and planned, not started: what `auto` resolves to."""
+    training_file: Id | None = Field(None, description="without it: only what needs no data")
+    model: Id | None = Field(None, description="default: the first base model")
 
 
 class TextPart(_Strict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tunelab.jobs.spec import RESERVED
+from tunelab.jobs.spec import RESERVED, method_view
 from tunelab.jobs.store import Event, File, Job, Model
 
 
@@ -49,7 +49,8 @@ def job(j: Job, key_name: str) -> dict[str, Any]:
         "estimated_finish": int(time.time()) + progress["eta_seconds"]
         if progress and progress["eta_seconds"] is not None else None,
         "integrations": [], "metadata": j.meta, "user_provided_suffix": j.suffix,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        # OpenAI's shape for the job's objective: {"type": T, T: {"hyperparameters"}}
+        "method": method_view(j.request.get("config") or {}, hp),
         "tunelab": {"config": cfg, "progress": progress,
                     "cancel_requested": bool(j.cancel_requested), "attempts": j.attempts},
     }

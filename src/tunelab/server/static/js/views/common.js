@@ -158,3 +158,49 @@ export function showParamError(form, err, map) {
   }
   return false;
 }
+
+// ---- training objectives and kinds of data, as the server publishes them (/v1/tunelab/info):
+// the page keeps no copy of the objective registry, its hyperparameters or its metrics.
+
+const KIND_WORDS = { conversations: "conversations", preferences: "preference pairs" };
+export const kindWords = (kind) => KIND_WORDS[kind] || kind || "unknown data";
+
+export function objectives(ctx) {
+  const list = (ctx.info && ctx.info.objectives) || [];
+  // a server from before objectives were published trains supervised fine-tunes only
+  return list.length ? list : [{ name: "sft", api_type: "supervised", title: "supervised fine-tuning", data_kind: "conversations",
+                                 hyperparameters: [], metrics: ["mean_token_accuracy"], auto_learning_rate: {} }];
+}
+
+export function objectiveFor(ctx, apiType) {
+  const list = objectives(ctx);
+  return list.find((o) => o.api_type === apiType) || list[0];
+}
+
+// What a file holds ("conversations" | "preferences"), from its validation report: the kind it
+// names, else the kind whose published formats include the report's format; null if unknown.
+export function dataKind(file, ctx) {
+  const v = file && file.validation;
+  if (!v) return null;
+  if (v.kind || v.data_kind) return v.kind || v.data_kind;
+  for (const [kind, names] of Object.entries((ctx.info && ctx.info.data_formats) || {})) {
+    if (names.includes(v.format)) return kind;
+  }
+  return null;
+}
+
+// "reward_accuracy" -> "reward accuracy"; accuracies read as shares (0..1, shown in %).
+export const metricLabel = (name) => String(name).replace(/_/g, " ");
+export const isShare = (name) => /accuracy$/.test(name);
+export const fmtMetric = (name, v, digits = 4) => (v === null || v === undefined ? "—" : isShare(name) ? `${fmtNum(100 * v, 3)}%` : fmtNum(v, digits));
+
+// A preference pair side by side: the prompt (its messages), the chosen and the rejected answer.
+export function preferencePair(pair) {
+  const col = (cls, label, ...body) => h("div", { class: ["pair-col", cls] }, h("div", { class: "pair-head" }, label), ...body);
+  const text = (t) => h("div", { class: "content" }, String(t ?? ""));
+  return h("div", { class: "pair", dataset: { line: pair.line } },
+    col("prompt", "prompt", ...(pair.prompt || []).map((m) => h("div", { class: ["msg", m.role] },
+      h("div", { class: "role" }, m.role), text(m.content)))),
+    col("chosen", "chosen", text(pair.chosen)),
+    col("rejected", "rejected", text(pair.rejected)));
+}

@@ -186,7 +186,8 @@ async function renderEvaluation(root, id, ctx) {
 // The names tunelab's report uses for metric keys (tunelab/evaluate/report.py METRIC_NAMES).
 const METRIC_NAMES = { accuracy: "accuracy", macro_f1: "macro-F1", invalid_rate: "invalid answers",
   normalized_match: "match", exact_match: "exact match", rougeL: "ROUGE-L", "pass@1": "pass@1",
-  no_number_rate: "no number", timeouts: "timeouts" };
+  no_number_rate: "no number", timeouts: "timeouts", normalized_accuracy: "per-token accuracy",
+  margin: "mean margin", chosen_logp: "chosen log-prob", rejected_logp: "rejected log-prob" };
 const metricName = (k) => METRIC_NAMES[k] || k.replace(/_/g, " ");
 
 function resultView(ev) {
@@ -199,46 +200,84 @@ function resultView(ev) {
   const best = Math.max(...rows.map((x) => (Number.isFinite(+x.primary) ? +x.primary : -Infinity)));
   const metricKeys = [...new Set(rows.flatMap((x) => Object.keys(x.metrics || {})))]
     .filter((k) => k !== primary && typeof rows.find((x) => x.metrics && k in x.metrics).metrics[k] === "number").slice(0, 4);
+  // One fine-tuned model ("fine-tuned") or several, each named (comparison.json's tuned_models).
+  const tunedModels = r.tuned_models && r.tuned_models.length ? r.tuned_models : [{ name: "fine-tuned", model: r.tuned }];
+  const several = tunedModels.length > 1;
+  const isTuned = (x) => tunedModels.some((t) => t.name === x.name);
   // Rows name server paths for local models: show the ids the user knows.
   // ft:{base}:{key}:{suffix}:{job}: the base id is the fine-tune's second part.
   const baseId = ev.base_model || (String(ev.model).startsWith("ft:") ? String(ev.model).split(":")[1] : null);
-  const shown = (x) => (x.name === "fine-tuned" ? ev.model : baseId) ||
-    (/^[/<]/.test(x.model) ? x.model.split("/").filter(Boolean).slice(-1)[0] : x.model);
+  const lastPart = (m) => (/^[/<]/.test(m || "") ? String(m).split("/").filter(Boolean).slice(-1)[0] : m);
+  const shown = (x) => (isTuned(x) ? (several ? lastPart(x.model) : ev.model) : baseId) || lastPart(x.model);
   const allFrac = (k) => rows.every((x) => { const v = (x.metrics || {})[k]; return typeof v !== "number" || (v >= 0 && v <= 1); });
-  const tunedWins = /^fine-tuned:/.test(r.verdict || "") && !/on par/.test(r.verdict || "");
+  // The verdict as fields (verdict_detail.kind); older results only have the sentence.
+  const kind = (r.verdict_detail && r.verdict_detail.kind) ||
+    (/^fine-tuned/.test(r.verdict || "") ? (/on par/.test(r.verdict || "") ? "on_par" : "tuned_wins") : /prompting wins/.test(r.verdict || "") ? "prompting_wins" : "");
+  // Held-out preference pairs: the base model's result goes on its zero-shot row, each
+  // fine-tuned model's on its own row; prompted rows have none (pairs are scored as they are).
+  const prefRows = (r.preference && r.preference.rows) || [];
+  const prefOf = (x) => prefRows.find((p) => p.name === (x.name === "base zero-shot" ? "base" : x.name)) || null;
   const out = h("div", { class: "eval-result" });
-  out.append(h("div", { class: ["verdict", tunedWins ? "good" : /prompting wins/.test(r.verdict || "") ? "bad" : ""] },
+  out.append(h("div", { class: ["verdict", kind === "tuned_wins" ? "good" : kind === "prompting_wins" ? "bad" : ""] },
     h("div", { class: "verdict-label" }, `Task: ${r.task || "—"} · metric: ${metricName(primary)}`), h("div", { class: "verdict-text" }, r.verdict || "")));
   out.append(card("Results", h("div", { class: "table-wrap" }, h("table", { class: "table cmp", id: "comparison-table" },
     h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Setup"), h("th", { scope: "col", class: "num" }, metricName(primary)),
       metricKeys.map((k) => h("th", { scope: "col", class: "num" }, metricName(k))),
+      prefRows.length ? ["Preferred", "Pref. margin"].map((c) => h("th", { scope: "col", class: "num", title: "Held-out preference pairs: how often the chosen answer is the more likely one; mean log-probability margin" }, c)) : null,
       ["Prompt tokens", "Answer tokens", "Latency", "Req/s"].map((c) => h("th", { scope: "col", class: "num" }, c)))),
-    h("tbody", {}, rows.map((x) => h("tr", { class: [x.name === "fine-tuned" && "tuned", +x.primary === best && "best"] },
+    h("tbody", {}, rows.map((x) => h("tr", { class: [isTuned(x) && "tuned", +x.primary === best && "best"] },
       h("th", { scope: "row" }, x.name, h("div", { class: "mono muted small model-id", title: x.model }, shown(x))),
       h("td", { class: "num strong" }, fmtP(x.primary)),
       metricKeys.map((k) => h("td", { class: "num" }, allFrac(k) ? pct(x.metrics[k]) : fmtNum(x.metrics[k], 3))),
+      prefRows.length ? [h("td", { class: "num" }, prefOf(x) ? pct(prefOf(x).primary) : "—"),
+        h("td", { class: "num" }, prefOf(x) ? signed(prefOf(x).metrics.margin) : "—")] : null,
       h("td", { class: "num" }, fmtInt(x.prompt_tokens)), h("td", { class: "num" }, fmtNum(x.completion_tokens, 3)),
       h("td", { class: "num" }, x.latency_s !== undefined ? `${fmtNum(x.latency_s, 2)} s` : "—"),
       h("td", { class: "num" }, fmtNum(x.requests_per_s, 3)))))))));
   out.append(h("div", { class: "grid-3 charts" },
-    card(null, bars(rows.map((x) => ({ label: x.name, value: x.primary, cls: x.name === "fine-tuned" ? "tuned" : "" })),
+    card(null, bars(rows.map((x) => ({ label: x.name, value: x.primary, cls: isTuned(x) ? "tuned" : "" })),
       { title: `${metricName(primary)} (higher is better)`, format: fmtP, max: isFrac ? 1 : undefined })),
-    card(null, bars(rows.map((x) => ({ label: x.name, value: x.prompt_tokens, cls: x.name === "fine-tuned" ? "tuned" : "" })),
+    card(null, bars(rows.map((x) => ({ label: x.name, value: x.prompt_tokens, cls: isTuned(x) ? "tuned" : "" })),
       { title: "Prompt tokens per request (lower is cheaper)", format: fmtInt })),
-    card(null, bars(rows.map((x) => ({ label: x.name, value: x.latency_s, cls: x.name === "fine-tuned" ? "tuned" : "" })),
+    card(null, bars(rows.map((x) => ({ label: x.name, value: x.latency_s, cls: isTuned(x) ? "tuned" : "" })),
       { title: "Latency per request, seconds (lower is faster)", format: (v) => fmtNum(v, 2) }))));
+  if (prefRows.length) out.append(preferenceCard(r.preference, isTuned));
   if (Array.isArray(r.examples) && r.examples.length) out.append(card("Example answers", examplesTable(r.examples, rows)));
   const f = r.forgetting && r.forgetting.general;
   if (f) {
-    out.append(card("What the fine-tune forgot", h("div", {},
-      h("p", {}, `General check (${fmtInt(f.items)} prompts): base ${pct(f.base)} → fine-tuned ${pct(f.tuned)} · ${f.lost} answers lost, ${f.gained} gained.`),
-      (f.lost_examples || []).length ? h("div", { class: "table-wrap" }, h("table", { class: "table compact" },
-        h("thead", {}, h("tr", {}, ["Prompt", "Base", "Fine-tuned"].map((c) => h("th", { scope: "col" }, c)))),
-        h("tbody", {}, f.lost_examples.map((x) => h("tr", {}, h("td", {}, textOf(x.prompt)), h("td", {}, x.base), h("td", {}, x.tuned)))))) : null)));
+    // One line per fine-tuned model (forgetting.models); a single model's is forgetting.general.
+    const checks = (r.forgetting.models || []).filter((m) => m.general).length > 1
+      ? r.forgetting.models.filter((m) => m.general).map((m) => ({ name: m.name, g: m.general }))
+      : [{ name: "fine-tuned", g: f }];
+    const lost = checks.flatMap(({ name, g }) => (g.lost_examples || []).map((x) => ({ name, ...x })));
+    out.append(card(several ? "What the fine-tunes forgot" : "What the fine-tune forgot", h("div", {},
+      checks.map(({ name, g }) => h("p", {}, `General check (${fmtInt(g.items)} prompts): base ${pct(g.base)} → ${name} ${pct(g.tuned)} · ${g.lost} answers lost, ${g.gained} gained.`)),
+      lost.length ? h("div", { class: "table-wrap" }, h("table", { class: "table compact" },
+        h("thead", {}, h("tr", {}, ["Prompt", "Base", ...(several ? ["Model"] : []), "Fine-tuned"].map((c) => h("th", { scope: "col" }, c)))),
+        h("tbody", {}, lost.map((x) => h("tr", {}, h("td", {}, textOf(x.prompt)), h("td", {}, x.base), several ? h("td", {}, x.name) : null, h("td", {}, x.tuned)))))) : null)));
   }
   if (r.warnings && r.warnings.length) out.append(h("ul", { class: "warnings" }, r.warnings.map((w) => h("li", {}, icon("alert", 14), " ", w))));
   out.append(reportFrame(ev));
   return out;
+}
+
+const signed = (v) => (typeof v === "number" && Number.isFinite(v) ? `${v >= 0 ? "+" : ""}${fmtNum(v, 3)}` : "—");
+
+// Held-out preference pairs, every metric, for the base model and each fine-tuned model.
+function preferenceCard(pref, isTuned) {
+  const pct = (x) => (typeof x === "number" ? `${(100 * x).toFixed(1)}%` : "—");
+  const num = (x) => (typeof x === "number" ? fmtNum(x, 3) : "—");
+  return card("Preference pairs", h("div", {},
+    h("div", { class: "table-wrap" }, h("table", { class: "table cmp", id: "preference-table" },
+      h("thead", {}, h("tr", {}, ["Model", "Preferred", "Per-token", "Mean margin", "Chosen log-prob", "Rejected log-prob"]
+        .map((c, i) => h("th", { scope: "col", class: i ? "num" : "" }, c)))),
+      h("tbody", {}, pref.rows.map((p) => h("tr", { class: [isTuned(p) && "tuned"] },
+        h("th", { scope: "row" }, p.name),
+        h("td", { class: "num strong" }, pct(p.metrics.accuracy)), h("td", { class: "num" }, pct(p.metrics.normalized_accuracy)),
+        h("td", { class: "num" }, signed(p.metrics.margin)), h("td", { class: "num" }, num(p.metrics.chosen_logp)),
+        h("td", { class: "num" }, num(p.metrics.rejected_logp))))))),
+    h("p", { class: "muted small" }, "A pair counts as preferred when the model gives its chosen answer a higher log-probability than the rejected one (per-token: divided by each answer's length); the margin is chosen minus rejected.")),
+    { sub: `${fmtInt(pref.pairs)} held-out pairs${pref.file ? " · " + pref.file : ""}` });
 }
 
 function textOf(p) {

@@ -2,7 +2,8 @@
 
 import { h, icon, fmtInt, fmtBytes, fmtAgo, pill, errorBox, toast, field, select, button, card, emptyState, clearFieldErrors, spinner } from "../dom.js";
 import { get, post, del, upload, download, request } from "../api.js";
-import { validationReport, conversation, errorCount, isRawRows, fineTuneFiles, showParamError } from "./common.js";
+import { validationReport, conversation, errorCount, isRawRows, fineTuneFiles, showParamError, dataKind, kindWords,
+         preferencePair, objectives } from "./common.js";
 
 export async function render(root, { id }, ctx) {
   return id ? renderFile(root, id, ctx) : renderList(root, ctx);
@@ -16,7 +17,7 @@ async function renderList(root, ctx) {
   root.append(card("Files", listBody, { sub: "Uploaded to this server" }));
   try {
     const files = await fineTuneFiles();
-    listBody.replaceChildren(files.length ? filesTable(files) :
+    listBody.replaceChildren(files.length ? filesTable(files, ctx) :
       emptyState("No files yet", "Upload a JSONL, JSON, CSV, TSV or Parquet file above to get started."));
   } catch (e) {
     listBody.replaceChildren(errorBox(e, { title: "Could not list files:" }));
@@ -65,11 +66,13 @@ function uploadCard(ctx) {
   return card(null, h("div", {}, zone, status), { cls: "upload-card" });
 }
 
-function filesTable(files) {
+function filesTable(files, ctx) {
   return h("div", { class: "table-wrap" }, h("table", { class: "table files" },
     h("thead", {}, h("tr", {}, ["Name", "Examples", "Status", "Size", "Uploaded"].map((c, i) => h("th", { scope: "col", class: i > 2 && "hide-phone" }, c)))),
     h("tbody", {}, files.map((f) => h("tr", {},
-      h("td", {}, h("a", { href: `#/data/${f.id}`, class: "strong" }, icon("file", 15), " ", f.filename), h("div", { class: "mono muted small" }, f.id)),
+      h("td", {}, h("a", { href: `#/data/${f.id}`, class: "strong" }, icon("file", 15), " ", f.filename),
+        dataKind(f, ctx) === "preferences" ? h("span", { class: "tag" }, "pairs") : null,
+        h("div", { class: "mono muted small" }, f.id)),
       h("td", { class: "num" }, f.validation ? fmtInt(f.validation.examples) : "—"),
       h("td", {}, pill(f.status || "processed"), f.validation && errorCount(f.validation) ? h("span", { class: "muted small" }, ` ${fmtInt(errorCount(f.validation))} errors`) : null),
       h("td", { class: "num hide-phone" }, fmtBytes(f.bytes)),
@@ -93,9 +96,14 @@ async function renderFile(root, id, ctx) {
     return;
   }
   const ok = file.status !== "error" && (!file.validation || errorCount(file.validation) === 0);
-  const raw = isRawRows(file);
+  // what the file holds, as the server reads it: preference pairs or conversations
+  let preview = null;
+  try { preview = await get(`/v1/tunelab/files/${encodeURIComponent(id)}/preview?limit=3`); } catch { /* no preview: the report still shows */ }
+  const kind = dataKind(file, ctx) || (preview && preview.kind) || null;
+  const raw = isRawRows(file) && kind !== "preferences";
+  const trainsWith = objectives(ctx).find((o) => o.data_kind === kind);
   ctx.setHeader(file.filename, {
-    sub: `${file.id} · ${fmtBytes(file.bytes)} · uploaded ${fmtAgo(file.created_at)}`,
+    sub: `${file.id} · ${fmtBytes(file.bytes)} · uploaded ${fmtAgo(file.created_at)}${kind ? ` · ${kindWords(kind)}` : ""}`,
     actions: [
       button("Download", { icon: "download", kind: "ghost", onClick: () => download(`/v1/files/${file.id}/content`, file.filename).catch((e) => toast(e.message, "bad")) }),
       button("Delete", { icon: "trash", kind: "ghost danger", onClick: async () => {
@@ -103,17 +111,17 @@ async function renderFile(root, id, ctx) {
         try { await del(`/v1/files/${file.id}`); toast("Deleted"); ctx.navigate("data"); } catch (e) { toast(e.message, "bad"); }
       } }),
       button("Train on it", { icon: "arrow", kind: "primary", disabled: !ok, title: ok ? "" : "Fix the errors first",
-                              onClick: () => ctx.navigate(`train?training_file=${file.id}`) }),
+                              onClick: () => ctx.navigate(trainLink(file, trainsWith)) }),
     ],
   });
   root.append(h("p", { class: "crumbs" }, h("a", { href: "#/data" }, "← All files")));
   const steps = h("div", { class: "steps" });
   root.append(steps);
 
-  steps.append(step(1, "Check", ok ? "Every example can be trained on." : raw
+  steps.append(step(1, "Check", ok ? `Every example can be trained on${kind ? `: ${kindWords(kind)}` : ""}.` : raw
       ? "These rows are not conversations yet: shape them with a prompt template (step 2)."
       : "Fix these lines in your file and upload it again.",
-    validationReport(file, ctx), ok ? "done" : "attention"));
+    h("div", {}, validationReport(file, ctx), previewBlock(preview, kind, trainsWith)), ok ? "done" : "attention"));
   steps.append(step(2, "Prompt template", raw ? "Turn each raw row into an instruction conversation."
       : "Optional: for raw rows (e.g. reviews with a label) rather than conversations.",
     templateStep(file, ctx, raw), raw ? "attention" : ""));
@@ -121,7 +129,29 @@ async function renderFile(root, id, ctx) {
     splitStep(file, ctx, ok)));
   steps.append(step(4, "Train", null, h("div", { class: "row gap" },
     h("p", { class: "muted" }, ok ? "Train on this whole file, or on the train split from step 3." : "Available once the file checks out."),
-    button("Set up training", { kind: "primary", icon: "arrow", disabled: !ok, onClick: () => ctx.navigate(`train?training_file=${file.id}`) }))));
+    button("Set up training", { kind: "primary", icon: "arrow", disabled: !ok, onClick: () => ctx.navigate(trainLink(file, trainsWith)) }))));
+}
+
+// the train view, with this file and the objective that trains on its kind of data
+function trainLink(file, objective) {
+  const q = new URLSearchParams({ training_file: file.id });
+  if (objective) q.set("method", objective.api_type);
+  return `train?${q}`;
+}
+
+// The first examples as tunelab reads them: preference pairs side by side (prompt, chosen,
+// rejected), or conversations.
+function previewBlock(preview, kind, objective) {
+  const rows = (preview && preview.data) || [];
+  if (!rows.length) return null;
+  const shown = rows.map((r) => r.error ? h("div", { class: "alert bad small" }, `line ${r.line}: ${r.error}`)
+    : kind === "preferences" ? preferencePair(r) : conversation(r, { compact: true }));
+  return h("div", { class: ["file-preview", kind] },
+    h("h3", {}, kind === "preferences" ? "Preference pairs " : "First examples ",
+      h("span", { class: "muted small" }, kind === "preferences"
+        ? `the first ${rows.length}: the prompt, the answer to prefer and the one to avoid${objective ? ` · for ${objective.title} (${objective.api_type})` : ""}`
+        : `the first ${rows.length}${objective ? ` · for ${objective.title}` : ""}`)),
+    h("div", { class: kind === "preferences" ? "pairs" : "previews" }, shown));
 }
 
 // ---------------------------------------------------------------- template step

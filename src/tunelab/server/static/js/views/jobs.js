@@ -5,8 +5,9 @@ import { h, icon, fmtInt, fmtNum, fmtDuration, fmtTime, fmtAgo, pill, errorBox, 
          emptyState, statTile, spinner, clear } from "../dom.js";
 import { get, post, listAll, download, ApiError } from "../api.js";
 import { lineChart } from "../chart.js";
-import { rememberTps } from "./common.js";
+import { rememberTps, objectiveFor, metricLabel, isShare, fmtMetric } from "./common.js";
 
+const cap = (s) => s.charAt(0).toUpperCase() + s.slice(1);
 const ACTIVE = new Set(["validating_files", "queued", "running", "pending", "cancelling"]);
 const RUNNING_POLL_MS = 1500;
 
@@ -25,7 +26,7 @@ async function renderList(root, ctx) {
     try {
       const jobs = await listAll("/v1/fine_tuning/jobs", { max: 200 });
       ctx.setOnline(true);
-      body.replaceChildren(jobs.length ? jobsTable(jobs) :
+      body.replaceChildren(jobs.length ? jobsTable(jobs, ctx) :
         emptyState("No jobs yet", "Start one from the Train page.", button("Set up training", { kind: "primary", onClick: () => ctx.navigate("train") })));
       if (alive && jobs.some((j) => ACTIVE.has(j.status))) timer = setTimeout(load, 4000);
     } catch (e) {
@@ -42,7 +43,8 @@ function progressOf(job) {
   return { step: p.step ?? null, total: p.total_steps ?? null, eta: p.eta_seconds ?? null };
 }
 
-function jobsTable(jobs) {
+function jobsTable(jobs, ctx) {
+  const usual = objectiveFor(ctx).api_type;   // jobs of another objective carry its name
   return h("div", { class: "table-wrap" }, h("table", { class: "table" },
     h("thead", {}, h("tr", {}, ["Model", "Base", "Status", "Progress", "Created"].map((c, i) => h("th", { scope: "col", class: (i === 1 || i === 4) && "hide-phone" }, c)))),
     h("tbody", {}, jobs.map((j) => {
@@ -50,6 +52,7 @@ function jobsTable(jobs) {
       const pct = p.total ? Math.min(100, (100 * (p.step || 0)) / p.total) : j.status === "succeeded" ? 100 : 0;
       return h("tr", {},
         h("td", {}, h("a", { class: "strong", href: `#/jobs/${j.id}` }, j.fine_tuned_model || j.user_provided_suffix || j.id),
+          j.method && j.method.type !== usual ? h("span", { class: "tag" }, j.method.type) : null,
           h("div", { class: "mono muted small" }, j.id)),
         h("td", { class: "mono small hide-phone" }, j.model),
         h("td", {}, pill(j.status)),
@@ -79,8 +82,13 @@ async function renderJob(root, id, ctx) {
     h("div", { class: "progress-fill" }));
   const tiles = h("div", { class: "tiles" });
   const errorSlot = h("div");
+  // the objective's metrics (GET /v1/tunelab/info): loss, then its first two, each plotted
+  // train (per logged step) against validation (at each evaluation); its table shows them all
+  const objective = objectiveFor(ctx, job.method && job.method.type);
+  const metrics = objective.metrics || [];
   const lossChart = lineChart({ yLabel: "loss", empty: "Waiting for the first training steps…" });
-  const accChart = lineChart({ yLabel: "token accuracy", yDomain: [0, 1], empty: "Waiting for the first training steps…" });
+  const metricCharts = metrics.slice(0, 2).map((name) => ({ name, chart: lineChart({
+    yLabel: metricLabel(name), yDomain: isShare(name) ? [0, 1] : undefined, empty: "Waiting for the first training steps…" }) }));
   const log = h("ol", { class: "log", "aria-live": "off" });
   const ckpts = h("div");
   const details = h("div");
@@ -89,10 +97,11 @@ async function renderJob(root, id, ctx) {
   root.append(crumbs, banner,
     h("section", { class: "card job-status" },
       h("div", { class: "job-status-top" }, statusPill, h("div", { class: "progress-wrap" }, bar)), tiles, errorSlot),
-    h("div", { class: "grid-main" },
+    h("div", { class: ["charts", `n${1 + metricCharts.length}`] },
       card("Loss", lossChart.el, { sub: "Training loss per logged step and validation loss at each evaluation", cls: "chart-card" }),
-      card("Token accuracy", accChart.el, { sub: "Share of answer tokens predicted exactly", cls: "chart-card" })),
-    h("div", { class: "grid-main" },
+      metricCharts.map(({ name, chart }) => h("div", { class: "chart-card-wrap", dataset: { metric: name } },
+        card(cap(metricLabel(name)), chart.el, { sub: "Training per logged step and validation at each evaluation", cls: "chart-card" })))),
+    h("div", { class: "grid-main flip" },
       card("Events", h("div", { class: "log-wrap" }, log)),
       card("Checkpoints", ckpts, { sub: "Each one can be chatted with or compared" })),
     card("Details", details));
@@ -124,22 +133,29 @@ async function renderJob(root, id, ctx) {
   }
 
   function series() {
-    const tl = new Map(), vl = new Map(), ta = new Map(), va = new Map();
+    // loss and every metric of the objective: train_<m> per logged step, valid_<m> (or
+    // OpenAI's full_valid_<m>) at each evaluation
+    const names = ["loss", ...metrics];
+    const train = Object.fromEntries(names.map((n) => [n, new Map()]));
+    const valid = Object.fromEntries(names.map((n) => [n, new Map()]));
     let tps = [];
     for (const ev of sortedEvents()) {
       const d = ev.data;
       if (!d || typeof d !== "object" || d.step === undefined) continue;
-      const vloss = d.valid_loss ?? d.full_valid_loss;
-      if (d.train_loss !== undefined && d.train_loss !== null) tl.set(d.step, d.train_loss);
-      if (vloss !== undefined && vloss !== null) vl.set(d.step, vloss);
-      if (d.train_mean_token_accuracy !== undefined && d.train_mean_token_accuracy !== null) ta.set(d.step, d.train_mean_token_accuracy);
-      const vacc = d.valid_mean_token_accuracy ?? d.full_valid_mean_token_accuracy;
-      if (vacc !== undefined && vacc !== null) va.set(d.step, vacc);
+      for (const n of names) {
+        const t = d[`train_${n}`], v = d[`valid_${n}`] ?? d[`full_valid_${n}`];
+        if (t !== undefined && t !== null) train[n].set(d.step, t);
+        if (v !== undefined && v !== null) valid[n].set(d.step, v);
+      }
       if (d.tokens_per_s) tps.push(d.tokens_per_s);
     }
     const pts = (m) => [...m.entries()].sort((a, b) => a[0] - b[0]);
     if (tps.length) rememberTps(tps.slice(-5).sort((a, b) => a - b)[Math.floor(Math.min(5, tps.length) / 2)]);
-    return { tl: pts(tl), vl: pts(vl), ta: pts(ta), va: pts(va) };
+    const out = { train: {}, valid: {} };
+    for (const n of names) { out.train[n] = pts(train[n]); out.valid[n] = pts(valid[n]); }
+    out.tl = out.train.loss;
+    out.vl = out.valid.loss;
+    return out;
   }
 
   function draw() {
@@ -162,7 +178,8 @@ async function renderJob(root, id, ctx) {
       statTile(ACTIVE.has(job.status) ? "ETA" : "Took", ACTIVE.has(job.status) ? (p.eta !== null ? fmtDuration(p.eta) : job.status === "running" ? "estimating…" : "waiting") : fmtDuration(end && started ? end - started : null),
                { sub: end && started && ACTIVE.has(job.status) ? `elapsed ${fmtDuration(end - started)}` : job.trained_tokens ? `${fmtInt(job.trained_tokens)} trained tokens` : null }),
       statTile("Train loss", s.tl.length ? fmtNum(s.tl[s.tl.length - 1][1], 4) : "—", { sub: s.tl.length ? `from ${fmtNum(s.tl[0][1], 4)}` : null }),
-      statTile("Best valid loss", bestValid !== null ? fmtNum(bestValid, 4) : "—", { sub: job.validation_file ? `${s.vl.length} evaluations` : "no validation file" }));
+      statTile("Best valid loss", bestValid !== null ? fmtNum(bestValid, 4) : "—", { sub: job.validation_file ? `${s.vl.length} evaluations` : "no validation file" }),
+      headline(s));
     if (job.error && (job.error.message || job.error.code)) {
       clear(errorSlot, errorBox({ message: job.error.message || job.error.code, code: job.error.code },
         { title: job.error.param ? `Failed (${job.error.param}):` : "Failed:" }));
@@ -170,10 +187,22 @@ async function renderJob(root, id, ctx) {
       clear(errorSlot, h("div", { class: "alert muted" }, icon("stop"), h("div", {}, "Cancelled. What was trained so far is kept as a checkpoint below.")));
     } else clear(errorSlot);
     lossChart.update([{ name: "train", cls: "s1", points: s.tl }, { name: "validation", cls: "s2", points: s.vl, dots: true }], { xMax: total || undefined });
-    accChart.update([{ name: "train", cls: "s1", points: s.ta }, { name: "validation", cls: "s2", points: s.va, dots: true }], { xMax: total || undefined });
+    for (const { name, chart } of metricCharts) {
+      chart.update([{ name: "train", cls: "s1", points: s.train[name] }, { name: "validation", cls: "s2", points: s.valid[name], dots: true }], { xMax: total || undefined });
+    }
     drawLog();
     drawCheckpoints();
     drawDetails();
+  }
+
+  // the objective's first metric: its latest validation value, else its latest training value
+  function headline(s) {
+    const name = metrics[0];
+    if (!name) return null;
+    const v = s.valid[name], t = s.train[name];
+    const last = v.length ? v[v.length - 1] : t.length ? t[t.length - 1] : null;
+    return statTile(cap(metricLabel(name)), last ? fmtMetric(name, last[1]) : "—",
+                    { sub: last ? `${v.length ? "validation" : "training"}, step ${fmtInt(last[0])}` : null });
   }
 
   function lastTotal() {
@@ -205,19 +234,25 @@ async function renderJob(root, id, ctx) {
       clear(ckpts, h("p", { class: "muted" }, ACTIVE.has(job.status) ? "Checkpoints appear at each evaluation." : "No checkpoints."));
       return;
     }
+    const cols = metrics.map((n) => [n, cap(metricLabel(n))]);
     clear(ckpts, h("div", { class: "table-wrap" }, h("table", { class: "table compact" },
-      h("thead", {}, h("tr", {}, ["Step", "Train loss", "Valid loss", ""].map((c) => h("th", { scope: "col" }, c)))),
+      h("thead", {}, h("tr", {}, ["Step", "Train loss", "Valid loss", ...cols.map(([, label]) => label), ""].map((c, i) =>
+        h("th", { scope: "col", class: i > 3 && i < 3 + cols.length && "hide-phone" }, c)))),
       h("tbody", {}, [...checkpoints].sort((a, b) => b.step_number - a.step_number).map((c) => {
         const m = c.metrics || {};
         const model = c.fine_tuned_model_checkpoint;
         return h("tr", {}, h("td", { class: "num" }, fmtInt(c.step_number)),
           h("td", { class: "num" }, fmtNum(m.train_loss, 4)), h("td", { class: "num" }, fmtNum(m.valid_loss ?? m.full_valid_loss, 4)),
-          h("td", { class: "align-right" }, model ? h("a", { class: "btn small ghost", href: `#/chat?right=${encodeURIComponent(model)}&left=${encodeURIComponent(job.model)}` }, icon("chat", 14), h("span", {}, "Chat")) : null));
+          cols.map(([n], i) => h("td", { class: ["num", i > 0 && "hide-phone"], title: m[`valid_${n}`] !== undefined ? "validation" : "training" },
+            fmtMetric(n, m[`valid_${n}`] ?? m[`full_valid_${n}`] ?? m[`train_${n}`], 3))),
+          h("td", { class: "align-right" }, model ? h("a", { class: "btn small ghost", "aria-label": `Chat with the checkpoint at step ${c.step_number}`,
+            href: `#/chat?right=${encodeURIComponent(model)}&left=${encodeURIComponent(job.model)}` }, icon("chat", 14), h("span", { class: "hide-phone" }, "Chat")) : null));
       })))));
   }
 
   function drawDetails() {
-    const hp = job.hyperparameters || (job.method && job.method.supervised && job.method.supervised.hyperparameters) || {};
+    const type = (job.method && job.method.type) || objective.api_type;
+    const hp = (job.method && job.method[type] && job.method[type].hyperparameters) || job.hyperparameters || {};
     const cfg = (job.tunelab && job.tunelab.config) || {};
     const row = (k, v) => [h("dt", {}, k), h("dd", {}, v ?? "—")];
     const fileLink = (fid) => fid ? h("a", { href: `#/data/${fid}`, class: "mono" }, fid) : "—";
@@ -225,11 +260,12 @@ async function renderJob(root, id, ctx) {
       row("Job", copyable(job.id)), row("Base model", h("span", { class: "mono" }, job.model)),
       row("Fine-tuned model", job.fine_tuned_model ? copyable(job.fine_tuned_model) : "— (when it succeeds)"),
       row("Training file", fileLink(job.training_file)), row("Validation file", fileLink(job.validation_file)),
-      row("Epochs", String(hp.n_epochs ?? "auto")), row("Batch size", String(hp.batch_size ?? "auto")),
-      row("Learning rate multiplier", String(hp.learning_rate_multiplier ?? "auto")),
+      row("Objective", `${type} (${objective.title})`),
+      // every hyperparameter of the method type, as the job object names them
+      ...Object.entries(hp).map(([k, v]) => row(k === "n_epochs" ? "Epochs" : cap(k.replace(/_/g, " ")), String(v ?? "auto"))),
       row("Seed", job.seed ?? "—"),
     ];
-    const cfgKeys = ["method", "learning_rate", "epochs", "batch_size", "max_length", "lora", "max_steps", "packing", "precision"];
+    const cfgKeys = ["method", "learning_rate", "epochs", "batch_size", "max_length", "lora", objective.name, "max_steps", "packing", "precision"];
     for (const k of cfgKeys) if (cfg[k] !== undefined && cfg[k] !== null) kvs.push(row(`config.${k}`, h("span", { class: "mono" }, typeof cfg[k] === "object" ? JSON.stringify(cfg[k]) : String(cfg[k]))));
     const results = (job.result_files || []).map((fid) => button("metrics CSV", { kind: "ghost small", icon: "download", title: fid,
       onClick: () => download(`/v1/files/${fid}/content`, `${job.id}-results.csv`).catch((e) => toast(e.message, "bad")) }));

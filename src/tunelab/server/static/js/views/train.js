@@ -1,25 +1,34 @@
-// Train: base model, data, method, hyperparameters (auto defaults shown), start a job.
+// Train: objective, base model, data, method, hyperparameters, start a job.
+//
+// Nothing about training is copied here: the objectives (what each trains on, its own
+// hyperparameters and their bounds) come from GET /v1/tunelab/info, and what `auto` resolves
+// to on the chosen file from POST /v1/tunelab/plan, the server's own planning code, which also
+// checks the request as a job would.
 
-import { h, icon, fmtInt, fmtNum, fmtDuration, fmtAgo, pill, errorBox, field, select, button, card,
-         clearFieldErrors, spinner } from "../dom.js";
+import { h, fmtInt, fmtNum, fmtDuration, fmtAgo, pill, errorBox, field, select, button, card,
+         clearFieldErrors, setFieldError, spinner, debounce } from "../dom.js";
 import { get, post, listAll } from "../api.js";
-import { fineTuneFiles, fileOptions, showParamError, tokensPerSecond } from "./common.js";
+import { fineTuneFiles, fileOptions, showParamError, tokensPerSecond, objectives, dataKind, kindWords } from "./common.js";
 
-// The `auto` rules of src/tunelab/train/auto.py, mirrored only to SHOW what auto will pick
-// before the job exists; the server resolves the real values (the job page shows them).
-const auto = {
-  epochs: (n) => (n * 3 < 100 ? Math.min(25, Math.ceil(100 / n)) : n * 3 > 25000 ? Math.max(1, Math.floor(25000 / n)) : 3),
-  batch: (n) => (n < 2000 ? 8 : n < 10000 ? 16 : 32),
-  lr: (method) => (method === "full" ? 2e-5 : 2e-4),
-};
+// OpenAI's hyperparameters that every method type takes have their own boxes; an objective's
+// own ones (DPO's beta) get boxes made from what the server publishes about them.
+const SHARED = { n_epochs: "f-epochs", batch_size: "f-batch", learning_rate_multiplier: "f-lr" };
 
 const METHODS = [
   ["lora", "LoRA", "Trains small adapter matrices beside the frozen model: fast, light on memory, the usual choice."],
   ["full", "Full", "Updates every weight: the most capacity, but needs more memory, data and care."],
 ];
 
+// What each kind of data teaches, in words (the registry says which kind an objective reads).
+const LEARNS = {
+  conversations: "Learns to answer as your conversations do.",
+  preferences: "Learns to prefer the chosen answer over the rejected one, from preference pairs, staying close to the model it starts from.",
+};
+
+const cap = (s) => s.charAt(0).toUpperCase() + s.slice(1);
+
 export async function render(root, { query }, ctx) {
-  ctx.setHeader("Train", { sub: "Choose a base model and your data; the auto settings suit most datasets." });
+  ctx.setHeader("Train", { sub: "Choose what to optimise, a base model and your data; the auto settings suit most datasets." });
   root.append(h("div", { class: "loading" }, spinner(), "Loading models and files…"));
   let files, models;
   try {
@@ -30,45 +39,73 @@ export async function render(root, { query }, ctx) {
   }
   root.replaceChildren();
   const usable = files.filter((f) => f.status !== "error");
+  const objs = objectives(ctx);
+  const fileById = (id) => files.find((f) => f.id === id);
+
+  // the objective: asked for, else the one that trains on the preselected file, else the first
+  const pre = fileById(query.get("training_file") || "");
+  const preKind = pre ? dataKind(pre, ctx) : null;
+  const start = objs.find((o) => o.api_type === query.get("method")) ||
+                objs.find((o) => preKind && o.data_kind === preKind) || objs[0];
 
   // ---- controls
   const OTHER = "__other__";
   const modelSel = select([...models.map((m) => [m, m]), [OTHER, "Other: a folder or hub id…"]], { id: "f-model", value: query.get("model") || models[0] || OTHER });
   const modelOther = h("input", { type: "text", id: "f-model-other", placeholder: "/path/to/model or org/name", hidden: modelSel.value !== OTHER, "aria-label": "Model folder or hub id" });
   modelSel.addEventListener("change", () => { modelOther.hidden = modelSel.value !== OTHER; if (!modelOther.hidden) modelOther.focus(); });
-  const trainSel = select(fileOptions(usable, { none: usable.length ? null : "— upload a file first —" }), { id: "f-train", value: query.get("training_file") || undefined });
-  const validSel = select(fileOptions(usable, { none: "— none —" }), { id: "f-valid", value: query.get("validation_file") || "" });
+  const trainSel = h("select", { id: "f-train" });
+  const validSel = h("select", { id: "f-valid" });
+  const trainHint = h("span");
+  const validHint = h("span");
+  const objectiveGroup = h("div", { class: "choice", role: "radiogroup", "aria-label": "Objective" },
+    objs.map((o) => h("label", { class: "choice-card" },
+      h("input", { type: "radio", name: "objective", value: o.api_type, checked: o === start }),
+      h("span", { class: "choice-title" }, cap(o.title), h("span", { class: "muted small" }, ` · ${o.api_type}`)),
+      h("span", { class: "choice-text" }, LEARNS[o.data_kind] || `Trains on ${kindWords(o.data_kind)}.`,
+        h("span", { class: "choice-needs" }, ` Needs ${kindWords(o.data_kind)}.`)))));
   const methodGroup = h("div", { class: "choice", role: "radiogroup", "aria-label": "Method" },
     METHODS.map(([v, label, text], i) => h("label", { class: "choice-card" },
       h("input", { type: "radio", name: "method", value: v, checked: i === 0 }),
       h("span", { class: "choice-title" }, label), h("span", { class: "choice-text" }, text))));
   const num = (id, attrs = {}) => h("input", { type: "number", id, placeholder: "auto", inputmode: "decimal", ...attrs });
-  const epochs = num("f-epochs", { min: 1, max: 50, step: 1 });   // the API's bound
-  const batch = num("f-batch", { min: 1, max: 1024, step: 1 });
-  const lrm = num("f-lr", { min: 0, step: "any" });
+  const boxes = { n_epochs: num("f-epochs", { step: 1 }), batch_size: num("f-batch", { step: 1 }), learning_rate_multiplier: num("f-lr", { step: "any" }) };
   const rank = num("f-rank", { min: 1, max: 512, step: 1, placeholder: "16" });
   const maxLen = num("f-maxlen", { min: 8, step: 1, placeholder: "1024" });
   const suffix = h("input", { type: "text", id: "f-suffix", maxlength: 40, placeholder: "e.g. sentiment", pattern: "[A-Za-z0-9_.-]*" });
   const seed = num("f-seed", { step: 1, placeholder: "42" });
 
-  const hints = { epochs: h("span"), batch: h("span"), lr: h("span") };
-  const plan = h("div", { class: "plan" });
+  // each objective's own hyperparameters, shown while it is chosen
+  const own = [];   // {objective, hp, input, hint, wrap}
+  for (const o of objs) {
+    for (const hp of o.hyperparameters || []) {
+      if (hp.name in SHARED) continue;
+      const input = num(`f-hp-${hp.name}`, { step: "any", placeholder: hp.auto !== null && hp.auto !== undefined ? `auto (${hp.auto})` : "auto",
+                                             min: hp.minimum ?? hp.exclusiveMinimum, max: hp.maximum ?? hp.exclusiveMaximum });
+      const hint = h("span", {}, hp.description || "");
+      own.push({ o, hp, input, wrap: h("div", { class: "own-hp", dataset: { objective: o.api_type } }, field(cap(hp.name.replace(/_/g, " ")), input, { hint })) });
+    }
+  }
+
+  const hints = { n_epochs: h("span"), batch_size: h("span"), learning_rate_multiplier: h("span") };
+  const plan = h("div", { class: "plan", "aria-busy": "true", "aria-live": "polite" });
   const submit = button("Start fine-tuning", { kind: "primary wide", type: "submit", icon: "spark", disabled: !usable.length });
   const formErr = h("div", { class: "form-error", id: "train-form-err", role: "alert" });
 
+  const objective = () => objs.find((o) => o.api_type === objectiveGroup.querySelector("input:checked").value) || objs[0];
   const method = () => methodGroup.querySelector("input:checked").value;
-  const fileById = (id) => files.find((f) => f.id === id);
 
   const form = h("form", { class: "train-form", novalidate: true },
+    card("Objective", objectiveGroup, { sub: "What is optimised." }),
     card("Model and data", h("div", { class: "grid-2" },
       h("div", {}, field("Base model", modelSel, { hint: "The open model to start from." }), modelOther),
-      field("Training file", trainSel, { hint: "Conversations the model learns from." }),
-      field("Validation file", validSel, { hint: "Optional: scored during training; the best checkpoint is kept." }))),
-    card("Method", methodGroup),
+      field("Training file", trainSel, { hint: trainHint }),
+      field("Validation file", validSel, { hint: validHint }))),
+    card("Method", methodGroup, { sub: "How the weights are adapted." }),
     card("Hyperparameters", h("div", { class: "grid-3" },
-      field("Epochs", epochs, { hint: hints.epochs }),
-      field("Batch size", batch, { hint: hints.batch }),
-      field("Learning rate multiplier", lrm, { hint: hints.lr }),
+      field("Epochs", boxes.n_epochs, { hint: hints.n_epochs }),
+      field("Batch size", boxes.batch_size, { hint: hints.batch_size }),
+      field("Learning rate multiplier", boxes.learning_rate_multiplier, { hint: hints.learning_rate_multiplier }),
+      own.map((x) => x.wrap),
       h("div", { class: "lora-only" }, field("LoRA rank", rank, { hint: "Adapter size: higher can learn more, costs more. 8–64 is typical." })),
       field("Max length", maxLen, { hint: "Tokens per example; longer ones are cut (see the file's check)." }),
       field("Seed", seed, { hint: "Same seed and data: the same loss curve." })),
@@ -82,34 +119,108 @@ export async function render(root, { query }, ctx) {
   form.id = "train-form";
   root.append(h("div", { class: "train-layout" }, form, side));
 
-  const update = () => {
-    const f = fileById(trainSel.value);
-    const n = f && f.validation ? (f.validation.valid ?? f.validation.examples) : null;
-    const m = method();
-    form.querySelector(".lora-only").hidden = m !== "lora";
-    const ep = +epochs.value || (n ? auto.epochs(n) : null);
-    const bs = +batch.value || (n ? auto.batch(n) : null);
-    const lr = auto.lr(m) * (+lrm.value || 1);
-    hints.epochs.textContent = n ? `auto = ${auto.epochs(n)} for ${fmtInt(n)} examples (3; more for small data so ~100 examples' worth of updates happen).`
-                                 : "auto: 3, more for small datasets, fewer for big ones.";
-    hints.batch.textContent = n ? `auto = ${auto.batch(n)}: examples per optimizer step (8 below 2,000 examples, 16 below 10,000, else 32).`
-                                : "auto: 8 below 2,000 examples, 16 below 10,000, else 32.";
-    hints.lr.textContent = `auto = 1 × ${fmtNum(auto.lr(m))} (the ${m === "full" ? "full fine-tuning" : "LoRA"} rate); scales the learning rate.`;
-    const t = f && f.validation && f.validation.tokens;
-    const steps = n && bs ? Math.ceil(n / bs) * ep : null;
-    const tokens = t && t.epoch_tokens ? t.epoch_tokens * ep : null;
-    const tps = tokensPerSecond(ctx, modelSel.value === OTHER ? null : modelSel.value);
-    plan.replaceChildren(h("dl", { class: "kv" },
-      h("dt", {}, "Examples"), h("dd", {}, n ? fmtInt(n) : "—"),
-      h("dt", {}, "Epochs"), h("dd", {}, ep ? fmtNum(ep) : "auto"),
-      h("dt", {}, "Batch size"), h("dd", {}, bs ? fmtInt(bs) : "auto"),
-      h("dt", {}, "Learning rate"), h("dd", {}, fmtNum(lr)),
-      h("dt", {}, "Optimizer steps"), h("dd", {}, steps ? `≈ ${fmtInt(steps)}` : "—"),
-      h("dt", {}, "Tokens"), h("dd", {}, tokens ? `≈ ${fmtInt(tokens)}` : "—"),
-      h("dt", {}, "Time"), h("dd", {}, tokens && tps ? [`≈ ${fmtDuration(tokens / tps.value)} `, h("span", { class: "muted small" }, `at ${fmtInt(tps.value)} tok/s, ${tps.source}`)]
-                                                     : h("span", { class: "muted" }, "unknown until a first job has run here"))));
+  // ---- files of the objective's kind (files whose kind is unknown are offered too)
+  const fillFiles = (keepTrain, keepValid) => {
+    const o = objective();
+    const fits = (f) => { const k = dataKind(f, ctx); return !k || k === o.data_kind; };
+    const shown = usable.filter(fits);
+    const hidden = usable.length - shown.length;
+    trainSel.replaceChildren(...fileOptions(shown, { none: shown.length ? null : `— upload ${kindWords(o.data_kind)} first —` })
+      .map(([v, label]) => h("option", { value: v }, label)));
+    validSel.replaceChildren(...fileOptions(shown, { none: "— none —" }).map(([v, label]) => h("option", { value: v }, label)));
+    if (keepTrain && shown.some((f) => f.id === keepTrain)) trainSel.value = keepTrain;
+    validSel.value = keepValid && shown.some((f) => f.id === keepValid) ? keepValid : "";
+    const others = hidden ? ` ${fmtInt(hidden)} file${hidden === 1 ? "" : "s"} of other data hidden: ${kindWords(o.data_kind)} only.` : "";
+    trainHint.textContent = `${cap(kindWords(o.data_kind))} the model learns from.${others}`;
+    validHint.textContent = "Optional: scored during training; the best checkpoint is kept.";
+    submit.disabled = !shown.length;
   };
-  form.addEventListener("input", update);
+  fillFiles(query.get("training_file"), query.get("validation_file"));
+
+  // ---- the request, as the job and the plan take it
+  const requestBody = () => {
+    const o = objective();
+    const hp = {};
+    for (const name of Object.keys(SHARED)) hp[name] = boxes[name].value ? +boxes[name].value : "auto";
+    for (const x of own) if (x.o === o) hp[x.hp.name] = x.input.value ? +x.input.value : "auto";
+    const extra = { method: method() };
+    if (method() === "lora" && rank.value) extra.lora = { r: +rank.value };
+    if (maxLen.value) extra.max_length = +maxLen.value;
+    const body = { model: modelSel.value === OTHER ? modelOther.value.trim() : modelSel.value,
+                   method: { type: o.api_type, [o.api_type]: { hyperparameters: hp } }, tunelab: extra };
+    if (trainSel.value) body.training_file = trainSel.value;
+    if (validSel.value) body.validation_file = validSel.value;
+    if (suffix.value.trim()) body.suffix = suffix.value.trim();
+    if (seed.value) body.seed = +seed.value;
+    return body;
+  };
+
+  // ---- the plan: what auto resolves to, from the server
+  let planCall = null;
+  const refreshPlan = debounce(async () => {
+    planCall?.abort();
+    const call = planCall = new AbortController();
+    const body = requestBody();
+    if (!body.model) body.model = undefined;
+    try {
+      const p = await post("/v1/tunelab/plan", body, { signal: call.signal });
+      if (call === planCall) drawPlan(p, null);
+    } catch (e) {
+      if (e.name !== "AbortError" && call === planCall) drawPlan(null, e);
+    }
+  }, 200);
+
+  const drawPlan = (p, err) => {
+    plan.setAttribute("aria-busy", "false");
+    const o = objective();
+    const m = method();
+    const rate = (o.auto_learning_rate || {})[m];
+    const describe = (name) => ((o.hyperparameters || []).find((x) => x.name === name) || {}).description || "";
+    if (err) {
+      for (const k of Object.keys(hints)) hints[k].textContent = describe(k);
+      plan.replaceChildren(h("div", { class: "alert bad small" }, h("div", {}, h("strong", {}, "Cannot plan this job: "), err.message)));
+      return;
+    }
+    const n = p.examples;
+    const hp = p.method[p.method.type].hyperparameters;
+    hints.n_epochs.textContent = n ? `auto = ${fmtNum(p.epochs)} for ${fmtInt(n)} examples · ${describe("n_epochs")}.` : describe("n_epochs");
+    hints.batch_size.textContent = n ? `auto = ${fmtInt(p.batch_size)} · ${describe("batch_size")}.` : describe("batch_size");
+    hints.learning_rate_multiplier.textContent = `auto = 1 × ${fmtNum(p.auto_learning_rate)} (the ${o.name} ${m === "full" ? "full fine-tuning" : m} rate); scales the learning rate.`;
+    const tps = tokensPerSecond(ctx, modelSel.value === OTHER ? null : modelSel.value);
+    const ownRows = own.filter((x) => x.o === o).flatMap((x) => [h("dt", {}, cap(x.hp.name.replace(/_/g, " "))), h("dd", {}, String(hp[x.hp.name] ?? "—"))]);
+    plan.replaceChildren(
+      p.warnings && p.warnings.length ? h("div", { class: "alert warn small plan-warning", role: "alert" }, p.warnings.join(" ")) : "",
+      h("dl", { class: "kv" },
+        h("dt", {}, "Objective"), h("dd", {}, o.api_type),
+        h("dt", {}, "Examples"), h("dd", {}, n ? fmtInt(n) : "—"),
+        h("dt", {}, "Epochs"), h("dd", {}, p.epochs ? fmtNum(p.epochs) : "—"),
+        h("dt", {}, "Batch size"), h("dd", {}, p.batch_size ? fmtInt(p.batch_size) : "—"),
+        h("dt", {}, "Learning rate"), h("dd", {}, fmtNum(p.learning_rate ?? rate)),
+        ...ownRows,
+        h("dt", {}, "Optimizer steps"), h("dd", {}, p.steps ? `≈ ${fmtInt(p.steps)}` : "—"),
+        h("dt", {}, "Tokens"), h("dd", {}, p.tokens ? `≈ ${fmtInt(p.tokens)}` : "—"),
+        h("dt", {}, "Time"), h("dd", {}, p.tokens && tps ? [`≈ ${fmtDuration(p.tokens / tps.value)} `, h("span", { class: "muted small" }, `at ${fmtInt(tps.value)} tok/s, ${tps.source}`)]
+                                                       : h("span", { class: "muted" }, p.tokens ? "unknown until a first job has run here" : "—"))));
+  };
+
+  const update = () => {
+    const o = objective();
+    form.querySelector(".lora-only").hidden = method() !== "lora";
+    for (const x of own) x.wrap.hidden = x.o !== o;
+    for (const hp of o.hyperparameters || []) {     // the bounds the API takes
+      const box = boxes[hp.name];
+      if (!box) continue;
+      box.min = hp.minimum ?? hp.exclusiveMinimum ?? "";
+      box.max = hp.maximum ?? "";
+    }
+    plan.setAttribute("aria-busy", "true");
+    refreshPlan();
+  };
+  objectiveGroup.addEventListener("change", (e) => { e.stopPropagation(); fillFiles(trainSel.value, validSel.value); update(); });
+  form.addEventListener("input", (e) => {   // an edited box's old error no longer applies
+    if (e.target.id && e.target.getAttribute("aria-invalid") === "true") setFieldError(form, e.target.id, "");
+    update();
+  });
   form.addEventListener("change", update);
   update();
 
@@ -117,29 +228,13 @@ export async function render(root, { query }, ctx) {
     e.preventDefault();
     clearFieldErrors(form);
     formErr.replaceChildren();
-    const model = modelSel.value === OTHER ? modelOther.value.trim() : modelSel.value;
-    if (!model) { showParamError(form, { param: "model", message: "Choose a base model or type a folder / hub id." }, { model: "f-model" }); return; }
-    if (!trainSel.value) { showParamError(form, { param: "training_file", message: "Upload a training file first (Data page)." }, { training_file: "f-train" }); return; }
-    const hp = {
-      n_epochs: epochs.value ? +epochs.value : "auto",
-      batch_size: batch.value ? +batch.value : "auto",
-      learning_rate_multiplier: lrm.value ? +lrm.value : "auto",
-    };
-    const extra = { method: method() };
-    if (method() === "lora" && rank.value) extra.lora = { r: +rank.value };
-    if (maxLen.value) extra.max_length = +maxLen.value;
-    const body = {
-      model, training_file: trainSel.value,
-      method: { type: "supervised", supervised: { hyperparameters: hp } },
-      tunelab: extra,
-    };
-    if (validSel.value) body.validation_file = validSel.value;
-    if (suffix.value.trim()) body.suffix = suffix.value.trim();
-    if (seed.value) body.seed = +seed.value;
+    const body = requestBody();
+    if (!body.model) { showParamError(form, { param: "model", message: "Choose a base model or type a folder / hub id." }, { model: "f-model" }); return; }
+    if (!body.training_file) { showParamError(form, { param: "training_file", message: `Upload ${kindWords(objective().data_kind)} first (Data page).` }, { training_file: "f-train" }); return; }
     submit.disabled = true;
     try {
       const job = await post("/v1/fine_tuning/jobs", body);
-      const test = localStorage.getItem(`tunelab.testFor.${trainSel.value}`);
+      const test = localStorage.getItem(`tunelab.testFor.${body.training_file}`);
       if (test) localStorage.setItem(`tunelab.testFor.${job.id}`, test);
       ctx.navigate(`jobs/${job.id}`);
     } catch (err) {
@@ -147,6 +242,8 @@ export async function render(root, { query }, ctx) {
         training_file: "f-train", validation_file: "f-valid", model: "f-model", n_epochs: "f-epochs",
         batch_size: "f-batch", learning_rate: "f-lr", "lora.r": "f-rank", r: "f-rank", max_length: "f-maxlen",
         suffix: "f-suffix", seed: "f-seed",
+        ...Object.fromEntries(own.map((x) => [x.hp.name, x.input.id])),
+        ...Object.fromEntries(own.map((x) => [x.hp.config_key, x.input.id])),
       });
       formErr.replaceChildren(errorBox(err, { title: shown ? "Not started:" : "Could not start the job:" }));
     } finally { submit.disabled = false; }
@@ -172,4 +269,3 @@ function recentJobs() {
   }).catch((e) => body.replaceChildren(errorBox(e)));
   return card("Recent jobs", body, { actions: h("a", { href: "#/jobs", class: "small" }, "All jobs →") });
 }
-

@@ -53,6 +53,13 @@ def test_compare_rows_tokens_and_verdict(comparison, tiny_model_dir):
     for name in ("base-zero-shot", "base-3-shot", "fine-tuned"):
         lines = (out / "predictions" / f"{name}.jsonl").read_text().splitlines()
         assert len(lines) == 8
+    # the verdict as fields, from which the sentence is rendered; one tuned model, no pairs
+    detail = result["verdict_detail"]
+    assert detail["kind"] == "tuned_wins" and detail["best_tuned"] == "fine-tuned"
+    assert detail["best_baseline"] == best["name"]
+    assert result["verdict"].startswith(f"fine-tuned: {detail['points']:+.1f} points")
+    assert [t["name"] for t in result["tuned_models"]] == ["fine-tuned"]
+    assert result["preference"] is None
 
 
 def test_forgetting_check(comparison):
@@ -61,6 +68,82 @@ def test_forgetting_check(comparison):
     assert g["items"] >= 90
     assert set(g["by_category"]) == {"facts", "arithmetic", "format", "rewrite"}
     assert g["delta_points"] == pytest.approx(100 * (g["tuned"] - g["base"]))
+    assert [(m["name"], m["general"]) for m in result["forgetting"]["models"]] == \
+        [("fine-tuned", g)]
+
+
+def _row(name, primary, prompt_tokens=30.0):
+    from tunelab.evaluate.runner import RunResult
+    return RunResult(name=name, model=name, task={"task": "classification",
+                                                  "primary": "accuracy"},
+                     metrics={"accuracy": primary}, examples=10, prompt_tokens=prompt_tokens,
+                     completion_tokens=2.0, latency_s=0.1, requests_per_s=10.0, capped=0,
+                     seconds=1.0)
+
+
+def test_verdict_names_the_best_tuned_model_against_the_best_baseline():
+    from tunelab.evaluate.compare import verdict
+    base = [_row("base zero-shot", 0.2), _row("base 5-shot", 0.6, 200.0)]
+    # one tuned model: the sentence every existing reader knows
+    text, detail = verdict([*base, _row("fine-tuned", 0.9)], "accuracy")
+    assert text == ("fine-tuned: +30.0 points accuracy over base 5-shot, with 85% fewer prompt "
+                    "tokens per request")
+    assert detail["kind"] == "tuned_wins" and detail["points"] == pytest.approx(30.0)
+    text, detail = verdict([*base, _row("fine-tuned", 0.5)], "accuracy")
+    assert text.startswith("prompting wins: fine-tuned is -10.0 points accuracy behind "
+                           "base 5-shot") and detail["kind"] == "prompting_wins"
+    # several: the best of them (ties: the cheaper, then the first) is the one named
+    rows = [*base, _row("sft", 0.7), _row("dpo", 0.8), _row("dpo-long", 0.8, 40.0)]
+    text, detail = verdict(rows, "accuracy", ["sft", "dpo", "dpo-long"])
+    assert text.startswith("fine-tuned (dpo): +20.0 points accuracy over base 5-shot")
+    assert (detail["best_tuned"], detail["best_baseline"]) == ("dpo", "base 5-shot")
+    text, detail = verdict([*base, _row("sft", 0.3), _row("dpo", 0.55)], "accuracy",
+                           ["sft", "dpo"])
+    assert text.startswith("prompting wins: the best fine-tuned model (dpo) is -5.0 points")
+    text, detail = verdict([*base, _row("sft", 0.3), _row("dpo", 0.605)], "accuracy",
+                           ["sft", "dpo"])
+    assert detail["kind"] == "on_par" and text.startswith("fine-tuned (dpo): on par with")
+
+
+def test_tuned_names_are_parsed_derived_and_must_differ(tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.evaluate.compare import TunedModel, _base_of, parse_tuned
+    odd = tmp_path / "a=b"
+    odd.mkdir()
+    assert parse_tuned(["sft=runs/sft", "runs/dpo", "org/name=x", str(odd)]) == \
+        [("sft", "runs/sft"), (None, "runs/dpo"), (None, "org/name=x"), (None, str(odd))]
+    assert parse_tuned("runs/x") == [(None, "runs/x")]
+    for bad in (["base=runs/a"], ["base 5-shot=runs/a"], ["x=runs/a", "x=runs/b"]):
+        with pytest.raises(TunelabError, match="is taken"):
+            from tunelab.evaluate.compare import tuned_models
+            tuned_models(bad)
+    two = [TunedModel("a", "runs/a", "model-one", None, None, None),
+           TunedModel("b", "runs/b", "model-two", None, None, None)]
+    with pytest.raises(TunelabError, match="different base models.*a from model-one.*give --base"):
+        _base_of(two)
+
+
+def test_one_named_tuned_model_with_held_out_pairs(sound_run, sound_task, tmp_path):
+    from tunelab.evaluate.compare import compare
+    from tunelab.evaluate.report import format_comparison
+    pairs = [{"prompt": c.messages[0]["content"], "chosen": c.messages[-1]["content"],
+              "rejected": "quack" if c.messages[-1]["content"] != "quack" else "moo"}
+             for c in read_conversations(sound_task["test"])]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    result = compare(base=None, tuned=[f"sounds={sound_run.output_dir}"],
+                     data=sound_task["test"], out_dir=tmp_path / "out", task="classification",
+                     few_shot=0, general_check=False, preference=tmp_path / "pairs.jsonl",
+                     limit=4)
+    assert [r.name for r in result.rows] == ["base zero-shot", "sounds"]
+    assert [r.name for r in result.preference] == ["base", "sounds"]
+    assert all(r.examples == 4 for r in result.preference)       # --limit applies to pairs too
+    tuned_pref = result.preference_of("sounds")
+    assert tuned_pref.primary == 1.0 and tuned_pref.metrics["margin"] > 0
+    assert result.preference_of("base zero-shot") is result.preference[0]
+    text = format_comparison(result)
+    assert "preferred" in text.splitlines()[0]
+    assert "preference pairs (4): chosen answer more likely for base" in text
+    assert result.verdict.startswith("fine-tuned (sounds): ")
 
 
 def test_few_shot_prompt_comes_from_training_data_only(sound_task, tmp_path):

@@ -98,6 +98,60 @@ def test_auto_task():
         make_task("acc", [ex("x")])
 
 
+# -- preference pairs (scored by log-probabilities) --------------------------------------------
+
+def pair_ex(i=1, prompt="q"):
+    from tunelab.evaluate.tasks import PairExample
+    return PairExample(f"pairs.jsonl:{i}", [{"role": "user", "content": prompt}], "good", {},
+                       rejected="bad")
+
+
+def test_preference_scores_summed_and_per_token_log_probabilities():
+    from tunelab.evaluate.tasks import AnswerLogps, Preference
+    task = Preference()
+    task.prepare([pair_ex(1), pair_ex(2)])
+    # chosen more likely in sum (-4 > -6) but less per token (-4/2 = -2 < -6/4 = -1.5)
+    short = task.score(AnswerLogps(-4.0, -6.0, 2, 4), pair_ex())
+    assert short["score"] == 1.0 and short["normalized_score"] == 0.0
+    assert short["margin"] == pytest.approx(2.0)
+    wrong = task.score(AnswerLogps(-9.0, -3.0, 3, 3), pair_ex())
+    assert wrong["score"] == 0.0 and wrong["normalized_score"] == 0.0 and wrong["margin"] == -6.0
+    tie = task.score(AnswerLogps(-5.0, -5.0, 2, 2), pair_ex())     # a tie is no preference
+    assert tie["score"] == 0.0 and tie["normalized_score"] == 0.0
+    m = task.aggregate([short, wrong, tie])
+    assert m["accuracy"] == pytest.approx(1 / 3) and m["normalized_accuracy"] == 0.0
+    assert m["margin"] == pytest.approx((2.0 - 6.0 + 0.0) / 3)
+    assert m["chosen_logp"] == pytest.approx(-6.0) and m["rejected_logp"] == pytest.approx(-14 / 3)
+    assert m["ties"] == 1
+
+
+def test_preference_is_auto_for_pairs_and_refuses_conversations():
+    from tunelab.evaluate.tasks import Preference
+    assert auto_task_name([pair_ex(1), pair_ex(2)]) == "preference"
+    assert isinstance(make_task("auto", [pair_ex(1)]), Preference)
+    assert not Preference().generates and Preference.answers_by == "logprobs"
+    with pytest.raises(TunelabError, match=r"test.jsonl:4: field 'task'.*preference pairs"):
+        make_task("preference", [ex("yes", i=4)])
+    with pytest.raises(TunelabError, match="--labels applies to the classification task only"):
+        make_task("preference", [pair_ex()], labels=["a"])
+
+
+def test_preference_pairs_load_from_any_preference_format(tmp_path):
+    from tunelab.data.io import write_jsonl
+    from tunelab.evaluate import load_examples
+    from tunelab.evaluate.tasks import PairExample
+    write_jsonl(tmp_path / "trl.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+                                         {"prompt": "3+3?", "chosen": "6", "rejected": "7"}])
+    for task in ("auto", "preference"):
+        got = load_examples(task, tmp_path / "trl.jsonl", limit=1)
+        assert len(got) == 1 and isinstance(got[0], PairExample)
+        assert (got[0].messages, got[0].reference, got[0].rejected) == \
+            ([{"role": "user", "content": "2+2?"}], "4", "5")
+        assert got[0].id.endswith("trl.jsonl:1")
+    with pytest.raises(TunelabError, match="holds preference pairs.*--task preference"):
+        load_examples("exact_match", tmp_path / "trl.jsonl")
+
+
 # -- HumanEval --------------------------------------------------------------------------------
 
 PROBLEM = next(p for p in humaneval_problems() if p["task_id"] == "HumanEval/0")

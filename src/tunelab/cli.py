@@ -52,16 +52,19 @@ def train(config: Path = typer.Argument(..., help="YAML config"),
 @app.command("eval")
 def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
           data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL of conversations "
-                                              "(the final assistant turn is the reference); the "
+                                              "(the final assistant turn is the reference) or of "
+                                              "preference pairs (the preference task); the "
                                               "code task defaults to HumanEval"),
           task: str = typer.Option("auto", "--task", help="auto, classification, exact_match, "
-                                   "gsm8k, rouge, code or loss"),
+                                   "gsm8k, rouge, code, preference or loss (auto: preference "
+                                   "for a file of preference pairs)"),
           labels: Optional[str] = typer.Option(None, help="classification labels: a,b,c "
                                                "(default: the references' answers)"),
           as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
           limit: Optional[int] = typer.Option(None, help="evaluate the first N examples"),
           max_new_tokens: Optional[int] = typer.Option(None, help="default: what the task needs"),
           max_length: Optional[int] = typer.Option(None, help="tokens per example for the loss "
+                                                   "and per answer of a preference pair "
                                                    "(default: what the model was trained with)"),
           batch_size: int = typer.Option(16),
           precision: str = typer.Option("auto", help="weights for inference: auto (bf16 where "
@@ -69,7 +72,8 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
           predictions: Optional[Path] = typer.Option(None, help="write scored answers (JSONL) "
                                                      "here, batch by batch"),
           quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Score a model on test data: task metrics of the final assistant turn, and test loss."""
+    """Score a model on test data: task metrics of the final assistant turn, and test loss; or
+    held-out preference pairs by log-probability (accuracy, margin)."""
     from tqdm.auto import tqdm
 
     from tunelab import models
@@ -97,8 +101,11 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
 
 
 @app.command()
-def compare(tuned: str = typer.Option(..., "--tuned", help="fine-tuned model: a tunelab run, "
-                                      "model or adapter folder (its base is found), or any spec"),
+def compare(tuned: list[str] = typer.Option(..., "--tuned", help="fine-tuned model: a tunelab "
+                                            "run, model or adapter folder (its base is found), "
+                                            "or any spec; repeat it to compare several side by "
+                                            "side, NAME=SPEC to name one (--tuned sft=runs/sft "
+                                            "--tuned dpo=runs/dpo)"),
             data: Path = typer.Option(..., "--data", "-d", help="test conversations"),
             base: Optional[str] = typer.Option(None, "--base", help="base model (default: the "
                                                "one --tuned was fine-tuned from)"),
@@ -113,6 +120,10 @@ def compare(tuned: str = typer.Option(..., "--tuned", help="fine-tuned model: a 
                                                  "model with this system prompt"),
             general: Optional[Path] = typer.Option(None, "--general", help="conversations to "
                                                    "check forgetting on (loss, exact match)"),
+            preference: Optional[Path] = typer.Option(None, "--preference", help="held-out "
+                                                      "preference pairs: how often the base and "
+                                                      "each fine-tuned model prefer the chosen "
+                                                      "answer, and the mean margin"),
             no_general_check: bool = typer.Option(False, "--no-general-check",
                                                   help="skip the shipped general prompts"),
             out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="report folder"),
@@ -123,7 +134,8 @@ def compare(tuned: str = typer.Option(..., "--tuned", help="fine-tuned model: a 
             as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
             quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Fine-tuned vs the base model prompted zero-shot, with a system prompt and few-shot:
-    quality and tokens per request, a forgetting check, and report.html."""
+    quality and tokens per request, a forgetting check, and report.html. Several --tuned
+    models (base -> SFT -> SFT+DPO) are measured side by side in one table."""
     from tqdm.auto import tqdm
 
     from tunelab.evaluate.compare import compare as run_compare
@@ -133,7 +145,7 @@ def compare(tuned: str = typer.Option(..., "--tuned", help="fine-tuned model: a 
         (lambda name, n: tqdm(total=n, desc=f"{name:<22}", unit="ex", file=sys.stderr))
     result = run_compare(base=base, tuned=tuned, data=data, out_dir=out, task=task,
                          train=train_file, few_shot=few_shot, system=system, general=general,
-                         general_check=not no_general_check,
+                         general_check=not no_general_check, preference=preference,
                          labels=labels.split(",") if labels else None, limit=limit,
                          batch_size=batch_size, precision=precision, progress_factory=bars)
     if as_json:
@@ -185,17 +197,25 @@ def chat(model: str = typer.Argument("smollm2-135m-instruct", help="model spec")
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
+def demo(out: Optional[Path] = typer.Option(None, help="output folder (default: runs/demo, "
+                                           "runs/demo-dpo with --dpo)"),
          examples: int = typer.Option(900, help="reviews to generate"),
          epochs: float = typer.Option(2.0),
          replay: int = typer.Option(48, help="general prompts the base model answers for "
                                     "replay against forgetting (0: none)"),
+         dpo: bool = typer.Option(False, "--dpo", help="the DPO demo instead: SFT on answers in "
+                                  "two formats, then DPO preferring the bare number"),
          quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Offline end-to-end demo: star ratings, base SmolLM2-135M prompted zero- and few-shot vs
-    LoRA fine-tuned."""
-    from tunelab.demo import run_demo
+    LoRA fine-tuned (--dpo: SFT, then DPO on preference pairs, base vs SFT vs SFT+DPO)."""
     quiet_libraries()
-    report = run_demo(out, n_examples=examples, epochs=epochs, replay=replay, quiet=quiet)
+    if dpo:
+        from tunelab.demo_dpo import run_dpo_demo
+        report = run_dpo_demo(out or Path("runs/demo-dpo"), quiet=quiet)
+    else:
+        from tunelab.demo import run_demo
+        report = run_demo(out or Path("runs/demo"), n_examples=examples, epochs=epochs,
+                          replay=replay, quiet=quiet)
     if quiet:
         print(json.dumps({"verdict": report["comparison"]["verdict"],
                           "rows": {r["name"]: r["primary"] for r in report["comparison"]["rows"]},

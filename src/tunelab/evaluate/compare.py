@@ -3,6 +3,11 @@ test split: the same base model prompted zero-shot, with a system prompt, and wi
 from the training file in the prompt; quality (the task's metric) and cost per request (prompt
 and generated tokens, latency, requests/s), then a general check of what the fine-tune forgot.
 
+Several fine-tuned models (base -> SFT -> SFT+DPO) are measured side by side: each gets its row,
+its forgetting check and, with held-out preference pairs, its preference accuracy and margin
+(the `preference` task) beside the base model's; the verdict names the best of them against the
+best prompting setup.
+
 Few-shot examples come from the training file only, never from the test file: a training
 example whose prompt also appears in the test file is skipped, and a test guards this.
 """
@@ -12,27 +17,42 @@ import gc
 import random
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.evaluate.report import write_report
 from tunelab.evaluate.runner import RunResult, load_examples, run_task
-from tunelab.evaluate.tasks import (Classification, Example, Task, examples_from,
+from tunelab.evaluate.tasks import (Classification, Example, PairExample, Task, examples_from,
                                     label_order_key, make_task, normalize_answer)
 
 ZERO_SHOT, SYSTEM, TUNED = "base zero-shot", "base + system prompt", "fine-tuned"
+BASE = "base"       # the base model itself: its preference row and its forgetting check
 
 
 def few_shot_name(k: int) -> str:
     return f"base {k}-shot"
 
 
+@dataclass(frozen=True)
+class TunedModel:
+    """One fine-tuned model of a comparison and what tunelab knows of how it was trained."""
+    name: str                      # its rows' name: "fine-tuned" when it is the only one
+    model: str                     # the spec it was loaded from
+    base: str | None               # the base model its training started from, followed back
+                                   # through tunelab runs (SFT+DPO -> SFT -> base)
+    run_dir: str | None            # its training run (loss curves)
+    train_file: str | None         # what its own run trained on
+    max_length: int | None         # tokens per example it was trained with
+
+
 @dataclass
 class Comparison:
     task: dict[str, Any]
     base: str
-    tuned: str
+    tuned: str                           # the best fine-tuned model (what the verdict is about)
     test_file: str
     train_file: str | None
     rows: list[RunResult]
@@ -40,21 +60,43 @@ class Comparison:
     few_shot: list[Example] = field(default_factory=list)
     forgetting: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
-    run_dir: str | None = None           # the tuned model's training run (loss curves)
+    run_dir: str | None = None           # the best tuned model's training run (loss curves)
     report_html: str | None = None
     report_md: str | None = None
+    tuned_models: list[TunedModel] = field(default_factory=list)   # in row order
+    verdict_detail: dict[str, Any] = field(default_factory=dict)    # the verdict, as fields
+    preference: list[RunResult] = field(default_factory=list)       # base, then each tuned
+    preference_file: str | None = None
 
     def row(self, name: str) -> RunResult | None:
         return next((r for r in self.rows if r.name == name), None)
 
+    @property
+    def tuned_names(self) -> list[str]:
+        return [t.name for t in self.tuned_models] or [TUNED]
+
+    def preference_of(self, row_name: str) -> RunResult | None:
+        """The preference result of the model a row is answered by: the base model's for its
+        zero-shot row (pairs are scored as they are, without a system prompt or shots), each
+        fine-tuned model's for its row, none for the prompted baselines."""
+        who = BASE if row_name == ZERO_SHOT else row_name
+        return next((r for r in self.preference if r.name == who), None)
+
     def to_json(self) -> dict[str, Any]:
+        preference = None
+        if self.preference:
+            preference = {"file": self.preference_file, "pairs": self.preference[0].examples,
+                          "task": self.preference[0].task,
+                          "rows": [r.to_json() for r in self.preference]}
         return {"task": self.task["task"], "primary_metric": self.task["primary"],
                 "task_details": self.task, "base": self.base, "tuned": self.tuned,
                 "test_file": self.test_file, "train_file": self.train_file,
                 "verdict": self.verdict, "rows": [r.to_json() for r in self.rows],
                 "few_shot_ids": [e.id for e in self.few_shot], "forgetting": self.forgetting,
                 "warnings": self.warnings, "run_dir": self.run_dir,
-                "report_html": self.report_html, "report_md": self.report_md}
+                "report_html": self.report_html, "report_md": self.report_md,
+                "tuned_models": [asdict(t) for t in self.tuned_models],
+                "verdict_detail": self.verdict_detail, "preference": preference}
 
 
 # -- prompts ----------------------------------------------------------------------------------
@@ -114,23 +156,40 @@ def with_system(example: Example, system: str) -> list[dict[str, Any]]:
 
 # -- the verdict -------------------------------------------------------------------------------
 
-def verdict(rows: list[RunResult], task: dict[str, Any], label: str) -> str:
-    tuned = next(r for r in rows if r.name == TUNED)
-    baselines = [r for r in rows if r.name != TUNED]
+def _best(rows: list[RunResult]) -> RunResult:
+    """The best row by the headline metric; among equals the cheapest, then the first."""
+    return max(rows, key=lambda r: (r.primary, -r.prompt_tokens))
+
+
+def verdict(rows: list[RunResult], label: str,
+            tuned_names: Sequence[str] = (TUNED,)) -> tuple[str, dict[str, Any]]:
+    """The best fine-tuned model against the best prompting setup, in one sentence and as
+    fields (`kind`: tuned_wins, on_par, prompting_wins or tuned_only), so that a reader never
+    re-parses the sentence. The sentence is rendered from the fields."""
+    tuned_rows = [r for r in rows if r.name in tuned_names]
+    baselines = [r for r in rows if r.name not in tuned_names]
+    tuned = _best(tuned_rows)
+    who = "fine-tuned" if tuned.name == TUNED else f"fine-tuned ({tuned.name})"
+    detail: dict[str, Any] = {"best_tuned": tuned.name, "tuned_primary": tuned.primary}
     if not baselines:
-        return f"fine-tuned: {100 * tuned.primary:.1f}% {label}"
-    best = max(baselines, key=lambda r: (r.primary, -r.prompt_tokens))
+        return f"{who}: {100 * tuned.primary:.1f}% {label}", {"kind": "tuned_only", **detail}
+    best = _best(baselines)
     points = 100 * (tuned.primary - best.primary)
     ratio = tuned.prompt_tokens / best.prompt_tokens if best.prompt_tokens else 1.0
+    kind = "on_par" if abs(points) < 1.0 else "tuned_wins" if points > 0 else "prompting_wins"
+    detail = {"kind": kind, **detail, "best_baseline": best.name,
+              "baseline_primary": best.primary, "points": points, "prompt_tokens_ratio": ratio}
     tokens = (f"{100 * (1 - ratio):.0f}% fewer" if ratio < 0.995 else
               f"{100 * (ratio - 1):.0f}% more" if ratio > 1.005 else "the same number of")
     cost = f"with {tokens} prompt tokens per request"
-    if abs(points) < 1.0:
-        return (f"fine-tuned: on par with {best.name} ({points:+.1f} points {label}), {cost}")
-    if points > 0:
-        return f"fine-tuned: {points:+.1f} points {label} over {best.name}, {cost}"
-    return (f"prompting wins: fine-tuned is {points:+.1f} points {label} behind {best.name}, "
-            f"{cost}")
+    if kind == "on_par":
+        return f"{who}: on par with {best.name} ({points:+.1f} points {label}), {cost}", detail
+    if kind == "tuned_wins":
+        return f"{who}: {points:+.1f} points {label} over {best.name}, {cost}", detail
+    loser = "fine-tuned" if tuned.name == TUNED else \
+        f"the best fine-tuned model ({tuned.name})" if len(tuned_rows) > 1 else who
+    return (f"prompting wins: {loser} is {points:+.1f} points {label} behind {best.name}, "
+            f"{cost}"), detail
 
 
 # -- the general check (forgetting) -----------------------------------------------------------
@@ -189,23 +248,6 @@ def forgetting_summary(base: RunResult, tuned: RunResult, *, examples: int = 4) 
             "lost_examples": lost[:examples], "gained_examples": gained[:examples]}
 
 
-def forgetting_line(f: dict[str, Any]) -> str:
-    parts = []
-    if f.get("general"):
-        g = f["general"]
-        what = ("no change" if abs(g["delta_points"]) < 0.5 else
-                f"{g['delta_points']:+.1f} points")
-        parts.append(f"general check ({g['items']} prompts): base {100 * g['base']:.0f}% -> "
-                     f"fine-tuned {100 * g['tuned']:.0f}% ({what}; {g['lost']} answers lost, "
-                     f"{g['gained']} gained)")
-    if f.get("file"):
-        x = f["file"]
-        parts.append(f"{x['name']}: loss {x['base']['loss']:.3f} -> {x['tuned']['loss']:.3f}, "
-                     f"match {100 * x['base']['normalized_match']:.0f}% -> "
-                     f"{100 * x['tuned']['normalized_match']:.0f}%")
-    return "; ".join(parts)
-
-
 def _file_check(run, model, tok, examples: list[Example], who: str,
                 max_length: int) -> dict[str, Any]:
     """--general FILE: loss and exact match of any conversation file."""
@@ -218,35 +260,148 @@ def _file_check(run, model, tok, examples: list[Example], who: str,
 
 # -- the comparison ---------------------------------------------------------------------------
 
-def compare(*, base: str | None, tuned: str, data: str | Path, out_dir: str | Path,
-            task: str = "auto", train: str | Path | None = None, few_shot: int = 5,
-            system: str | None = None, general: str | Path | None = None,
+def parse_tuned(specs: str | Sequence[str]) -> list[tuple[str | None, str]]:
+    """`--tuned` values -> (name or None, spec). `NAME=SPEC` names a model's rows (`sft=runs/sft`);
+    a value that is an existing path, or whose part before '=' holds a '/', is a plain spec."""
+    out = []
+    for value in [specs] if isinstance(specs, str) else list(specs):
+        name, sep, spec = str(value).partition("=")
+        if sep and name.strip() and spec and "/" not in name and not Path(value).exists():
+            out.append((name.strip(), spec))
+        else:
+            out.append((None, str(value)))
+    if not out:
+        raise TunelabError("no fine-tuned model to compare (give --tuned)", field="tuned")
+    return out
+
+
+def _lineage(spec: str) -> list:
+    """How a model came to be, newest first: its run's provenance, then that of the model the
+    run started from, ... up to a model tunelab did not fine-tune (SFT+DPO -> SFT -> base)."""
+    from tunelab import models
+    out, seen = [], {str(spec)}
+    known = models.trained_with(spec)
+    while known.base is not None or known.run_dir is not None:
+        out.append(known)
+        if known.base is None or known.base in seen:
+            break
+        seen.add(known.base)
+        known = models.trained_with(known.base)
+    return out
+
+
+def _derived_name(spec: str, run_dir: Path | None) -> str:
+    path = Path(spec)
+    if path.name.startswith("checkpoint-") and run_dir is not None:
+        return f"{run_dir.name} {path.name}"
+    if run_dir is not None:
+        return run_dir.name
+    if path.name in ("model", "adapter") and path.parent.name:
+        return path.parent.name
+    return path.name or spec
+
+
+def _reserved(name: str) -> bool:
+    return name in (BASE, ZERO_SHOT, SYSTEM) or bool(re.fullmatch(r"base \d+-shot", name))
+
+
+def tuned_models(specs: str | Sequence[str]) -> tuple[list[TunedModel], list[list]]:
+    """The fine-tuned models of a comparison, named for their rows, with their lineages. One
+    unnamed model is "fine-tuned" (as it always was); several are named by `NAME=` or by their
+    run folders."""
+    parsed = parse_tuned(specs)
+    lineages = [_lineage(spec) for _, spec in parsed]
+    names = []
+    for (given, spec), lineage in zip(parsed, lineages):
+        if given is not None:
+            if _reserved(given) or given in names:
+                raise TunelabError(f"the name '{given}' is taken (by the base model's rows or "
+                                   "another --tuned): name each fine-tuned model differently",
+                                   field="tuned")
+            names.append(given)
+            continue
+        if len(parsed) == 1:
+            names.append(TUNED)
+            continue
+        name = _derived_name(spec, lineage[0].run_dir if lineage else None)
+        name = f"fine-tuned {name}" if _reserved(name) else name
+        k, unique = 2, name
+        while unique in names or unique in [g for g, _ in parsed if g]:
+            unique, k = f"{name} ({k})", k + 1
+        names.append(unique)
+    tuned = [TunedModel(name=name, model=spec,
+                        base=lineage[-1].base if lineage else None,
+                        run_dir=str(lineage[0].run_dir) if lineage and lineage[0].run_dir
+                        else None,
+                        train_file=lineage[0].train_file if lineage else None,
+                        max_length=lineage[0].max_length if lineage else None)
+             for name, (_, spec), lineage in zip(names, parsed, lineages)]
+    return tuned, lineages
+
+
+def _base_of(tuned: list[TunedModel]) -> str:
+    for t in tuned:
+        if not t.base:
+            raise TunelabError(f"cannot tell which base model '{t.model}' was fine-tuned from (it "
+                               "is not a tunelab run, model or adapter folder): give --base",
+                               field="base")
+    bases = {t.base for t in tuned}
+    if len(bases) > 1:
+        each = ", ".join(f"{t.name} from {t.base}" for t in tuned)
+        raise TunelabError(f"the fine-tuned models start from different base models ({each}): "
+                           "give --base", field="base")
+    return bases.pop()
+
+
+def _shots_file(lineages: list[list]) -> str | None:
+    """The training conversations few-shot examples come from: the first training file of the
+    fine-tuned models and the runs they started from that holds conversations (a DPO run
+    trained on preference pairs; the SFT run it started from on conversations)."""
+    from tunelab.evaluate.runner import holds_preferences
+    for lineage in lineages:
+        for known in lineage:
+            if known.train_file is None:
+                continue
+            if not Path(known.train_file).is_file() or not holds_preferences(known.train_file):
+                return known.train_file
+    return None
+
+
+def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
+            out_dir: str | Path, task: str = "auto", train: str | Path | None = None,
+            few_shot: int = 5, system: str | None = None, general: str | Path | None = None,
             general_check: bool = True, labels: list[str] | None = None,
-            limit: int | None = None, batch_size: int = 16, precision: str = "auto",
+            preference: str | Path | None = None, limit: int | None = None,
+            batch_size: int = 16, precision: str = "auto",
             progress_factory=None) -> Comparison:
     """Run every row on the same test split, check forgetting, write the report.
+    `tuned`: one model spec, or several (`NAME=SPEC` names one's rows), measured in order.
+    `preference`: held-out preference pairs, scored for the base and each tuned model.
     `progress_factory(name, total)` returns a bar (update, close) for each setup, or None.
     `precision`: the weights' dtype for every model ('auto': bf16 where the hardware has it)."""
     from tunelab import models
     from tunelab.config import DEFAULT_MAX_LENGTH
     from tunelab.data.conversation import read_conversations
-    from tunelab.evaluate.report import write_report
     from tunelab.runtime import set_threads, torch_dtype
 
-    provenance = models.trained_with(tuned)
-    base = base or provenance.base
-    if not base:
-        raise TunelabError(f"cannot tell which base model '{tuned}' was fine-tuned from (it is "
-                           "not a tunelab run, model or adapter folder): give --base",
-                           field="base")
-    train = train if train is not None else provenance.train_file
+    tuned_list, lineages = tuned_models(tuned)
+    base = base or _base_of(tuned_list)
+    train = train if train is not None else _shots_file(lineages)
     if train is not None and not Path(train).is_file():
         raise TunelabError("file not found", file=train, field="train")
-    examples = load_examples(task if task == "code" else "", data, limit=limit)
+    if task == "preference":
+        raise TunelabError("compare scores generated answers to the test conversations: give "
+                           "held-out preference pairs as --preference", field="task")
+    examples = load_examples(task, data, limit=limit)
+    if any(isinstance(e, PairExample) for e in examples):
+        raise TunelabError("holds preference pairs: compare answers test conversations; give "
+                           "held-out pairs as --preference", file=data, field="data")
     task_obj = make_task(task, examples, labels=labels)
     if not task_obj.generates:
-        raise TunelabError("compare scores generated answers: choose a task other than loss",
-                           field="task")
+        raise TunelabError(f"compare scores generated answers: choose a task other than "
+                           f"{task_obj.name}", field="task")
+    pref_examples = load_examples("preference", preference, limit=limit) if preference else []
+    pref_task = make_task("preference", pref_examples) if pref_examples else None
     warnings: list[str] = []
     shots: list[Example] = []
     if train is not None and few_shot > 0:
@@ -267,13 +422,19 @@ def compare(*, base: str | None, tuned: str, data: str | Path, out_dir: str | Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_threads()
+    # one max_length for every model, so that each scores the same tokens
+    max_length = max((t.max_length for t in tuned_list if t.max_length),
+                     default=DEFAULT_MAX_LENGTH)
 
-    def run(model, tok, name, model_name, prompts=None, on=examples, t=task_obj):
-        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
-        bar = progress_factory(name, len(on)) if progress_factory else None
+    def run(model, tok, name, model_name, prompts=None, on=examples, t=task_obj, what=None):
+        """One setup: `name` is its row's name; `what` (default: the name) its progress bar's
+        and its predictions file's."""
+        what = what or name
+        slug = re.sub(r"[^a-z0-9]+", "-", what.lower()).strip("-")[:60]
+        bar = progress_factory(what, len(on)) if progress_factory else None
         try:
             return run_task(model, tok, t, on, name=name, model_name=model_name,
-                            prompts=prompts, batch_size=batch_size,
+                            prompts=prompts, batch_size=batch_size, max_length=max_length,
                             predictions_file=out / "predictions" / f"{slug}.jsonl",
                             progress=bar.update if bar else None)
         finally:
@@ -283,7 +444,18 @@ def compare(*, base: str | None, tuned: str, data: str | Path, out_dir: str | Pa
     rows: list[RunResult] = []
     general_runs: dict[str, RunResult] = {}
     file_losses: dict[str, dict] = {}
-    max_length = provenance.max_length or DEFAULT_MAX_LENGTH
+    pref_rows: list[RunResult] = []
+
+    def checks(model, tok, who: str, spec: str) -> None:
+        """What every model answers besides the test split: forgetting and preference pairs."""
+        if general_set:
+            general_runs[who] = run(model, tok, f"general {who}", spec, on=general_set[0],
+                                    t=general_set[1])
+        if general_file:
+            file_losses[who] = _file_check(run, model, tok, general_file, who, max_length)
+        if pref_task:
+            pref_rows.append(run(model, tok, who, spec, on=pref_examples, t=pref_task,
+                                 what=f"preference {who}"))
 
     dtype = torch_dtype(precision)
     model, tok = models.load(base, dtype=dtype)
@@ -293,38 +465,40 @@ def compare(*, base: str | None, tuned: str, data: str | Path, out_dir: str | Pa
     if shots:
         rows.append(run(model, tok, few_shot_name(len(shots)), base,
                         [with_shots(e, shots, system) for e in examples]))
-    if general_set:
-        general_runs["base"] = run(model, tok, "general base", base, on=general_set[0],
-                                   t=general_set[1])
-    if general_file:
-        file_losses["base"] = _file_check(run, model, tok, general_file, "base", max_length)
+    checks(model, tok, BASE, base)
     del model
     gc.collect()
 
-    model, tok = models.load(tuned, dtype=dtype)
-    rows.append(run(model, tok, TUNED, tuned))
-    if general_set:
-        general_runs["tuned"] = run(model, tok, "general fine-tuned", tuned, on=general_set[0],
-                                    t=general_set[1])
-    if general_file:
-        file_losses["tuned"] = _file_check(run, model, tok, general_file, "fine-tuned",
-                                           max_length)
-    del model
-    gc.collect()
+    for t in tuned_list:
+        model, tok = models.load(t.model, dtype=dtype)
+        rows.append(run(model, tok, t.name, t.model))
+        checks(model, tok, t.name, t.model)
+        del model
+        gc.collect()
 
     for r in rows:
         warnings += [f"{r.name}: {w}" for w in r.warnings]
+    for r in pref_rows:
+        warnings += [f"preference {r.name}: {w}" for w in r.warnings]
+    sentence, detail = verdict(rows, task_obj.label, [t.name for t in tuned_list])
+    best = next(t for t in tuned_list if t.name == detail["best_tuned"])
     forgetting = None
     if general_runs or file_losses:
         forgetting = {}
         if general_runs:
-            forgetting["general"] = forgetting_summary(general_runs["base"], general_runs["tuned"])
+            forgetting["general"] = forgetting_summary(general_runs[BASE], general_runs[best.name])
         if file_losses:
-            forgetting["file"] = {"name": str(general), **file_losses}
-    result = Comparison(task=task_obj.describe(), base=base, tuned=str(tuned), test_file=str(data),
-                        train_file=str(train) if train else None, rows=rows,
-                        verdict=verdict(rows, task_obj.describe(), task_obj.label),
-                        few_shot=shots, forgetting=forgetting, warnings=warnings,
-                        run_dir=str(provenance.run_dir) if provenance.run_dir else None)
+            forgetting["file"] = {"name": str(general), "base": file_losses[BASE],
+                                  "tuned": file_losses[best.name]}
+        forgetting["models"] = [
+            {"name": t.name, "model": t.model,
+             "general": forgetting_summary(general_runs[BASE], general_runs[t.name])
+             if general_runs else None, "file": file_losses.get(t.name)} for t in tuned_list]
+    result = Comparison(task=task_obj.describe(), base=base, tuned=best.model,
+                        test_file=str(data), train_file=str(train) if train else None,
+                        rows=rows, verdict=sentence, few_shot=shots, forgetting=forgetting,
+                        warnings=warnings, run_dir=best.run_dir, tuned_models=tuned_list,
+                        verdict_detail=detail, preference=pref_rows,
+                        preference_file=str(preference) if preference else None)
     write_report(result, out)
     return result

@@ -14,9 +14,13 @@ from tunelab.evaluate.runner import RunResult
 
 PALETTE = {"base zero-shot": "#9aa5b1", "base + system prompt": "#7b8794", "fine-tuned": "#2563eb"}
 FEW_SHOT_COLOR = "#f59e0b"
+TUNED_COLORS = ("#2563eb", "#7c3aed", "#059669", "#db2777", "#0891b2", "#65a30d")
 
 
-def _color(name: str) -> str:
+def _color(name: str, tuned: list[str] | tuple[str, ...] = ()) -> str:
+    """Base rows grey, few-shot amber, each fine-tuned model its own colour (the first blue)."""
+    if name in tuned:
+        return TUNED_COLORS[list(tuned).index(name) % len(TUNED_COLORS)]
     return PALETTE.get(name, FEW_SHOT_COLOR)
 
 
@@ -26,27 +30,39 @@ def _pct(x: Any) -> str:
 
 # -- terminal ----------------------------------------------------------------------------------
 
+# metrics that are not fractions in [0, 1] (shown as numbers, not percentages)
+NOT_FRACTIONS = {"test_loss", "test_perplexity", "loss", "perplexity", "margin", "chosen_logp",
+                 "rejected_logp"}
+
+
 def format_metrics(res: RunResult) -> str:
     """`tunelab eval`'s table."""
+    from tunelab.evaluate.tasks import TASKS
     m = res.metrics
-    lines = [f"task              {res.task['task']}", f"examples          {res.examples}"]
+    pairs = getattr(TASKS.get(res.task["task"]), "answers_by", "") == "logprobs"
+    w = max([17, *(len(metric_name(k)) for k in m)])
+    lines = [f"{'task':<{w}} {res.task['task']}",
+             f"{'pairs' if pairs else 'examples':<{w}} {res.examples}"]
     for key, value in m.items():
         if key == "confusion":
             continue
-        if isinstance(value, float) and key not in ("test_loss", "test_perplexity", "loss",
-                                                    "perplexity"):
+        if isinstance(value, float) and key not in NOT_FRACTIONS:
             text = _pct(value)
         elif isinstance(value, float):
-            text = f"{value:.4f}"
+            text = f"{value:+.4f}" if key == "margin" else f"{value:.4f}"
         else:
             text = str(value)
-        lines.append(f"{metric_name(key):<17} {text}")
+        lines.append(f"{metric_name(key):<{w}} {text}")
     if "confusion" in m:
         lines.append("")
         lines += confusion_text(m["confusion"])
-    if res.prompt_tokens:
+    if pairs:
+        lines += ["", f"{'per pair':<{w}} {res.prompt_tokens:.0f} prompt tokens, both answers "
+                  f"scored in one pass, {res.requests_per_s:.1f} pairs/s (batched)"]
+    elif res.prompt_tokens:
         lines.append("")
-        lines.append(f"per request       {res.prompt_tokens:.0f} prompt + {res.completion_tokens:.1f} "
+        lines.append(f"{'per request':<{w}} {res.prompt_tokens:.0f} prompt + "
+                     f"{res.completion_tokens:.1f} "
                      f"generated tokens, {res.latency_s:.2f} s latency (batched), "
                      f"{res.requests_per_s:.1f} requests/s")
     return "\n".join(lines)
@@ -67,39 +83,115 @@ METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "invalid_rate": 
                 "pass@1": "pass@1", "no_number_rate": "no number", "pass_rate": "pass rate",
                 "test_loss": "test loss", "test_perplexity": "perplexity",
                 "token_accuracy": "token accuracy", "trained_tokens": "trained tokens",
-                "max_length": "max length"}
+                "max_length": "max length", "normalized_accuracy": "per-token accuracy",
+                "margin": "mean margin", "chosen_logp": "chosen log-prob",
+                "rejected_logp": "rejected log-prob"}
 
 
 def metric_name(key: str) -> str:
     return METRIC_NAMES.get(key, key.replace("_", " "))
 
 
-def comparison_table(rows: list[RunResult]) -> list[list[str]]:
+def comparison_table(rows: list[RunResult], preference_of=None) -> list[list[str]]:
+    """The comparison's table. `preference_of(row name)` -> the preference result of the model
+    that row is answered by (or None): its accuracy and mean margin become two columns."""
     primary = rows[0].task["primary"]
     extra = [k for k in ("macro_f1", "invalid_rate", "no_number_rate") if k in rows[0].metrics]
-    head = ["", metric_name(primary), *map(metric_name, extra), "prompt tok/req",
+    prefs = [preference_of(r.name) for r in rows] if preference_of else [None] * len(rows)
+    pref_cols = ["preferred", "pref. margin"] if any(prefs) else []
+    head = ["", metric_name(primary), *map(metric_name, extra), *pref_cols, "prompt tok/req",
             "gen tok/req", "latency s", "req/s"]
     body = []
-    for r in rows:
-        cells = [r.name, _pct(r.primary)] + [_pct(r.metrics.get(k)) for k in extra] + \
-            [f"{r.prompt_tokens:.0f}", f"{r.completion_tokens:.1f}", f"{r.latency_s:.2f}",
-             f"{r.requests_per_s:.1f}"]
+    for r, p in zip(rows, prefs):
+        cells = [r.name, _pct(r.primary)] + [_pct(r.metrics.get(k)) for k in extra]
+        if pref_cols:
+            cells += [_pct(p.primary), f"{p.metrics['margin']:+.2f}"] if p else ["-", "-"]
+        cells += [f"{r.prompt_tokens:.0f}", f"{r.completion_tokens:.1f}", f"{r.latency_s:.2f}",
+                  f"{r.requests_per_s:.1f}"]
         body.append(cells)
     return [head] + body
 
 
+def preference_table(c) -> list[list[str]]:
+    """Every preference metric, for the base model and each fine-tuned model."""
+    head = ["model", "accuracy", "per-token accuracy", "mean margin", "chosen log-prob",
+            "rejected log-prob"]
+    return [head] + [[r.name, _pct(r.metrics["accuracy"]), _pct(r.metrics["normalized_accuracy"]),
+                      f"{r.metrics['margin']:+.3f}", f"{r.metrics['chosen_logp']:.3f}",
+                      f"{r.metrics['rejected_logp']:.3f}"] for r in c.preference]
+
+
+PREFERENCE_NOTE = ("A pair counts as preferred when the model gives its chosen answer a higher "
+                   "log-probability than the rejected one, given the prompt (summed over the "
+                   "answer's tokens and end-of-turn token; per-token: divided by each answer's "
+                   "length). The margin is chosen minus rejected summed log-probability.")
+
+
 def format_comparison(c) -> str:
-    table = comparison_table(c.rows)
+    table = comparison_table(c.rows, c.preference_of)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     out = [*lines, "", c.verdict]
+    if c.preference:
+        out.append(preference_line(c))
     if c.forgetting:
-        from tunelab.evaluate.compare import forgetting_line
         out.append(forgetting_line(c.forgetting))
     out += [f"warning: {w}" for w in c.warnings]
     return "\n".join(out)
+
+
+def forgetting_line(f: dict[str, Any]) -> str:
+    if len(f.get("models", [])) > 1:
+        return _forgetting_line_several(f)
+    parts = []
+    if f.get("general"):
+        g = f["general"]
+        what = ("no change" if abs(g["delta_points"]) < 0.5 else
+                f"{g['delta_points']:+.1f} points")
+        parts.append(f"general check ({g['items']} prompts): base {100 * g['base']:.0f}% -> "
+                     f"fine-tuned {100 * g['tuned']:.0f}% ({what}; {g['lost']} answers lost, "
+                     f"{g['gained']} gained)")
+    if f.get("file"):
+        x = f["file"]
+        parts.append(f"{x['name']}: loss {x['base']['loss']:.3f} -> {x['tuned']['loss']:.3f}, "
+                     f"match {100 * x['base']['normalized_match']:.0f}% -> "
+                     f"{100 * x['tuned']['normalized_match']:.0f}%")
+    return "; ".join(parts)
+
+
+def _forgetting_line_several(f: dict[str, Any]) -> str:
+    """The base model, then each fine-tuned model: pass rate, change, answers lost/gained."""
+    models = f["models"]
+    parts = []
+    if f.get("general"):
+        g = f["general"]
+        each = []
+        for m in models:
+            x = m["general"]
+            each.append(f"{m['name']} {100 * x['tuned']:.0f}% ({x['delta_points']:+.1f} points; "
+                        f"{x['lost']} lost, {x['gained']} gained)")
+        parts.append(f"general check ({g['items']} prompts): base {100 * g['base']:.0f}% -> "
+                     + ", ".join(each))
+    if f.get("file"):
+        x = f["file"]
+        loss = ", ".join(f"{m['name']} {m['file']['loss']:.3f}" for m in models)
+        match = ", ".join(f"{m['name']} {100 * m['file']['normalized_match']:.0f}%"
+                          for m in models)
+        parts.append(f"{x['name']}: loss {x['base']['loss']:.3f} -> {loss}; match "
+                     f"{100 * x['base']['normalized_match']:.0f}% -> {match}")
+    return "; ".join(parts)
+
+
+def preference_line(c) -> str:
+    """`preference pairs (40): base 50.0% (margin -0.12), sft 62.5% (+1.30), dpo 95.0% (+8.40)`"""
+    if not c.preference:
+        return ""
+    each = [f"{r.name} {100 * r.primary:.1f}% ({'margin ' if i == 0 else ''}"
+            f"{r.metrics['margin']:+.2f})" for i, r in enumerate(c.preference)]
+    return (f"preference pairs ({c.preference[0].examples}): chosen answer more likely for "
+            + ", ".join(each))
 
 
 # -- charts ------------------------------------------------------------------------------------
@@ -121,12 +213,16 @@ def _plt():
     return plt
 
 
-def chart_metric(rows: list[RunResult], label: str) -> bytes:
+def _height(rows: list) -> float:
+    return 3.0 + 0.35 * max(0, len(rows) - 4)
+
+
+def chart_metric(rows: list[RunResult], label: str, tuned: list[str] = ()) -> bytes:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.0))
+    fig, ax = plt.subplots(figsize=(5.6, _height(rows)))
     names = [r.name for r in rows]
     values = [100 * r.primary for r in rows]
-    bars = ax.barh(names, values, color=[_color(n) for n in names])
+    bars = ax.barh(names, values, color=[_color(n, tuned) for n in names])
     ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], padding=3)
     ax.set_xlim(0, 110)
     ax.invert_yaxis()
@@ -135,13 +231,13 @@ def chart_metric(rows: list[RunResult], label: str) -> bytes:
     return _figure_png(fig)
 
 
-def chart_tokens(rows: list[RunResult]) -> bytes:
+def chart_tokens(rows: list[RunResult], tuned: list[str] = ()) -> bytes:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.0))
+    fig, ax = plt.subplots(figsize=(5.6, _height(rows)))
     names = [r.name for r in rows]
     prompt = [r.prompt_tokens for r in rows]
     gen = [r.completion_tokens for r in rows]
-    ax.barh(names, prompt, color=[_color(n) for n in names], label="prompt")
+    ax.barh(names, prompt, color=[_color(n, tuned) for n in names], label="prompt")
     bars = ax.barh(names, gen, left=prompt, color="#111827", alpha=0.55, label="generated")
     ax.bar_label(bars, labels=[f"{p + g:.0f}" for p, g in zip(prompt, gen)], padding=3)
     ax.set_xlim(0, max(p + g for p, g in zip(prompt, gen)) * 1.18)
@@ -178,36 +274,58 @@ def chart_confusions(rows: list[RunResult]) -> bytes:
     return _figure_png(fig)
 
 
-def chart_training(run_dir: Path) -> bytes | None:
+def chart_training(run_dir: Path | list[tuple[str, Path]]) -> bytes | None:
+    """The loss curves of a run; of several runs (name, folder), one panel each: an SFT loss
+    per token and a DPO loss per pair do not share a scale."""
     from tunelab.train.events import read_metrics
-    entries = read_metrics(run_dir / "metrics.jsonl")
-    train = [(e["step"], e["train_loss"]) for e in entries if "train_loss" in e]
-    valid = [(e["step"], e["valid_loss"]) for e in entries if "valid_loss" in e]
-    if not train:
+    runs = [("", Path(run_dir))] if isinstance(run_dir, (str, Path)) else \
+        [(n, Path(d)) for n, d in run_dir]
+    curves = []
+    for name, folder in runs:
+        entries = read_metrics(folder / "metrics.jsonl")
+        train = [(e["step"], e["train_loss"]) for e in entries if "train_loss" in e]
+        valid = [(e["step"], e["valid_loss"]) for e in entries if "valid_loss" in e]
+        if train:
+            curves.append((name, train, valid))
+    if not curves:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.0))
-    ax.plot(*zip(*train), label="train", color="#2563eb")
-    if valid:
-        ax.plot(*zip(*valid), "o-", label="validation", color="#f59e0b")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per trained token")
-    ax.set_title("training")
-    ax.grid(alpha=0.25)
-    ax.legend(frameon=False)
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.6 if len(curves) == 1 else
+                                                      3.6 * len(curves), 3.0), squeeze=False)
+    for ax, (name, train, valid) in zip(axes[0], curves):
+        ax.plot(*zip(*train), label="train", color="#2563eb")
+        if valid:
+            ax.plot(*zip(*valid), "o-", label="validation", color="#f59e0b")
+        ax.set_xlabel("step")
+        ax.set_title(f"training: {name}" if name else "training")
+        ax.grid(alpha=0.25)
+        ax.legend(frameon=False)
+    axes[0][0].set_ylabel("loss per trained token" if len(curves) == 1 else "training loss")
+    fig.tight_layout()
     return _figure_png(fig)
 
 
-def chart_forgetting(general: dict[str, Any]) -> bytes:
+def chart_forgetting(general: dict[str, Any], models: list[dict[str, Any]] | None = None
+                     ) -> bytes:
+    """Pass rate per category: the base model, then each fine-tuned model (`models`: the
+    forgetting check's per-model entries; none: the one in `general`)."""
     plt = _plt()
     cats = list(general["by_category"])
-    base = [100 * (general["by_category"][c]["base"] or 0) for c in cats]
-    tuned = [100 * general["by_category"][c]["tuned"] for c in cats]
-    fig, ax = plt.subplots(figsize=(5.6, 3.0))
+    series = [("base", [100 * (general["by_category"][c]["base"] or 0) for c in cats],
+               PALETTE["base zero-shot"])]
+    if models and len(models) > 1:
+        names = [m["name"] for m in models]
+        series += [(m["name"], [100 * m["general"]["by_category"][c]["tuned"] for c in cats],
+                    _color(m["name"], names)) for m in models]
+    else:
+        series.append(("fine-tuned", [100 * general["by_category"][c]["tuned"] for c in cats],
+                       PALETTE["fine-tuned"]))
+    fig, ax = plt.subplots(figsize=(5.6, 3.0 if len(series) <= 2 else 3.0 + 0.5 * len(cats)))
     y = range(len(cats))
-    ax.barh([i - 0.2 for i in y], base, height=0.4, color=PALETTE["base zero-shot"], label="base")
-    ax.barh([i + 0.2 for i in y], tuned, height=0.4, color=PALETTE["fine-tuned"],
-            label="fine-tuned")
+    width = 0.8 / len(series)
+    for k, (label, values, color) in enumerate(series):
+        ax.barh([i - 0.4 + width * (k + 0.5) for i in y], values, height=width, color=color,
+                label=label)
     ax.set_yticks(list(y), cats)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
@@ -221,24 +339,31 @@ def chart_forgetting(general: dict[str, Any]) -> bytes:
 
 def side_by_side(c, n: int = 10) -> tuple[str, list[dict[str, Any]]]:
     """Ten test examples answered by the best prompting baseline (few-shot if it ran) and the
-    fine-tuned model: disagreements first (either way), then shared mistakes, then agreement."""
-    from tunelab.evaluate.compare import TUNED
-    tuned = c.row(TUNED)
-    baselines = [r for r in c.rows if r.name != TUNED]
+    fine-tuned models: disagreements of the baseline and the best fine-tuned model first
+    (either way), then shared mistakes, then agreement. Each item's `answers` holds every
+    fine-tuned model's (name, answer, score); `tuned` is the best one's answer."""
+    names = c.tuned_names
+    best = c.verdict_detail.get("best_tuned", names[0])
+    tuned = c.row(best)
+    baselines = [r for r in c.rows if r.name not in names]
     if tuned is None or not baselines:
         return "", []
     other = next((r for r in baselines if "shot" in r.name and "zero" not in r.name),
                  baselines[0])
     by_index = {s["index"]: s for s in other.scored}
+    each = [{s["index"]: s for s in r.scored} for r in (c.row(x) for x in names) if r]
     rows = []
     for t in sorted(tuned.scored, key=lambda s: s["index"]):
         b = by_index.get(t["index"])
         if b is None:
             continue
         rank = 0 if t["score"] != b["score"] else 1 if t["score"] == 0 else 2
+        answers = [(name, m[t["index"]]["prediction"], m[t["index"]]["score"])
+                   for name, m in zip(names, each) if t["index"] in m]
         rows.append((rank, t["index"], {"prompt": t["prompt"], "reference": t["reference"],
                                         "base": b["prediction"], "base_score": b["score"],
-                                        "tuned": t["prediction"], "tuned_score": t["score"]}))
+                                        "tuned": t["prediction"], "tuned_score": t["score"],
+                                        "answers": answers}))
     rows.sort(key=lambda x: (x[0], x[1]))
     picked = [r for rank in (0, 1, 2) for r in rows if r[0] == rank]
     # at most 6 of one kind, so the ten show both wins and mistakes
@@ -257,19 +382,30 @@ def side_by_side(c, n: int = 10) -> tuple[str, list[dict[str, Any]]]:
 
 # -- writing -----------------------------------------------------------------------------------
 
+def _training_runs(c) -> Path | list[tuple[str, Path]] | None:
+    runs = [(t.name, Path(t.run_dir)) for t in c.tuned_models if t.run_dir]
+    if len(c.tuned_models) > 1:
+        return runs or None
+    return Path(c.run_dir) if c.run_dir else None
+
+
 def write_report(c, out_dir: Path) -> None:
     out_dir = Path(out_dir)
+    tuned = c.tuned_names
     charts: dict[str, bytes] = {"metric": chart_metric(c.rows,
-                                                       metric_name(c.rows[0].task["primary"])),
-                                "tokens": chart_tokens(c.rows)}
+                                                       metric_name(c.rows[0].task["primary"]),
+                                                       tuned),
+                                "tokens": chart_tokens(c.rows, tuned)}
     if any("confusion" in r.metrics for r in c.rows):
         charts["confusion"] = chart_confusions(c.rows)
-    if c.run_dir:
-        png = chart_training(Path(c.run_dir))
+    runs = _training_runs(c)
+    if runs:
+        png = chart_training(runs)
         if png:
             charts["training"] = png
     if c.forgetting and c.forgetting.get("general"):
-        charts["forgetting"] = chart_forgetting(c.forgetting["general"])
+        charts["forgetting"] = chart_forgetting(c.forgetting["general"],
+                                                c.forgetting.get("models"))
     (out_dir / "charts").mkdir(parents=True, exist_ok=True)
     for name, png in charts.items():
         (out_dir / "charts" / f"{name}.png").write_bytes(png)
@@ -282,13 +418,26 @@ def write_report(c, out_dir: Path) -> None:
     write_json(out_dir / "comparison.json", c.to_json())
 
 
+def _tuned_facts(c) -> list[tuple[str, str]]:
+    if len(c.tuned_models) > 1:
+        return [(f"fine-tuned: {t.name}", t.model) for t in c.tuned_models]
+    return [("fine-tuned model", c.tuned)]
+
+
+def _answer_names(c) -> list[str]:
+    """The fine-tuned columns of the example answers: "fine-tuned", or each model's name."""
+    return c.tuned_names if len(c.tuned_models) > 1 else ["fine-tuned"]
+
+
 def _markdown(c, charts: dict[str, bytes]) -> str:
-    table = comparison_table(c.rows)
+    table = comparison_table(c.rows, c.preference_of)
     md = [f"# Fine-tuned vs prompted: {c.task['task']}", "", f"**{c.verdict}**", "",
-          f"- base model: `{c.base}`", f"- fine-tuned model: `{c.tuned}`",
+          f"- base model: `{c.base}`", *(f"- {k}: `{v}`" for k, v in _tuned_facts(c)),
           f"- test data: `{c.test_file}` ({c.rows[0].examples} examples)"]
     if c.train_file:
         md.append(f"- few-shot examples from: `{c.train_file}` ({len(c.few_shot)} shots)")
+    if c.preference:
+        md.append(f"- preference pairs: `{c.preference_file}` ({c.preference[0].examples} pairs)")
     md += ["", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     md += ["| " + " | ".join(row) + " |" for row in table[1:]]
     md += ["", "Tokens are per request, means over the test split; latency is the wall time of "
@@ -296,18 +445,26 @@ def _markdown(c, charts: dict[str, bytes]) -> str:
     for name in ("metric", "tokens", "confusion", "training", "forgetting"):
         if name in charts:
             md.append(f"![{name}](charts/{name}.png)")
+    if c.preference:
+        ptable = preference_table(c)
+        md += ["", "## Preference pairs", "", PREFERENCE_NOTE, "",
+               "| " + " | ".join(ptable[0]) + " |", "|" + "---|" * len(ptable[0])]
+        md += ["| " + " | ".join(row) + " |" for row in ptable[1:]]
     if c.forgetting:
-        from tunelab.evaluate.compare import forgetting_line
         md += ["", "## Forgetting", "", forgetting_line(c.forgetting)]
     who, items = side_by_side(c)
     if items:
-        md += ["", f"## Example answers: {who} vs fine-tuned", "",
-               f"| prompt | reference | {who} | fine-tuned |", "|---|---|---|---|"]
+        names = _answer_names(c)
+        md += ["", f"## Example answers: {who} vs {', '.join(names)}", "",
+               f"| prompt | reference | {who} | {' | '.join(names)} |",
+               "|---|---|---|" + "---|" * len(names)]
+        cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:160]
+        mark = lambda score: "✓" if score >= 1 else "✗"
         for it in items:
-            cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:160]
             md.append(f"| {cell(it['prompt'])} | {cell(it['reference'])} | "
-                      f"{'✓' if it['base_score'] >= 1 else '✗'} {cell(it['base'])} | "
-                      f"{'✓' if it['tuned_score'] >= 1 else '✗'} {cell(it['tuned'])} |")
+                      f"{mark(it['base_score'])} {cell(it['base'])} | "
+                      + " | ".join(f"{mark(score)} {cell(text)}"
+                                   for _, text, score in it["answers"]) + " |")
     if c.warnings:
         md += ["", "## Warnings", ""] + [f"- {w}" for w in c.warnings]
     return "\n".join(md) + "\n"
@@ -352,22 +509,30 @@ def _img(charts: dict[str, bytes], name: str, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
-def _html(c, charts: dict[str, bytes]) -> str:
-    from tunelab.evaluate.compare import TUNED, forgetting_line
+def _html_table(table: list[list[str]], highlight=lambda row: False) -> str:
     e = html.escape
-    table = comparison_table(c.rows)
     head = "".join(f"<th>{e(h)}</th>" for h in table[0])
     body = "".join(
-        f'<tr class="{"tuned" if row[0] == TUNED else ""}">'
+        f'<tr class="{"tuned" if highlight(row) else ""}">'
         + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>" for row in table[1:])
-    lose = c.verdict.startswith("prompting wins")
-    facts = [("base model", c.base), ("fine-tuned model", c.tuned),
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html(c, charts: dict[str, bytes]) -> str:
+    e = html.escape
+    tuned = set(c.tuned_names)
+    table = _html_table(comparison_table(c.rows, c.preference_of), lambda row: row[0] in tuned)
+    lose = c.verdict_detail.get("kind") == "prompting_wins"
+    facts = [("base model", c.base), *_tuned_facts(c),
              ("test data", f"{c.test_file} ({c.rows[0].examples} examples)"),
              ("task", f"{c.task['task']} (headline: {c.task['primary']})")]
     if c.task.get("labels"):
         facts.append(("labels", ", ".join(c.task["labels"])))
     if c.train_file:
         facts.append(("few-shot examples", f"{len(c.few_shot)} from {c.train_file}"))
+    if c.preference:
+        facts.append(("preference pairs", f"{c.preference[0].examples} from "
+                                          f"{c.preference_file}"))
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
@@ -376,8 +541,8 @@ def _html(c, charts: dict[str, bytes]) -> str:
         f"<h1>Fine-tuned vs prompted</h1><p class='sub'>{e(c.task['task'])} on "
         f"{c.rows[0].examples} held-out examples</p>",
         f"<div class='verdict{' lose' if lose else ''}'>{e(c.verdict)}</div>",
-        f"<div class='card'><h2>Quality and cost per request</h2><table><thead><tr>{head}</tr>"
-        f"</thead><tbody>{body}</tbody></table><p class='small'>Tokens are per request, means "
+        f"<div class='card'><h2>Quality and cost per request</h2>{table}"
+        "<p class='small'>Tokens are per request, means "
         "over the test split; latency is the wall time of the batch a request was answered in, "
         "on this machine; requests/s is batched throughput.</p></div>",
         "<div class='grid'>",
@@ -385,6 +550,10 @@ def _html(c, charts: dict[str, bytes]) -> str:
         f"<div class='card'>{_img(charts, 'tokens', 'tokens per request')}</div>",
         "</div><div style='height:20px'></div>",
     ]
+    if c.preference:
+        parts.append("<div class='card'><h2>Preference pairs</h2>"
+                     f"{_html_table(preference_table(c), lambda row: row[0] in tuned)}"
+                     f"<p class='small'>{e(PREFERENCE_NOTE)}</p></div>")
     if "confusion" in charts:
         parts.append(f"<div class='card'><h2>Confusion matrices</h2>"
                      f"{_img(charts, 'confusion', 'confusion matrices')}</div>")
@@ -402,29 +571,37 @@ def _html(c, charts: dict[str, bytes]) -> str:
         parts.append(f"<div class='card'><h2>Forgetting</h2>"
                      f"<p>{e(forgetting_line(c.forgetting))}</p></div>")
     if c.forgetting and c.forgetting.get("general"):
-        g = c.forgetting["general"]
-        changed = [("lost", x) for x in g["lost_examples"]] + \
-            [("gained", x) for x in g["gained_examples"]]
+        several = len(c.forgetting.get("models", [])) > 1
+        checks = [(m["name"], m["general"]) for m in c.forgetting["models"]] if several else \
+            [("fine-tuned", c.forgetting["general"])]
+        changed = [(name, kind, x) for name, g in checks
+                   for kind, key in (("lost", "lost_examples"), ("gained", "gained_examples"))
+                   for x in g[key]]
         if changed:
             rows = "".join(
-                f"<tr><td>{e(x['prompt'])}</td><td>{e(x['base'])}</td><td>{e(x['tuned'])}</td>"
+                f"<tr><td>{e(x['prompt'])}</td><td>{e(x['base'])}</td>"
+                + (f"<td>{e(name)}</td>" if several else "") + f"<td>{e(x['tuned'])}</td>"
                 f"<td class='{'no' if kind == 'lost' else 'ok'}'>{kind}</td></tr>"
-                for kind, x in changed)
+                for name, kind, x in changed)
+            who_col = "<th>model</th><th>its answer</th>" if several else "<th>fine-tuned</th>"
             parts.append("<div class='card ex'><h2>General answers that changed</h2><table>"
-                         "<thead><tr><th>prompt</th><th>base</th><th>fine-tuned</th><th></th>"
+                         f"<thead><tr><th>prompt</th><th>base</th>{who_col}<th></th>"
                          f"</tr></thead><tbody>{rows}</tbody></table></div>")
     who, items = side_by_side(c)
     if items:
+        names = _answer_names(c)
         mark = lambda s: "<span class='ok'>✓</span>" if s >= 1 else "<span class='no'>✗</span>"
         said = lambda t: e(t) if t.strip() else "<span class='small'>(no answer)</span>"
         rows = "".join(
             f"<tr><td>{e(it['prompt'])}</td><td>{e(it['reference'])}</td>"
             f"<td>{mark(it['base_score'])} {said(it['base'])}</td>"
-            f"<td>{mark(it['tuned_score'])} {said(it['tuned'])}</td></tr>" for it in items)
-        parts.append(f"<div class='card ex'><h2>Example answers: {e(who)} vs fine-tuned</h2>"
+            + "".join(f"<td>{mark(score)} {said(text)}</td>" for _, text, score in it["answers"])
+            + "</tr>" for it in items)
+        parts.append(f"<div class='card ex'><h2>Example answers: {e(who)} vs "
+                     f"{e(', '.join(names))}</h2>"
                      "<table><thead><tr><th>prompt</th><th>reference</th>"
-                     f"<th>{e(who)}</th><th>fine-tuned</th></tr></thead><tbody>{rows}</tbody>"
-                     "</table></div>")
+                     f"<th>{e(who)}</th>" + "".join(f"<th>{e(n)}</th>" for n in names)
+                     + f"</tr></thead><tbody>{rows}</tbody></table></div>")
     if c.warnings:
         parts.append("<div class='card warn'><h2>Warnings</h2><ul>"
                      + "".join(f"<li>{e(w)}</li>" for w in c.warnings) + "</ul></div>")

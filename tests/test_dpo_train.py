@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -24,9 +22,8 @@ from tunelab.data.preference import read_preferences
 from tunelab.errors import TunelabError
 from tunelab.objectives.dpo import pad_pairs, render_pairs
 from tunelab.train.events import TrainingCancelled
-from tunelab.train.rundir import complete_checkpoints
 
-from conftest import PHRASINGS, SOUNDS
+from conftest import PHRASINGS, SOUNDS, sigkill_training
 
 CLI = [sys.executable, "-m", "tunelab.cli"]
 VALID_METRICS = {"valid_loss", "valid_reward_accuracy", "valid_reward_margin",
@@ -220,19 +217,7 @@ def test_sigkill_then_resume_gives_the_same_dpo_curve(tmp_path, tiny_model_dir, 
     expected = [(e["step"], e["train_loss"]) for e in metrics(ref.metrics_file)]
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(dpo_cfg(tiny_model_dir, pairs, tmp_path / "run", **kw).to_yaml())
-    ckpts = tmp_path / "run.partial" / "checkpoints"
-    proc = subprocess.Popen([*CLI, "train", str(cfg_file), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        done = complete_checkpoints(ckpts)
-        if done and int(done[-1].name.split("-")[1]) >= 12:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed: " + \
-        proc.stderr.read().decode()[-500:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_training(cfg_file, tmp_path / "run.partial" / "checkpoints", after_step=12)
     resumed = subprocess.run([*CLI, "train", str(cfg_file), "--resume", "--quiet"],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
@@ -21,11 +19,11 @@ from tunelab.data.io import write_jsonl
 from tunelab.data.render import render
 from tunelab.errors import TunelabError
 from tunelab.train.auto import auto_batch_size, auto_epochs, make_plan
-from tunelab.batching import PadCollator
+from tunelab.batching import pad_rows
 from tunelab.train.packing import pack
 from tunelab.train.rundir import COMPLETE, complete_checkpoints
 
-from conftest import SOUNDS, sound_rows
+from conftest import SOUNDS, sigkill_training, sound_rows
 
 CLI = [sys.executable, "-m", "tunelab.cli"]
 
@@ -68,18 +66,7 @@ def test_sigkill_mid_training_then_resume_gives_the_same_loss_curve(tmp_path, ti
     cfg_file.write_text(base_cfg(tiny_model_dir, sound_task["train"], tmp_path / "run",
                                  **kw).to_yaml())
     ckpts = tmp_path / "run.partial" / "checkpoints"
-    proc = subprocess.Popen([*CLI, "train", str(cfg_file), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        done = complete_checkpoints(ckpts)
-        if done and int(done[-1].name.split("-")[1]) >= 12:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed: " + \
-        proc.stderr.read().decode()[-500:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_training(cfg_file, ckpts, after_step=12)
     assert not (tmp_path / "run").exists()            # nothing half-written in place
     kept = complete_checkpoints(ckpts)
     assert 1 <= len(kept) <= 3                         # rotation kept at most limit (+ one in flight)
@@ -114,7 +101,7 @@ def test_packed_rows_give_the_same_logits_as_separate_examples(smol_tokenizer, t
     packed = pack(rows, max_length=sum(len(r["input_ids"]) for r in rows[:3]) + 1)
     assert len(packed) == 2 and sum(len(p["input_ids"]) for p in packed) == \
         sum(len(r["input_ids"]) for r in rows)
-    batch = PadCollator(smol_tokenizer.pad_token_id)(packed)
+    batch = pad_rows(packed, smol_tokenizer.pad_token_id)
     assert "attention_mask" not in batch
     with torch.no_grad():
         packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits

@@ -2,10 +2,12 @@
 test-set evaluation and generation.
 
 - `pad_rows`: rendered rows (input_ids, labels) -> right-padded tensors with an attention mask
-  and labels padded with IGNORE_INDEX. The training collator, validation and `tunelab eval`'s
-  test loss all batch through it.
+  and labels padded with IGNORE_INDEX. The objectives' collators (SFT rows, DPO's two sides of
+  each pair), validation and `tunelab eval`'s test loss all batch through it.
 - `pad_prompts`: prompts for generation, LEFT-padded so that every prompt ends where generation
   starts (what batched `generate` needs).
+- `sequence_logps`: each row's summed log-probability of its trained tokens (DPO's loss and the
+  `preference` evaluation), with the LM head at trained positions only.
 - `trained_token_loss`: the summed cross-entropy over trained positions, the number of trained
   tokens and how many of them the model predicted right. The LM head runs only at the positions
   some row of the batch trains (`logits_to_keep`): in SFT most tokens are prompt, and the full
@@ -66,17 +68,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict[str
             ids[i, width - len(p):] = torch.as_tensor(list(p))
             mask[i, width - len(p):] = 1
     return {"input_ids": ids, "attention_mask": mask}
-
-
-class PadCollator:
-    """The training collator, for plain and packed rows: pads, decides nothing (labels were
-    made by data.render)."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return pad_rows(features, self.pad_token_id)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Packing: several rendered examples per row of at most max_length tokens.
 
 Each example keeps its own position_ids (restarting at 0) and the collator
-(tunelab.batching.PadCollator) passes no attention mask for such rows, so transformers builds
+(tunelab.batching.pad_rows) passes no attention mask for such rows, so transformers builds
 a block-diagonal causal mask from the position_ids (masking_utils' packed-sequence detection;
 it needs use_cache=False): an example attends only to itself.
 

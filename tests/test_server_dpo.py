@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import openai
 import pytest
@@ -351,3 +352,170 @@ def test_a_dpo_job_can_be_cancelled_mid_run(a, files):
     assert job.status == "cancelled"
     (ckpt,) = list(a.fine_tuning.jobs.checkpoints.list(job.id))
     assert ckpt.step_number >= 2 and "train_reward_accuracy" in ckpt.metrics.model_extra
+
+
+# ---- DPO after SFT: a job on a fine-tuned model ----------------------------------------------
+# `model` = an ft: model (or one of its checkpoints) the caller owns, as the hosted API allows:
+# the job starts from its weights, its model is named after the original base, it answers from
+# the fine-tune it built on (never from the first base), and the fine-tune it built on cannot be
+# deleted from under it.
+QUESTIONS = [[{"role": "user", "content": f"What sound does a {animal} make?"}]
+             for animal in SOUNDS]
+
+
+def served(client, model: str) -> list[str]:
+    return [client.chat.completions.create(model=model, messages=q, max_tokens=4, temperature=0)
+            .choices[0].message.content.strip() for q in QUESTIONS]
+
+
+def answers(model, tokenizer) -> list[str]:
+    from tunelab.inference import generate
+    return [t.strip() for t in generate(model, tokenizer, QUESTIONS, max_new_tokens=4)]
+
+
+def chat_answers(folder) -> list[str]:
+    """What `tunelab chat FOLDER` answers: tunelab.models.load, greedy."""
+    from tunelab.models import load
+    return answers(*load(str(folder)))
+
+
+def merged_answers(base, *adapters) -> list[str]:
+    """`base` with `adapters` merged in, in order (the weights each training started from)."""
+    from peft import PeftModel
+    from tunelab.models import load
+    model, tokenizer = load(str(base))
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return answers(model, tokenizer)
+
+
+def run_folder(srv, job) -> Path:
+    return srv.data_dir / "jobs" / job.id / "run"
+
+
+@pytest.fixture(scope="module")
+def sft_job(a, files):
+    """LoRA SFT that moves the tiny model's answers far from the base's (which are empty)."""
+    job = a.fine_tuning.jobs.create(
+        model="tiny", training_file=files["chats"].id, suffix="sft",
+        extra_body={"tunelab": tiny_training(
+            max_steps=20, save_steps=10, eval_steps=None, batch_size=8, learning_rate=1e-2,
+            lora={"r": 8, "alpha": 16, "target_modules": "all-linear"})})
+    job = poll_job(a, job.id, timeout=300)
+    assert job.status == "succeeded", job.error
+    return job
+
+
+@pytest.fixture(scope="module")
+def dpo_on_sft(a, files, sft_job):
+    job = a.fine_tuning.jobs.create(
+        model=sft_job.fine_tuned_model, training_file=files["pairs"].id, suffix="after-sft",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
+        extra_body={"tunelab": tiny_training(max_steps=4, eval_steps=None, learning_rate=1e-3)})
+    return poll_job(a, job.id, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sft_on_checkpoint(a, files, sft_job):
+    """Supervised, on a LoRA checkpoint: its adapters' base is an adapter folder."""
+    job = a.fine_tuning.jobs.create(
+        model=f"{sft_job.fine_tuned_model}:ckpt-step-10", training_file=files["chats"].id,
+        suffix="more", extra_body={"tunelab": tiny_training(max_steps=4, save_steps=2,
+                                                             eval_steps=None, learning_rate=1e-3)})
+    return poll_job(a, job.id, timeout=300)
+
+
+def test_dpo_on_a_fine_tuned_model_is_named_after_the_base(a, srv, sft_job, dpo_on_sft):
+    job = dpo_on_sft
+    assert job.status == "succeeded", job.error
+    assert job.model == sft_job.fine_tuned_model                  # as given
+    assert job.fine_tuned_model == f"ft:tiny:dana:after-sft:{job.id}"   # OpenAI: the base
+    assert job.method.type == "dpo"
+    events = [e.message for e in a.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert any(m.startswith("Fine-tuning started") and sft_job.fine_tuned_model in m
+               for m in events)
+    # the new adapter's base is the SFT run (its merged model), not the tiny base
+    cfg = json.loads((run_folder(srv, job) / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(run_folder(srv, sft_job).resolve())
+    assert job.fine_tuned_model in {m.id for m in a.models.list()}
+
+
+def test_the_model_answers_from_the_fine_tune_it_built_on(a, srv, tiny_model_dir, sft_job,
+                                                          dpo_on_sft):
+    run = run_folder(srv, dpo_on_sft)
+    want = chat_answers(run / "adapter")
+    assert served(a, dpo_on_sft.fine_tuned_model) == want
+    assert chat_answers(run / "model") == want             # the run's own merge agrees
+    # the test can tell: on the tiny base (the server's base model) the adapter answers
+    # otherwise, and so does the SFT model's first base
+    assert merged_answers(tiny_model_dir, run / "adapter") != want
+    assert served(a, sft_job.fine_tuned_model) == chat_answers(
+        run_folder(srv, sft_job) / "adapter")
+
+
+def test_a_fine_tune_of_a_lora_checkpoint_is_served_with_it(a, srv, tiny_model_dir, files,
+                                                            sft_job, sft_on_checkpoint):
+    """Supervised too, on a checkpoint: the new adapters name the checkpoint's adapter folder
+    as their base, a chain that tunelab.models does not follow: the fine-tuned model is served
+    from its run's merged model, and its checkpoints with the chain merged, on their own."""
+    job = sft_on_checkpoint
+    assert job.status == "succeeded", job.error
+    assert job.model == f"{sft_job.fine_tuned_model}:ckpt-step-10"
+    assert job.fine_tuned_model == f"ft:tiny:dana:more:{job.id}"
+    start = srv.data_dir / "jobs" / sft_job.id / "checkpoints" / "step-10"
+    run = run_folder(srv, job)
+    want = chat_answers(run / "model")                      # the training's own merge
+    assert merged_answers(tiny_model_dir, start, run / "adapter") == want
+    assert served(a, job.fine_tuned_model) == want
+    assert merged_answers(tiny_model_dir, run / "adapter") != want   # without the checkpoint
+    step2 = srv.data_dir / "jobs" / job.id / "checkpoints" / "step-2"
+    assert served(a, f"{job.fine_tuned_model}:ckpt-step-2") == \
+        merged_answers(tiny_model_dir, start, step2)
+    # ... which is one chain too many to train from (tunelab.models loads one adapter)
+    with pytest.raises(openai.BadRequestError) as e:
+        a.fine_tuning.jobs.create(model=f"{job.fine_tuned_model}:ckpt-step-2",
+                                  training_file=files["chats"].id)
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_available"
+
+
+def test_models_of_another_key_are_not_a_start(srv, files, sft_job):
+    other = srv.client(make_key(srv.data_dir, "eve"))
+    with pytest.raises(openai.NotFoundError) as e:
+        other.fine_tuning.jobs.create(model=sft_job.fine_tuned_model, training_file="file-x")
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+
+
+def test_a_model_others_build_on_is_not_deleted(a, srv, files, sft_job, dpo_on_sft,
+                                                sft_on_checkpoint):
+    sft, ckpt = sft_job.fine_tuned_model, f"{sft_job.fine_tuned_model}:ckpt-step-10"
+    pending = a.fine_tuning.jobs.create(
+        model=sft, training_file=files["chats"].id,
+        extra_body={"tunelab": tiny_training(max_steps=100_000, save_steps=100_000,
+                                             eval_steps=None)})
+    with pytest.raises(openai.ConflictError) as e:
+        a.models.delete(sft)
+    err = e.value.body
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == "model_in_use" and err["param"] == "model"
+    assert err["type"] == "invalid_request_error"
+    assert dpo_on_sft.fine_tuned_model in err["message"] and pending.id in err["message"]
+    # the job on the checkpoint holds the checkpoint, not the fine-tuned model
+    assert sft_on_checkpoint.fine_tuned_model not in err["message"]
+    with pytest.raises(openai.ConflictError) as e:
+        a.models.delete(ckpt)
+    assert sft_on_checkpoint.fine_tuned_model in e.value.body["message"]
+    assert served(a, dpo_on_sft.fine_tuned_model)        # nothing was deleted
+
+    # dependents first (what the cancelled job kept is one), then what they built on
+    stop(a, pending.id)
+    for job in (dpo_on_sft, sft_on_checkpoint, pending):
+        kept = [c.fine_tuned_model_checkpoint for c in a.fine_tuning.jobs.checkpoints.list(job.id)]
+        for model in kept + ([job.fine_tuned_model] if job.fine_tuned_model else []):
+            assert a.models.delete(model).deleted
+    assert a.models.delete(sft).deleted
+    assert a.models.delete(ckpt).deleted
+    assert not run_folder(srv, sft_job).exists()
+    ids = {m.id for m in a.models.list()}
+    assert not {sft, ckpt, dpo_on_sft.fine_tuned_model} & ids
+    with pytest.raises(openai.NotFoundError):
+        a.fine_tuning.jobs.create(model=sft, training_file=files["chats"].id)

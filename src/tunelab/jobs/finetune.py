@@ -30,8 +30,12 @@ def job_dir(store: Store, job_id: str) -> Path:
 
 
 def model_name(job: Job, key_name: str) -> str:
-    """ft:{base}:{key-name}:{suffix}:{job-id}, as OpenAI names fine-tuned models."""
-    return f"ft:{job.model}:{key_name}:{job.suffix or ''}:{job.id}"
+    """ft:{base}:{key-name}:{suffix}:{job-id}, as OpenAI names fine-tuned models. A job on a
+    fine-tuned model (DPO after SFT) is named after the base model its lineage started from, as
+    OpenAI does, not after the ft: name it was given (`model` keeps that): the API records that
+    base in the job's request."""
+    base = (job.request or {}).get("base_model") or job.model
+    return f"ft:{base}:{key_name}:{job.suffix or ''}:{job.id}"
 
 
 def checkpoint_name(model: str, step: int) -> str:

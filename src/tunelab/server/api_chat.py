@@ -40,17 +40,31 @@ def retrieve_model(model: str, request: Request, who: Owner = Depends(owner)):
     return views.model(row.id, row.created_at, who.name)
 
 
-@router.delete("/models/{model:path}", summary="Delete a fine-tuned model or checkpoint")
+@router.delete("/models/{model:path}", summary="Delete a fine-tuned model or checkpoint",
+               description="A model that other fine-tuned models were trained from, or that a "
+                           "job not yet finished loads, is kept: 409 `model_in_use` names them. "
+                           "Delete those first.")
 def delete_model(model: str, request: Request, who: Owner = Depends(owner)):
+    from tunelab.server.api_jobs import dependents
     ctx = context(request)
-    spec, row = ctx.model_spec(who, model)
-    if row is None:
-        raise APIError(403, f"The model `{model}` is a base model; only fine-tuned models can be "
-                       "deleted", param="model", code="model_not_deletable")
+    with ctx.lineage_lock:     # no job starts from it between the check and the delete
+        spec, row = ctx.model_spec(who, model)
+        if row is None:
+            raise APIError(403, f"The model `{model}` is a base model; only fine-tuned models can "
+                           "be deleted", param="model", code="model_not_deletable")
+        # a fine-tune's whole run folder (adapter and merged model); a checkpoint's own copy
+        folder = Path(spec).parent if row.kind == "fine_tuned" else Path(spec)
+        users = dependents(ctx, row, folder)
+        if users:
+            raise APIError(409, f"The model `{model}` cannot be deleted: other models or jobs "
+                           f"build on it ({', '.join(users)}). Delete those models, and cancel "
+                           "or wait for those jobs, first.", param="model", code="model_in_use")
+        ctx.store.delete(row)
     ctx.unload(spec)
-    ctx.store.delete(row)
-    # a fine-tune's whole run folder (adapter and merged model); a checkpoint's own copy
-    shutil.rmtree(Path(spec).parent if row.kind == "fine_tuned" else spec, ignore_errors=True)
+    if row.kind == "fine_tuned":   # loaded as the base of later fine-tunes: the run's model
+        ctx.unload(str(folder))
+        ctx.unload(str(folder / "model"))
+    shutil.rmtree(folder, ignore_errors=True)
     return {"id": row.id, "object": "model", "deleted": True}
 
 

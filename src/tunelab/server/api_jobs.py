@@ -12,11 +12,12 @@ from tunelab.config import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.jobs import spec
 from tunelab.jobs.finetune import job_dir
-from tunelab.jobs.store import FINAL, Event, File, Job, Model, Store, new_id
+from tunelab.jobs.store import ACTIVE, FINAL, Event, File, Job, Model, Store, new_id
 from tunelab.objectives import BY_API_TYPE, OBJECTIVES, Objective
 from tunelab.server import views
 from tunelab.server.api_files import get_file
 from tunelab.server.context import Context, Owner, context, owner
+from tunelab.server.engine import adapters_below
 from tunelab.server.errors import APIError, not_found
 from tunelab.server.schemas import FineTuningJobCreate
 
@@ -90,27 +91,86 @@ def job_config(ctx: Context, who: Owner, body: FineTuningJobCreate, job_id: str,
 
 
 def base_model_spec(ctx: Context, who: Owner, model: str) -> str:
-    if model.startswith("ft:"):
-        raise APIError(400, "fine-tuning a fine-tuned model again is not supported: start from "
-                       "its base model", param="model", code="model_not_available")
-    return ctx.model_spec(who, model)[0]
+    """What a job on `model` starts from (the spec tunelab.models loads): a base model's spec,
+    or the weights of a fine-tuned model or checkpoint the caller owns (fine-tuning a
+    fine-tuned model, as OpenAI allows: DPO after SFT, more data later)."""
+    spec, row = ctx.model_spec(who, model)
+    return spec if row is None else fine_tuned_start(ctx, row, spec)
+
+
+def fine_tuned_start(ctx: Context, row: Model, spec: str) -> str:
+    """A finished fine-tune starts the next job from its run folder, which tunelab.models reads
+    as the run's merged model/: whatever the earlier method (LoRA or full), the new job trains
+    on plain weights, and a LoRA adapter it makes names that folder as its base, so it loads
+    (`tunelab chat`, the server) on the earlier fine-tune and never on the first base. A
+    checkpoint is its own folder: a full model, or a LoRA adapter on its job's start."""
+    folder = Path(spec)
+    if row.kind == "fine_tuned" and (folder.parent / "config.yaml").is_file() and \
+            (folder.parent / "model" / "config.json").is_file():
+        return str(folder.parent)
+    if not folder.is_dir():
+        raise APIError(400, f"the files of `{row.id}` are missing on this server",
+                       param="model", code="model_not_available")
+    if (folder / "adapter_config.json").is_file() and adapters_below(folder):
+        # tunelab.models loads one adapter on a model, not an adapter on an adapter: the job
+        # would train from the wrong weights
+        raise APIError(400, f"`{row.id}` is a LoRA adapter trained on another adapter, which "
+                       "tunelab cannot train from yet; start from its job's fine-tuned model",
+                       param="model", code="model_not_available")
+    return str(folder)
+
+
+def root_model(ctx: Context, model: str) -> str:
+    """The base model at the root of `model`'s lineage: OpenAI names a fine-tune of a
+    fine-tuned model after the original base (ft:{base}:...), not after the ft: name."""
+    if not model.startswith("ft:"):
+        return model
+    row = ctx.store.get(Model, model)
+    parent = ctx.store.get(Job, row.job_id) if row is not None else None
+    if parent is None:
+        return model
+    return (parent.request or {}).get("base_model") or parent.model
+
+
+def dependents(ctx: Context, row: Model, folder: Path) -> list[str]:
+    """What deleting `row` (and `folder`, the files it is served from) would break: the
+    models, final or checkpoints, of jobs that started from it (their weights or adapters load
+    it as their base), and the jobs not yet finished, fine-tunes and evaluations, that load it.
+    A job is matched by the model it names and by the spec it loads, so a job on a checkpoint
+    does not hold the fine-tuned model, nor the reverse."""
+    store = ctx.store
+    prefix = str(folder)
+    near = store.all(Job, Job.owner == row.owner, Job.id != row.job_id,
+                     (Job.model == row.id) | Job.base_spec.startswith(prefix, autoescape=True))
+    found: list[str] = []
+    for job in near:
+        spec = Path(job.base_spec)
+        if job.model != row.id and spec != folder and folder not in spec.parents:
+            continue
+        found += [m.id for m in store.all(Model, Model.job_id == job.id)]
+        if job.status in ACTIVE:
+            what = "evaluation" if job.kind == "evaluation" else "fine-tuning job"
+            found.append(f"{what} {job.id} ({job.status})")
+    return found
 
 
 @router.post("/jobs", summary="Create a fine-tuning job")
 def create_job(body: FineTuningJobCreate, background: BackgroundTasks, request: Request,
                who: Owner = Depends(owner)):
     ctx = context(request)
-    base_spec = base_model_spec(ctx, who, body.model)
-    job_id = new_id("ftjob-")
-    cfg, _, train_f, valid_f = job_config(ctx, who, body, job_id, base_spec=base_spec)
     store = ctx.store
-    config = cfg.model_dump(mode="json")
-    job = Job(id=job_id, kind="fine_tune", owner=who.id, status="validating_files",
-              model=body.model, base_spec=base_spec, training_file=train_f.id,
-              validation_file=valid_f.id if valid_f else None, suffix=body.suffix or None,
-              seed=cfg.seed, meta=body.metadata, request={"config": config},
-              hyperparameters=spec.shown_hyperparameters(config))
-    store.add(job)
+    with ctx.lineage_lock:    # the fine-tune it starts from is not deleted in between
+        base_spec = base_model_spec(ctx, who, body.model)
+        job_id = new_id("ftjob-")
+        cfg, _, train_f, valid_f = job_config(ctx, who, body, job_id, base_spec=base_spec)
+        config = cfg.model_dump(mode="json")
+        job = Job(id=job_id, kind="fine_tune", owner=who.id, status="validating_files",
+                  model=body.model, base_spec=base_spec, training_file=train_f.id,
+                  validation_file=valid_f.id if valid_f else None, suffix=body.suffix or None,
+                  seed=cfg.seed, meta=body.metadata,
+                  request={"config": config, "base_model": root_model(ctx, body.model)},
+                  hyperparameters=spec.shown_hyperparameters(config))
+        store.add(job)
     store.add_event(job.id, f"Created fine-tuning job: {job.id}")
     store.add_event(job.id, f"Validating training file: {train_f.id}" +
                     (f" and validation file: {valid_f.id}" if valid_f else ""))

@@ -48,6 +48,9 @@ class Context:
             or DEFAULT_MODEL
         self._engine = None
         self._engine_lock = threading.Lock()
+        # a job's start and a model's deletion, one at a time (in this API process): a model is
+        # not deleted between the check for jobs that build on it and its removal
+        self.lineage_lock = threading.Lock()
 
     def engine(self):
         """The generation engine, started on the first chat request."""
@@ -77,11 +80,23 @@ class Context:
         if model_id.startswith("ft:"):
             m = self.store.get(Model, model_id, owner.id)
             if m is not None:
-                return str(self.store.path(m.path)), m
+                return str(self._served(m)), m
         elif model_id in self.base_models:
             return self.base_models[model_id], None
         raise APIError(404, f"The model `{model_id}` does not exist or you do not have access "
                        "to it.", param=param, code="model_not_found")
+
+    def _served(self, m: Model) -> Path:
+        """The folder a fine-tuned model loads from: its adapter (or model) folder; but the run's
+        merged model/ for an adapter trained on another adapter (a LoRA job on a LoRA
+        checkpoint), which tunelab.models would load without the adapter under it."""
+        from tunelab.server.engine import adapters_below
+        path = self.store.path(m.path)
+        merged = path.parent / "model"
+        if m.kind == "fine_tuned" and (path / "adapter_config.json").is_file() and \
+                (merged / "config.json").is_file() and adapters_below(path):
+            return merged
+        return path
 
 
 def context(request: Request) -> Context:

@@ -456,8 +456,8 @@ def test_the_model_answers_from_the_fine_tune_it_built_on(a, srv, tiny_model_dir
 def test_a_fine_tune_of_a_lora_checkpoint_is_served_with_it(a, srv, tiny_model_dir, files,
                                                             sft_job, sft_on_checkpoint):
     """Supervised too, on a checkpoint: the new adapters name the checkpoint's adapter folder
-    as their base, a chain that tunelab.models does not follow: the fine-tuned model is served
-    from its run's merged model, and its checkpoints with the chain merged, on their own."""
+    as their base, a chain tunelab.models merges innermost first (for `tunelab chat`, training
+    and the server alike)."""
     job = sft_on_checkpoint
     assert job.status == "succeeded", job.error
     assert job.model == f"{sft_job.fine_tuned_model}:ckpt-step-10"
@@ -468,14 +468,15 @@ def test_a_fine_tune_of_a_lora_checkpoint_is_served_with_it(a, srv, tiny_model_d
     assert merged_answers(tiny_model_dir, start, run / "adapter") == want
     assert served(a, job.fine_tuned_model) == want
     assert merged_answers(tiny_model_dir, run / "adapter") != want   # without the checkpoint
+    assert chat_answers(run / "adapter") == want            # the chain, as `tunelab chat` loads it
     step2 = srv.data_dir / "jobs" / job.id / "checkpoints" / "step-2"
     assert served(a, f"{job.fine_tuned_model}:ckpt-step-2") == \
         merged_answers(tiny_model_dir, start, step2)
-    # ... which is one chain too many to train from (tunelab.models loads one adapter)
-    with pytest.raises(openai.BadRequestError) as e:
-        a.fine_tuning.jobs.create(model=f"{job.fine_tuned_model}:ckpt-step-2",
-                                  training_file=files["chats"].id)
-    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_available"
+    # and a chain of chains is a start like any other
+    again = a.fine_tuning.jobs.create(model=f"{job.fine_tuned_model}:ckpt-step-2",
+                                      training_file=files["chats"].id)
+    assert again.model == f"{job.fine_tuned_model}:ckpt-step-2"
+    a.fine_tuning.jobs.cancel(again.id)
 
 
 def test_models_of_another_key_are_not_a_start(srv, files, sft_job):

@@ -56,6 +56,10 @@ class ModelSource:
     path: str
     gguf_file: str | None = None
     adapter: str | None = None    # a PEFT adapter folder to apply on top of `path`
+    # adapters the top one was trained on top of (a LoRA job started from a LoRA checkpoint
+    # records that checkpoint's adapter folder as its base), innermost first: merged into
+    # `path` before `adapter` is applied
+    below: tuple[str, ...] = ()
 
 
 def _builtin_folder(name: str) -> Path:
@@ -101,7 +105,7 @@ def _run_folder(path: Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "model" / "config.json").is_file()
 
 
-def resolve(spec: str | os.PathLike) -> ModelSource:
+def resolve(spec: str | os.PathLike, *, _depth: int = 0) -> ModelSource:
     spec_s = str(spec)
     if spec_s in BUILTINS:
         return ModelSource(str(_builtin_folder(spec_s)))
@@ -117,8 +121,11 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
             base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
             if not base:
                 raise TunelabError("adapter has no base_model_name_or_path", file=adapter_cfg)
-            base_src = resolve(base)
-            return ModelSource(base_src.path, base_src.gguf_file, adapter=str(path))
+            if _depth > 16:
+                raise TunelabError("adapters name each other as bases in a cycle", file=path)
+            base_src = resolve(base, _depth=_depth + 1)
+            below = (*base_src.below, base_src.adapter) if base_src.adapter else ()
+            return ModelSource(base_src.path, base_src.gguf_file, adapter=str(path), below=below)
         if not (path / "config.json").exists() and \
                 not any((path / f).exists() for f in _TOKENIZER_FILES):
             raise TunelabError("not a model folder (no config.json, adapter_config.json or "
@@ -268,6 +275,8 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, tokenizer=None,
         model.config.tunelab_added_token_ids = list(range(original_vocab, len(tokenizer)))
     if src.adapter:
         from peft import PeftModel
+        for inner in src.below:   # the adapters it was trained on, innermost first
+            model = PeftModel.from_pretrained(model, inner).merge_and_unload()
         model = PeftModel.from_pretrained(model, src.adapter)
         if merge_adapter:
             model = model.merge_and_unload()

@@ -17,7 +17,6 @@ from tunelab.objectives import BY_API_TYPE, OBJECTIVES, Objective
 from tunelab.server import views
 from tunelab.server.api_files import get_file
 from tunelab.server.context import Context, Owner, context, owner
-from tunelab.server.engine import adapters_below
 from tunelab.server.errors import APIError, not_found
 from tunelab.server.schemas import FineTuningJobCreate
 
@@ -111,13 +110,7 @@ def fine_tuned_start(ctx: Context, row: Model, spec: str) -> str:
     if not folder.is_dir():
         raise APIError(400, f"the files of `{row.id}` are missing on this server",
                        param="model", code="model_not_available")
-    if (folder / "adapter_config.json").is_file() and adapters_below(folder):
-        # tunelab.models loads one adapter on a model, not an adapter on an adapter: the job
-        # would train from the wrong weights
-        raise APIError(400, f"`{row.id}` is a LoRA adapter trained on another adapter, which "
-                       "tunelab cannot train from yet; start from its job's fine-tuned model",
-                       param="model", code="model_not_available")
-    return str(folder)
+    return str(folder)   # an adapter on adapters: tunelab.models merges the chain, innermost first
 
 
 def root_model(ctx: Context, model: str) -> str:

@@ -87,16 +87,8 @@ class Context:
                        "to it.", param=param, code="model_not_found")
 
     def _served(self, m: Model) -> Path:
-        """The folder a fine-tuned model loads from: its adapter (or model) folder; but the run's
-        merged model/ for an adapter trained on another adapter (a LoRA job on a LoRA
-        checkpoint), which tunelab.models would load without the adapter under it."""
-        from tunelab.server.engine import adapters_below
-        path = self.store.path(m.path)
-        merged = path.parent / "model"
-        if m.kind == "fine_tuned" and (path / "adapter_config.json").is_file() and \
-                (merged / "config.json").is_file() and adapters_below(path):
-            return merged
-        return path
+        """The folder a fine-tuned model loads from: its adapter (or model) folder."""
+        return self.store.path(m.path)
 
 
 def context(request: Request) -> Context:

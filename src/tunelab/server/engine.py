@@ -391,13 +391,12 @@ class Engine:
             tokenizer = load_tokenizer(spec, source=src)
             base_src = ModelSource(src.path, src.gguf_file)
             base_tok = tokenizer if src.adapter is None else load_tokenizer(source=base_src)
-            below = adapters_below(src.adapter) if src.adapter is not None else []
-            if len(base_tok) != len(tokenizer) or below or \
+            if len(base_tok) != len(tokenizer) or src.below or \
                     (src.adapter is not None and not _mixable(src.adapter)):
                 # An adapter whose tokenizer grew the vocabulary past its base's (other
                 # embeddings), one PEFT cannot mix into a batch, or one trained on another
                 # adapter (src.path is not its base): merged, a model of its own.
-                m = self._load_model(ukey, spec, src, tokenizer, below)
+                m = self._load_model(ukey, spec, src, tokenizer)
                 return self._register(ukey, spec, m, BASE_ADAPTER, tokenizer)
             base_key = ukey[:2]
             with self._cv:      # the base may be loaded already, for another spec
@@ -439,10 +438,10 @@ class Engine:
             m.last_used = time.monotonic()
         return unit
 
-    def _load_model(self, key: tuple, name: str, src, tokenizer, below=()) -> _Model:
+    def _load_model(self, key: tuple, name: str, src, tokenizer) -> _Model:
         """Load (under _load_lock), holding one ref for the caller."""
         self._evict(need=_disk_bytes(src.path))
-        model, nbytes = self._on_torch_thread(self._load_weights, src, tokenizer, below)
+        model, nbytes = self._on_torch_thread(self._load_weights, src, tokenizer)
         cfg = model.config.get_text_config(decoder=True)
         m = _Model(key, name, model, nbytes, getattr(cfg, "max_position_embeddings", None),
                    refs=1)
@@ -451,18 +450,10 @@ class Engine:
         self._evict(keep=m)
         return m
 
-    def _load_weights(self, src, tokenizer, below=()) -> tuple[Any, int]:
-        from tunelab.models import ModelSource, load_model
-        if below:
-            # tunelab.models.resolve keeps only the outermost adapter of a chain: merge the
-            # adapters under it into the base first, innermost first, as training saw them
-            from peft import PeftModel
-            model = load_model(source=ModelSource(src.path, src.gguf_file), tokenizer=tokenizer,
-                               dtype=self.dtype)
-            for adapter in (*below, src.adapter):
-                model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        else:
-            model = load_model(source=src, tokenizer=tokenizer, dtype=self.dtype)
+    def _load_weights(self, src, tokenizer) -> tuple[Any, int]:
+        from tunelab.models import load_model
+        # an adapter trained on adapters (src.below) comes merged, innermost first
+        model = load_model(source=src, tokenizer=tokenizer, dtype=self.dtype)
         model = model.to(self.device)
         model.eval()
         nbytes = _param_bytes(model)
@@ -799,29 +790,6 @@ def _mixable(adapter_dir: str) -> bool:
         return False
     with safe_open(str(weights), "pt") as f:
         return all(any(own in k for own in _ADAPTER_OWN) for k in f.keys())
-
-
-def adapters_below(adapter_dir: str | Path) -> list[str]:
-    """The adapters an adapter was trained on top of, innermost first: [] when its recorded
-    base is a model (a folder, a run folder, an alias, a hub id). A LoRA job started from a LoRA
-    checkpoint records that checkpoint's adapter folder as its base, and tunelab.models.resolve
-    keeps only the outermost adapter of such a chain: served on the first base, it would answer
-    without the checkpoint's training."""
-    from tunelab.models import BUILTINS
-    below: list[str] = []
-    folder = Path(adapter_dir)
-    while True:
-        name = _base_name(str(folder))
-        base = Path(name).expanduser()
-        # tunelab.models.resolve's rules: an alias first; an adapter folder has
-        # adapter_config.json and no config.json
-        if name in BUILTINS or not (base / "adapter_config.json").is_file() or \
-                (base / "config.json").exists():
-            return below
-        if str(base.resolve()) in below or len(below) > 16:
-            raise TunelabError(f"the adapter {adapter_dir} names a cycle of bases", field="model")
-        below.insert(0, str(base.resolve()))
-        folder = base
 
 
 def _base_name(adapter_dir: str) -> str:

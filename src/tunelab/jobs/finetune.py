@@ -57,8 +57,9 @@ def training_speeds(store: Store, recent: int = 20) -> dict[str, dict[str, Any]]
     seen: dict[str, list[float]] = {}
     for job in jobs:
         tps = (job.progress or {}).get("tokens_per_s")
-        if tps and len(seen.setdefault(job.model, [])) < recent:
-            seen[job.model].append(float(tps))
+        base = (job.request or {}).get("base_model") or job.model   # a fine-tune's root base
+        if tps and len(seen.setdefault(base, [])) < recent:
+            seen[base].append(float(tps))
     return {model: {"tokens_per_second": round(statistics.median(v), 1), "jobs": len(v)}
             for model, v in seen.items() if v}
 

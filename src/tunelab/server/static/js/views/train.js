@@ -97,7 +97,7 @@ export async function render(root, { query }, ctx) {
   const form = h("form", { class: "train-form", novalidate: true },
     card("Objective", objectiveGroup, { sub: "What is optimised." }),
     card("Model and data", h("div", { class: "grid-2" },
-      h("div", {}, field("Base model", modelSel, { hint: "The open model to start from." }), modelOther),
+      h("div", {}, field("Start from", modelSel, { hint: "A base model, or one of your fine-tunes (DPO after SFT)." }), modelOther),
       field("Training file", trainSel, { hint: trainHint }),
       field("Validation file", validSel, { hint: validHint }))),
     card("Method", methodGroup, { sub: "How the weights are adapted." }),
@@ -251,13 +251,14 @@ export async function render(root, { query }, ctx) {
   form.addEventListener("submit", onSubmit);
 }
 
+// Base models first, then your finished fine-tunes (DPO after SFT starts from one; the API
+// accepts any ft: model or checkpoint you own, the list offers the finished ones).
 async function baseModels(ctx) {
-  const fromInfo = (ctx.info && ctx.info.models) || [];
-  if (fromInfo.length) return fromInfo.map((m) => (typeof m === "string" ? m : m.id));
-  try {
-    const r = await get("/v1/models");
-    return (r.data || []).filter((m) => !String(m.id).startsWith("ft:")).map((m) => m.id);
-  } catch { return []; }
+  const bases = ((ctx.info && ctx.info.models) || []).map((m) => (typeof m === "string" ? m : m.id));
+  let ids = [];
+  try { ids = ((await get("/v1/models")).data || []).map((m) => String(m.id)); } catch { /* bases only */ }
+  if (!bases.length) bases.push(...ids.filter((id) => !id.startsWith("ft:")));
+  return [...bases, ...ids.filter((id) => id.startsWith("ft:") && !id.includes(":ckpt-step-"))];
 }
 
 function recentJobs() {

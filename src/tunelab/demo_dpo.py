@@ -1,11 +1,9 @@
-"""After SFT, DPO: fix a behaviour that supervised fine-tuning learned from its data.
+"""After SFT, DPO: teach a preference that supervised data left mixed.
 
 The star-rating task of the main demo (tunelab.demo), with training data as teams often have
 it: two annotators, one who answers with the number and one who explains it ("4 stars. The
-reviewer is mostly happy, ..."). SFT learns both habits, so the fine-tuned model explains
-itself on about as many requests as the second annotator labelled: more tokens per request and
-answers a program must parse. Writing a consistent dataset would fix that; preference pairs do
-it after the fact, and teach the rule rather than one more example of it:
+reviewer is mostly happy, ..."). SFT learns both forms. Preference pairs then say which one is
+wanted, on the SFT model, without rewriting the SFT data:
 
 1. generate reviews; SFT data with half the answers explained; preference pairs on other
    reviews (chosen: the bare number; rejected: the same number explained); a test split;
@@ -13,7 +11,11 @@ it after the fact, and teach the rule rather than one more example of it:
 3. LoRA DPO starting from the SFT model (the reference is the SFT model: its adapter off);
 4. compare base 0-shot, SFT and SFT+DPO on the test reviews (accuracy, invalid answers, tokens
    per request) and score held-out preference pairs (how often each model gives the bare number
-   the higher log-probability).
+   the higher log-probability, summed and per token).
+
+Measured (README): greedy decoding of the SFT model already starts with the number and stops,
+but per token it still prefers the explanation on most held-out pairs; DPO moves that preference
+and the accuracy, and its validation reward accuracy goes from chance to ~100%.
 """
 from __future__ import annotations
 

@@ -107,7 +107,8 @@ def as_trl_conversations(path: str):
 
 
 class Timer:
-    """Wall time of trainer.train() proper (first to last step), and the peak RSS then."""
+    """Wall time of trainer.train() proper (first to last step), each optimizer step's time,
+    and the peak RSS at the end of training."""
 
     @staticmethod
     def callback():
@@ -116,6 +117,13 @@ class Timer:
         class _T(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
                 self.t0 = time.perf_counter()
+                self.step_seconds = []
+
+            def on_step_begin(self, args, state, control, **kw):
+                self.t_step = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                self.step_seconds.append(time.perf_counter() - self.t_step)
 
             def on_train_end(self, args, state, control, **kw):
                 self.seconds = time.perf_counter() - self.t0
@@ -148,6 +156,7 @@ def worker_trl(model_dir: str, data: dict, out: str, method: str, flags: list[st
     trained = sum(len(c) + len(r) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"]))
     trainer.train()
     return ({"seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb, "steps": timer.steps,
+             "step_seconds": timer.step_seconds,
              "tokens": tokens, "trained_tokens": trained, "lr": args.learning_rate,
              "activation_checkpointing": bool(args.activation_checkpointing),
              "dropout": "off" if args.disable_dropout else "on",
@@ -201,8 +210,8 @@ def worker_tunelab(model_dir: str, data: dict, out: str, method: str, flags: lis
     lr = a.lr if a.lr is not None else auto_learning_rate(method, "dpo")
     return ({"seconds": timer.seconds + sum(ref_seconds), "train_seconds": timer.seconds,
              "ref_seconds": sum(ref_seconds), "peak_rss_mb": timer.peak_rss_mb,
-             "steps": timer.steps, "tokens": tokens, "trained_tokens": trained,
-             "lr": lr, "activation_checkpointing": "ckpt" in flags,
+             "steps": timer.steps, "step_seconds": timer.step_seconds, "tokens": tokens,
+             "trained_tokens": trained, "lr": lr, "activation_checkpointing": "ckpt" in flags,
              "dropout": "off" if method == "full" or "nodrop" in flags else "lora 0.05",
              "reference": "adapter off" if method == "lora" else "precomputed once"}, model)
 
@@ -275,8 +284,12 @@ def spawn(name: str, model_dir: str, data: dict, out: str, a) -> dict | None:
     if proc.returncode or not line:
         print(f"{name} failed:\n{proc.stderr[-3000:]}", flush=True)
         return None
-    print(f"  {name}: done in {time.perf_counter() - t:.0f} s (process)", flush=True)
-    return json.loads(line[-1][7:])
+    r = json.loads(line[-1][7:])
+    steps = ", ".join(f"{x:.1f}" for x in r.get("step_seconds", []))
+    print(f"  {name}: done in {time.perf_counter() - t:.0f} s (process); load now "
+          f"{os.getloadavg()[0]:.2f}" + (f"; {json.dumps({k: v for k, v in r.items() if k != 'step_seconds'})}"
+                                        f"; step seconds: {steps}" if r else ""), flush=True)
+    return r
 
 
 def main() -> None:
@@ -333,29 +346,41 @@ def main() -> None:
     report(results, len(rows) * a.epochs, a.epochs)
 
 
+def median_step_pairs_per_s(r: dict) -> float:
+    """Pairs/s of a typical step (the median, the first left out when there are more than two):
+    less sensitive than the wall time to other processes on the machine. The reference pass
+    that tunelab-full runs before training is spread over its steps."""
+    import statistics
+    steps = r["step_seconds"][1:] if len(r["step_seconds"]) > 2 else r["step_seconds"]
+    return BATCH / (statistics.median(steps) + r.get("ref_seconds", 0) / max(1, r["steps"]))
+
+
 def report(results: dict, pairs_seen: int, epochs: int) -> None:
     w = max(14, *map(len, results))
-    print(f"\n{'runner':{w}} {'pairs/s':>8} {'tok/s':>7} {'peak RSS MB':>12} {'seconds':>8} "
-          f"{'lr':>7} {'ckpt':>5} {'dropout':>9} {'held-out loss':>14} {'reward acc':>11} "
-          f"{'margin':>7}  reference")
+    print(f"\n{'runner':{w}} {'pairs/s':>8} {'(step)':>7} {'tok/s':>6} {'peak RSS MB':>12} "
+          f"{'seconds':>8} {'lr':>6} {'ckpt':>4} {'dropout':>9} {'held-out loss':>13} "
+          f"{'reward acc':>10} {'margin':>7}  reference")
     for name, r in results.items():
         r["pairs_per_s"] = pairs_seen / r["seconds"]
+        r["step_pairs_per_s"] = median_step_pairs_per_s(r)
         r["tps"] = r["tokens"] * epochs / r["seconds"]   # non-padding tokens, both sides
-        print(f"{name:{w}} {r['pairs_per_s']:>8.3f} {r['tps']:>7.0f} {r['peak_rss_mb']:>12.0f} "
-              f"{r['seconds']:>8.1f} {r['lr']:>7.0e} "
-              f"{'on' if r['activation_checkpointing'] else 'off':>5} {r['dropout']:>9} "
-              f"{r['heldout_loss']:>14.4f} {r['heldout_reward_accuracy']:>11.3f} "
+        print(f"{name:{w}} {r['pairs_per_s']:>8.3f} {r['step_pairs_per_s']:>7.3f} "
+              f"{r['tps']:>6.0f} {r['peak_rss_mb']:>12.0f} {r['seconds']:>8.1f} {r['lr']:>6.0e} "
+              f"{'on' if r['activation_checkpointing'] else 'off':>4} {r['dropout']:>9} "
+              f"{r['heldout_loss']:>13.4f} {r['heldout_reward_accuracy']:>10.3f} "
               f"{r['heldout_margin']:>7.3f}  {r['reference']}")
         if r.get("ref_seconds", 0) > 0.05:
             print(f"{'':{w}} (of which {r['ref_seconds']:.1f} s reference pass before training, "
                   f"{r['train_seconds']:.1f} s training)")
+    print("pairs/s: pairs x epochs / wall time of training; (step): from the median step")
     for name, ours in results.items():
         if not name.startswith("tunelab-"):
             continue
         method = name.split("+")[0].split("-")[1]
         base = results.get(f"trl-{method}")
         if base:
-            print(f"{name} / trl-{method}: pairs/s x{ours['pairs_per_s'] / base['pairs_per_s']:.2f}, "
+            print(f"{name} / trl-{method}: pairs/s x{ours['pairs_per_s'] / base['pairs_per_s']:.2f} "
+                  f"(median step x{ours['step_pairs_per_s'] / base['step_pairs_per_s']:.2f}), "
                   f"peak RSS x{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f} "
                   f"({ours['peak_rss_mb'] - base['peak_rss_mb']:+.0f} MB); trained tokens per "
                   f"epoch {ours['trained_tokens']} vs {base['trained_tokens']}")

@@ -22,8 +22,9 @@ user gives them (its tokenization also trains the "\\n" after <|im_end|>: one to
 answer than tunelab, see tests/test_dpo_trl.py). tunelab writes no checkpoint during the run
 (save_steps past the end; TRL's default saves none in so few steps either).
 
-Prints pairs/s (pairs x epochs / wall time of training, from the first step to the last), peak
-RSS at the end of training, the ratios against TRL, and, scored the same way for every run
+Prints pairs/s (pairs x epochs / wall time of training, from the first step to the last; and
+from the median step, which other processes on a shared machine disturb less), peak RSS at the
+end of training, the ratios against TRL, and, scored the same way for every run
 (tunelab's pair_scores, pinned to TRL's loss by tests/test_dpo_trl.py, in fp32), the DPO loss,
 reward accuracy and margin of the trained model on held-out pairs. Not a test: no assertions.
 The pairs: a review and the demo's star-rating question; chosen: the bare number, rejected: a
@@ -32,7 +33,10 @@ rambling explanation that ends on the same number.
 Variants, for looking into differences (any runner name + flags): tunelab-lora+nodrop (LoRA
 dropout 0: TRL switches dropout off by default, disable_dropout=True), tunelab-lora+ckpt
 (activation checkpointing, as TRL's default), trl-lora+nockpt / trl-full+nockpt (TRL without
-it). About 12 minutes for the four default runners on 2 quiet cores; --quick: 16 pairs.
+it). About 9 minutes for the four default runners on 2 quiet cores (an EPYC or Xeon of these
+machines); --quick: 16 pairs, 2 steps each. Other processes on the cores slow torch a lot and
+unevenly (threads spin-wait): run it when `uptime` shows the machine idle, and read the load
+averages it prints before and after.
 """
 from __future__ import annotations
 

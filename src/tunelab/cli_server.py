@@ -56,7 +56,16 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                                                            "for chat (default: from free RAM)"),
           worker_threads: Optional[int] = typer.Option(None, "--worker-threads", help="torch "
                                                        "threads per worker (default: cores / "
-                                                       "workers)")):
+                                                       "workers)"),
+          max_adapters: int = typer.Option(64, "--max-adapters", min=1, help="LoRA fine-tunes "
+                                           "kept loaded per base model (least recently used "
+                                           "go first; the others wait on disk)"),
+          engine: str = typer.Option("tunelab", "--engine", help="what generates chat answers: "
+                                     "tunelab (built in) or vllm (vLLM's OpenAI server, see "
+                                     "`make vllm`)"),
+          vllm_url: Optional[str] = typer.Option(None, "--vllm-url", help="with --engine vllm: "
+                                                 "an already running vLLM server to use instead "
+                                                 "of starting one")):
     """Start the OpenAI-compatible API, the web page and N job workers."""
     import logging
 
@@ -71,8 +80,15 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
         raise TunelabError(f"--no-auth on {host} would let anyone on the network use this "
                            "server: listen on 127.0.0.1, or create keys with `tunelab keys "
                            "create NAME`", field="no-auth")
+    from tunelab.server.engine import ENGINES
+    if engine not in ENGINES:
+        raise TunelabError(f"--engine takes one of {', '.join(ENGINES)}, got {engine!r}",
+                           field="engine")
+    if vllm_url and engine != "vllm":
+        raise TunelabError("--vllm-url needs --engine vllm", field="vllm-url")
     root = data_home(data_dir)
-    settings = Settings(data_dir=root, auth=not no_auth, models=_parse_models(model),
+    settings = Settings(engine=engine, vllm_url=vllm_url, max_adapters=max_adapters,
+                        data_dir=root, auth=not no_auth, models=_parse_models(model),
                         max_upload_bytes=int(max_upload_mb * 2**20), workers=workers,
                         memory_budget_bytes=int(memory_budget_gb * 2**30)
                         if memory_budget_gb else None)

@@ -85,7 +85,8 @@ async def chat_completions(body: ChatCompletionCreate, request: Request,
         model=spec, messages=_messages(body),
         max_new_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
         temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed)
+        top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
+        name=body.model)
     engine = await run_in_threadpool(ctx.engine)
     chunks = engine.generate(req)
     try:   # a bad request (unknown model files, prompt too long) fails before the first chunk

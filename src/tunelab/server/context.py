@@ -28,6 +28,10 @@ class Settings:
     # larger batch halves the queueing of many clients for a little per-token latency
     max_batch_size: int = 32
     workers: int = 0
+    engine: str = "tunelab"              # "tunelab" | "vllm" (server.engine.ENGINES)
+    max_adapters: int = 64               # LoRA adapters resident at once per base (LRU)
+    vllm_url: str | None = None          # an external vLLM server (--engine vllm); None: start one
+    vllm_python: str | None = None       # the python of vLLM's virtualenv (None: .venv-vllm, $PATH)
 
 
 @dataclass
@@ -57,9 +61,8 @@ class Context:
         with self._engine_lock:
             if self._engine is None:
                 try:
-                    from tunelab.server.engine import Engine
-                    self._engine = Engine(memory_budget_bytes=self.settings.memory_budget_bytes,
-                                          max_batch_size=self.settings.max_batch_size)
+                    from tunelab.server.engine import create_engine
+                    self._engine = create_engine(self.settings)
                 except NotImplementedError:
                     raise APIError(503, "chat completions are not available on this server "
                                    "(no generation engine)", code="engine_unavailable") from None

@@ -35,35 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.server.engine import (GenerationChunk, GenerationEngine, GenerationFailed,
+                                   GenerationRequest)
 
 log = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"       # PEFT's name for "no adapter" in a mixed batch
-
-
-@dataclass
-class GenerationRequest:
-    model: str                  # a model spec for tunelab.models (builtin alias, folder,
-                                # adapter folder, checkpoint folder)
-    messages: list[dict]        # OpenAI chat messages (role, content)
-    max_new_tokens: int = 256
-    temperature: float = 1.0    # 0 = greedy
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-
-@dataclass
-class GenerationChunk:
-    text: str                   # new text since the last chunk ("" in the final chunk is fine)
-    finish_reason: str | None   # None while generating; "stop" | "length" at the end
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class GenerationFailed(RuntimeError):
-    """Raised from `Engine.generate`'s iterator when the batch a request was in failed (a
-    server-side error, not a bad request), or when its model was unloaded or the engine closed."""
 
 
 # ---- loaded models ------------------------------------------------------------------------
@@ -231,11 +208,12 @@ class _TextStream:
 # ---- the engine -----------------------------------------------------------------------------
 
 
-class Engine:
+class Engine(GenerationEngine):
     """Serves GenerationRequests from a scheduler thread; safe to share across asyncio tasks."""
 
     def __init__(self, *, memory_budget_bytes: int | None = None, max_batch_size: int = 16,
-                 precision: str = "auto", threads: int | None = None):
+                 precision: str = "auto", threads: int | None = None,
+                 max_adapters: int | None = None):
         """memory_budget_bytes: bytes of model parameters kept loaded (None: half the available
         RAM). max_batch_size: most requests in one forward step per model. precision: "auto"
         (bf16 where the CPU/GPU runs it natively), "bf16" or "fp32"."""

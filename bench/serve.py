@@ -156,7 +156,8 @@ async def _engine_once(engine) -> Run:
 
 
 def engine(reps: int) -> Result:
-    from tunelab.server.engine import Engine, GenerationRequest
+    from tunelab.server.engine import GenerationRequest
+    from tunelab.server.engine.local import Engine
 
     async def main() -> Result:
         eng = Engine()

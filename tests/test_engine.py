@@ -10,7 +10,8 @@ import shutil
 import pytest
 
 from tunelab.errors import TunelabError
-from tunelab.server.engine import Engine, GenerationFailed, GenerationRequest, _TextStream
+from tunelab.server.engine import GenerationFailed, GenerationRequest
+from tunelab.server.engine.local import Engine, _TextStream
 
 PROMPTS = [[{"role": "user", "content": f"Question {i}: what is {'very ' * i}interesting?"}]
            for i in range(8)]
@@ -257,7 +258,7 @@ def test_prepacked_bf16_linears_give_the_same_logits(lively_dir):
     import torch
 
     from tunelab.models import load
-    from tunelab.server.engine import _prepack_linears
+    from tunelab.server.engine.local import _prepack_linears
     model, tokenizer = load(lively_dir, dtype=torch.bfloat16)
     ids = torch.tensor([tokenizer("a few words to look at")["input_ids"]] * 3)
     with torch.inference_mode():

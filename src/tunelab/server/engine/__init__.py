@@ -74,8 +74,14 @@ class GenerationEngine(ABC):
     def close(self) -> None: ...
 
     def stats(self) -> dict:
-        """Counters for /v1/tunelab/engine and the benchmarks (engine-specific keys)."""
-        return {}
+        """What the engine holds now, for GET /v1/tunelab/engine, the tests and the benchmarks.
+        Keys every engine gives: "engine" (its name); the tunelab engine adds "budget_bytes",
+        "weights_bytes" (models and resident adapters), "kv_bytes" (the running batches' KV
+        caches, allocated), "kv_reserved_bytes" (what admitted requests may grow to),
+        "max_adapters", "resident_adapters" (per base spec: the adapter specs in memory),
+        "adapter_loads" / "adapter_evictions" (counts so far), "queued", "running",
+        "forward_steps"."""
+        return {"engine": type(self).__name__}
 
 
 def create_engine(settings) -> GenerationEngine:

@@ -199,7 +199,7 @@ def test_a_client_that_goes_away_leaves_the_batch(engine, lively_dir):
         await anext(gen)
         await gen.aclose()
         for _ in range(200):
-            if all(m.refs == 0 and not m.rows for m in engine._models.values()):
+            if all(m.refs == 0 and not m.batch.rows for m in engine._models.values()):
                 return True
             await asyncio.sleep(0.01)
         return False
@@ -258,7 +258,7 @@ def test_prepacked_bf16_linears_give_the_same_logits(lively_dir):
     import torch
 
     from tunelab.models import load
-    from tunelab.server.engine.local import _prepack_linears
+    from tunelab.server.engine.weights import prepack_linears as _prepack_linears
     model, tokenizer = load(lively_dir, dtype=torch.bfloat16)
     ids = torch.tensor([tokenizer("a few words to look at")["input_ids"]] * 3)
     with torch.inference_mode():

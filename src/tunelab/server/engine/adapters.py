@@ -44,6 +44,10 @@ def attach(model, adapter_dir: str, name: str, device):
     from peft import PeftModel
     if isinstance(model, PeftModel):
         model.load_adapter(adapter_dir, adapter_name=name)
+        # Deleting the last adapter leaves PEFT's active adapter naming it, and a forward
+        # with adapter_names= still looks the active one up: make the newcomer active.
+        if model.active_adapter not in model.peft_config or not model.active_adapters:
+            model.set_adapter(name)
     else:
         model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
     return model.to(device).eval()

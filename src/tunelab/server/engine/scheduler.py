@@ -164,18 +164,20 @@ class Scheduler:
         self._start(m, p, logits)
 
     def _prefill_chunk(self, m) -> None:
-        p = m.prefilling[0]
+        # The prompt closest to its first token goes first (shortest remaining first): a
+        # 600-token prompt does not wait behind a 4,000-token one that is half read.
+        p = min(m.prefilling, key=lambda p: p.width - p.done)
         end = min(p.done + self.prefill_chunk, p.width)
         try:
             logits = self._forward(m, p.ids[:, p.done:end], p.mask[:, :end], p.cache, p.seqs)
         except Exception as e:
             log.warning("prefill failed for one request of %s: %s", m.name, e)
-            m.prefilling.popleft()
+            m.prefilling.remove(p)
             self._fail(p.seqs[0], e)
             return
         p.done = end
         if end == p.width:
-            m.prefilling.popleft()
+            m.prefilling.remove(p)
             self._start(m, p, logits)
 
     def _start(self, m, p: Prefill, logits) -> None:

@@ -60,6 +60,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           max_adapters: int = typer.Option(64, "--max-adapters", min=1, help="LoRA fine-tunes "
                                            "kept loaded per base model (least recently used "
                                            "go first; the others wait on disk)"),
+          prefill_chunk: int = typer.Option(256, "--prefill-chunk", min=0, help="a long "
+                                            "prompt is read this many tokens per step, between "
+                                            "the other streams' tokens (0: all at once)"),
           engine: str = typer.Option("tunelab", "--engine", help="what generates chat answers: "
                                      "tunelab (built in) or vllm (vLLM's OpenAI server, see "
                                      "`make vllm`)"),
@@ -88,6 +91,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
         raise TunelabError("--vllm-url needs --engine vllm", field="vllm-url")
     root = data_home(data_dir)
     settings = Settings(engine=engine, vllm_url=vllm_url, max_adapters=max_adapters,
+                        prefill_chunk=prefill_chunk,
                         data_dir=root, auth=not no_auth, models=_parse_models(model),
                         max_upload_bytes=int(max_upload_mb * 2**20), workers=workers,
                         memory_budget_bytes=int(memory_budget_gb * 2**30)

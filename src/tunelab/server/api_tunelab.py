@@ -43,6 +43,25 @@ def info(request: Request):
             "data_formats": data_formats()}
 
 
+@router.get("/engine", summary="The chat engine's memory and load (counts, no model paths)")
+def engine_stats(request: Request, who: Owner = Depends(owner)):
+    """What the generation engine holds now: `budget_bytes` and what uses it (`weights_bytes`
+    of loaded models and resident adapters, `kv_bytes` allocated and `kv_reserved_bytes` that
+    admitted requests may grow to), `resident_adapters` per base model against `max_adapters`,
+    `adapter_loads` / `adapter_evictions` so far, `queued` and `running` requests. Before the
+    first chat request the engine has not started: `started` is false."""
+    ctx = context(request)
+    if ctx._engine is None:
+        return {"engine": ctx.settings.engine, "started": False}
+    stats = dict(ctx._engine.stats())
+    names = {spec: name for name, spec in ctx.base_models.items()}
+    resident = stats.pop("resident_adapters", None)
+    if resident is not None:   # counts only: specs are server paths of every key's models
+        stats["resident_adapters"] = {names.get(spec, "other"): len(specs)
+                                      for spec, specs in resident.items()}
+    return {**stats, "started": True}
+
+
 def _member(schema: dict[str, Any]) -> dict[str, Any]:
     """An "auto" | value field's schema: the value member (its type and bounds)."""
     members = [m for m in schema.get("anyOf", [schema]) if m.get("const") != "auto"]

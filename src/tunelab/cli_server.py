@@ -63,6 +63,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           prefill_chunk: int = typer.Option(256, "--prefill-chunk", min=0, help="a long "
                                             "prompt is read this many tokens per step, between "
                                             "the other streams' tokens (0: all at once)"),
+          precision: str = typer.Option("auto", "--precision", help="weights for chat: auto "
+                                        "(bf16 where the CPU/GPU runs it natively), bf16 or "
+                                        "fp32"),
           engine: str = typer.Option("tunelab", "--engine", help="what generates chat answers: "
                                      "tunelab (built in) or vllm (vLLM's OpenAI server, see "
                                      "`make vllm`)"),
@@ -87,11 +90,14 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
     if engine not in ENGINES:
         raise TunelabError(f"--engine takes one of {', '.join(ENGINES)}, got {engine!r}",
                            field="engine")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise TunelabError(f"--precision takes auto, bf16 or fp32, got {precision!r}",
+                           field="precision")
     if vllm_url and engine != "vllm":
         raise TunelabError("--vllm-url needs --engine vllm", field="vllm-url")
     root = data_home(data_dir)
     settings = Settings(engine=engine, vllm_url=vllm_url, max_adapters=max_adapters,
-                        prefill_chunk=prefill_chunk,
+                        prefill_chunk=prefill_chunk, precision=precision,
                         data_dir=root, auth=not no_auth, models=_parse_models(model),
                         max_upload_bytes=int(max_upload_mb * 2**20), workers=workers,
                         memory_budget_bytes=int(memory_budget_gb * 2**30)

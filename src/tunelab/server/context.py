@@ -31,6 +31,7 @@ class Settings:
     engine: str = "tunelab"              # "tunelab" | "vllm" (server.engine.ENGINES)
     max_adapters: int = 64               # LoRA adapters resident at once per base (LRU)
     prefill_chunk: int = 256             # prompt tokens read per step (0: a prompt at once)
+    precision: str = "auto"              # the tunelab engine's weights: auto | bf16 | fp32
     vllm_url: str | None = None          # an external vLLM server (--engine vllm); None: start one
     vllm_python: str | None = None       # the python of vLLM's virtualenv (None: .venv-vllm, $PATH)
 

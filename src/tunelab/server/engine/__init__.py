@@ -92,4 +92,5 @@ def create_engine(settings) -> GenerationEngine:
     from tunelab.server.engine.local import Engine
     return Engine(memory_budget_bytes=settings.memory_budget_bytes,
                   max_batch_size=settings.max_batch_size, max_adapters=settings.max_adapters,
-                  prefill_chunk=settings.prefill_chunk or 1 << 30)
+                  prefill_chunk=settings.prefill_chunk or 1 << 30,
+                  precision=settings.precision)

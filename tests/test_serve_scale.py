@@ -141,6 +141,12 @@ def test_200_fine_tunes_on_one_base_with_bounded_slots(fleet, lively):
         took = time.perf_counter() - start
         with httpx.Client(base_url=server.url, headers=headers) as h:
             stats = h.get("/v1/tunelab/engine").json()
+            # a prompt too long for a fine-tune: named as the client called it, no server path
+            name = next(iter(models))
+            r = h.post("/v1/chat/completions", json={"model": name, "messages": [
+                {"role": "user", "content": "word " * 700}]})
+            assert r.status_code == 400 and f"model '{name}' takes at most 512" in r.text
+            assert str(data) not in r.text and "adapter" not in r.text
     finally:
         server.stop()
     assert len(answers) == len(work)

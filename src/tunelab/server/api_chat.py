@@ -95,13 +95,15 @@ async def chat_completions(body: ChatCompletionCreate, request: Request,
         first = None
     except TunelabError as e:
         # the engine names the request field (model, messages[i], max_tokens, ...) in e.field
-        raise APIError(400, str(e), param=e.field or "model", code="invalid_request") from None
+        raise APIError(400, _shown(str(e), spec, body.model, ctx), param=e.field or "model",
+                       code="invalid_request") from None
     completion_id = new_id("chatcmpl-")
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        shown = lambda msg: _shown(msg, spec, body.model, ctx)   # noqa: E731
         return StreamingResponse(
-            _sse(completion_id, created, body.model, first, chunks, include_usage),
+            _sse(completion_id, created, body.model, first, chunks, include_usage, shown),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     text, finish, usage = [], "stop", (0, 0)
     async for c in _chain(first, chunks):
@@ -128,8 +130,16 @@ async def _chain(first, rest) -> AsyncIterator:
             yield c
 
 
+def _shown(message: str, spec: str, model: str, ctx: Context) -> str:
+    """A message as the client may see it: the model as it called it, never the server path
+    of a fine-tune (or anything else under the data dir)."""
+    for path in sorted({spec, str(Path(spec).resolve())}, key=len, reverse=True):
+        message = message.replace(path, model)
+    return message.replace(str(ctx.store.root), "<data dir>")
+
+
 async def _sse(completion_id: str, created: int, model: str, first, chunks,
-               include_usage: bool) -> AsyncIterator[str]:
+               include_usage: bool, shown) -> AsyncIterator[str]:
     def event(choices: list, usage=None) -> str:
         obj = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                "model": model, "system_fingerprint": None, "choices": choices}
@@ -147,7 +157,7 @@ async def _sse(completion_id: str, created: int, model: str, first, chunks,
                 yield event([{"index": 0, "delta": {"content": c.text} if c.text else {},
                               "finish_reason": c.finish_reason, "logprobs": None}])
     except Exception as e:   # headers are sent: report the error in the stream, as OpenAI does
-        yield f"data: {json.dumps(error_body(str(e), 'server_error'))}\n\n"
+        yield f"data: {json.dumps(error_body(shown(str(e)), 'server_error'))}\n\n"
         return
     if include_usage:
         yield event([], _usage(*usage))

@@ -280,3 +280,35 @@ def test_a_flood_of_long_prompts_under_a_small_budget(tmp_path, roomy):
           f"most {max(reserved) / 2**20:.0f} MB); RSS idle {idle_mb:.0f} MB, model loaded "
           f"{loaded_mb:.0f} MB, peak {peak_mb:.0f} MB")
     assert peak_mb <= loaded_mb + kv_room_mb + OVERHEAD_MB
+
+
+def test_a_hostile_sampling_request_fails_nobody_else(tmp_path, lively):
+    """top_p 1e-300 is 0 in float32: it once zeroed every probability, raised inside the
+    engine and failed its whole batch, another key's requests included."""
+    store = Store(tmp_path)
+    tokens = [store.create_key(name)[1] for name in ("mallory", "bob")]
+    store.close()
+    server = Server(tmp_path, "--workers", "0", "--model", f"tiny={lively}")
+
+    async def ask(c, token, **kw):
+        return await c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {token}"},
+                            json={"model": "tiny", "max_tokens": 8,
+                                  "messages": [{"role": "user", "content": "hi"}], **kw},
+                            timeout=120)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url) as c:
+            await ask(c, tokens[1], temperature=0)                # loaded
+            return await asyncio.gather(
+                ask(c, tokens[0], temperature=1, top_p=1e-300),
+                ask(c, tokens[0], temperature=1e-300),
+                *(ask(c, tokens[1], temperature=0.8, seed=i) for i in range(4)))
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        server.stop()
+    assert [r.status_code for r in got] == [200] * 6, [r.text for r in got]
+    # the near-zero top_p and temperature both answer greedily
+    assert got[0].json()["choices"][0]["message"]["content"] == \
+        got[1].json()["choices"][0]["message"]["content"]

@@ -95,14 +95,15 @@ def test_200_fine_tunes_on_one_base_with_bounded_slots(fleet, lively):
                     "--max-adapters", str(SLOTS), "--precision", "fp32")
     headers = {"Authorization": f"Bearer {token}"}
     try:
-        with httpx.Client(base_url=server.url, headers=headers) as h:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=300) as h:
             listed = {m["id"] for m in h.get("/v1/models").json()["data"]}
             assert set(models) <= listed            # listed without loading any of them
             assert h.get("/v1/tunelab/engine").json()["started"] is False
             # the base and the first adapter, so the memory reading starts with both loaded
             assert h.post("/v1/chat/completions", json={
                 "model": "tiny", "max_tokens": 2,
-                "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+                "messages": [{"role": "user", "content": "hi"}]},
+                timeout=300).status_code == 200       # the cold load: seconds on a busy machine
         rss_warm = server_rss(server)
 
         rng = random.Random(0)
@@ -128,7 +129,7 @@ def test_200_fine_tunes_on_one_base_with_bounded_slots(fleet, lively):
 
         async def main():
             limits = httpx.Limits(max_connections=CLIENTS + 2)
-            async with httpx.AsyncClient(base_url=server.url, headers=headers,
+            async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=300,
                                          limits=limits) as c:
                 stop = asyncio.Event()
                 watcher = asyncio.ensure_future(watch(c, stop))
@@ -139,7 +140,7 @@ def test_200_fine_tunes_on_one_base_with_bounded_slots(fleet, lively):
         start = time.perf_counter()
         asyncio.run(main())
         took = time.perf_counter() - start
-        with httpx.Client(base_url=server.url, headers=headers) as h:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=300) as h:
             stats = h.get("/v1/tunelab/engine").json()
             # a prompt too long for a fine-tune: named as the client called it, no server path
             name = next(iter(models))
@@ -253,7 +254,7 @@ def test_a_flood_of_long_prompts_under_a_small_budget(tmp_path, roomy):
                 await asyncio.sleep(0.05)
 
         async def main():
-            async with httpx.AsyncClient(base_url=server.url) as c:
+            async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
                 await chat(c, "roomy", "hi", max_tokens=1)      # loaded before the flood
                 loaded.append(server_rss(server))
                 stop = asyncio.Event()
@@ -297,7 +298,7 @@ def test_a_hostile_sampling_request_fails_nobody_else(tmp_path, lively):
                             timeout=120)
 
     async def main():
-        async with httpx.AsyncClient(base_url=server.url) as c:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
             await ask(c, tokens[1], temperature=0)                # loaded
             return await asyncio.gather(
                 ask(c, tokens[0], temperature=1, top_p=1e-300),

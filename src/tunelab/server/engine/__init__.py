@@ -53,6 +53,26 @@ class GenerationFailed(RuntimeError):
     bad request), or when the request's model was unloaded or the engine closed."""
 
 
+def check_request(r: GenerationRequest) -> None:
+    """What every engine refuses before any work, naming the request field."""
+    from tunelab.errors import TunelabError
+    if not isinstance(r.messages, list) or not r.messages:
+        raise TunelabError("messages must be a non-empty list", field="messages")
+    for i, m in enumerate(r.messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise TunelabError("each message needs a string 'role' and 'content'",
+                               field=f"messages[{i}]")
+    if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
+        raise TunelabError("must be a positive integer", field="max_tokens")
+    if not r.temperature >= 0:
+        raise TunelabError("must be >= 0", field="temperature")
+    if not 0 < r.top_p <= 1:
+        raise TunelabError("must be in (0, 1]", field="top_p")
+    if any(not isinstance(s, str) for s in r.stop):
+        raise TunelabError("must be a list of strings", field="stop")
+
+
 class GenerationEngine(ABC):
     """What the chat API needs from an engine. `generate` raises `TunelabError` (with `.field`
     naming the request field) before its first chunk for a request that can never be served

@@ -37,7 +37,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.server.engine import (GenerationChunk, GenerationEngine, GenerationFailed,
-                                   GenerationRequest)
+                                   GenerationRequest, check_request)
 from tunelab.server.engine import adapters
 from tunelab.server.engine.adapters import BASE_ADAPTER
 from tunelab.server.engine.cache import Batch, cache_bytes, kv_bytes_per_token, \
@@ -119,24 +119,6 @@ def _norm(path: str) -> str:
     """One key per folder, however the spec spelled it (hub ids stay as they are)."""
     p = Path(path)
     return str(p.resolve()) if p.exists() else path
-
-
-def _check_request(r: GenerationRequest) -> None:
-    if not isinstance(r.messages, list) or not r.messages:
-        raise TunelabError("messages must be a non-empty list", field="messages")
-    for i, m in enumerate(r.messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            raise TunelabError("each message needs a string 'role' and 'content'",
-                               field=f"messages[{i}]")
-    if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
-        raise TunelabError("must be a positive integer", field="max_tokens")
-    if not r.temperature >= 0:
-        raise TunelabError("must be >= 0", field="temperature")
-    if not 0 < r.top_p <= 1:
-        raise TunelabError("must be in (0, 1]", field="top_p")
-    if any(not isinstance(s, str) for s in r.stop):
-        raise TunelabError("must be a list of strings", field="stop")
 
 
 class Engine(Scheduler, GenerationEngine):
@@ -284,7 +266,7 @@ class Engine(Scheduler, GenerationEngine):
         from tunelab.data.render import render_prompt
         if self._closed:
             raise GenerationFailed("the engine was closed")
-        _check_request(request)
+        check_request(request)
         unit = self._unit(request.model)      # holds a ref on it and its model from here
         try:
             try:

@@ -27,6 +27,14 @@ def _warm_tokenizer(ctx: Context) -> None:
         log.warning("could not load the tokenizer of %s: %s", ctx.stats_model, e)
 
 
+def _import_model_libraries() -> None:
+    """transformers resolves its names lazily, and threads resolving them at the same moment
+    can fail (`cannot import name 'AutoTokenizer' from 'transformers'`, seen when the first
+    chat request raced the tokenizer warm-up): resolve the ones the server uses before any
+    thread starts."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
 def create_app(settings: Settings, supervisor=None) -> FastAPI:
     """`supervisor`: the worker processes to start and stop with the app (tunelab serve)."""
     ctx = Context(settings)
@@ -41,6 +49,7 @@ def create_app(settings: Settings, supervisor=None) -> FastAPI:
         def resume_interrupted():   # what a stopped server left half-done, in a thread
             reprocess_interrupted(ctx)
             revalidate_pending(ctx.store)
+        _import_model_libraries()
         threading.Thread(target=resume_interrupted, daemon=True).start()
         threading.Thread(target=_warm_tokenizer, args=(ctx,), daemon=True,
                          name="warm-tokenizer").start()

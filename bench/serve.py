@@ -1,6 +1,7 @@
 """Serving speed: tunelab's generation engine against plain transformers and `transformers serve`.
 
-    .venv/bin/python bench/serve.py [--reps 3] [--only engine,sequential,peer,http,load]
+    .venv/bin/python bench/serve.py [--reps 3]
+        [--only sequential,peer,engine,http,load,adapters,prefill,vllm]
 
 The builtin smollm2-135m-instruct, 8 clients that each ask one question at the same moment for
 64 greedy tokens (every answer is longer than that, so each request makes 64 tokens):
@@ -13,7 +14,16 @@ The builtin smollm2-135m-instruct, 8 clients that each ask one question at the s
                 AVX-512 BF16);
   http          `tunelab serve` with the same 8 streaming openai clients;
   load          `tunelab serve` under 200 requests from 50 concurrent clients (32 tokens each):
-                errors, tok/s, time to first token and the server's peak RSS.
+                errors, tok/s, time to first token and the server's peak RSS;
+  adapters      the engine in process: 8 clients on 8 different LoRA fine-tunes (rank 8 on every
+                linear layer, random weights) against 8 clients on the base, and the cold-load
+                latency of an adapter (first token of its first request, less a warm one's);
+  prefill       the engine in process: time to first token of short requests (and the longest
+                pause of streams already running) while a 4,000-token prompt is prefilled, with
+                --prefill-chunk 0 (the prompt at once) and 256;
+  vllm          vLLM's CPU build (`make vllm`) as its own OpenAI server, against `tunelab serve`
+                and `tunelab serve --engine vllm`, with the same streaming clients at 8 and 32
+                clients (bf16 both).
 Prints aggregate generated tokens/s (all completion tokens / wall time from the first request
 to the last answer) and time to first token p50/p95 (from the moment all requests were sent,
 so queueing counts), medians over --reps repetitions, and ratios against the peers.
@@ -343,6 +353,211 @@ def tunelab_http(reps: int, load: bool) -> list[Result]:
     return results
 
 
+# ---- many adapters, chunked prefill (the engine in process) ----------------------------------
+
+
+def _random_adapters(base_folder: str, n: int, root: Path) -> list[str]:
+    """n real PEFT folders, rank 8 on every linear layer (tunelab's default targets)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder),
+                           LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                      target_modules="all-linear"))
+    folders = []
+    for i in range(n):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(std=0.01)
+        folders.append(str(root / f"adapter{i}"))
+        model.save_pretrained(folders[-1])
+    return folders
+
+
+async def _clients(eng, specs: list[str], questions: list[str], max_new: int = MAX_NEW) -> Run:
+    from tunelab.server.engine import GenerationRequest
+    start = time.perf_counter()
+
+    async def one(spec: str, q: str) -> tuple[int, float]:
+        first, n = None, 0
+        async for c in eng.generate(GenerationRequest(spec, messages(q), max_new_tokens=max_new,
+                                                      temperature=0)):
+            if first is None and c.completion_tokens:
+                first = time.perf_counter() - start
+            n = c.completion_tokens
+        return n, first
+
+    got = await asyncio.gather(*(one(s, q) for s, q in zip(specs, questions)))
+    return Run(sum(n for n, _ in got), time.perf_counter() - start, [t for _, t in got])
+
+
+def adapters(reps: int) -> list[Result]:
+    from tunelab.models import resolve
+    from tunelab.server.engine.local import Engine
+    root = Path(tempfile.mkdtemp(prefix="tunelab-bench-adapters-"))
+    base = MODEL
+    folders = _random_adapters(resolve(MODEL).path, len(QUESTIONS) + 1, root)
+    cold_one = folders.pop()
+
+    async def main() -> list[Result]:
+        eng = Engine()
+        try:
+            await _clients(eng, [base], ["hi"], 4)                  # load + warm-up
+            await _clients(eng, folders, QUESTIONS, 4)              # the 8 adapters resident
+            on_base, on_adapters = Result("engine: 8 clients on the base"), \
+                Result("engine: 8 clients on 8 different LoRA adapters")
+            for _ in range(reps):   # interleaved, so drift in the machine's load hits both
+                on_base.runs.append(await _clients(eng, [base] * len(QUESTIONS), QUESTIONS))
+                on_adapters.runs.append(await _clients(eng, folders, QUESTIONS))
+                print(f"  base {on_base.runs[-1].tok_s:.1f} tok/s, 8 adapters "
+                      f"{on_adapters.runs[-1].tok_s:.1f} tok/s", flush=True)
+            cold = await _clients(eng, [cold_one], [QUESTIONS[0]], 1)
+            warm = await _clients(eng, [cold_one], [QUESTIONS[0]], 1)
+            on_adapters.note = (f"x{on_adapters.tok_s / on_base.tok_s:.2f} the base's tok/s; "
+                                f"an adapter's cold load adds "
+                                f"{(cold.ttfts[0] - warm.ttfts[0]) * 1000:.0f} ms to its first "
+                                f"token ({cold.ttfts[0] * 1000:.0f} ms cold, "
+                                f"{warm.ttfts[0] * 1000:.0f} ms warm)")
+            print(f"  {on_adapters.note}", flush=True)
+            return [on_base, on_adapters]
+        finally:
+            eng.close()
+            shutil.rmtree(root, ignore_errors=True)
+    return asyncio.run(main())
+
+
+LONG_TOKENS = 4000
+
+
+def prefill(reps: int) -> list[Result]:
+    """Short requests arriving while a 4,000-token prompt is read; 4 streams already running."""
+    from tunelab.models import load_tokenizer
+    from tunelab.server.engine import GenerationRequest
+    from tunelab.server.engine.local import Engine
+    tok = load_tokenizer(MODEL)
+    words = " ".join(QUESTIONS) + " "
+    long_text = words * (LONG_TOKENS // len(tok(words)["input_ids"]) + 1)
+    long_text = tok.decode(tok(long_text)["input_ids"][:LONG_TOKENS - 40])
+
+    async def once(eng) -> tuple[Run, float]:
+        gaps: list[float] = []
+
+        async def running(q: str) -> None:       # a stream already answering: its pauses
+            last = None
+            async for c in eng.generate(GenerationRequest(MODEL, messages(q), max_new_tokens=96,
+                                                          temperature=0)):
+                now = time.perf_counter()
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+
+        async def long_one() -> None:
+            async for _ in eng.generate(GenerationRequest(MODEL, messages(long_text),
+                                                          max_new_tokens=4, temperature=0)):
+                pass
+
+        async def short_ones() -> Run:
+            runs = []
+            for q in QUESTIONS:                  # one every 0.2 s while the prompt is read
+                runs.append(asyncio.ensure_future(_clients(eng, [MODEL], [q], 8)))
+                await asyncio.sleep(0.2)
+            done = await asyncio.gather(*runs)
+            return Run(sum(r.tokens for r in done), max(r.seconds for r in done),
+                       [r.ttfts[0] for r in done])
+
+        streams = [asyncio.ensure_future(running(q)) for q in QUESTIONS[:4]]
+        await asyncio.sleep(0.5)
+        longer = asyncio.ensure_future(long_one())
+        shorts = await short_ones()
+        await asyncio.gather(longer, *streams)
+        return shorts, max(gaps)
+
+    results = []
+    for chunk in (0, 256):
+        async def main() -> Result:
+            eng = Engine(prefill_chunk=chunk or 1 << 30)
+            try:
+                await _clients(eng, [MODEL], ["hi"], 4)          # load + warm-up
+                res = Result(f"engine, --prefill-chunk {chunk}: short requests during a "
+                             f"{LONG_TOKENS}-token prefill")
+                stalls = []
+                for _ in range(reps):
+                    run, stall = await once(eng)
+                    res.runs.append(run)
+                    stalls.append(stall)
+                    print(f"  chunk {chunk}: short TTFT p95 {res.ttft(0.95):.2f} s, "
+                          f"longest pause of a running stream {stall:.2f} s", flush=True)
+                res.note = f"running streams paused at most {statistics.median(stalls):.2f} s"
+                return res
+            finally:
+                eng.close()
+        results.append(asyncio.run(main()))
+    return results
+
+
+# ---- vLLM's CPU engine -----------------------------------------------------------------------
+
+
+def vllm(reps: int) -> list[Result]:
+    from tunelab.models import resolve
+    from tunelab.server.engine.vllm import VLLM_MODULE, find_python
+    folder = resolve(MODEL).path
+    results: list[Result] = []
+
+    def measure(name: str, base: str, model: str, proc) -> None:
+        async def main():
+            await _http_once(base, model, 1, 1, 4)         # warm-up (and a managed start)
+            for clients in (8, 32):
+                res = Result(f"{name}, {clients} clients")
+                for _ in range(reps):
+                    res.runs.append(await _http_once(base, model, clients, clients, MAX_NEW))
+                    print(f"  {res.name}: {res.runs[-1].tok_s:.1f} tok/s "
+                          f"({res.runs[-1].errors} errors)", flush=True)
+                results.append(res)
+        asyncio.run(main())
+
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen([find_python(), "-m", VLLM_MODULE, "--model", folder,
+                             "--served-model-name", MODEL, "--host", "127.0.0.1", "--port",
+                             str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+                             "--generation-config", "vllm"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2",
+                                 "VLLM_NO_USAGE_STATS": "1"})
+    try:
+        asyncio.run(_wait_ready(f"http://127.0.0.1:{port}/health", proc, 900))
+        measure("vLLM CPU (its own server)", f"http://127.0.0.1:{port}/v1", MODEL, proc)
+    except Exception as e:
+        log.seek(0)
+        results.append(Result("vLLM CPU", note=f"could not run: {e}; {log.read()[-1500:]}"))
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait()
+    for name, extra in (("tunelab serve", []), ("tunelab serve --engine vllm",
+                                                ["--engine", "vllm", "--precision", "bf16"])):
+        data = tempfile.mkdtemp(prefix="tunelab-bench-")
+        proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", "--port", "0",
+                                 "--no-auth", "--workers", "0", "--data-dir", data, *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        try:
+            base = None
+            for line in proc.stdout:
+                if m := re.search(r"serving (http://\S+)", line):
+                    base = m.group(1) + "/v1"
+                    break
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            asyncio.run(_wait_ready(base + "/models", proc, 120))
+            measure(name, base, MODEL, proc)
+        finally:
+            _stop(proc)
+            shutil.rmtree(data, ignore_errors=True)
+    return results
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 
@@ -353,16 +568,17 @@ def report(results: list[Result]) -> None:
             print(f"{r.name:58} {r.tok_s:7.1f} {r.ttft(0.5):8.2f}s {r.ttft(0.95):8.2f}s  {r.note}")
         else:
             print(f"{r.name:58} {'-':>7}  {r.note[:300]}")
-    ours = [r for r in results if r.runs and r.name.startswith("tunelab")]
-    peers = [r for r in results if r.runs and not r.name.startswith("tunelab")]
-    if ours and peers:
+    # ratios against the peers, at equal client counts ("engine:" rows carry their own note)
+    ours = [r for r in results if r.runs and r.name.startswith("tunelab")
+            and "200 requests" not in r.name]
+    peers = [r for r in results if r.runs and not r.name.startswith(("tunelab", "engine"))]
+    clients = lambda name: (re.findall(r", (\d+) clients$", name) or [None])[0]   # noqa: E731
+    pairs = [(o, p) for o in ours for p in peers if clients(o.name) == clients(p.name)]
+    if pairs:
         print()
-        for o in ours:
-            if "200 requests" in o.name:
-                continue
-            for p in peers:
-                print(f"{o.name} / {p.name}: tok/s x{o.tok_s / p.tok_s:.2f}, "
-                      f"TTFT p50 x{p.ttft(0.5) / o.ttft(0.5):.2f} faster")
+    for o, p in pairs:
+        print(f"{o.name} / {p.name}: tok/s x{o.tok_s / p.tok_s:.2f}, "
+              f"TTFT p50 x{p.ttft(0.5) / o.ttft(0.5):.2f} faster")
 
 
 SECTIONS = {
@@ -371,6 +587,9 @@ SECTIONS = {
     "engine": lambda reps: [engine(reps)],
     "http": lambda reps: tunelab_http(reps, load=False),
     "load": lambda reps: tunelab_http(0, load=True),
+    "adapters": adapters,
+    "prefill": prefill,
+    "vllm": vllm,
 }
 
 

@@ -4,7 +4,7 @@ A base holds at most `max_adapters` adapters at once: an adapter loads on the fi
 that names it and, when the slots are full, the least recently used adapter with no request in
 flight is deleted from the base to make room (one in use is never evicted; a newcomer waits for
 a slot instead). Unused adapters cost only disk. Rows of different adapters, of different
-ranks, and of the base itself share every forward step through PEFT's `adapter_names=`.
+ranks, and of the base itself share every forward step (lora.LoraBank).
 """
 from __future__ import annotations
 
@@ -12,49 +12,29 @@ import hashlib
 import json
 from pathlib import Path
 
-BASE_ADAPTER = "__base__"       # PEFT's name for "no adapter" in a mixed batch
-
-_ADAPTER_OWN = ("lora_", "trainable_tokens_delta", "modules_to_save")
+BASE_ADAPTER = "__base__"       # a row with no adapter in a mixed batch
 
 
 def mixable(adapter_dir: str) -> bool:
-    """Whether the adapter can share its base with other rows of a batch: PEFT batches
-    `adapter_names=` for plain LoRA only (it refuses DoRA, for one), and an adapter saved with
-    whole layers (PEFT saves the embeddings of a resized vocabulary, as tunelab's LoRA on a
-    template-less base does) would overwrite the shared base's weights when loaded."""
+    """Whether the adapter can share its base with other rows of a batch (lora.LoraBank):
+    plain LoRA pairs only, one rank and alpha for every layer. DoRA, biases, per-layer rank
+    patterns, and whole layers saved beside the LoRA (PEFT saves the embeddings of a resized
+    vocabulary, as tunelab's LoRA on a template-less base does) make a model of its own."""
     from safetensors import safe_open
     folder = Path(adapter_dir)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     weights = folder / "adapter_model.safetensors"
-    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or not weights.exists():
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("lora_bias") or \
+            cfg.get("rank_pattern") or cfg.get("alpha_pattern") or not weights.exists():
         return False
     with safe_open(str(weights), "pt") as f:
-        return all(any(own in k for own in _ADAPTER_OWN) for k in f.keys())
+        return all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in f.keys())
 
 
 def base_name(adapter_dir: str) -> str:
     """The base spec an adapter names (how Engine.loaded() lists the base it loaded)."""
     cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     return str(cfg.get("base_model_name_or_path"))
-
-
-def attach(model, adapter_dir: str, name: str, device):
-    """Load an adapter onto `model` (wrapping it in a PeftModel the first time); returns the
-    model to use from now on."""
-    from peft import PeftModel
-    if isinstance(model, PeftModel):
-        model.load_adapter(adapter_dir, adapter_name=name)
-        # Deleting the last adapter leaves PEFT's active adapter naming it, and a forward
-        # with adapter_names= still looks the active one up: make the newcomer active.
-        if model.active_adapter not in model.peft_config or not model.active_adapters:
-            model.set_adapter(name)
-    else:
-        model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
-    return model.to(device).eval()
-
-
-def detach(model, name: str) -> None:
-    model.delete_adapter(name)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -5,7 +5,7 @@ fine-tunes on one base, and a memory budget that holds.
   boundaries and finished ones leave it; every request streams its tokens as they are made
   (text is decoded on the asyncio side, where `stop` strings are checked). Long prompts are
   read in chunks between decode steps.
-- LoRA fine-tunes are PEFT adapters on ONE loaded copy of their base (adapters.py): a batch
+- LoRA fine-tunes are adapters on ONE loaded copy of their base (adapters.py, lora.py): a batch
   mixes rows of different adapters and of the base itself; at most `max_adapters` stay
   resident per base, least recently used first out. Full fine-tunes and plain folders are
   models of their own.
@@ -15,8 +15,8 @@ fine-tunes on one base, and a memory budget that holds.
 
 Why not transformers' own continuous batching (`generation.continuous_batching`, the engine of
 `transformers serve --continuous-batching`): it packs every request's tokens into one row
-(`input_ids` of shape (1, total_tokens)) over a paged cache, and PEFT's mixed-adapter forward
-selects adapters by batch row, so one packed row cannot carry several adapters. Here each
+(`input_ids` of shape (1, total_tokens)) over a paged cache, and the mixed-adapter forward
+(lora.py) selects adapters by batch row, so one packed row cannot carry several adapters. Here each
 request is a row of a left-padded batch over a plain DynamicCache, as `model.generate` does,
 so greedy output matches `tunelab.inference.generate` token for token.
 """
@@ -40,6 +40,7 @@ from tunelab.server.engine import (GenerationChunk, GenerationEngine, Generation
                                    GenerationRequest, check_request)
 from tunelab.server.engine import adapters
 from tunelab.server.engine.adapters import BASE_ADAPTER
+from tunelab.server.engine.lora import LoraBank
 from tunelab.server.engine.cache import Batch, cache_bytes, kv_bytes_per_token, \
     reserved_positions
 from tunelab.server.engine.sampling import TextStream
@@ -61,7 +62,7 @@ class _Model:
     nbytes: int                         # weights and resident adapters
     max_positions: int | None
     kv_per_token: int
-    peft: bool = False                  # wrapped as a PeftModel (has adapters)
+    bank: Any = None                    # lora.LoraBank: its resident adapters, once it has one
     refs: int = 0                       # requests admitted and not yet finished
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)  # held for a step / a change
@@ -328,7 +329,7 @@ class Engine(Scheduler, GenerationEngine):
             if len(base_tok) != len(tokenizer) or src.below or \
                     (src.adapter is not None and not adapters.mixable(src.adapter)):
                 # An adapter whose tokenizer grew the vocabulary past its base's (other
-                # embeddings), one PEFT cannot mix into a batch, or one trained on another
+                # embeddings), one that is not plain LoRA (adapters.mixable), or one trained on another
                 # adapter (src.path is not its base): merged, a model of its own.
                 m = self._load_model(ukey, spec, src, tokenizer)
                 return self._register(ukey, spec, m, BASE_ADAPTER, tokenizer)
@@ -416,12 +417,13 @@ class Engine(Scheduler, GenerationEngine):
     # ---- adapters ---------------------------------------------------------------------------
 
     def _attach_adapter(self, m: _Model, adapter_dir: str) -> str:
-        name = f"adapter{next(self._adapter_ids)}"  # PEFT names must be plain identifiers
+        name = f"adapter{next(self._adapter_ids)}"
         with m.lock:
-            before = param_bytes(m.model)
-            m.model = adapters.attach(m.model, adapter_dir, name, self.device)
-            m.peft = True
-            m.nbytes += param_bytes(m.model) - before
+            if m.bank is None:
+                m.bank = LoraBank(m.model, self.device, self.dtype)
+            before = m.bank.nbytes
+            m.bank.add(name, adapter_dir)
+            m.nbytes += m.bank.nbytes - before
         self.adapter_loads += 1
         return name
 
@@ -467,10 +469,8 @@ class Engine(Scheduler, GenerationEngine):
                     self._fail(s, gone)
             if m.batch.rows:
                 m.batch.keep(keep)
-            if m.model is not None:
-                before = param_bytes(m.model)
-                adapters.detach(m.model, u.adapter)
-                m.nbytes -= before - param_bytes(m.model)
+            if m.bank is not None and u.adapter in m.bank.slots:
+                m.bank.remove(u.adapter)     # its slot is zeroed and reused; bytes stay
         self._flush()
         return True
 

@@ -19,6 +19,7 @@ serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from typing import Any
@@ -207,9 +208,9 @@ class Scheduler:
                                       attention_mask=mask.to(self.device),
                                       position_ids=position_ids.to(self.device),
                                       past_key_values=cache, use_cache=True, logits_to_keep=1)
-        if m.peft:
-            kwargs["adapter_names"] = [s.unit.adapter for s in seqs]
-        with torch.inference_mode():
+        rows = m.bank.rows([s.unit.adapter for s in seqs]) if m.bank is not None \
+            else contextlib.nullcontext()
+        with torch.inference_mode(), rows:
             out = m.model(**kwargs)
         self.forward_steps += 1
         return out.logits[:, -1, :].float().cpu()

@@ -86,6 +86,19 @@ def test_killed_worker_resumes_and_restart_loses_nothing(tmp_path, tiny_model_di
                                            messages=[{"role": "user", "content": "hi"}])
         assert answer.usage.completion_tokens >= 1
 
+        # of its checkpoints (every 2 steps), the last three are kept, as the hosted API does:
+        # in the list, in /v1/models and on disk, and the oldest kept one still answers
+        kept = sorted(k.step_number for k in c.fine_tuning.jobs.checkpoints.list(victim.id))
+        assert kept == [12, 14, 16]
+        listed = {m.id for m in c.models.list()}
+        assert {f"{job.fine_tuned_model}:ckpt-step-{s}" for s in kept} <= listed
+        assert f"{job.fine_tuned_model}:ckpt-step-10" not in listed
+        on_disk = sorted(p.name for p in (tmp_path / "jobs" / victim.id / "checkpoints").iterdir())
+        assert on_disk == ["step-12", "step-14", "step-16"]
+        assert c.chat.completions.create(
+            model=f"{job.fine_tuned_model}:ckpt-step-12", max_tokens=2,
+            messages=[{"role": "user", "content": "hi"}]).usage.completion_tokens >= 1
+
         # a graceful stop (SIGTERM) mid-job: the worker saves a checkpoint at its current step
         # and hands the job back to the queue
         long = c.fine_tuning.jobs.create(

@@ -38,6 +38,9 @@ def model_name(job: Job, key_name: str) -> str:
     return f"ft:{base}:{key_name}:{job.suffix or ''}:{job.id}"
 
 
+KEEP_CHECKPOINTS = 3
+
+
 def checkpoint_name(model: str, step: int) -> str:
     return f"{model}:ckpt-step-{step}"
 
@@ -163,6 +166,19 @@ class JobRun:
         self.store.add(Model(id=name, kind="checkpoint", owner=self.job.owner, job_id=self.job.id,
                              checkpoint_id=new_id("ftckpt-"), step=step, metrics=metrics,
                              path=self.store.rel(dest)))
+        self.prune_checkpoints()
+
+    def prune_checkpoints(self) -> None:
+        """Keep the last KEEP_CHECKPOINTS servable checkpoints, as the hosted API does: a
+        30-step job kept 12 before, each a model in the list and a copy of its adapter on disk.
+        A checkpoint another job fine-tunes from stays."""
+        rows = sorted(self.store.all(Model, Model.job_id == self.job.id,
+                                     Model.kind == "checkpoint"), key=lambda m: m.step or 0)
+        for m in rows[:-KEEP_CHECKPOINTS]:
+            if self.store.count(Job, Job.model == m.id):
+                continue
+            self.store.delete(m)
+            shutil.rmtree(self.store.path(m.path), ignore_errors=True)
 
     def forget_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop what the dead attempt

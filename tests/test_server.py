@@ -115,6 +115,10 @@ def test_fine_tune_end_to_end(a, srv, done_job):
 
     models = {m.id for m in a.models.list()}
     assert {"tiny", job.fine_tuned_model, c3.fine_tuned_model_checkpoint} <= models
+    # a LoRA job keeps its adapter, not a merged copy of the base beside it
+    run = srv.data_dir / "jobs" / job.id / "run"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (run / "model").exists()
 
     # the job's speed becomes this server's training-time estimate for its base model
     tps = job.model_extra["tunelab"]["progress"]["tokens_per_second"]

@@ -434,9 +434,10 @@ def test_dpo_on_a_fine_tuned_model_is_named_after_the_base(a, srv, sft_job, dpo_
     events = [e.message for e in a.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert any(m.startswith("Fine-tuning started") and sft_job.fine_tuned_model in m
                for m in events)
-    # the new adapter's base is the SFT run (its merged model), not the tiny base
+    # the new adapter's base is the SFT fine-tune (its adapter: a job writes no merged
+    # model), not the tiny base
     cfg = json.loads((run_folder(srv, job) / "adapter" / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str(run_folder(srv, sft_job).resolve())
+    assert cfg["base_model_name_or_path"] == str((run_folder(srv, sft_job) / "adapter").resolve())
     assert job.fine_tuned_model in {m.id for m in a.models.list()}
 
 
@@ -445,7 +446,9 @@ def test_the_model_answers_from_the_fine_tune_it_built_on(a, srv, tiny_model_dir
     run = run_folder(srv, dpo_on_sft)
     want = chat_answers(run / "adapter")
     assert served(a, dpo_on_sft.fine_tuned_model) == want
-    assert chat_answers(run / "model") == want             # the run's own merge agrees
+    # the weights it trained on: the tiny base with the SFT adapter merged, then its own
+    assert merged_answers(tiny_model_dir, run_folder(srv, sft_job) / "adapter",
+                          run / "adapter") == want
     # the test can tell: on the tiny base (the server's base model) the adapter answers
     # otherwise, and so does the SFT model's first base
     assert merged_answers(tiny_model_dir, run / "adapter") != want
@@ -464,8 +467,7 @@ def test_a_fine_tune_of_a_lora_checkpoint_is_served_with_it(a, srv, tiny_model_d
     assert job.fine_tuned_model == f"ft:tiny:dana:more:{job.id}"
     start = srv.data_dir / "jobs" / sft_job.id / "checkpoints" / "step-10"
     run = run_folder(srv, job)
-    want = chat_answers(run / "model")                      # the training's own merge
-    assert merged_answers(tiny_model_dir, start, run / "adapter") == want
+    want = merged_answers(tiny_model_dir, start, run / "adapter")   # what it trained on
     assert served(a, job.fine_tuned_model) == want
     assert merged_answers(tiny_model_dir, run / "adapter") != want   # without the checkpoint
     assert chat_answers(run / "adapter") == want            # the chain, as `tunelab chat` loads it

@@ -100,9 +100,15 @@ def _builtin_folder(name: str) -> Path:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _run_folder(path: Path) -> bool:
-    """A finished tunelab run folder (config.yaml + model/): the spec means its model."""
-    return (path / "config.yaml").is_file() and (path / "model" / "config.json").is_file()
+def _run_folder(path: Path) -> Path | None:
+    """A finished tunelab run folder (config.yaml + model/, or + adapter/ for a LoRA run
+    saved without its merged model): the folder the spec means."""
+    if not (path / "config.yaml").is_file():
+        return None
+    for inner, marker in (("model", "config.json"), ("adapter", "adapter_config.json")):
+        if (path / inner / marker).is_file():
+            return path / inner
+    return None
 
 
 def resolve(spec: str | os.PathLike, *, _depth: int = 0) -> ModelSource:
@@ -113,8 +119,10 @@ def resolve(spec: str | os.PathLike, *, _depth: int = 0) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(str(path.parent), gguf_file=path.name)
     if path.is_dir():
-        if _run_folder(path):
-            return ModelSource(str(path / "model"))
+        if (inner := _run_folder(path)) is not None:
+            if inner.name == "adapter":
+                return resolve(inner, _depth=_depth + 1)
+            return ModelSource(str(inner))
         adapter_cfg = path / "adapter_config.json"
         if adapter_cfg.exists() and not (path / "config.json").exists():
             import json

@@ -98,11 +98,12 @@ def base_model_spec(ctx: Context, who: Owner, model: str) -> str:
 
 
 def fine_tuned_start(ctx: Context, row: Model, spec: str) -> str:
-    """A finished fine-tune starts the next job from its run folder, which tunelab.models reads
-    as the run's merged model/: whatever the earlier method (LoRA or full), the new job trains
-    on plain weights, and a LoRA adapter it makes names that folder as its base, so it loads
-    (`tunelab chat`, the server) on the earlier fine-tune and never on the first base. A
-    checkpoint is its own folder: a full model, or a LoRA adapter on its job's start."""
+    """A finished fine-tune that kept a merged model/ (a full fine-tune, or a LoRA job asked
+    for `save_merged`) starts the next job from its run folder, which tunelab.models reads as
+    that model: the new job trains on plain weights, and a LoRA adapter it makes names that
+    folder as its base, so it loads (`tunelab chat`, the server) on the earlier fine-tune and
+    never on the first base. A LoRA fine-tune without one, and a checkpoint, start from their
+    own folder: an adapter (on its job's start), which tunelab.models merges at load."""
     folder = Path(spec)
     if row.kind == "fine_tuned" and (folder.parent / "config.yaml").is_file() and \
             (folder.parent / "model" / "config.json").is_file():

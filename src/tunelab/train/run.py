@@ -43,7 +43,7 @@ log = logging.getLogger("tunelab.train")
 @dataclass
 class TrainResult:
     output_dir: Path
-    model_dir: Path                  # merged model: loads with from_pretrained
+    model_dir: Path                  # the merged model (or, without one, the adapter)
     adapter_dir: Path | None         # LoRA / DoRA / QLoRA only
     metrics_file: Path
     train_loss: float | None
@@ -424,7 +424,9 @@ def write_outputs(built: Built, output, *, started: float) -> TrainResult:
     valid_loss = float(state.best_metric) if best_step else reporter.last_valid_loss
     result = TrainResult(
         output_dir=cfg.output_dir,
-        model_dir=cfg.output_dir / "model",
+        # what loads the fine-tune: the merged model, or the adapter where none was written
+        model_dir=cfg.output_dir / ("model" if cfg.method == "full" or cfg.save_merged
+                                    else "adapter"),
         adapter_dir=cfg.output_dir / "adapter" if cfg.method != "full" else None,
         metrics_file=cfg.output_dir / "metrics.jsonl",
         train_loss=reporter.last_train_loss if reporter.last_train_loss is not None
@@ -495,7 +497,9 @@ def _write_outputs(model, tokenizer, cfg: TrainConfig, partial: Path,
         adapter = partial / "adapter"
         model.save_pretrained(adapter)
         tokenizer.save_pretrained(adapter)
-        if cfg.method == "qlora":
+        if not cfg.save_merged:
+            merged = None
+        elif cfg.method == "qlora":
             # merging into the 4-bit base would requantize it: merge into a bf16 copy instead
             import torch
 
@@ -505,11 +509,12 @@ def _write_outputs(model, tokenizer, cfg: TrainConfig, partial: Path,
             merged = model.merge_and_unload()
     else:
         merged = model
-    merged.config.use_cache = True
-    if hasattr(merged.config, "tunelab_added_token_ids"):   # trained now: no longer new
-        del merged.config.tunelab_added_token_ids
-    merged.save_pretrained(partial / "model")
-    tokenizer.save_pretrained(partial / "model")
+    if merged is not None:
+        merged.config.use_cache = True
+        if hasattr(merged.config, "tunelab_added_token_ids"):   # trained now: no longer new
+            del merged.config.tunelab_added_token_ids
+        merged.save_pretrained(partial / "model")
+        tokenizer.save_pretrained(partial / "model")
     objective = get_objective(cfg.objective)
     write_results_csv(partial / "metrics.jsonl", partial / "results.csv", objective.metric_names)
     headline = objective.metric_names[0] if objective.name != "sft" else None

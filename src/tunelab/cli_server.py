@@ -51,6 +51,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                                           "the builtin ones: NAME=SPEC or SPEC (a folder, "
                                           ".gguf or hub id); repeatable"),
           max_upload_mb: float = typer.Option(512, "--max-upload-mb", help="largest upload"),
+          max_body_mb: float = typer.Option(8, "--max-body-mb", min=0.001, help="largest "
+                                            "request body other than an upload (413 beyond)"),
           memory_budget_gb: Optional[float] = typer.Option(None, "--memory-budget-gb",
                                                            help="model weights kept loaded "
                                                            "for chat (default: from free RAM)"),
@@ -108,6 +110,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                         prefill_chunk=prefill_chunk, precision=precision,
                         data_dir=root, auth=not no_auth, models=_parse_models(model),
                         max_upload_bytes=int(max_upload_mb * 2**20), workers=workers,
+                        max_body_bytes=int(max_body_mb * 2**20),
                         memory_budget_bytes=int(memory_budget_gb * 2**30)
                         if memory_budget_gb else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -79,6 +79,11 @@ async def chat_completions(body: ChatCompletionCreate, request: Request,
                            who: Owner = Depends(owner)):
     from tunelab.server.engine import GenerationRequest
     ctx: Context = context(request)
+    chars = sum(len(m.text()) for m in body.messages)
+    if chars > ctx.settings.max_prompt_chars:   # before any tokenising
+        raise APIError(400, f"The messages hold {chars:,} characters; this server takes at "
+                       f"most {ctx.settings.max_prompt_chars:,} per request", param="messages",
+                       code="context_length_exceeded")
     spec, _ = await run_in_threadpool(ctx.model_spec, who, body.model)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     req = GenerationRequest(

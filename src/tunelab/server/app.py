@@ -71,6 +71,8 @@ def create_app(settings: Settings, supervisor=None) -> FastAPI:
                   "server runs with --no-auth.")
     app.state.ctx = ctx
     errors.install(app)
+    from tunelab.server.limits import BodyLimit
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     from tunelab.server import api_chat, api_files, api_jobs, api_tunelab
     for module in (api_files, api_jobs, api_chat, api_tunelab):
         app.include_router(module.router)

@@ -21,6 +21,10 @@ class Settings:
     database_url: str | None = None
     auth: bool = True
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_body_bytes: int = 8 * 2**20      # any other request body (server.limits)
+    # a chat request's text, counted before it is tokenised (1M characters is ~250k tokens:
+    # more than any served model's context, and tokenised in about a second)
+    max_prompt_chars: int = 1_000_000
     models: dict[str, str] = field(default_factory=dict)   # base model id -> model spec
     stats_model: str | None = None       # tokenizer for upload token statistics
     memory_budget_bytes: int | None = None

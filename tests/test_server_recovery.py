@@ -144,3 +144,44 @@ def test_no_auth_is_refused_off_loopback(tmp_path, host):
     from conftest import assert_clean_error, run_cli
     proc = run_cli("serve", "--no-auth", "--host", host, "--data-dir", tmp_path, "--workers", "0")
     assert_clean_error(proc, "no-auth")
+
+
+def test_an_idle_worker_gives_its_memory_back(tmp_path, tiny_model_dir):
+    """Each job runs in a process of its own: after it, the worker holds what it held before
+    (it kept ~1.9 GB after a SmolLM2 job when it trained in its own process)."""
+    import psutil
+    key = make_key(tmp_path, "alice")
+    srv = Server(tmp_path, "--workers", "0", "--model", f"tiny={tiny_model_dir}")
+    worker = start_worker(tmp_path)
+    try:
+        c = srv.client(key)
+        rows = "".join(json.dumps(r) + "\n" for r in sound_rows()[:36]).encode()
+        train = c.files.create(file=("sounds.jsonl", rows), purpose="fine-tune")
+        proc = psutil.Process(worker.pid)
+        wait_for(lambda: proc.cpu_percent(0.5) < 5, 60, what="the worker to idle")
+        idle = proc.memory_info().rss
+        job = c.fine_tuning.jobs.create(model="tiny", training_file=train.id,
+                                        extra_body={"tunelab": tiny_training()})
+        peak = 0
+
+        def job_process_rss():      # sampled until the job's process is gone
+            nonlocal peak
+            for ch in proc.children():
+                try:
+                    peak = max(peak, ch.memory_info().rss)
+                except psutil.Error:
+                    pass
+            return c.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed")
+        wait_for(job_process_rss, 120, interval=0.1, what="the job")
+        assert c.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+        wait_for(lambda: not proc.children(), 30, what="the job's process to end")
+        after = proc.memory_info().rss
+        print(f"\nworker RSS idle {idle / 2**20:.0f} MB, job process up to "
+              f"{peak / 2**20:.0f} MB, worker after the job {after / 2**20:.0f} MB")
+        assert peak > idle + 150 * 2**20      # the training happened over there
+        assert after - idle < 30 * 2**20      # and left nothing here
+        assert not any("libtorch" in m.path for m in proc.memory_maps())
+    finally:
+        worker.kill()
+        worker.wait()
+        srv.stop()

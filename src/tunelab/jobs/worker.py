@@ -6,6 +6,11 @@ outright stops renewing; once its lease expires, any worker claims the job again
 resumes from the last complete checkpoint. A job that kills its worker again and again (out of
 memory, say) fails after MAX_ATTEMPTS instead of looping. SIGTERM / SIGINT stop a worker
 gracefully: training saves a checkpoint, the job goes back to the queue, the worker exits.
+
+Each job runs in a child process forked for it (the worker itself never imports torch): when
+the job ends, its memory goes back to the machine. A worker that ran the job in its own
+process kept 1.9 GB resident while idle after a SmolLM2 job. The child renews the lease and
+reads the cancel flag itself; the worker forwards SIGTERM / SIGINT to it and waits.
 """
 from __future__ import annotations
 
@@ -86,6 +91,31 @@ class Worker:
             self.run_job(job)
 
     def run_job(self, job: Job) -> None:
+        """Run the job in a child process; return when it has ended."""
+        import multiprocessing
+        child = multiprocessing.get_context("fork").Process(
+            target=self._run_child, args=(job,), name=f"tunelab-job-{job.id}", daemon=False)
+        child.start()
+        forwarded = False
+        while child.is_alive():
+            if self.stop.is_set() and not forwarded:   # the child saves and hands the job back
+                os.kill(child.pid, signal.SIGTERM)
+                forwarded = True
+            child.join(0.2)
+        if child.exitcode != 0:   # killed (out of memory?): the lease lapses, a worker retries
+            log.error("job %s: its process ended with code %s", job.id, child.exitcode)
+
+    def _run_child(self, job: Job) -> None:
+        """The job's process: it dies with the worker (a killed worker is a killed job, whose
+        lease then lapses), a fresh database pool (never the parent's connections), its own
+        signal handlers, then the job."""
+        _die_with_parent()
+        self.store.engine.dispose(close=False)
+        self.stop = threading.Event()
+        self.install_signal_handlers()
+        self._run_job_here(job)
+
+    def _run_job_here(self, job: Job) -> None:
         from tunelab.jobs import finetune
         beat = _Heartbeat(self.store, job.id, self.id, self.lease_s)
         beat.start()
@@ -122,6 +152,26 @@ class Worker:
         finally:
             beat.done.set()
             beat.join(timeout=5)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux's PR_SET_PDEATHSIG); elsewhere, a
+    thread that notices the parent is gone."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() == parent:     # not already orphaned before prctl took effect
+                return
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+    def watch():
+        while os.getppid() == parent:
+            threading.Event().wait(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _is_user_error(e: BaseException) -> bool:

@@ -119,6 +119,7 @@ def test_fine_tune_end_to_end(a, srv, done_job):
     run = srv.data_dir / "jobs" / job.id / "run"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert not (run / "model").exists()
+    assert not (run / "checkpoints").exists()    # the trainer's, with optimizer state: done
 
     # the job's speed becomes this server's training-time estimate for its base model
     tps = job.model_extra["tunelab"]["progress"]["tokens_per_second"]

@@ -261,6 +261,9 @@ def _succeed(store: Store, job: Job, run_: JobRun, worker: str, cfg, result: dic
                         result_files=files, trained_tokens=tokens):
         run_.event(f"New fine-tuned model created: {run_.name}")
         run_.event("The job has successfully completed")
+        # the trainer's checkpoints (optimizer state, for resuming) have no use left; the
+        # servable checkpoints are hard links of their weights and stay
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
 def fail(store: Store, job: Job, worker: str | None, e: BaseException, *,

@@ -1,7 +1,7 @@
 """Serving speed: tunelab's generation engine against plain transformers and `transformers serve`.
 
     .venv/bin/python bench/serve.py [--reps 3]
-        [--only sequential,peer,engine,http,load,adapters,prefill,vllm]
+        [--only sequential,peer,engine,http,load,adapters,prefill,vllm,vllm-adapters]
 
 The builtin smollm2-135m-instruct, 8 clients that each ask one question at the same moment for
 64 greedy tokens (every answer is longer than that, so each request makes 64 tokens):
@@ -21,6 +21,7 @@ The builtin smollm2-135m-instruct, 8 clients that each ask one question at the s
   prefill       the engine in process: time to first token of short requests (and the longest
                 pause of streams already running) while a 4,000-token prompt is prefilled, with
                 --prefill-chunk 0 (the prompt at once) and 256;
+  vllm-adapters the same as `adapters`, on vLLM's CPU build with LoRA on (8 slots, rank 8);
   vllm          vLLM's CPU build (`make vllm`) as its own OpenAI server, against `tunelab serve`
                 and `tunelab serve --engine vllm`, with the same streaming clients at 8 and 32
                 clients (bf16 both).
@@ -558,6 +559,74 @@ def vllm(reps: int) -> list[Result]:
     return results
 
 
+def vllm_adapters(reps: int) -> list[Result]:
+    """The peer's side of `adapters`: vLLM's CPU build with 8 LoRA slots of rank 8, 8 clients
+    on the base against 8 clients on 8 different adapters (the same random adapters)."""
+    import urllib.request
+
+    from tunelab.models import resolve
+    from tunelab.server.engine.vllm import VLLM_MODULE, find_python
+    folder = resolve(MODEL).path
+    root = Path(tempfile.mkdtemp(prefix="tunelab-bench-vllm-adapters-"))
+    folders = _random_adapters(folder, len(QUESTIONS), root)
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen([find_python(), "-m", VLLM_MODULE, "--model", folder,
+                             "--served-model-name", MODEL, "--host", "127.0.0.1", "--port",
+                             str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+                             "--generation-config", "vllm", "--enable-lora", "--max-loras",
+                             str(len(folders)), "--max-lora-rank", "8"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2",
+                                 "VLLM_NO_USAGE_STATS": "1",
+                                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+    url = f"http://127.0.0.1:{port}"
+    results = []
+    try:
+        asyncio.run(_wait_ready(url + "/health", proc, 900))
+        names = []
+        for i, f in enumerate(folders):
+            req = urllib.request.Request(url + "/v1/load_lora_adapter", method="POST",
+                                         data=json.dumps({"lora_name": f"a{i}",
+                                                          "lora_path": f}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=300).read()
+            names.append(f"a{i}")
+
+        async def main():
+            import openai
+            async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none",
+                                          max_retries=0, timeout=600) as client:
+                on_base = Result("vLLM CPU (LoRA on): 8 clients on the base")
+                on_adapters = Result("vLLM CPU (LoRA on): 8 clients on 8 adapters")
+                for name in [MODEL, *names]:                      # warm-up, every adapter
+                    await _http_load(client, name, 1, 1, 2)
+                for _ in range(reps):
+                    on_base.runs.append(await _http_load(client, MODEL, 8, 8, MAX_NEW))
+                    on_adapters.runs.append(await _many(client, names))
+                    print(f"  vLLM base {on_base.runs[-1].tok_s:.1f} tok/s, 8 adapters "
+                          f"{on_adapters.runs[-1].tok_s:.1f}", flush=True)
+                on_adapters.note = f"x{on_adapters.tok_s / on_base.tok_s:.2f} the base's tok/s"
+                results.extend([on_base, on_adapters])
+        asyncio.run(main())
+    except Exception as e:
+        log.seek(0)
+        results.append(Result("vLLM CPU adapters", note=f"could not run: {e}; "
+                              f"{log.read()[-1500:]}"))
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+async def _many(client, models: list[str]) -> Run:
+    """One streaming request per model, all at once (each its own adapter)."""
+    runs = await asyncio.gather(*(_http_load(client, m, 1, 1, MAX_NEW) for m in models))
+    return Run(sum(r.tokens for r in runs), max(r.seconds for r in runs),
+               [t for r in runs for t in r.ttfts], sum(r.errors for r in runs))
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 
@@ -590,6 +659,7 @@ SECTIONS = {
     "adapters": adapters,
     "prefill": prefill,
     "vllm": vllm,
+    "vllm-adapters": vllm_adapters,
 }
 
 

@@ -15,6 +15,9 @@ from test_server_harness import Server
 def test_chat_during_the_first_conversion_of_the_builtin_model(tmp_path):
     token = Store(tmp_path / "data").create_key("alice")[1]
     cache = tmp_path / "empty-cache"          # nothing converted: the start-up converts
+    half = cache / "models" / "smollm2-135m-instruct"
+    half.mkdir(parents=True)                  # a half-written folder (a copy cut short) ...
+    (half / "config.json").write_text("{}")   # ... never counts as converted
     server = Server(tmp_path / "data", "--workers", "0", TUNELAB_CACHE=str(cache))
     headers = {"Authorization": f"Bearer {token}"}
 
@@ -30,7 +33,7 @@ def test_chat_during_the_first_conversion_of_the_builtin_model(tmp_path):
             return first, later
 
     try:
-        assert not (cache / "models" / "smollm2-135m-instruct" / "config.json").exists()
+        assert not (half / "model.safetensors").exists()
         first, later = asyncio.run(main())
         assert [r.status_code for r in first] == [200] * 4, [r.text for r in first]
         assert later.status_code == 200
@@ -38,6 +41,8 @@ def test_chat_during_the_first_conversion_of_the_builtin_model(tmp_path):
         made = sorted(p.name for p in (cache / "models").iterdir())
         # one converted folder; no temporary folder left behind (the lock file may stay)
         assert [n for n in made if not n.endswith(".lock")] == ["smollm2-135m-instruct"]
+        assert (half / "model.safetensors").is_file() and \
+            (half / "config.json").read_text() != "{}"
         assert "Traceback" not in server.logs()
     finally:
         server.stop()

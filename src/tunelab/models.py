@@ -70,7 +70,7 @@ def _builtin_folder(name: str) -> Path:
     """Convert the packaged GGUF once into a safetensors folder; later loads take ~1 s, not ~17."""
     b = BUILTINS[name]
     target = cache_dir() / "models" / name
-    if (target / "config.json").exists():
+    if _converted(target):
         return target
     spec = importlib.util.find_spec(b.package)  # never import it: it imports the `llm` CLI
     if spec is None or spec.origin is None:
@@ -83,9 +83,18 @@ def _builtin_folder(name: str) -> Path:
     from filelock import FileLock
     target.parent.mkdir(parents=True, exist_ok=True)
     with _CONVERSION, FileLock(str(target) + ".lock"):
-        if (target / "config.json").exists():   # converted while this one waited
+        if _converted(target):   # converted while this one waited
             return target
+        if target.exists():      # half-written (copied in, or an older tunelab): never used
+            shutil.rmtree(target)
         return _convert(b, gguf_dir, target, name)
+
+
+def _converted(folder: Path) -> bool:
+    """A whole converted folder: it is renamed into place only once everything is written, so
+    config, weights and tokenizer all being there means a finished conversion."""
+    return all((folder / f).is_file() for f in ("config.json", "model.safetensors",
+                                                 "tokenizer_config.json"))
 
 
 def _convert(b: Builtin, gguf_dir: Path, target: Path, name: str) -> Path:

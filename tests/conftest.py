@@ -139,3 +139,26 @@ def sound_run(tmp_path_factory, tiny_model_dir, sound_task):
                           "method": "full", "epochs": 20, "batch_size": 8,
                           "learning_rate": 3e-3, "precision": "fp32", "logging_steps": 5},
                          quiet=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (tests/pg.py) for the whole session, stopped at its end."""
+    import pg
+    why = pg.available()
+    if why:
+        pytest.skip(why)
+    server = pg.Postgres().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    """The job store's database, once per backend: None (SQLite in the data dir) or the URL of
+    a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres").new_database()

@@ -10,7 +10,9 @@ import pytest
 
 from tunelab.errors import TunelabError
 from tunelab.jobs import spec
-from tunelab.jobs.store import Event, Job, Store, new_id
+from sqlalchemy import select
+
+from tunelab.jobs.store import Base, Event, Job, Store, new_id
 from tunelab.jobs.uploads import safe_filename
 
 
@@ -23,13 +25,13 @@ def queued(store: Store, n: int) -> list[str]:
     return ids
 
 
-def test_each_job_is_claimed_once_under_contention(tmp_path):
-    ids = queued(Store(tmp_path), 30)
+def test_each_job_is_claimed_once_under_contention(tmp_path, db_url):
+    ids = queued(Store(tmp_path, db_url), 30)
     claimed: list[tuple[int, str]] = []
     start = threading.Barrier(4)
 
     def worker(i: int) -> None:
-        store = Store(tmp_path)            # its own engine and connections, like a process
+        store = Store(tmp_path, db_url)    # its own engine and connections, like a process
         start.wait()                       # all four race from the same moment
         while (job := store.claim_job(f"w{i}", 30)) is not None:
             claimed.append((i, job.id))
@@ -43,8 +45,8 @@ def test_each_job_is_claimed_once_under_contention(tmp_path):
     assert len({w for w, _ in claimed}) > 1
 
 
-def test_an_expired_lease_is_claimed_again(tmp_path):
-    store = Store(tmp_path)
+def test_an_expired_lease_is_claimed_again(tmp_path, db_url):
+    store = Store(tmp_path, db_url)
     (job_id,) = queued(store, 1)
     job = store.claim_job("dead", lease_s=0.2)
     assert job.id == job_id and job.attempts == 1
@@ -61,8 +63,8 @@ def test_an_expired_lease_is_claimed_again(tmp_path):
     assert not store.finish_job(job_id, "other", "failed")             # final stays final
 
 
-def test_keys_store_only_a_hash(tmp_path):
-    store = Store(tmp_path)
+def test_keys_store_only_a_hash(tmp_path, db_url):
+    store = Store(tmp_path, db_url)
     key, token = store.create_key("alice")
     assert store.key_for_token(token).id == key.id
     assert store.key_for_token(token + "x") is None
@@ -70,16 +72,21 @@ def test_keys_store_only_a_hash(tmp_path):
         store.create_key("alice")
     with pytest.raises(TunelabError):
         store.create_key("a:b")        # part of model names
-    db = sqlite3.connect(tmp_path / "tunelab.db")
-    dump = "\n".join(db.iterdump())
+    if db_url is None:
+        dump = "\n".join(sqlite3.connect(tmp_path / "tunelab.db").iterdump())
+    else:                        # every row of every table, as text
+        with store.engine.connect() as conn:
+            dump = "\n".join(str(tuple(r)) for t in reversed(Base.metadata.sorted_tables)
+                             for r in conn.execute(select(t)))
+    assert "alice" in dump       # the dump does hold the key's row
     assert token not in dump and token[8:20] not in dump
     store.revoke_key("alice")
     assert store.key_for_token(token) is None
     assert store.create_key("alice")[0].name == "alice"   # the name is free again
 
 
-def test_pages_follow_the_cursor(tmp_path):
-    store = Store(tmp_path)
+def test_pages_follow_the_cursor(tmp_path, db_url):
+    store = Store(tmp_path, db_url)
     for i in range(7):
         store.add_event("j", f"e{i}")
     seen, after = [], None

@@ -1,34 +1,51 @@
 """The platform's state: one database through SQLAlchemy 2, files under the data dir.
 
-SQLite (the default, `<data dir>/tunelab.db`) or any SQLAlchemy URL (PostgreSQL for several
-hosts). Paths are stored relative to the data dir, so a data dir can move.
+SQLite (the default, `<data dir>/tunelab.db`) or PostgreSQL (`--database postgresql://...`,
+or $TUNELAB_DATABASE_URL; the driver is psycopg 3) for workers on several hosts that mount the
+same data dir. Paths are stored relative to the data dir, so a data dir can move.
 
-Concurrency: the API process and every worker write here. A worker claims a job with one
-conditional UPDATE (`... WHERE id = :id AND status = 'queued'`) and counts the rows it changed,
-which is atomic on SQLite and PostgreSQL alike; it then renews a lease on the job while it runs.
-A job whose lease expired belongs to a dead worker and is claimed again. On SQLite every
-transaction starts with BEGIN IMMEDIATE: a deferred transaction that reads and then writes can
-fail at once with "database is locked" when another process wrote in between, whatever the
-busy timeout.
+The schema is versioned with Alembic (jobs/migrations): a Store upgrades its database to the
+head on start, stamps a database made before Alembic in place, and refuses one newer than
+itself (a TunelabError naming both revisions).
+
+Concurrency: the API process and every worker write here. On PostgreSQL a worker claims the
+oldest claimable job with `SELECT ... FOR UPDATE SKIP LOCKED` (claimers never wait on each
+other, never get the same row). On SQLite it claims with one conditional UPDATE (`... WHERE
+id = :id AND status = 'queued'`) and counts the rows it changed. Either way it then renews a
+lease on the job while it runs; a job whose lease expired belongs to a dead worker and is
+claimed again. On SQLite every transaction starts with BEGIN IMMEDIATE: a deferred transaction
+that reads and then writes can fail at once with "database is locked" when another process
+wrote in between, whatever the busy timeout. On PostgreSQL a lost connection (the server
+restarted) is retried for up to `retry_s` seconds: pooled connections are pinged before use.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import socket
 import string
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, Float, Integer, String, Text, create_engine, event, func,
-                        select, update)
+from sqlalchemy import (JSON, Boolean, Float, Integer, String, Text, create_engine, delete, event,
+                        func, inspect, select, text, update)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab.store")
+SCHEMA_HEAD = "0002"          # the newest revision under jobs/migrations/versions
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 LOCAL_OWNER = "local"          # the owner of everything under --no-auth
 ACTIVE = ("validating_files", "queued", "running")
@@ -142,28 +159,153 @@ class Model(Base):
     created_at: Mapped[int] = mapped_column(Integer, default=now)
 
 
+class Worker(Base):
+    """A worker process, refreshed with its heartbeat (GET /v1/tunelab/workers)."""
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float, index=True)
+    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    resources: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def schema_revision(conn: Connection) -> str | None:
+    """The Alembic revision a database is at (None: no alembic_version table)."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def migrate(engine) -> None:
+    """Bring the database to SCHEMA_HEAD, in one transaction that one process at a time runs
+    (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock): a new database is created, one
+    made before Alembic (the tables without alembic_version) is stamped at 0001 and upgraded
+    with its rows, and one newer than this tunelab is refused."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(7323140014)"))
+        current = schema_revision(conn)
+        if current == SCHEMA_HEAD:
+            return
+        from alembic import command
+        from alembic.config import Config
+        from alembic.script import ScriptDirectory
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["connection"] = conn
+        known = {r.revision for r in ScriptDirectory.from_config(cfg).walk_revisions()}
+        if current is not None and current not in known:
+            raise TunelabError(
+                f"the database {shown_url(str(engine.url))} is at schema revision {current!r}, "
+                f"newer than this tunelab knows (its newest is {SCHEMA_HEAD!r}): it was "
+                "upgraded by a newer tunelab; run that version, or upgrade this one",
+                field="database")
+        if current is None and inspect(conn).has_table("jobs"):
+            log.info("stamping a database made before schema versions at revision 0001")
+            command.stamp(cfg, "0001")
+        log.info("upgrading the database schema from %s to %s", current or "nothing",
+                 SCHEMA_HEAD)
+        command.upgrade(cfg, "head")
+
+
+def database_url(url: str | None, root: Path) -> str:
+    """The SQLAlchemy URL for --database / $TUNELAB_DATABASE_URL (default: SQLite in the data
+    dir). `postgresql://` and `postgres://` get the psycopg 3 driver."""
+    url = url or os.environ.get("TUNELAB_DATABASE_URL") or f"sqlite:///{root / 'tunelab.db'}"
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            url = "postgresql+psycopg://" + url[len(plain):]
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise TunelabError(f"not a database URL: {shown_url(url)!r} (expected "
+                           "postgresql://USER:PASSWORD@HOST:PORT/DB or sqlite:///PATH)",
+                           field="database") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise TunelabError(f"unsupported database {parsed.get_backend_name()!r}: tunelab "
+                           "runs on sqlite:/// or postgresql://", field="database")
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() != "psycopg":
+        raise TunelabError(f"the PostgreSQL driver is psycopg (postgresql+psycopg://), got "
+                           f"{parsed.get_driver_name()!r}", field="database")
+    return url
+
+
+def shown_url(url: str) -> str:
+    """A URL fit for logs: the password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("@")[-1]
+
+
+def transient(e: BaseException) -> bool:
+    """A lost or refused connection (the database restarting), worth retrying."""
+    return isinstance(e, OperationalError) or (isinstance(e, DBAPIError) and
+                                               bool(e.connection_invalidated))
+
+
+def _retried(method: Callable) -> Callable:
+    """Store methods on PostgreSQL: a lost connection is retried (with a fresh one) for up to
+    store.retry_s seconds, so a database restart costs a pause, not a job. SQLite's errors are
+    never retried here (its busy timeout already waits for locks)."""
+    @functools.wraps(method)
+    def wrapper(self: "Store", *args, **kwargs):
+        local = self._retrying          # per thread: an outer call already retries
+        if self.engine.dialect.name == "sqlite" or getattr(local, "on", False):
+            return method(self, *args, **kwargs)
+        deadline, pause = time.monotonic() + self.retry_s, 0.1
+        while True:
+            try:
+                local.on = True
+                return method(self, *args, **kwargs)
+            except DBAPIError as e:
+                if not transient(e) or time.monotonic() + pause > deadline:
+                    raise
+                log.warning("database unreachable (%s); retrying in %.1fs",
+                            str(e.orig).splitlines()[0] if e.orig else e, pause)
+                time.sleep(pause)
+                pause = min(2.0, pause * 2)
+            finally:
+                local.on = False
+    return wrapper
 
 
 class Store:
     """The database and the data dir. Objects come back detached (read their fields freely)."""
 
-    def __init__(self, data_dir: str | Path | None = None, url: str | None = None):
+    def __init__(self, data_dir: str | Path | None = None, url: str | None = None, *,
+                 retry_s: float | None = None):
         self.root = data_home(data_dir)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.url = url or os.environ.get("TUNELAB_DATABASE_URL") or \
-            f"sqlite:///{self.root / 'tunelab.db'}"
+        self.url = database_url(url, self.root)
+        self.retry_s = float(os.environ.get("TUNELAB_DATABASE_RETRY_S", "60")) \
+            if retry_s is None else retry_s
+        self._retrying = threading.local()
         self.engine = create_engine(self.url, **self._engine_args())
         if self.engine.dialect.name == "sqlite":
             self._sqlite_setup()
-        Base.metadata.create_all(self.engine)
+        self._retried_call(migrate, self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @_retried
+    def _retried_call(self, fn: Callable, *args) -> Any:
+        return fn(*args)
 
     def _engine_args(self) -> dict[str, Any]:
         if self.url.startswith("sqlite"):
             return {"connect_args": {"timeout": 60, "check_same_thread": False}}
-        return {"pool_pre_ping": True}
+        # connect_timeout: a host that is gone fails in seconds (and is retried), not minutes
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
 
     def _sqlite_setup(self) -> None:
         @event.listens_for(self.engine, "connect")
@@ -194,6 +336,7 @@ class Store:
         self.engine.dispose()
 
     # ---- keys ----------------------------------------------------------------------------
+    @_retried
     def create_key(self, name: str) -> tuple[Key, str]:
         """A new key; the plaintext is returned once and only its hash is stored."""
         if not name or len(name) > 40 or any(c not in _ALPHABET + "-_" for c in name):
@@ -209,10 +352,12 @@ class Store:
             s.add(key)
         return key, token
 
+    @_retried
     def list_keys(self) -> list[Key]:
         with self.session() as s:
             return list(s.scalars(select(Key).order_by(Key.seq)))
 
+    @_retried
     def revoke_key(self, name_or_id: str) -> Key:
         with self.session() as s:
             key = s.scalar(select(Key).where((Key.name == name_or_id) | (Key.id == name_or_id),
@@ -222,6 +367,7 @@ class Store:
             key.revoked_at = now()
             return key
 
+    @_retried
     def key_for_token(self, token: str) -> Key | None:
         digest = hash_key(token)
         with self.session() as s:
@@ -231,6 +377,7 @@ class Store:
             return None
         return key
 
+    @_retried
     def key_name(self, owner: str) -> str:
         if owner == LOCAL_OWNER:
             return LOCAL_OWNER
@@ -239,11 +386,13 @@ class Store:
         return key.name if key else owner
 
     # ---- generic ---------------------------------------------------------------------------
+    @_retried
     def add(self, obj: Base) -> Any:
         with self.session() as s:
             s.add(obj)
         return obj
 
+    @_retried
     def get(self, cls: type, id_: str, owner: str | None = None) -> Any:
         with self.session() as s:
             q = select(cls).where(cls.id == id_)
@@ -251,6 +400,7 @@ class Store:
                 q = q.where(cls.owner == owner)
             return s.scalar(q)
 
+    @_retried
     def page(self, cls: type, *filters, after: str | None = None, limit: int = 20,
              newest_first: bool = True, cursor=None) -> tuple[list[Any], bool]:
         """One page of rows and whether more follow; `after` is the last id of the previous
@@ -265,19 +415,24 @@ class Store:
             rows = list(s.scalars(q.order_by(order).limit(limit + 1)))
         return rows[:limit], len(rows) > limit
 
+    @_retried
     def update(self, cls: type, id_: str, *conditions, **values) -> bool:
         """UPDATE one row if the conditions hold; True if it changed."""
         with self.session() as s:
             res = s.execute(update(cls).where(cls.id == id_, *conditions).values(**values))
         return res.rowcount == 1
 
+    @_retried
     def delete(self, obj: Base) -> None:
         with self.session() as s:
             s.delete(s.merge(obj))
 
     # ---- jobs ------------------------------------------------------------------------------
+    @_retried
     def claim_job(self, worker: str, lease_s: float) -> Job | None:
         """Take the oldest queued job, or one whose worker's lease ran out."""
+        if self.is_postgres:
+            return self._claim_locked(worker, lease_s)
         t = time.time()
         claimable = (Job.status == "queued") | ((Job.status == "running") &
                                                 (Job.lease_expires_at < t))
@@ -290,6 +445,23 @@ class Store:
                 return self.get(Job, job_id)
         return None
 
+    @_retried
+    def _claim_locked(self, worker: str, lease_s: float) -> Job | None:
+        """PostgreSQL: lock the oldest claimable row, skipping rows other claimers hold locked,
+        and take it in the same transaction."""
+        t = time.time()
+        claimable = (Job.status == "queued") | ((Job.status == "running") &
+                                                (Job.lease_expires_at < t))
+        with self.session() as s:
+            job = s.scalar(select(Job).where(claimable).order_by(Job.seq).limit(1)
+                           .with_for_update(skip_locked=True))
+            if job is None:
+                return None
+            job.status, job.lease_owner = "running", worker
+            job.lease_expires_at, job.attempts = time.time() + lease_s, job.attempts + 1
+        return job
+
+    @_retried
     def requeue_expired(self) -> list[str]:
         """Jobs whose worker stopped renewing its lease (killed, frozen) go back to the queue;
         the next worker resumes them from their last complete checkpoint."""
@@ -300,6 +472,7 @@ class Store:
         return [i for i in ids if self.update(Job, i, expired, status="queued", lease_owner=None,
                                               lease_expires_at=None)]
 
+    @_retried
     def renew_lease(self, job_id: str, worker: str, lease_s: float) -> tuple[bool, bool]:
         """(still ours, cancel requested)."""
         with self.session() as s:
@@ -309,6 +482,7 @@ class Store:
             cancel = s.scalar(select(Job.cancel_requested).where(Job.id == job_id))
         return res.rowcount == 1, bool(cancel)
 
+    @_retried
     def finish_job(self, job_id: str, worker: str | None, status: str, **values) -> bool:
         cond = [Job.status.in_(ACTIVE)]
         if worker is not None:
@@ -316,12 +490,14 @@ class Store:
         return self.update(Job, job_id, *cond, status=status, finished_at=now(),
                            lease_owner=None, lease_expires_at=None, **values)
 
+    @_retried
     def hand_back(self, job_id: str, worker: str) -> bool:
         """A worker shutting down returns its running job to the queue; the attempt does not
         count against the job (it was stopped, not lost)."""
         return self.update(Job, job_id, Job.lease_owner == worker, status="queued",
                            lease_owner=None, lease_expires_at=None, attempts=Job.attempts - 1)
 
+    @_retried
     def cancel_job(self, job_id: str) -> str | None:
         """A job not yet running is cancelled at once ("cancelled"); a running one is asked to
         stop, which its worker's heartbeat reads ("requested"); None if it had already ended."""
@@ -337,10 +513,45 @@ class Store:
         return self.add(Event(id=new_id("ftevent-"), job_id=job_id, level=level, type=type,
                               message=message, data=data))
 
+    @_retried
     def count(self, cls: type, *filters) -> int:
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(cls).where(*filters)) or 0)
 
+    @_retried
     def all(self, cls: type, *filters, order=None) -> list[Any]:
         with self.session() as s:
             return list(s.scalars(select(cls).where(*filters).order_by(order or cls.seq)))
+
+    # ---- workers ---------------------------------------------------------------------------
+    @_retried
+    def worker_beat(self, worker: str, *, job_id: str | None = None,
+                    resources: dict[str, Any] | None = None) -> None:
+        """Register this process as a worker, or refresh its heartbeat and current job."""
+        t = time.time()
+        with self.session() as s:
+            row = s.get(Worker, worker)
+            if row is None:
+                s.add(Worker(id=worker, host=socket.gethostname(), pid=os.getpid(),
+                             started_at=t, heartbeat_at=t, job_id=job_id,
+                             resources=resources))
+            else:
+                row.heartbeat_at, row.job_id = t, job_id
+                if resources is not None:
+                    row.resources = resources
+
+    @_retried
+    def worker_gone(self, worker: str) -> None:
+        """A worker that stops cleanly leaves the table at once."""
+        with self.session() as s:
+            s.execute(delete(Worker).where(Worker.id == worker))
+
+    @_retried
+    def live_workers(self, within_s: float) -> list[Worker]:
+        """Workers whose last heartbeat is at most within_s seconds old; older rows (a worker
+        killed outright) are deleted once they are ten times as old."""
+        t = time.time()
+        with self.session() as s:
+            s.execute(delete(Worker).where(Worker.heartbeat_at < t - max(600.0, 10 * within_s)))
+            return list(s.scalars(select(Worker).where(Worker.heartbeat_at >= t - within_s)
+                                  .order_by(Worker.host, Worker.started_at)))

@@ -101,10 +101,10 @@ class Server:
         return self.proc.returncode
 
 
-def start_worker(data_dir: Path) -> subprocess.Popen:
+def start_worker(data_dir: Path, **extra_env: str) -> subprocess.Popen:
     log = open(data_dir / f"worker-{time.time_ns()}.log", "wb")
     return subprocess.Popen([*CLI, "worker", "--data-dir", str(data_dir)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env())
+                            stderr=subprocess.STDOUT, env=env(**extra_env))
 
 
 def poll_job(client: openai.OpenAI, job_id: str, until=("succeeded", "failed", "cancelled"),

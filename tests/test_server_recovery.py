@@ -148,11 +148,12 @@ def test_no_auth_is_refused_off_loopback(tmp_path, host):
 
 def test_an_idle_worker_gives_its_memory_back(tmp_path, tiny_model_dir):
     """Each job runs in a process of its own: after it, the worker holds what it held before
-    (it kept ~1.9 GB after a SmolLM2 job when it trained in its own process)."""
+    (it kept ~1.9 GB after a SmolLM2 job when it trained in its own process). The job, a LoRA
+    one, leaves no merged model and keeps the number of checkpoints it was told to."""
     import psutil
     key = make_key(tmp_path, "alice")
     srv = Server(tmp_path, "--workers", "0", "--model", f"tiny={tiny_model_dir}")
-    worker = start_worker(tmp_path)
+    worker = start_worker(tmp_path, TUNELAB_KEEP_CHECKPOINTS="2")
     try:
         c = srv.client(key)
         rows = "".join(json.dumps(r) + "\n" for r in sound_rows()[:36]).encode()
@@ -160,8 +161,8 @@ def test_an_idle_worker_gives_its_memory_back(tmp_path, tiny_model_dir):
         proc = psutil.Process(worker.pid)
         wait_for(lambda: proc.cpu_percent(0.5) < 5, 60, what="the worker to idle")
         idle = proc.memory_info().rss
-        job = c.fine_tuning.jobs.create(model="tiny", training_file=train.id,
-                                        extra_body={"tunelab": tiny_training()})
+        job = c.fine_tuning.jobs.create(model="tiny", training_file=train.id, extra_body={
+            "tunelab": tiny_training(save_steps=1, eval_steps=None)})
         peak = 0
 
         def job_process_rss():      # sampled until the job's process is gone
@@ -181,6 +182,18 @@ def test_an_idle_worker_gives_its_memory_back(tmp_path, tiny_model_dir):
         assert peak > idle + 150 * 2**20      # the training happened over there
         assert after - idle < 30 * 2**20      # and left nothing here
         assert not any("libtorch" in m.path for m in proc.memory_maps())
+
+        # disk: the adapter, no merged model, the last 2 of 6 checkpoints (each still answers)
+        run = tmp_path / "jobs" / job.id / "run"
+        assert (run / "adapter" / "adapter_model.safetensors").is_file()
+        assert not (run / "model").exists() and not (run / "checkpoints").exists()
+        kept = sorted(k.step_number for k in c.fine_tuning.jobs.checkpoints.list(job.id))
+        assert kept == [5, 6]
+        assert sorted(p.name for p in (tmp_path / "jobs" / job.id / "checkpoints").iterdir()) \
+            == ["step-5", "step-6"]
+        name = c.fine_tuning.jobs.retrieve(job.id).fine_tuned_model
+        assert c.chat.completions.create(model=f"{name}:ckpt-step-5", max_tokens=2, messages=[
+            {"role": "user", "content": "hi"}]).usage.completion_tokens >= 1
     finally:
         worker.kill()
         worker.wait()

@@ -67,7 +67,8 @@ def lora_run(tmp_path_factory, full_run):
                             "valid_file": str(folder / "test.jsonl"),
                             "output_dir": str(folder / "run"), "method": "lora",
                             "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "epochs": 20,
-                            "learning_rate": 5e-3, "precision": "fp32"},
+                            "learning_rate": 5e-3, "precision": "fp32",
+                            "save_merged": True},   # asked for: LoRA runs leave it out
                            quiet=True, callbacks=[snap])
     return result, snap, base, folder / "test.jsonl"
 
@@ -145,6 +146,15 @@ def test_same_seed_same_loss_curve(tmp_path, tiny_model_dir, sound_task, method)
         return losses(tunelab.train(cfg, quiet=True).metrics_file, "train_loss")
     a, b = run("a", 1), run("b", 7)
     assert len(a) == 6 and a == b
+    if method == "lora":
+        # by default a LoRA run writes its adapter and no merged copy of the base; the run
+        # folder is still a model spec (base + adapter) that loads and generates
+        assert not (tmp_path / "a" / "model").exists()
+        assert (tmp_path / "a" / "adapter" / "adapter_model.safetensors").is_file()
+        src = models.resolve(tmp_path / "a")
+        assert src.adapter == str(tmp_path / "a" / "adapter") and src.path == str(tiny_model_dir)
+        model, _ = models.load(tmp_path / "a")
+        assert model(torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)
 
 
 def test_bad_data_fails_before_any_output(tmp_path, tiny_model_dir, sound_task):

@@ -281,7 +281,7 @@ def test_lora_trains_the_chat_tokens_a_base_model_gained(tmp_path):
         warnings.simplefilter("always")
         res = tunelab.train({"model": str(base), "train_file": str(tmp_path / "t.jsonl"),
                              "output_dir": str(tmp_path / "o"), "max_steps": 3, "save_steps": 1,
-                             "precision": "fp32", "learning_rate": 1e-2},
+                             "precision": "fp32", "learning_rate": 1e-2, "save_merged": True},
                             quiet=True, callbacks=[snap])
     # tunelab tells PEFT the vocabulary was resized: it neither guesses (a Hub lookup for a
     # base that is not a local folder) nor warns at each save

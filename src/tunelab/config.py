@@ -80,10 +80,11 @@ class _TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 where the hardware has it (CUDA or AVX-512 BF16 CPUs)")
     gradient_checkpointing: bool = False
-    save_merged: bool = Field(True, description="LoRA: also write the adapter merged into its "
-                              "base as model/ (the size of the base; the server's jobs leave "
-                              "it out: they serve the adapter, and `tunelab export` merges on "
-                              "demand)")
+    save_merged: bool = Field(False, description="LoRA: also write the adapter merged into its "
+                              "base as model/ (the size of the base: 517 MB for SmolLM2 beside "
+                              "a 13 MB adapter). Off, the run folder means base + adapter "
+                              "(chat, eval, compare, the server load it so), and `tunelab "
+                              "export` merges on demand")
     group_by_length: bool = Field(True, description="batch similar lengths: less padding")
 
     logging_steps: int = Field(10, ge=1)

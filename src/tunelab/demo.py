@@ -89,10 +89,11 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instru
         print()
         print("\n".join("  " + line for line in format_comparison(comparison).splitlines()))
         print()
-        print(f"  fine-tuned model:  {result.model_dir}  (LoRA adapter: {result.adapter_dir})")
+        print(f"  fine-tuned model:  {result.output_dir}  (LoRA adapter: {result.adapter_dir}, "
+              "loaded on its base)")
         print(f"  report:            {comparison.report_html}")
         print(f"  training metrics:  {result.metrics_file}")
         print(f"  total time:        {report['seconds']:.0f} s")
         example = INSTRUCTION.format(review="Great battery, but the screen is a bit flimsy.")
-        print(f"  try it:  tunelab chat {result.model_dir} --prompt {json.dumps(example)}")
+        print(f"  try it:  tunelab chat {result.output_dir} --prompt {json.dumps(example)}")
     return report

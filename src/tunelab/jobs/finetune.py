@@ -38,7 +38,11 @@ def model_name(job: Job, key_name: str) -> str:
     return f"ft:{base}:{key_name}:{job.suffix or ''}:{job.id}"
 
 
-KEEP_CHECKPOINTS = 3
+def keep_checkpoints() -> int:
+    """Servable checkpoints a job keeps: its last 3, as the hosted API does
+    (TUNELAB_KEEP_CHECKPOINTS sets another number, read by the worker)."""
+    value = os.environ.get("TUNELAB_KEEP_CHECKPOINTS", "3")
+    return int(value) if value.isdigit() and int(value) >= 1 else 3
 
 
 def checkpoint_name(model: str, step: int) -> str:
@@ -169,12 +173,12 @@ class JobRun:
         self.prune_checkpoints()
 
     def prune_checkpoints(self) -> None:
-        """Keep the last KEEP_CHECKPOINTS servable checkpoints, as the hosted API does: a
+        """Keep the last keep_checkpoints() servable checkpoints, as the hosted API does: a
         30-step job kept 12 before, each a model in the list and a copy of its adapter on disk.
         A checkpoint another job fine-tunes from stays."""
         rows = sorted(self.store.all(Model, Model.job_id == self.job.id,
                                      Model.kind == "checkpoint"), key=lambda m: m.step or 0)
-        for m in rows[:-KEEP_CHECKPOINTS]:
+        for m in rows[:-keep_checkpoints()]:
             if self.store.count(Job, Job.model == m.id):
                 continue
             self.store.delete(m)

@@ -14,6 +14,9 @@ from tunelab.errors import TunelabError
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for `tunelab serve`.")
 DataDir = typer.Option(None, "--data-dir", help="state and files (default: $TUNELAB_HOME or "
                        "~/.tunelab)")
+Database = typer.Option(None, "--database", envvar="TUNELAB_DATABASE_URL", show_envvar=True,
+                        help="the job store: postgresql://USER:PASSWORD@HOST/DB for workers on "
+                        "several hosts (default: SQLite in the data dir)")
 
 
 def _is_loopback(host: str) -> bool:
@@ -44,6 +47,7 @@ def _parse_models(items: list[str]) -> dict[str, str]:
 def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           port: int = typer.Option(8000, help="port (0: any free port; the URL is printed)"),
           data_dir: Optional[Path] = DataDir,
+          database: Optional[str] = Database,
           workers: int = typer.Option(1, "--workers", min=0, help="job worker processes"),
           no_auth: bool = typer.Option(False, "--no-auth", help="no API keys (single user, "
                                        "loopback host only)"),
@@ -82,7 +86,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
 
     import uvicorn
 
-    from tunelab.jobs.store import data_home
+    from tunelab.jobs.store import data_home, database_url, shown_url
     from tunelab.runtime import available_cores
     from tunelab.server.app import create_app
     from tunelab.server.context import Settings
@@ -105,7 +109,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
         from tunelab.server.engine.vllm import find_python
         vllm_python = find_python(vllm_python)
     root = data_home(data_dir)
-    settings = Settings(engine=engine, vllm_url=vllm_url, vllm_python=vllm_python,
+    db_url = database_url(database, root) if database else None   # a bad URL: said now
+    settings = Settings(database_url=db_url, engine=engine, vllm_url=vllm_url, vllm_python=vllm_python,
                         max_adapters=max_adapters,
                         prefill_chunk=prefill_chunk, precision=precision,
                         data_dir=root, auth=not no_auth, models=_parse_models(model),
@@ -115,7 +120,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                         if memory_budget_gb else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     threads = worker_threads or max(1, available_cores() // max(1, workers))
-    supervisor = Supervisor(workers, root, threads=threads, logs=root / "logs")
+    supervisor = Supervisor(workers, root, threads=threads, logs=root / "logs",
+                            env={"TUNELAB_DATABASE_URL": db_url} if db_url else None)
     app = create_app(settings, supervisor)
     if settings.auth and not app.state.ctx.store.list_keys():
         print("tunelab: no API keys yet: create one with `tunelab keys create NAME`"
@@ -130,31 +136,34 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
             from None
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    print(f"tunelab: serving http://{shown}:{bound} (data {root}, {workers} workers)",
+    where = f", database {shown_url(db_url)}" if db_url else ""
+    print(f"tunelab: serving http://{shown}:{bound} (data {root}{where}, {workers} workers)",
           flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 
 
 def worker(data_dir: Optional[Path] = DataDir,
+           database: Optional[str] = Database,
            threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)")):
-    """Run queued jobs (fine-tuning, evaluations) from the data dir's database, one at a time."""
+    """Run queued jobs (fine-tuning, evaluations) from the data dir's database, one at a time.
+    On another host: the same --database and a --data-dir that mounts the server's data dir."""
     from tunelab.jobs.worker import main
-    main(str(data_dir) if data_dir else None, threads=threads)
+    main(str(data_dir) if data_dir else None, threads=threads, database=database)
 
 
 @keys_app.command("create")
 def keys_create(name: str = typer.Argument(..., help="who the key is for (part of model names)"),
-                data_dir: Optional[Path] = DataDir):
+                data_dir: Optional[Path] = DataDir, database: Optional[str] = Database):
     """Create a key and print it, once: only its hash is stored."""
     from tunelab.jobs.store import Store
-    key, token = Store(data_dir).create_key(name)
+    key, token = Store(data_dir, database).create_key(name)
     print(token)
     print(f"tunelab: key '{key.name}' ({key.id}) created; it is shown only now", file=sys.stderr)
 
 
 @keys_app.command("list")
-def keys_list(data_dir: Optional[Path] = DataDir):
+def keys_list(data_dir: Optional[Path] = DataDir, database: Optional[str] = Database):
     """List keys (name, id, first characters, created, revoked)."""
     import datetime as dt
 
@@ -162,7 +171,7 @@ def keys_list(data_dir: Optional[Path] = DataDir):
 
     def when(t):
         return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"
-    keys = Store(data_dir).list_keys()
+    keys = Store(data_dir, database).list_keys()
     if not keys:
         print("no keys (create one with `tunelab keys create NAME`)", file=sys.stderr)
     for k in keys:
@@ -172,10 +181,10 @@ def keys_list(data_dir: Optional[Path] = DataDir):
 
 @keys_app.command("revoke")
 def keys_revoke(name: str = typer.Argument(..., help="the key's name or id"),
-                data_dir: Optional[Path] = DataDir):
+                data_dir: Optional[Path] = DataDir, database: Optional[str] = Database):
     """Revoke a key: its requests answer 401 from now on (its files and models stay)."""
     from tunelab.jobs.store import Store
-    key = Store(data_dir).revoke_key(name)
+    key = Store(data_dir, database).revoke_key(name)
     print(f"revoked key '{key.name}' ({key.id})", file=sys.stderr)
 
 

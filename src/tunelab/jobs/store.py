@@ -44,6 +44,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab.store")
+START_RETRY_S = 10.0          # a Store waits this long for its database to answer at start
 SCHEMA_HEAD = "0002"          # the newest revision under jobs/migrations/versions
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -259,18 +260,27 @@ def _retried(method: Callable) -> Callable:
         local = self._retrying          # per thread: an outer call already retries
         if self.engine.dialect.name == "sqlite" or getattr(local, "on", False):
             return method(self, *args, **kwargs)
-        deadline, pause = time.monotonic() + self.retry_s, 0.1
+        start = time.monotonic()
+        deadline, pause = start + getattr(local, "budget", self.retry_s), 0.1
+        failed = False
         while True:
             try:
                 local.on = True
-                return method(self, *args, **kwargs)
+                out = method(self, *args, **kwargs)
+                if failed:
+                    log.warning("database reachable again after %.1fs (%s)",
+                                time.monotonic() - start, method.__name__)
+                return out
             except DBAPIError as e:
                 if not transient(e) or time.monotonic() + pause > deadline:
                     raise
-                log.warning("database unreachable (%s); retrying in %.1fs",
-                            str(e.orig).splitlines()[0] if e.orig else e, pause)
+                if not failed:
+                    log.warning("database unreachable (%s); retrying for up to %.0fs",
+                                str(e.orig).splitlines()[0] if e.orig else e,
+                                deadline - start)
+                failed = True
                 time.sleep(pause)
-                pause = min(2.0, pause * 2)
+                pause = min(1.0, pause * 2)
             finally:
                 local.on = False
     return wrapper
@@ -290,7 +300,16 @@ class Store:
         self.engine = create_engine(self.url, **self._engine_args())
         if self.engine.dialect.name == "sqlite":
             self._sqlite_setup()
-        self._retried_call(migrate, self.engine)
+        self._retrying.budget = min(self.retry_s, START_RETRY_S)   # at start: a typo'd host
+        try:                                                       # is said in seconds
+            self._retried_call(migrate, self.engine)
+        except DBAPIError as e:
+            if not transient(e):
+                raise
+            raise TunelabError(f"cannot reach the database {shown_url(self.url)}: "
+                               f"{str(e.orig or e).splitlines()[0]}", field="database") from None
+        finally:
+            del self._retrying.budget
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @_retried

@@ -79,16 +79,24 @@ class Worker:
         parent = os.environ.get("TUNELAB_PARENT_PID")
         if parent and parent.isdigit():
             threading.Thread(target=self._watch_parent, args=(int(parent),), daemon=True).start()
-        while not self.stop.is_set():
-            try:
-                job = self.store.claim_job(self.id, self.lease_s)
-            except Exception:
-                log.exception("claiming a job")
-                job = None
-            if job is None:
-                self.stop.wait(self.poll_s)
-                continue
-            self.run_job(job)
+        from tunelab.jobs.presence import Presence   # the workers table (GET .../workers)
+        self.presence = Presence(self.store, self.id, min(5.0, self.lease_s / 4))
+        self.presence.start()
+        try:
+            while not self.stop.is_set():
+                try:   # on PostgreSQL a lost connection is retried inside the store
+                    job = self.store.claim_job(self.id, self.lease_s)
+                except Exception:
+                    log.exception("claiming a job")
+                    job = None
+                if job is None:
+                    self.stop.wait(self.poll_s)
+                    continue
+                self.presence.set_job(job.id)
+                self.run_job(job)
+                self.presence.set_job(None)
+        finally:
+            self.presence.stop()
 
     def run_job(self, job: Job) -> None:
         """Run the job in a child process; return when it has ended."""
@@ -180,12 +188,12 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def main(data_dir: str | None = None, *, threads: int | None = None,
-         lease_s: float = LEASE_SECONDS) -> None:
+         lease_s: float = LEASE_SECONDS, database: str | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tunelab.cli_data import quiet_libraries
     quiet_libraries()
-    w = Worker(Store(data_dir), lease_s=lease_s, threads=threads)
+    w = Worker(Store(data_dir, database), lease_s=lease_s, threads=threads)
     w.install_signal_handlers()
     w.run_forever()
     log.info("worker %s stopped", w.id)

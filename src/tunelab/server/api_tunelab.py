@@ -2,6 +2,7 @@
 and splitting an uploaded file, and evaluations (the base-vs-fine-tuned comparison as a job)."""
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -336,3 +337,28 @@ def evaluation_report(evaluation_id: str, request: Request, who: Owner = Depends
         raise APIError(404, f"The evaluation {job.id} has no report yet (status {job.status})",
                        param="evaluation_id", code="report_not_ready")
     return FileResponse(report, media_type="text/html")
+
+
+@router.get("/workers", summary="The job workers alive, on every host, and what each runs")
+def list_workers(request: Request, who: Owner = Depends(owner),
+                 within_s: Annotated[float | None, Query(gt=0, le=86400, description=(
+                     "live: a heartbeat at most this many seconds old (default: 3 leases)"))]
+                 = None):
+    """Every worker process whose heartbeat is recent (they beat every few seconds; one killed
+    outright drops out after `within_s`): its host, pid, start, last heartbeat, resources (CPUs,
+    memory, GPUs) and whether it runs a job. `job` names the job only when it is the caller's."""
+    from tunelab.jobs.worker import LEASE_SECONDS
+    ctx = context(request)
+    within = within_s if within_s is not None else 3 * LEASE_SECONDS
+    workers = ctx.store.live_workers(within)
+    busy = [w.job_id for w in workers if w.job_id]
+    mine = {j.id for j in ctx.store.all(Job, Job.id.in_(busy), Job.owner == who.id)} \
+        if busy else set()
+    t = time.time()
+    return {"object": "list", "live_within_s": within, "data": [{
+        "object": "tunelab.worker", "id": w.id, "host": w.host, "pid": w.pid,
+        "started_at": int(w.started_at), "last_heartbeat_at": round(w.heartbeat_at, 3),
+        "seconds_since_heartbeat": round(max(0.0, t - w.heartbeat_at), 3),
+        "status": "busy" if w.job_id else "idle",
+        "job": w.job_id if w.job_id in mine else None,
+        "resources": w.resources or {}} for w in workers]}

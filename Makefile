@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tunelab-installed
 
 .PHONY: setup browser vllm test test-fast demo clean
 
-setup: $(STAMP)
+setup: $(STAMP) postgres
 
 # The browser tests (report screenshots, the web page) drive Debian's chromium through
 # Playwright's Python package; Playwright's own browser download cannot work offline.
@@ -15,6 +15,15 @@ CHROMIUM ?= /usr/bin/chromium
 browser: $(CHROMIUM)
 $(CHROMIUM):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+# The job-store tests start a real PostgreSQL (tests/pg.py, as an unprivileged user it creates):
+# the server binaries initdb, pg_ctl and postgres on PATH; Debian's package when they are not.
+.PHONY: postgres
+postgres:
+	@command -v initdb >/dev/null && command -v pg_ctl >/dev/null && command -v postgres >/dev/null \
+	|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
+	     && for b in initdb pg_ctl postgres; do \
+	          ln -sf "$$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/$$b" /usr/local/bin/$$b; done; }
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

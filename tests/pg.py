@@ -47,6 +47,8 @@ class Postgres:
             shutil.chown(self.dir, USER, USER)
             self.as_user = ["runuser", "-u", USER, "--"]
         self._n = 0
+        self.host = "127.0.0.1"         # tests/netns.py puts it on a host of its own
+        self.trusted: str | None = None  # a subnet (CIDR) whose clients may connect too
 
     def _run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([*self.as_user, *cmd], check=check, capture_output=True,
@@ -56,7 +58,10 @@ class Postgres:
         if not self.data.exists():
             self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
                       "-E", "UTF8", "--no-sync")
-        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off "
+            if self.trusted:
+                with open(self.data / "pg_hba.conf", "a") as f:
+                    f.write(f"host all all {self.trusted} trust\n")
+        opts = (f"-p {self.port} -c listen_addresses={self.host} -k {self.dir} -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         proc = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-o", opts,
                          "-w", "-t", "60", "start", check=False)
@@ -83,7 +88,7 @@ class Postgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def url(self, db: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
+        return f"postgresql://postgres@{self.host}:{self.port}/{db}"
 
     def new_database(self) -> str:
         """A fresh, empty database; its URL (postgresql://, as a user writes it)."""

@@ -154,3 +154,45 @@ def test_commands_take_database(tmp_path, postgres, monkeypatch):
     monkeypatch.delenv("TUNELAB_DATABASE_URL")
     assert_clean_error(run_cli("worker", "--data-dir", tmp_path, "--database", "mysql://h/db"),
                        "database", "mysql")
+
+
+def test_serve_on_postgres_fine_tunes_and_shows_its_worker(tmp_path, postgres, tiny_model_dir):
+    """`tunelab serve --database postgresql://...` with one worker: a short fine-tune through the
+    openai client succeeds, its rows are in PostgreSQL (not in the data dir's SQLite), and the
+    worker it ran on is listed with its resources."""
+    import json
+
+    import httpx2 as httpx
+    from conftest import sound_rows
+    from test_server_harness import Server, poll_job, tiny_training, wait_for
+    url = postgres.new_database()
+    token = Store(tmp_path, url).create_key("alice")[1]
+    server = Server(tmp_path, "--workers", "1", "--database", url,
+                    "--model", f"tiny={tiny_model_dir}")
+    try:
+        client = server.client(token)
+        body = "".join(json.dumps(r) + "\n" for r in sound_rows()[:24]).encode()
+        train = client.files.create(file=("s.jsonl", body), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id,
+                                             extra_body={"tunelab": tiny_training()})
+        done = poll_job(client, job.id, timeout=180)
+        assert done.status == "succeeded", done.error
+        assert any(c.step_number == 6 for c in client.fine_tuning.jobs.checkpoints.list(job.id))
+        headers = {"Authorization": f"Bearer {token}"}
+        workers = wait_for(lambda: httpx.get(server.url + "/v1/tunelab/workers", headers=headers,
+                                             timeout=10).json()["data"] or None, 30,
+                           what="the worker to register")
+        (w,) = workers
+        assert w["status"] == "idle" and w["pid"] in server_worker_pids(server)
+        assert w["resources"]["cpus"] >= 1 and w["resources"]["memory_bytes"] > 2**28
+    finally:
+        server.stop()
+    assert Store(tmp_path, url).get(Job, job.id).status == "succeeded"
+    assert not (tmp_path / "tunelab.db").exists()      # nothing went to SQLite
+
+
+def server_worker_pids(server) -> set[int]:
+    """The pids of `tunelab worker` processes the server started (its children)."""
+    import subprocess
+    out = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}

@@ -126,6 +126,28 @@ def compare(tuned: list[str] = typer.Option(..., "--tuned", help="fine-tuned mod
                                                       "answer, and the mean margin"),
             no_general_check: bool = typer.Option(False, "--no-general-check",
                                                   help="skip the shipped general prompts"),
+            retrieval: int = typer.Option(0, "--retrieval", help="K: also try the base model "
+                                          "with the K training examples most similar to each "
+                                          "request as shots (BM25 over the user turn)"),
+            corpus: Optional[Path] = typer.Option(None, "--corpus", help="with --retrieval: "
+                                                  "retrieve K passages from these documents "
+                                                  "(JSONL of {text, title}) into the system "
+                                                  "prompt instead (RAG)"),
+            price_input: Optional[float] = typer.Option(None, "--price-input-per-mtok",
+                                              help="USD per million prompt tokens (default "
+                                              "0.15: gpt-4o-mini's list price, 2024-07)"),
+            price_output: Optional[float] = typer.Option(None, "--price-output-per-mtok",
+                                               help="USD per million generated tokens (default "
+                                               "0.60, the same source)"),
+            price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour",
+                                                           help="USD per hour of the serving "
+                                                           "machine: prices requests by their "
+                                                           "measured throughput instead of "
+                                                           "tokens"),
+            train_price: Optional[float] = typer.Option(None, "--train-price-per-hour",
+                                              help="USD per hour of the training machine "
+                                              "(default 1.006: AWS g5.xlarge on demand, "
+                                              "2024)"),
             out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="report folder"),
             limit: Optional[int] = typer.Option(None, help="the first N test examples"),
             batch_size: int = typer.Option(16),
@@ -136,18 +158,21 @@ def compare(tuned: list[str] = typer.Option(..., "--tuned", help="fine-tuned mod
     """Fine-tuned vs the base model prompted zero-shot, with a system prompt and few-shot:
     quality and tokens per request, a forgetting check, and report.html. Several --tuned
     models (base -> SFT -> SFT+DPO) are measured side by side in one table."""
-    from tqdm.auto import tqdm
-
     from tunelab.evaluate.compare import compare as run_compare
+    from tunelab.evaluate.cost import Prices
+    from tunelab.evaluate.progress import stage_progress
     from tunelab.evaluate.report import format_comparison
     quiet_libraries()
-    bars = None if quiet or as_json else \
-        (lambda name, n: tqdm(total=n, desc=f"{name:<22}", unit="ex", file=sys.stderr))
+    bars = stage_progress(quiet or as_json)
+    given = {"input_per_mtok": price_input, "output_per_mtok": price_output,
+             "per_hour": price_per_hour, "train_per_hour": train_price}
+    prices = Prices(**{k: v for k, v in given.items() if v is not None})
     result = run_compare(base=base, tuned=tuned, data=data, out_dir=out, task=task,
                          train=train_file, few_shot=few_shot, system=system, general=general,
                          general_check=not no_general_check, preference=preference,
                          labels=labels.split(",") if labels else None, limit=limit,
-                         batch_size=batch_size, precision=precision, progress_factory=bars)
+                         batch_size=batch_size, precision=precision, retrieval=retrieval,
+                         corpus=corpus, prices=prices, progress_factory=bars)
     if as_json:
         print(json.dumps(result.to_json()))
         return

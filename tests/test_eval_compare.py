@@ -90,7 +90,7 @@ def test_verdict_names_the_best_tuned_model_against_the_best_baseline():
                     "tokens per request")
     assert detail["kind"] == "tuned_wins" and detail["points"] == pytest.approx(30.0)
     text, detail = verdict([*base, _row("fine-tuned", 0.5)], "accuracy")
-    assert text.startswith("prompting wins: fine-tuned is -10.0 points accuracy behind "
+    assert text.startswith("prompting wins: fine-tuned is 10.0 points accuracy behind "
                            "base 5-shot") and detail["kind"] == "prompting_wins"
     # several: the best of them (ties: the cheaper, then the first) is the one named
     rows = [*base, _row("sft", 0.7), _row("dpo", 0.8), _row("dpo-long", 0.8, 40.0)]
@@ -99,7 +99,7 @@ def test_verdict_names_the_best_tuned_model_against_the_best_baseline():
     assert (detail["best_tuned"], detail["best_baseline"]) == ("dpo", "base 5-shot")
     text, detail = verdict([*base, _row("sft", 0.3), _row("dpo", 0.55)], "accuracy",
                            ["sft", "dpo"])
-    assert text.startswith("prompting wins: the best fine-tuned model (dpo) is -5.0 points")
+    assert text.startswith("prompting wins: the best fine-tuned model (dpo) is 5.0 points")
     text, detail = verdict([*base, _row("sft", 0.3), _row("dpo", 0.605)], "accuracy",
                            ["sft", "dpo"])
     assert detail["kind"] == "on_par" and text.startswith("fine-tuned (dpo): on par with")

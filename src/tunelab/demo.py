@@ -42,8 +42,6 @@ def build_dataset(folder: Path, *, n: int = 900, seed: int = 0) -> dict[str, Pat
 def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instruct",
              n_examples: int = 900, epochs: float = 2.0, few_shot: int = 5,
              replay: int = 48, quiet: bool = False) -> dict:
-    from tqdm.auto import tqdm
-
     from tunelab.config import TrainConfig
     from tunelab.evaluate.compare import compare
     from tunelab.evaluate.report import format_comparison
@@ -76,8 +74,8 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m-instru
 
     say(f"[3/3] base model zero-shot and {few_shot}-shot vs the fine-tuned model, on the same "
         f"{counts['test']} test reviews; then the general check")
-    bars = None if quiet else (lambda name, total: tqdm(total=total, desc=f"  {name:<20}",
-                                                         unit="ex", leave=False))
+    from tunelab.evaluate.progress import stage_progress
+    bars = stage_progress(quiet, indent="  ")
     comparison = compare(base=model, tuned=str(result.output_dir), data=paths["test"],
                          out_dir=out / "compare", task="classification", train=paths["train"],
                          few_shot=few_shot, progress_factory=bars)

@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.evaluate.cost import Prices, cost_summary, payback_phrase, training_seconds
 from tunelab.evaluate.report import write_report
+from tunelab.evaluate.retrieval import (prompt_key, rag_system, read_corpus, retrieve_passages,
+                                        retrieve_shots, retrieved_examples_name,
+                                        retrieved_passages_name)
 from tunelab.evaluate.runner import RunResult, load_examples, run_task
 from tunelab.evaluate.tasks import (Classification, Example, PairExample, Task, examples_from,
                                     label_order_key, make_task, normalize_answer)
@@ -67,6 +71,8 @@ class Comparison:
     verdict_detail: dict[str, Any] = field(default_factory=dict)    # the verdict, as fields
     preference: list[RunResult] = field(default_factory=list)       # base, then each tuned
     preference_file: str | None = None
+    retrieval: dict[str, Any] | None = None    # k, source (train file or corpus), what
+    cost: dict[str, Any] | None = None         # cost.cost_summary
 
     def row(self, name: str) -> RunResult | None:
         return next((r for r in self.rows if r.name == name), None)
@@ -96,13 +102,13 @@ class Comparison:
                 "warnings": self.warnings, "run_dir": self.run_dir,
                 "report_html": self.report_html, "report_md": self.report_md,
                 "tuned_models": [asdict(t) for t in self.tuned_models],
-                "verdict_detail": self.verdict_detail, "preference": preference}
+                "verdict_detail": self.verdict_detail, "preference": preference,
+                "retrieval": self.retrieval, "cost": self.cost}
 
 
 # -- prompts ----------------------------------------------------------------------------------
 
-def _prompt_key(messages: list[dict[str, Any]]) -> str:
-    return normalize_answer(" ".join(m["content"] for m in messages if m["role"] != "system"))
+_prompt_key = prompt_key
 
 
 def choose_shots(train: list[Example], test: list[Example], k: int, task: Task, *,
@@ -161,11 +167,14 @@ def _best(rows: list[RunResult]) -> RunResult:
     return max(rows, key=lambda r: (r.primary, -r.prompt_tokens))
 
 
-def verdict(rows: list[RunResult], label: str,
-            tuned_names: Sequence[str] = (TUNED,)) -> tuple[str, dict[str, Any]]:
+def verdict(rows: list[RunResult], label: str, tuned_names: Sequence[str] = (TUNED,), *,
+            prices: Prices | None = None,
+            train_seconds: dict[str, float | None] | None = None) -> tuple[str, dict[str, Any]]:
     """The best fine-tuned model against the best prompting setup, in one sentence and as
     fields (`kind`: tuned_wins, on_par, prompting_wins or tuned_only), so that a reader never
-    re-parses the sentence. The sentence is rendered from the fields."""
+    re-parses the sentence. The sentence is rendered from the fields. With `prices`, the fields
+    hold every row's cost per 1,000 requests and the break-even against the best baseline
+    (`train_seconds`: each tuned model's measured training time, None when unknown)."""
     tuned_rows = [r for r in rows if r.name in tuned_names]
     baselines = [r for r in rows if r.name not in tuned_names]
     tuned = _best(tuned_rows)
@@ -182,13 +191,23 @@ def verdict(rows: list[RunResult], label: str,
     tokens = (f"{100 * (1 - ratio):.0f}% fewer" if ratio < 0.995 else
               f"{100 * (ratio - 1):.0f}% more" if ratio > 1.005 else "the same number of")
     cost = f"with {tokens} prompt tokens per request"
+    payback = None
+    if prices is not None:
+        summary = cost_summary(rows, prices, (train_seconds or {}).get(tuned.name), tuned.name,
+                               best.name, [r.name for r in baselines])
+        detail["cost"] = summary
+        detail["break_even_requests"] = summary["break_even_requests"]
+        payback = payback_phrase(None if summary["pays_back"] is None else
+                                 summary["break_even_requests"] if summary["pays_back"] else
+                                 float("inf"), best.name)
+    cost += f"; {payback}" if payback else ""
     if kind == "on_par":
         return f"{who}: on par with {best.name} ({points:+.1f} points {label}), {cost}", detail
     if kind == "tuned_wins":
         return f"{who}: {points:+.1f} points {label} over {best.name}, {cost}", detail
     loser = "fine-tuned" if tuned.name == TUNED else \
         f"the best fine-tuned model ({tuned.name})" if len(tuned_rows) > 1 else who
-    return (f"prompting wins: {loser} is {points:+.1f} points {label} behind {best.name}, "
+    return (f"prompting wins: {loser} is {abs(points):.1f} points {label} behind {best.name}, "
             f"{cost}"), detail
 
 
@@ -302,7 +321,8 @@ def _derived_name(spec: str, run_dir: Path | None) -> str:
 
 
 def _reserved(name: str) -> bool:
-    return name in (BASE, ZERO_SHOT, SYSTEM) or bool(re.fullmatch(r"base \d+-shot", name))
+    return name in (BASE, ZERO_SHOT, SYSTEM) or bool(
+        re.fullmatch(r"base \d+-shot|base \+ \d+ retrieved (examples|passages)", name))
 
 
 def tuned_models(specs: str | Sequence[str]) -> tuple[list[TunedModel], list[list]]:
@@ -373,12 +393,17 @@ def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
             general_check: bool = True, labels: list[str] | None = None,
             preference: str | Path | None = None, limit: int | None = None,
             batch_size: int = 16, precision: str = "auto",
-            progress_factory=None) -> Comparison:
+            retrieval: int = 0, corpus: str | Path | None = None,
+            prices: Prices | None = None, progress_factory=None) -> Comparison:
     """Run every row on the same test split, check forgetting, write the report.
     `tuned`: one model spec, or several (`NAME=SPEC` names one's rows), measured in order.
     `preference`: held-out preference pairs, scored for the base and each tuned model.
     `progress_factory(name, total)` returns a bar (update, close) for each setup, or None.
-    `precision`: the weights' dtype for every model ('auto': bf16 where the hardware has it)."""
+    `precision`: the weights' dtype for every model ('auto': bf16 where the hardware has it).
+    `retrieval`: K > 0 adds the base model with, per request, the K nearest training examples
+    as shots (BM25 over the user turn), or with `corpus` the K nearest passages of those
+    documents in its system prompt.
+    `prices`: what requests and training cost (default: cost.Prices()'s documented defaults)."""
     from tunelab import models
     from tunelab.config import DEFAULT_MAX_LENGTH
     from tunelab.data.conversation import read_conversations
@@ -417,6 +442,34 @@ def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
                 n = sum(normalize_answer(e.reference) in unseen for e in examples)
                 warnings.append(f"{n} test examples have labels the training file never shows: "
                                 f"{', '.join(unseen)}")
+    if retrieval < 0:
+        raise TunelabError("--retrieval is a number of examples >= 0", field="retrieval")
+    if corpus is not None and retrieval <= 0:
+        raise TunelabError("--corpus needs --retrieval K (passages per request)",
+                           field="retrieval")
+    retrieved_prompts = None
+    retrieval_info = None
+    if retrieval > 0 and corpus is not None:
+        passages = read_corpus(corpus)
+        found = retrieve_passages(passages, examples, retrieval)
+        retrieved_prompts = [with_system(e, rag_system(p, system))
+                             for e, p in zip(examples, found)]
+        retrieval_info = {"k": retrieval, "kind": "passages", "source": str(corpus),
+                          "name": retrieved_passages_name(retrieval),
+                          "passages": len(passages)}
+    elif retrieval > 0:
+        if train is None:
+            raise TunelabError("--retrieval retrieves training examples: give --train (or "
+                               "--corpus)", field="train")
+        found = retrieve_shots(examples_from(read_conversations(train)), examples, retrieval)
+        retrieved_prompts = [with_shots(e, s, system) for e, s in zip(examples, found)]
+        got = min(len(s) for s in found) if found else 0
+        if got < retrieval:
+            warnings.append(f"only {got} training examples could be retrieved per request "
+                            f"(asked for {retrieval})")
+        retrieval_info = {"k": retrieval, "kind": "examples", "source": str(train),
+                          "name": retrieved_examples_name(retrieval),
+                          "ids": [[x.id for x in s] for s in found]}
     general_set = general_examples() if general_check else None
     general_file = examples_from(read_conversations(general)) if general else None
     out = Path(out_dir)
@@ -465,6 +518,8 @@ def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
     if shots:
         rows.append(run(model, tok, few_shot_name(len(shots)), base,
                         [with_shots(e, shots, system) for e in examples]))
+    if retrieved_prompts is not None:
+        rows.append(run(model, tok, retrieval_info["name"], base, retrieved_prompts))
     checks(model, tok, BASE, base)
     del model
     gc.collect()
@@ -480,7 +535,11 @@ def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
         warnings += [f"{r.name}: {w}" for w in r.warnings]
     for r in pref_rows:
         warnings += [f"preference {r.name}: {w}" for w in r.warnings]
-    sentence, detail = verdict(rows, task_obj.label, [t.name for t in tuned_list])
+    prices = prices or Prices()
+    sentence, detail = verdict(rows, task_obj.label, [t.name for t in tuned_list],
+                               prices=prices,
+                               train_seconds={t.name: training_seconds(t.run_dir)
+                                              for t in tuned_list})
     best = next(t for t in tuned_list if t.name == detail["best_tuned"])
     forgetting = None
     if general_runs or file_losses:
@@ -499,6 +558,7 @@ def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
                         rows=rows, verdict=sentence, few_shot=shots, forgetting=forgetting,
                         warnings=warnings, run_dir=best.run_dir, tuned_models=tuned_list,
                         verdict_detail=detail, preference=pref_rows,
-                        preference_file=str(preference) if preference else None)
+                        preference_file=str(preference) if preference else None,
+                        retrieval=retrieval_info, cost=detail.get("cost"))
     write_report(result, out)
     return result

@@ -11,6 +11,7 @@ from typing import Any
 
 from tunelab.data.io import atomic_write, write_json
 from tunelab.evaluate.runner import RunResult
+from tunelab.evaluate.cost import money
 
 PALETTE = {"base zero-shot": "#9aa5b1", "base + system prompt": "#7b8794", "fine-tuned": "#2563eb"}
 FEW_SHOT_COLOR = "#f59e0b"
@@ -92,15 +93,18 @@ def metric_name(key: str) -> str:
     return METRIC_NAMES.get(key, key.replace("_", " "))
 
 
-def comparison_table(rows: list[RunResult], preference_of=None) -> list[list[str]]:
+def comparison_table(rows: list[RunResult], preference_of=None,
+                     cost: dict[str, Any] | None = None) -> list[list[str]]:
     """The comparison's table. `preference_of(row name)` -> the preference result of the model
-    that row is answered by (or None): its accuracy and mean margin become two columns."""
+    that row is answered by (or None): its accuracy and mean margin become two columns.
+    `cost` (cost.cost_summary): each row's cost per 1,000 requests, a column."""
     primary = rows[0].task["primary"]
     extra = [k for k in ("macro_f1", "invalid_rate", "no_number_rate") if k in rows[0].metrics]
     prefs = [preference_of(r.name) for r in rows] if preference_of else [None] * len(rows)
     pref_cols = ["preferred", "pref. margin"] if any(prefs) else []
     head = ["", metric_name(primary), *map(metric_name, extra), *pref_cols, "prompt tok/req",
-            "gen tok/req", "latency s", "req/s"]
+            "gen tok/req", "latency s", "req/s"] + (["$/1k req"] if cost else [])
+    per_1k = (cost or {}).get("per_1k_requests", {})
     body = []
     for r, p in zip(rows, prefs):
         cells = [r.name, _pct(r.primary)] + [_pct(r.metrics.get(k)) for k in extra]
@@ -108,6 +112,8 @@ def comparison_table(rows: list[RunResult], preference_of=None) -> list[list[str
             cells += [_pct(p.primary), f"{p.metrics['margin']:+.2f}"] if p else ["-", "-"]
         cells += [f"{r.prompt_tokens:.0f}", f"{r.completion_tokens:.1f}", f"{r.latency_s:.2f}",
                   f"{r.requests_per_s:.1f}"]
+        if cost:
+            cells.append(money(per_1k.get(r.name)))
         body.append(cells)
     return [head] + body
 
@@ -128,18 +134,29 @@ PREFERENCE_NOTE = ("A pair counts as preferred when the model gives its chosen a
 
 
 def format_comparison(c) -> str:
-    table = comparison_table(c.rows, c.preference_of)
+    table = comparison_table(c.rows, c.preference_of, c.cost)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     out = [*lines, "", c.verdict]
+    if c.cost:
+        out.append(cost_line(c.cost))
     if c.preference:
         out.append(preference_line(c))
     if c.forgetting:
         out.append(forgetting_line(c.forgetting))
     out += [f"warning: {w}" for w in c.warnings]
     return "\n".join(out)
+
+
+def cost_line(cost: dict[str, Any]) -> str:
+    """Where the costs come from, and what the training cost."""
+    train = ("training time unknown (no result.json in the run folder)"
+             if cost.get("train_cost") is None else
+             f"training: {cost['train_seconds'] / 60:.1f} min at "
+             f"${cost['prices']['train_per_hour']:g}/hour = {money(cost['train_cost'])}")
+    return f"cost: {cost['basis']}; {train}"
 
 
 def forgetting_line(f: dict[str, Any]) -> str:
@@ -245,6 +262,50 @@ def chart_tokens(rows: list[RunResult], tuned: list[str] = ()) -> bytes:
     ax.set_xlabel("tokens per request")
     ax.set_title("cost per request")
     ax.legend(loc="lower right", frameon=False)
+    return _figure_png(fig)
+
+
+def chart_cost(rows: list[RunResult], cost: dict[str, Any], label: str,
+               tuned: list[str] = ()) -> bytes:
+    """Cost per 1,000 requests against quality, one point per option; with a known training
+    cost, the tuned model's cost over the first N requests (training included) as the x-axis of
+    a second panel against each baseline's, which crosses at the break-even."""
+    plt = _plt()
+    per_1k = cost["per_1k_requests"]
+    pts = [(r, per_1k.get(r.name)) for r in rows if per_1k.get(r.name) is not None]
+    panels = 2 if cost.get("train_cost") is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 3.6), squeeze=False)
+    ax = axes[0][0]
+    for r, c in pts:
+        ax.scatter([c], [100 * r.primary], s=60, color=_color(r.name, tuned), zorder=3)
+        ax.annotate(r.name, (c, 100 * r.primary), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set_xlabel("USD per 1,000 requests")
+    ax.set_ylabel(f"{label} (%)")
+    ax.set_ylim(-5, 110)
+    ax.set_xlim(0, max([c for _, c in pts] + [1e-9]) * 1.35)
+    ax.set_title("cost vs quality")
+    ax.grid(alpha=0.3)
+    if panels == 2:
+        ax = axes[0][1]
+        best = next((r for r in rows if r.name in tuned and r.name in per_1k), None)
+        n_max = cost.get("break_even_requests") or 0
+        n_max = max(1000.0, 2 * n_max)
+        xs = [0, n_max]
+        for r, c in pts:
+            if r.name in tuned and r is not best:
+                continue
+            start = cost["train_cost"] if r is best else 0.0
+            ax.plot(xs, [start, start + c * n_max / 1000], color=_color(r.name, tuned),
+                    label=r.name)
+        if cost.get("break_even_requests"):
+            ax.axvline(cost["break_even_requests"], color="#111827", ls=":", lw=1)
+        ax.set_xlabel("requests served")
+        ax.set_ylabel("USD, training included")
+        ax.set_title("total cost and break-even")
+        ax.legend(fontsize=7, frameon=False)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     return _figure_png(fig)
 
 
@@ -396,6 +457,9 @@ def write_report(c, out_dir: Path) -> None:
                                                        metric_name(c.rows[0].task["primary"]),
                                                        tuned),
                                 "tokens": chart_tokens(c.rows, tuned)}
+    if c.cost:
+        charts["cost"] = chart_cost(c.rows, c.cost, metric_name(c.rows[0].task["primary"]),
+                                    tuned)
     if any("confusion" in r.metrics for r in c.rows):
         charts["confusion"] = chart_confusions(c.rows)
     runs = _training_runs(c)
@@ -430,19 +494,24 @@ def _answer_names(c) -> list[str]:
 
 
 def _markdown(c, charts: dict[str, bytes]) -> str:
-    table = comparison_table(c.rows, c.preference_of)
+    table = comparison_table(c.rows, c.preference_of, c.cost)
     md = [f"# Fine-tuned vs prompted: {c.task['task']}", "", f"**{c.verdict}**", "",
           f"- base model: `{c.base}`", *(f"- {k}: `{v}`" for k, v in _tuned_facts(c)),
           f"- test data: `{c.test_file}` ({c.rows[0].examples} examples)"]
     if c.train_file:
         md.append(f"- few-shot examples from: `{c.train_file}` ({len(c.few_shot)} shots)")
+    if c.retrieval:
+        md.append(f"- retrieved per request (BM25): {c.retrieval['k']} {c.retrieval['kind']} "
+                  f"from `{c.retrieval['source']}`")
     if c.preference:
         md.append(f"- preference pairs: `{c.preference_file}` ({c.preference[0].examples} pairs)")
     md += ["", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     md += ["| " + " | ".join(row) + " |" for row in table[1:]]
     md += ["", "Tokens are per request, means over the test split; latency is the wall time of "
            "the batch a request was answered in, on this machine.", ""]
-    for name in ("metric", "tokens", "confusion", "training", "forgetting"):
+    if c.cost:
+        md += [cost_line(c.cost), ""]
+    for name in ("metric", "tokens", "cost", "confusion", "training", "forgetting"):
         if name in charts:
             md.append(f"![{name}](charts/{name}.png)")
     if c.preference:
@@ -521,7 +590,7 @@ def _html_table(table: list[list[str]], highlight=lambda row: False) -> str:
 def _html(c, charts: dict[str, bytes]) -> str:
     e = html.escape
     tuned = set(c.tuned_names)
-    table = _html_table(comparison_table(c.rows, c.preference_of), lambda row: row[0] in tuned)
+    table = _html_table(comparison_table(c.rows, c.preference_of, c.cost), lambda row: row[0] in tuned)
     lose = c.verdict_detail.get("kind") == "prompting_wins"
     facts = [("base model", c.base), *_tuned_facts(c),
              ("test data", f"{c.test_file} ({c.rows[0].examples} examples)"),
@@ -530,6 +599,9 @@ def _html(c, charts: dict[str, bytes]) -> str:
         facts.append(("labels", ", ".join(c.task["labels"])))
     if c.train_file:
         facts.append(("few-shot examples", f"{len(c.few_shot)} from {c.train_file}"))
+    if c.retrieval:
+        facts.append(("retrieved per request", f"{c.retrieval['k']} {c.retrieval['kind']} from "
+                                               f"{c.retrieval['source']} (BM25)"))
     if c.preference:
         facts.append(("preference pairs", f"{c.preference[0].examples} from "
                                           f"{c.preference_file}"))
@@ -550,6 +622,11 @@ def _html(c, charts: dict[str, bytes]) -> str:
         f"<div class='card'>{_img(charts, 'tokens', 'tokens per request')}</div>",
         "</div><div style='height:20px'></div>",
     ]
+    if "cost" in charts:
+        parts.append(f"<div class='card'><h2>Cost and break-even</h2>"
+                     f"<p class='small'>{e(cost_line(c.cost))}</p>"
+                     f"{_img(charts, 'cost', 'cost per 1,000 requests vs quality')}</div>"
+                     "<div style='height:20px'></div>")
     if c.preference:
         parts.append("<div class='card'><h2>Preference pairs</h2>"
                      f"{_html_table(preference_table(c), lambda row: row[0] in tuned)}"

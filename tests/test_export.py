@@ -147,3 +147,181 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, smol_tokeni
     assert "GPT2LMHeadModel" in str(e.value) and "LlamaForCausalLM" in str(e.value) and \
         "Gemma3ForCausalLM" in str(e.value) and "Qwen3ForCausalLM" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_smollm2_with_a_lora_merged(tmp_path):
+    """The builtin model with a LoRA: llama.cpp tokenizes and answers like the merged model,
+    transformers reads the GGUF back, and the template in the file is the tokenizer's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.data.render import chat_text
+    from tunelab.export.gguf import read_metadata
+    from tunelab.models import load_model, load_tokenizer, resolve, stop_token_ids
+    base = resolve("smollm2-135m-instruct").path
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                          LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.02)
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(adapter)
+    tok = load_tokenizer(adapter)
+    merged = load_model(str(adapter), tokenizer=tok, dtype=torch.float32).eval()
+    prompts = prompts_for(tok, 3)
+    want = hf_greedy(merged, prompts, 8, set(stop_token_ids(tok)))
+
+    res = export(str(adapter), tmp_path / "gguf", quant="f16", name="smol-lora")
+    gguf = tmp_path / "gguf" / "smol-lora-f16.gguf"
+    conv = [{"role": "user", "content": "Salt, rain and 42 stones?"}]
+    text = chat_text(tok, conv, add_generation_prompt=True)
+    r = llama_cpp(gguf, prompts, 8, texts=[text])
+    assert r["tokenized"][0] == tok(text, add_special_tokens=False)["input_ids"]
+    assert all(near_greedy(merged, prompts, r["outputs"], tol=0.05)), (want, r["outputs"])
+
+    back = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                dtype=torch.float32).eval()
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, back(ids).logits
+    assert (a - b).abs().max() < 0.02 * a.abs().max()
+
+    meta = read_metadata(gguf)
+    assert meta["tokenizer.chat_template"] == tok.chat_template
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert res["bytes"] > 200e6
+
+
+def test_lora_as_gguf_adapter_runs_in_llama_cpp(tmp_path, tiny_models):
+    """--format gguf-adapter: llama.cpp with the base GGUF and the adapter answers like the
+    merged model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.export.gguf import read_metadata
+    from tunelab.models import load_model, load_tokenizer
+    src = tiny_models["llama"]
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(src),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.3)
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(adapter)
+    tok = load_tokenizer(adapter)
+    merged = load_model(str(adapter), tokenizer=tok, dtype=torch.float32).eval()
+    plain = load_model(str(src), tokenizer=tok, dtype=torch.float32).eval()
+    prompts = prompts_for(tok, 6)
+    res = export(str(adapter), tmp_path / "lora", fmt="gguf-adapter")
+    lora = tmp_path / "lora" / res["files"][0]
+    meta = read_metadata(lora)
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["adapter.lora.alpha"] == 8
+    base = tmp_path / "base"
+    export(str(src), base, quant="f16")
+    got = llama_cpp(base / "model-f16.gguf", prompts, 10, lora=lora)["outputs"]
+    assert all(near_greedy(merged, prompts, got, tol=0.05)), got
+    assert not all(near_greedy(plain, prompts, got, tol=0.05))   # the adapter acted
+
+
+def test_ollama_modelfile_wraps_turns_like_the_template(tmp_path, tiny_models):
+    from tunelab.data.render import chat_text
+    from tunelab.export.ollama import turn_wrappers
+    from tunelab.models import load_tokenizer
+    res = export(str(tiny_models["llama"]), tmp_path / "ollama", fmt="ollama", quant="q8_0")
+    assert sorted(res["files"]) == ["Modelfile", "model-q8_0.gguf"]
+    text = (tmp_path / "ollama" / "Modelfile").read_text()
+    assert text.startswith("FROM ./model-q8_0.gguf\n") and 'PARAMETER stop "<|im_end|>"' in text
+    tok = load_tokenizer(tiny_models["llama"])
+    w = turn_wrappers(tok)
+    for role in ("system", "user", "assistant"):
+        assert f'eq .Role "{role}" }}}}{w[role][0]}{{{{ .Content }}}}{w[role][1]}' in text
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]
+    built = "".join(w[m["role"]][0] + m["content"] + w[m["role"]][1] for m in conv)
+    assert built + w["generation"][0] == chat_text(tok, conv, add_generation_prompt=True)
+
+
+def test_ollama_system_prompt_from_the_training_data(tmp_path, tiny_models):
+    from tunelab.data.io import write_jsonl
+    from tunelab.export.ollama import training_system_prompt
+    rows = [{"messages": [{"role": "system", "content": "Answer in one word."},
+                          {"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": "a"}]} for i in range(3)]
+    write_jsonl(tmp_path / "train.jsonl", rows + [{"messages": rows[0]["messages"][1:]}])
+    assert training_system_prompt(tmp_path / "train.jsonl") == "Answer in one word."
+    write_jsonl(tmp_path / "few.jsonl", rows[:1] + [{"messages": rows[0]["messages"][1:]}] * 2)
+    assert training_system_prompt(tmp_path / "few.jsonl") is None
+
+
+def test_hf_folder_loads_and_answers_the_same(tmp_path, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models import load_model, load_tokenizer
+    src = tiny_models["qwen2"]
+    res = export(str(src), tmp_path / "hf", fmt="hf")
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= \
+        set(res["files"])
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    orig = load_model(str(src), tokenizer=load_tokenizer(src), dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, orig(ids).logits, atol=1e-5)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "Qwen2ForCausalLM" in card and "library_name: transformers" in card
+
+
+def test_model_card_of_a_run(tmp_path, sound_run):
+    res = export(str(sound_run.output_dir), tmp_path / "hf", fmt="hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "| train examples | 40 |" in card and "## Training curve" in card
+    assert "| method | full |" in card and "README.md" in res["files"]
+
+
+def test_bad_input_leaves_nothing_behind(tmp_path, tiny_models, monkeypatch):
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    (empty / "config.json").write_text((tiny_models["llama"] / "config.json").read_text())
+    with pytest.raises(TunelabError) as e:
+        export(str(empty), tmp_path / "out2")
+    assert "no weights" in str(e.value) and "model.safetensors" in str(e.value)
+
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    with pytest.raises(TunelabError) as e:
+        export(str(tiny_models["llama"]), exists)
+    assert "--overwrite" in str(e.value) and str(exists) in str(e.value)
+
+    with pytest.raises(TunelabError) as e:
+        export(str(tiny_models["llama"]), tmp_path / "out4", quant="q2_k")
+    assert e.value.field == "quant"
+
+    # the disk fills up half-way through the tensors (after the 5th write)
+    import gguf
+    real = gguf.GGUFWriter.write_padding
+    calls = []
+
+    def full_disk(self, *a, **kw):
+        calls.append(1)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **kw)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_padding", full_disk)
+    with pytest.raises(TunelabError) as e:
+        export(str(tiny_models["llama"]), tmp_path / "out3")
+    assert "No space left" in str(e.value) and len(calls) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "no-weights"]
+
+
+def test_cli_export(tmp_path, tiny_models):
+    from conftest import assert_clean_error, run_cli
+    p = run_cli("export", tiny_models["qwen2"], "-o", tmp_path / "o", "--format", "gguf",
+                "--quant", "q4_0")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "o" / "model-q4_0.gguf").stat().st_size > 1e6
+    assert_clean_error(run_cli("export", tiny_models["qwen2"], "-o", tmp_path / "o"),
+                       "--overwrite")

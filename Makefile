@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tunelab-installed
 
-.PHONY: setup browser vllm test test-fast demo clean
+.PHONY: setup browser vllm llama test test-fast demo clean
 
 setup: $(STAMP) postgres
 
@@ -46,10 +46,20 @@ $(VLLM_STAMP): Makefile
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
-test: setup browser vllm
+# llama.cpp, the runtime `tunelab export` is checked against: node-llama-cpp ships prebuilt
+# linux-x64 binaries (no compiler, no network at run time); pinned, newer releases' lock may
+# refuse `npm ci`.
+LLAMA_DIR := .llama
+LLAMA_STAMP := $(LLAMA_DIR)/node_modules/node-llama-cpp/package.json
+llama: $(LLAMA_STAMP)
+$(LLAMA_STAMP):
+	mkdir -p $(LLAMA_DIR)
+	cd $(LLAMA_DIR) && npm install --silent --no-audit --no-fund -E node-llama-cpp@3.21.1
+
+test: setup browser vllm llama
 	$(PY) -m pytest -q
 
-test-fast: setup browser
+test-fast: setup browser llama
 	$(PY) -m pytest -q -m "not slow"
 
 demo: setup

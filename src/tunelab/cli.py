@@ -222,6 +222,27 @@ def chat(model: str = typer.Argument("smollm2-135m-instruct", help="model spec")
 
 
 @app.command()
+def export(model: str = typer.Argument(..., help="model spec: a run folder, adapter, "
+                                       "checkpoint, model folder or builtin alias"),
+           output: Path = typer.Option(..., "--output", "-o", help="folder to write"),
+           fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp), ollama (GGUF "
+                                   "+ Modelfile) or hf (merged safetensors + model card)"),
+           quant: str = typer.Option("f16", "--quant", help="GGUF weights: f16, bf16, q8_0, "
+                                     "q4_0 or f32"),
+           overwrite: bool = typer.Option(False, "--overwrite", help="replace the folder"),
+           name: Optional[str] = typer.Option(None, help="the model's name in the files")):
+    """Export a model where people run it: GGUF for llama.cpp, Ollama, or a Hugging Face folder
+    (LoRA merged into its base)."""
+    from tunelab.export import export as run_export
+    quiet_libraries()
+    res = run_export(model, output, fmt=fmt, quant=quant, overwrite=overwrite, name=name)
+    print(f"wrote {res['output']} ({res['bytes'] / 2**20:.1f} MB in {res['seconds']:.1f} s): "
+          + ", ".join(res["files"]))
+    if fmt == "ollama":
+        print(f"  ollama create {Path(res['output']).name} -f {res['output']}/Modelfile")
+
+
+@app.command()
 def demo(out: Optional[Path] = typer.Option(None, help="output folder (default: runs/demo, "
                                            "runs/demo-dpo with --dpo)"),
          examples: int = typer.Option(900, help="reviews to generate"),

@@ -325,3 +325,36 @@ def test_cli_export(tmp_path, tiny_models):
     assert (tmp_path / "o" / "model-q4_0.gguf").stat().st_size > 1e6
     assert_clean_error(run_cli("export", tiny_models["qwen2"], "-o", tmp_path / "o"),
                        "--overwrite")
+
+
+def test_export_over_the_api(tmp_path, tiny_models):
+    """POST /v1/tunelab/exports runs in the background; GET says succeeded; download is the
+    GGUF; another key cannot see it; a bad model name is a 404 naming the field."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from tunelab.export.gguf import read_metadata
+    from tunelab.server.app import create_app
+    from tunelab.server.context import Settings
+    app = create_app(Settings(data_dir=tmp_path / "data", auth=False,
+                              models={"tiny": str(tiny_models["qwen2"])}))
+    with TestClient(app) as client:
+        r = client.post("/v1/tunelab/exports", json={"model": "tiny", "quant": "q8_0"})
+        assert r.status_code == 200, r.text
+        e = r.json()
+        assert e["object"] == "tunelab.export" and e["status"] in ("queued", "running")
+        for _ in range(300):
+            e = client.get(f"/v1/tunelab/exports/{e['id']}").json()
+            if e["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.2)
+        assert e["status"] == "succeeded", e
+        d = client.get(f"/v1/tunelab/exports/{e['id']}/download")
+        assert d.status_code == 200 and d.content[:4] == b"GGUF"
+        assert len(d.content) == e["bytes"] and e["filename"] == "tiny-q8_0.gguf"
+        (tmp_path / "dl.gguf").write_bytes(d.content)
+        assert read_metadata(tmp_path / "dl.gguf")["general.architecture"] == "qwen2"
+        bad = client.post("/v1/tunelab/exports", json={"model": "nope"})
+        assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
+        assert client.get("/v1/tunelab/exports/export-nothere").status_code == 404

@@ -73,8 +73,8 @@ def create_app(settings: Settings, supervisor=None) -> FastAPI:
     errors.install(app)
     from tunelab.server.limits import BodyLimit
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    from tunelab.server import api_chat, api_files, api_jobs, api_tunelab
-    for module in (api_files, api_jobs, api_chat, api_tunelab):
+    from tunelab.server import api_chat, api_export, api_files, api_jobs, api_tunelab
+    for module in (api_files, api_jobs, api_chat, api_tunelab, api_export):
         app.include_router(module.router)
     if STATIC.is_dir():   # the web page (its own issue); API routes above take precedence
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="web")

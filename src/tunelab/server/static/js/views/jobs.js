@@ -112,11 +112,28 @@ async function renderJob(root, id, ctx) {
     if (active) actions.push(button("Cancel", { kind: "danger", icon: "stop", id: "cancel-job", onClick: cancel }));
     if (job.fine_tuned_model) {
       actions.push(button("Compare with base", { icon: "compare", onClick: () => ctx.navigate(`compare?model=${encodeURIComponent(job.fine_tuned_model)}&job=${job.id}`) }),
-                   button("Chat", { kind: "primary", icon: "chat", onClick: () => ctx.navigate(`chat?right=${encodeURIComponent(job.fine_tuned_model)}&left=${encodeURIComponent(job.model)}`) }));
+                   button("Chat", { kind: "primary", icon: "chat", onClick: () => ctx.navigate(`chat?right=${encodeURIComponent(job.fine_tuned_model)}&left=${encodeURIComponent(job.model)}`) }),
+                   button("Export GGUF", { icon: "download", id: "export-job", onClick: exportGguf }));
     }
     ctx.setHeader(job.fine_tuned_model || `Fine-tuning ${job.model}`, {
       sub: `${job.id} · base ${job.model} · created ${fmtTime(job.created_at)}`, actions });
   };
+
+  // POST /v1/tunelab/exports (q8_0 GGUF, the LoRA merged), poll it, then download the file
+  async function exportGguf() {
+    try {
+      toast("Exporting to GGUF (q8_0)…");
+      let e = await post("/v1/tunelab/exports", { model: job.fine_tuned_model, format: "gguf", quant: "q8_0" });
+      while (e.status === "queued" || e.status === "running") {
+        await new Promise((r) => setTimeout(r, 1000));
+        e = await get(`/v1/tunelab/exports/${e.id}`);
+      }
+      if (e.status !== "succeeded") throw new ApiError((e.error && e.error.message) || `export ${e.status}`);
+      await download(`/v1/tunelab/exports/${e.id}/download`, e.filename);
+    } catch (err) {
+      toast(`Export failed: ${err.message}`, "bad");
+    }
+  }
 
   async function cancel() {
     if (!confirm("Cancel this job? What was trained so far is kept as a checkpoint.")) return;

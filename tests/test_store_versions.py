@@ -111,3 +111,26 @@ def test_plain_postgresql_urls_get_psycopg(tmp_path):
     assert database_url("postgresql://u:p@h:5/db", tmp_path) == "postgresql+psycopg://u:p@h:5/db"
     assert database_url("postgres://h/db", tmp_path) == "postgresql+psycopg://h/db"
     assert database_url(None, tmp_path) == f"sqlite:///{tmp_path / 'tunelab.db'}"
+
+
+def test_stores_starting_together_on_a_new_database_create_it_once(tmp_path, db_url):
+    """serve and its workers start at once: one migrates, the others wait and find the head."""
+    import threading
+    start, errors = threading.Barrier(4), []
+
+    def open_store():
+        start.wait()
+        try:
+            Store(tmp_path, db_url).close()
+        except Exception as e:           # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    store = Store(tmp_path, db_url)
+    with store.engine.connect() as conn:
+        assert schema_revision(conn) == SCHEMA_HEAD
+        assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1

@@ -362,6 +362,7 @@ def test_comparison_runs_from_the_page_and_shows_its_table(page, server, tuned, 
     test_file = next(v for v, text in options if text.startswith("sounds.test.jsonl"))
     page.select_option("#c-test", test_file)
     page.fill("#c-shots", "2")
+    page.fill("#c-retrieval", "2")
     if page.query_selector("#c-general"):
         page.uncheck("#c-general")
     assert_labelled(page)
@@ -373,6 +374,12 @@ def test_comparison_runs_from_the_page_and_shows_its_table(page, server, tuned, 
     assert any(r.startswith("fine-tuned") for r in rows), rows
     assert any(r.startswith("base zero-shot") for r in rows), rows
     assert any(r.startswith("base 2-shot") for r in rows), rows
+    assert any(r.startswith("base + 2 retrieved examples") for r in rows), rows
+    # every row's cost per 1,000 requests, and the cost card with its chart and training cost
+    assert all("$" in r for r in rows), rows
+    cost = page.text_content("#cost-card")
+    assert "Training:" in cost and "USD per 1,000 requests" in cost, cost
+    assert len(page.query_selector_all("#cost-card .bar-row")) == len(rows)
     assert page.text_content(".verdict-text").strip()
     report = page.frame_locator(".report-frame iframe")
     assert "fine-tuned" in report.locator("body").inner_text(timeout=30_000)

@@ -13,7 +13,7 @@ from tunelab.jobs.store import File, Job, Store
 
 # compare()'s argument -> the request field an error is about
 _PARAMS = {"base": "base_model", "train": "training_file", "data": "test_file", "task": "task",
-           "tuned": "model"}
+           "tuned": "model", "retrieval": "retrieval"}
 
 
 def report_dir(store: Store, job_id: str) -> Path:
@@ -47,6 +47,7 @@ def run(store: Store, job: Job, *, worker: str, should_cancel: Callable[[], bool
                              else None,
                              out_dir=report_dir(store, job.id), task=r.get("task", "auto"),
                              few_shot=r.get("few_shot", 5), system=r.get("system"),
+                             retrieval=r.get("retrieval", 0),
                              general_check=r.get("general_check", True),
                              limit=r.get("limit"),
                              progress_factory=progress)

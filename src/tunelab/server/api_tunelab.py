@@ -288,7 +288,7 @@ def create_evaluation(body: EvaluationCreate, request: Request, who: Owner = Dep
                        param="base_model")
     test = _processed(ctx, who, body.test_file, "test_file")
     train = _processed(ctx, who, training_file, "training_file") if training_file and \
-        body.few_shot > 0 else None
+        (body.few_shot > 0 or body.retrieval > 0) else None
     request_ = {**body.model_dump(), "tuned_spec": tuned_spec, "base_spec": base_spec,
                 "test_file": test.id, "training_file": train.id if train else None}
     job = Job(id=new_id("eval-"), kind="evaluation", owner=who.id, status="queued",

@@ -147,6 +147,9 @@ class EvaluationCreate(_Strict):
                                      "(default: the fine-tuning job's training file)")
     task: Annotated[str, StringConstraints(max_length=40)] = "auto"
     few_shot: Annotated[int, Field(ge=0, le=32)] = 5
+    retrieval: Annotated[int, Field(ge=0, le=32)] = Field(0, description="also the base model "
+                                                          "with the K training examples most "
+                                                          "similar to each request (BM25)")
     system: Annotated[str, StringConstraints(max_length=20_000)] | None = None
     limit: Annotated[int, Field(ge=1)] | None = Field(None, description="the first N test examples")
     general_check: bool = Field(True, description="also compare both models on general prompts "

@@ -126,8 +126,10 @@ export function histogram(bins, { limit, height = 180, label = "tokens per examp
     const Y = (c) => H - m.b - (c / maxC) * (H - m.t - m.b);
     const svg = h("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img",
                             "aria-label": `Histogram of ${label}` });
+    // counts and token lengths are whole numbers: no fractional ticks (34.2, 34.4…)
     for (const t of niceTicks(0, maxC, 3)) {
       if (t > maxC) break;
+      if (!Number.isInteger(t)) continue;
       svg.append(h("line", { x1: m.l, x2: W - m.r, y1: Y(t), y2: Y(t), class: "grid" }),
                  h("text", { x: m.l - 6, y: Y(t) + 4, "text-anchor": "end", class: "tick" }, fmtNum(t, 3)));
     }
@@ -138,7 +140,7 @@ export function histogram(bins, { limit, height = 180, label = "tokens per examp
                    h("title", {}, `${Math.round(b.lo)}–${Math.round(b.hi)} tokens: ${b.count} examples${cut ? " (cut by max length)" : ""}`)));
     }
     for (const t of niceTicks(lo, hi, Math.max(2, Math.floor(W / 100)))) {
-      if (t < lo || t > hi) continue;
+      if (t < lo || t > hi || !Number.isInteger(t)) continue;
       svg.append(h("text", { x: X(t), y: H - m.b + 16, "text-anchor": "middle", class: "tick" }, fmtNum(t, 4)));
     }
     if (limit && limit > lo && limit < hi) {

@@ -92,7 +92,7 @@ export function validationReport(file, ctx) {
         sub: t.over_max_length ? `examples, losing ${fmtInt(t.trained_tokens_lost)} trained tokens` : "no example is truncated" }),
       statTile("Trained tokens", `${Math.round((100 * t.trained_tokens) / Math.max(1, t.total_tokens))}%`,
                { sub: `${fmtInt(t.trained_tokens)} answer tokens of ${fmtInt(t.total_tokens)}` }),
-      statTile("Training estimate", secs !== null ? `~${fmtDuration(secs)}` : `${fmtNum(trainTokens / 1000, 3)}k tok`,
+      statTile("Training estimate", secs !== null ? `~${fmtDuration(secs)}` : (trainTokens < 1000 ? `${fmtInt(trainTokens)} tok` : `${fmtNum(trainTokens / 1000, 3)}k tok`),
                { sub: `${fmtInt(trainTokens)} tokens over ${fmtNum(t.epochs)} epochs` + (secs !== null && t.estimated_seconds === undefined && tps ? ` at ${fmtInt(tps.value)} tok/s (${tps.source})` : secs === null ? " · time unknown until a first job has run here" : "") })));
     const bins = toBins(t.histogram);
     if (bins) out.append(h("div", { class: "hist-wrap" }, histogram(bins, { limit: t.max_length })));

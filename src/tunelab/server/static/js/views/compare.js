@@ -66,6 +66,7 @@ async function renderForm(root, query, ctx) {
   // Offered only when the server's schema has the field (older servers refuse unknown fields).
   const fields = await requestFields("EvaluationCreate");
   const general = fields.has("general_check") ? h("input", { type: "checkbox", id: "c-general", checked: true }) : null;
+  const retrieval = fields.has("retrieval") ? h("input", { type: "number", id: "c-retrieval", min: 0, max: 32, value: 0, inputmode: "numeric" }) : null;
   const submit = button("Run comparison", { kind: "primary", type: "submit", icon: "compare" });
   const formErr = h("div", { class: "form-error", id: "c-form-err", role: "alert" });
   const form = h("form", { class: "form", novalidate: true },
@@ -77,6 +78,7 @@ async function renderForm(root, query, ctx) {
       field("Few-shot examples", shots, { hint: "How many examples go in the few-shot prompt; 0 skips that row." }),
       field("Task", task, { hint: "Decides the metric: accuracy, exact match, ROUGE…" }),
       field("Test examples", limit, { hint: "The first N of the test file; empty for all of them." }),
+      retrieval ? field("Retrieved examples", retrieval, { hint: "Per request, the K most similar training examples (BM25) as shots; 0 skips that row." }) : null,
       general ? h("div", { class: "check" }, general, h("label", { for: "c-general" }, "Check what the fine-tune forgot"),
         h("span", { class: "hint" }, " — general prompts answered by both models (slower).")) : null),
     field("System prompt for the prompted baseline", system, { hint: "Optional: what you would otherwise tell the base model." }),
@@ -93,6 +95,7 @@ async function renderForm(root, query, ctx) {
     if (system.value.trim()) body.system = system.value.trim();
     if (limit.value) body.limit = +limit.value;
     if (general && !general.checked) body.general_check = false;
+    if (retrieval && +retrieval.value > 0) body.retrieval = +retrieval.value;
     submit.disabled = true;
     try {
       const ev = await post("/v1/tunelab/evaluations", body);
@@ -100,7 +103,8 @@ async function renderForm(root, query, ctx) {
       ctx.navigate(`compare/${ev.id}`);
     } catch (err) {
       const shown = showParamError(form, err, { model: "c-model", base_model: "c-base", test_file: "c-test", training_file: "c-train",
-                                                few_shot: "c-shots", task: "c-task", system: "c-system", limit: "c-limit" });
+                                                few_shot: "c-shots", task: "c-task", system: "c-system", limit: "c-limit",
+                                                retrieval: "c-retrieval" });
       formErr.replaceChildren(errorBox(err, { title: shown ? "Not started:" : "Could not start the comparison:" }));
     } finally { submit.disabled = false; }
   });
@@ -193,6 +197,7 @@ const metricName = (k) => METRIC_NAMES[k] || k.replace(/_/g, " ");
 function resultView(ev) {
   const r = ev.result;
   const rows = r.rows || [];
+  const perK = r.cost && r.cost.per_1k_requests;
   const primary = r.primary_metric || "score";
   const pct = (x) => (x === null || x === undefined || Number.isNaN(+x) ? "—" : `${(100 * x).toFixed(1)}%`);
   const isFrac = rows.every((row) => row.primary === null || (row.primary >= 0 && row.primary <= 1));
@@ -224,7 +229,8 @@ function resultView(ev) {
     h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Setup"), h("th", { scope: "col", class: "num" }, metricName(primary)),
       metricKeys.map((k) => h("th", { scope: "col", class: "num" }, metricName(k))),
       prefRows.length ? ["Preferred", "Pref. margin"].map((c) => h("th", { scope: "col", class: "num", title: "Held-out preference pairs: how often the chosen answer is the more likely one; mean log-probability margin" }, c)) : null,
-      ["Prompt tokens", "Answer tokens", "Latency", "Req/s"].map((c) => h("th", { scope: "col", class: "num" }, c)))),
+      ["Prompt tokens", "Answer tokens", "Latency", "Req/s"].map((c) => h("th", { scope: "col", class: "num" }, c)),
+      perK ? h("th", { scope: "col", class: "num", title: r.cost.basis }, "$ / 1k req") : null)),
     h("tbody", {}, rows.map((x) => h("tr", { class: [isTuned(x) && "tuned", +x.primary === best && "best"] },
       h("th", { scope: "row" }, x.name, h("div", { class: "mono muted small model-id", title: x.model }, shown(x))),
       h("td", { class: "num strong" }, fmtP(x.primary)),
@@ -233,7 +239,8 @@ function resultView(ev) {
         h("td", { class: "num" }, prefOf(x) ? signed(prefOf(x).metrics.margin) : "—")] : null,
       h("td", { class: "num" }, fmtInt(x.prompt_tokens)), h("td", { class: "num" }, fmtNum(x.completion_tokens, 3)),
       h("td", { class: "num" }, x.latency_s !== undefined ? `${fmtNum(x.latency_s, 2)} s` : "—"),
-      h("td", { class: "num" }, fmtNum(x.requests_per_s, 3)))))))));
+      h("td", { class: "num" }, fmtNum(x.requests_per_s, 3)),
+      perK ? h("td", { class: "num" }, fmtUsd(perK[x.name])) : null)))))));
   out.append(h("div", { class: "grid-3 charts" },
     card(null, bars(rows.map((x) => ({ label: x.name, value: x.primary, cls: isTuned(x) ? "tuned" : "" })),
       { title: `${metricName(primary)} (higher is better)`, format: fmtP, max: isFrac ? 1 : undefined })),
@@ -241,6 +248,7 @@ function resultView(ev) {
       { title: "Prompt tokens per request (lower is cheaper)", format: fmtInt })),
     card(null, bars(rows.map((x) => ({ label: x.name, value: x.latency_s, cls: isTuned(x) ? "tuned" : "" })),
       { title: "Latency per request, seconds (lower is faster)", format: (v) => fmtNum(v, 2) }))));
+  if (perK) out.append(costCard(r.cost, rows, isTuned));
   if (prefRows.length) out.append(preferenceCard(r.preference, isTuned));
   if (Array.isArray(r.examples) && r.examples.length) out.append(card("Example answers", examplesTable(r.examples, rows)));
   const f = r.forgetting && r.forgetting.general;
@@ -283,6 +291,23 @@ function preferenceCard(pref, isTuned) {
 function textOf(p) {
   if (Array.isArray(p)) return p.map((m) => m.content).join("\n");
   return String(p ?? "");
+}
+
+// Cost per 1,000 requests of each option (comparison.cost, computed by tunelab/evaluate/cost.py)
+// and the fine-tuning run's cost and break-even against the best prompting setup.
+const fmtUsd = (v) => (typeof v !== "number" ? "—" : v < 0.01 ? `$${v.toFixed(4)}` : v < 1 ? `$${v.toFixed(3)}` : `$${v.toFixed(2)}`);
+
+function costCard(cost, rows, isTuned) {
+  const per = cost.per_1k_requests || {};
+  const facts = [`Priced at ${cost.basis}.`];
+  if (typeof cost.train_cost === "number")
+    facts.push(`Training: ${fmtDuration(cost.train_seconds)} at $${cost.prices.train_per_hour}/hour = ${fmtUsd(cost.train_cost)}.`);
+  else facts.push("Training time unknown.");
+  if (cost.pays_back === true) facts.push(`Pays back its training after ~${fmtInt(Math.round(cost.break_even_requests))} requests against ${cost.against}.`);
+  else if (cost.pays_back === false) facts.push(`Never pays back its training against ${cost.against}: it costs as much or more per request.`);
+  return card("Cost", h("div", { id: "cost-card" }, h("p", { class: "small" }, facts.join(" ")),
+    bars(rows.filter((x) => typeof per[x.name] === "number").map((x) => ({ label: x.name, value: per[x.name], cls: isTuned(x) ? "tuned" : "" })),
+      { title: "USD per 1,000 requests (lower is cheaper)", format: fmtUsd })));
 }
 
 function examplesTable(examples, rows) {

@@ -15,6 +15,7 @@ from tunelab.evaluate.cost import money
 
 PALETTE = {"base zero-shot": "#9aa5b1", "base + system prompt": "#7b8794", "fine-tuned": "#2563eb"}
 FEW_SHOT_COLOR = "#f59e0b"
+RETRIEVAL_COLOR = "#0d9488"
 TUNED_COLORS = ("#2563eb", "#7c3aed", "#059669", "#db2777", "#0891b2", "#65a30d")
 
 
@@ -22,6 +23,8 @@ def _color(name: str, tuned: list[str] | tuple[str, ...] = ()) -> str:
     """Base rows grey, few-shot amber, each fine-tuned model its own colour (the first blue)."""
     if name in tuned:
         return TUNED_COLORS[list(tuned).index(name) % len(TUNED_COLORS)]
+    if "retrieved" in name:
+        return RETRIEVAL_COLOR
     return PALETTE.get(name, FEW_SHOT_COLOR)
 
 
@@ -276,10 +279,14 @@ def chart_cost(rows: list[RunResult], cost: dict[str, Any], label: str,
     panels = 2 if cost.get("train_cost") is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 3.6), squeeze=False)
     ax = axes[0][0]
+    placed: dict[tuple[float, float], int] = {}
     for r, c in pts:
         ax.scatter([c], [100 * r.primary], s=60, color=_color(r.name, tuned), zorder=3)
-        ax.annotate(r.name, (c, 100 * r.primary), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)
+        # options at the same point (same cost and quality) get their labels stacked
+        at = (round(c, 12), round(r.primary, 6))
+        placed[at] = placed.get(at, -1) + 1
+        ax.annotate(r.name, (c, 100 * r.primary), textcoords="offset points",
+                    xytext=(6, 4 - 11 * placed[at]), fontsize=8)
     ax.set_xlabel("USD per 1,000 requests")
     ax.set_ylabel(f"{label} (%)")
     ax.set_ylim(-5, 110)

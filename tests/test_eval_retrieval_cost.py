@@ -177,3 +177,32 @@ def test_retrieval_row_on_the_demo_star_ratings(star_data, sound_run, tiny_model
     assert "$/1k req" in (out / "report.md").read_text()
     # not a terminal: a line per stage, no carriage-return bars
     assert "\r" not in proc.stderr
+
+
+def test_corpus_row_puts_passages_in_the_system_prompt(sound_run, sound_task, tmp_path,
+                                                       smol_tokenizer):
+    from tunelab.evaluate.compare import compare
+    docs = tmp_path / "docs.jsonl"
+    write_jsonl(docs, [{"title": a, "text": f"The {a} makes the sound {s}."}
+                       for a, s in {"dog": "woof", "cat": "meow", "cow": "moo"}.items()])
+    result = compare(base=None, tuned=str(sound_run.output_dir), data=sound_task["test"],
+                     out_dir=tmp_path / "out", task="classification", few_shot=0,
+                     general_check=False, retrieval=1, corpus=docs, limit=4)
+    rows = {r.name: r for r in result.rows}
+    assert list(rows) == ["base zero-shot", "base + 1 retrieved passages", "fine-tuned"]
+    rag = rows["base + 1 retrieved passages"]
+    # its prompts: the passage found for each request as the system prompt, counted apart
+    test = examples_from(read_conversations(sound_task["test"]))[:4]
+    found = retrieve_passages(read_corpus(docs), test, 1)
+    counts = []
+    for e, p in zip(test, found):
+        asked = [a for a in ("dog", "cat", "cow") if a in e.messages[-1]["content"]]
+        assert not asked or p[0].title == asked[0]          # the document about that animal
+        msgs = [{"role": "system", "content": rag_system(p)}, *e.messages]
+        enc = smol_tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        counts.append(len(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    assert rag.prompt_tokens == pytest.approx(sum(counts) / 4)
+    assert result.retrieval["kind"] == "passages" and result.retrieval["passages"] == 3
+    with pytest.raises(TunelabError, match="--retrieval"):
+        compare(base=None, tuned=str(sound_run.output_dir), data=sound_task["test"],
+                out_dir=tmp_path / "out2", corpus=docs, general_check=False)

@@ -44,9 +44,11 @@ def resources() -> dict[str, Any]:
 
 
 class Presence(threading.Thread):
-    def __init__(self, store: Store, worker: str, interval_s: float):
+    def __init__(self, store: Store, worker: str, interval_s: float,
+                 quiet: threading.Lock | None = None):
         super().__init__(daemon=True, name="worker-presence")
         self.store, self.worker, self.interval_s = store, worker, interval_s
+        self.quiet = quiet or threading.Lock()   # the worker forks a job only outside a beat
         self.job_id: str | None = None
         self.done = threading.Event()
         self._changed = threading.Event()
@@ -60,8 +62,9 @@ class Presence(threading.Thread):
         first = True
         while not self.done.is_set():
             try:
-                self.store.worker_beat(self.worker, job_id=self.job_id,
-                                       resources=res if first else None)
+                with self.quiet:
+                    self.store.worker_beat(self.worker, job_id=self.job_id,
+                                           resources=res if first else None)
                 first = False
             except Exception:         # down past the store's retries: the next beat tries again
                 log.exception("worker heartbeat")

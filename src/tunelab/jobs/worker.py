@@ -59,6 +59,7 @@ class Worker:
         self.store, self.lease_s, self.poll_s, self.threads = store, lease_s, poll_s, threads
         self.id = f"{socket.gethostname()}:{os.getpid()}:{new_id('', 6)}"
         self.stop = threading.Event()
+        self.db_quiet = threading.Lock()    # held by each presence beat and by the fork
 
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
@@ -80,7 +81,8 @@ class Worker:
         if parent and parent.isdigit():
             threading.Thread(target=self._watch_parent, args=(int(parent),), daemon=True).start()
         from tunelab.jobs.presence import Presence   # the workers table (GET .../workers)
-        self.presence = Presence(self.store, self.id, min(5.0, self.lease_s / 4))
+        self.presence = Presence(self.store, self.id, min(5.0, self.lease_s / 4),
+                                 quiet=self.db_quiet)
         self.presence.start()
         try:
             while not self.stop.is_set():
@@ -103,7 +105,11 @@ class Worker:
         import multiprocessing
         child = multiprocessing.get_context("fork").Process(
             target=self._run_child, args=(job,), name=f"tunelab-job-{job.id}", daemon=False)
-        child.start()
+        # SQLite keeps per-process lock bookkeeping that a fork copies: a child forked while
+        # the presence thread held a write lock saw the database locked for good (60 s, then
+        # the job failed). No database call of this process is in flight during the fork.
+        with self.db_quiet:
+            child.start()
         forwarded = False
         while child.is_alive():
             if self.stop.is_set() and not forwarded:   # the child saves and hands the job back

@@ -17,6 +17,11 @@ DataDir = typer.Option(None, "--data-dir", help="state and files (default: $TUNE
 Database = typer.Option(None, "--database", envvar="TUNELAB_DATABASE_URL", show_envvar=True,
                         help="the job store: postgresql://USER:PASSWORD@HOST/DB for workers on "
                         "several hosts (default: SQLite in the data dir)")
+Ray = typer.Option(None, "--ray", envvar="TUNELAB_RAY_ADDRESS", show_envvar=True,
+                   help="train fine-tuning jobs on this Ray cluster (HOST:PORT of its head, "
+                   "run from one of its nodes): Ray places each job on nodes with the CPUs/GPUs "
+                   "it asks for, and a job may train on several workers (\"tunelab\": "
+                   "{\"workers\": N})")
 
 
 def _is_loopback(host: str) -> bool:
@@ -48,6 +53,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           port: int = typer.Option(8000, help="port (0: any free port; the URL is printed)"),
           data_dir: Optional[Path] = DataDir,
           database: Optional[str] = Database,
+          ray: Optional[str] = Ray,
           workers: int = typer.Option(1, "--workers", min=0, help="job worker processes"),
           no_auth: bool = typer.Option(False, "--no-auth", help="no API keys (single user, "
                                        "loopback host only)"),
@@ -110,7 +116,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
         vllm_python = find_python(vllm_python)
     root = data_home(data_dir)
     db_url = database_url(database, root) if database else None   # a bad URL: said now
-    settings = Settings(database_url=db_url, engine=engine, vllm_url=vllm_url, vllm_python=vllm_python,
+    ray = (ray or "").strip() or None
+    settings = Settings(database_url=db_url, ray_address=ray, engine=engine, vllm_url=vllm_url, vllm_python=vllm_python,
                         max_adapters=max_adapters,
                         prefill_chunk=prefill_chunk, precision=precision,
                         data_dir=root, auth=not no_auth, models=_parse_models(model),
@@ -121,7 +128,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     threads = worker_threads or max(1, available_cores() // max(1, workers))
     supervisor = Supervisor(workers, root, threads=threads, logs=root / "logs",
-                            env={"TUNELAB_DATABASE_URL": db_url} if db_url else None)
+                            env={"TUNELAB_DATABASE_URL": db_url} if db_url else None,
+                            ray_address=ray)
     app = create_app(settings, supervisor)
     if settings.auth and not app.state.ctx.store.list_keys():
         print("tunelab: no API keys yet: create one with `tunelab keys create NAME`"
@@ -137,6 +145,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     where = f", database {shown_url(db_url)}" if db_url else ""
+    where += f", Ray cluster {ray}" if ray else ""
     print(f"tunelab: serving http://{shown}:{bound} (data {root}{where}, {workers} workers)",
           flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
@@ -145,11 +154,14 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
 
 def worker(data_dir: Optional[Path] = DataDir,
            database: Optional[str] = Database,
+           ray: Optional[str] = Ray,
            threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)")):
     """Run queued jobs (fine-tuning, evaluations) from the data dir's database, one at a time.
-    On another host: the same --database and a --data-dir that mounts the server's data dir."""
+    On another host: the same --database and a --data-dir that mounts the server's data dir.
+    With --ray, fine-tuning jobs train on the Ray cluster (this host must be one of its nodes)."""
     from tunelab.jobs.worker import main
-    main(str(data_dir) if data_dir else None, threads=threads, database=database)
+    main(str(data_dir) if data_dir else None, threads=threads, database=database,
+         ray_address=(ray or "").strip() or None)
 
 
 @keys_app.command("create")

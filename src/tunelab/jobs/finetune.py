@@ -196,31 +196,31 @@ class JobRun:
 
 
 def run(store: Store, job: Job, *, worker: str, key_name: str, threads: int | None,
-        should_cancel: Callable[[], bool], stopping: Callable[[], bool]) -> None:
+        should_cancel: Callable[[], bool], stopping: Callable[[], bool],
+        ray_address: str | None = None) -> None:
     """One attempt at a fine-tuning job: trains (resuming a dead attempt's last complete
-    checkpoint) and writes the outcome. Returns when the job is final or handed back."""
+    checkpoint) and writes the outcome. Returns when the job is final or handed back.
+    `ray_address`: train on that Ray cluster (tunelab.jobs.ray_train) instead of here."""
     from tunelab.config import build_config
-    from tunelab.train import train
     from tunelab.train.events import TrainingCancelled
     from tunelab.train.rundir import RunDir, checkpoint_step
 
     run_ = JobRun(store, job, key_name, stopping=stopping)
     cfg = build_config(job.request["config"])
-    if threads and cfg.threads is None:
+    if threads and cfg.threads is None and not ray_address:
         cfg = cfg.model_copy(update={"threads": threads})
     rundir = RunDir(cfg.output_dir)
     done = cfg.output_dir / "result.json"
     if done.exists():   # a worker died after training finished, before recording it
         return _succeed(store, job, run_, worker, cfg, _result_from(done))
-    ckpts = rundir.checkpoints()
-    if ckpts:
-        step = checkpoint_step(ckpts[-1])
-        run_.forget_after(step)
-        run_.event(f"Resuming from the last complete checkpoint (step {step})")
     store.update(Job, job.id, started_at=job.started_at or now())
     try:
-        result = train(cfg, resume=bool(ckpts), quiet=True, on_event=run_.on_event,
-                       should_cancel=should_cancel)
+        if ray_address:   # rank 0 on the cluster records the events, resuming included
+            from tunelab.jobs import ray_train
+            result = ray_train.train(store, job, cfg, address=ray_address, key_name=key_name,
+                                     should_cancel=should_cancel, stopping=stopping)
+        else:
+            result = _train_here(run_, cfg, rundir, should_cancel)
     except TrainingCancelled as e:
         if e.checkpoint is not None:
             step = checkpoint_step(e.checkpoint)
@@ -238,7 +238,20 @@ def run(store: Store, job: Job, *, worker: str, key_name: str, threads: int | No
         return
     except TunelabError as e:
         return fail(store, job, worker, e)
-    return _succeed(store, job, run_, worker, cfg, result.to_json())
+    return _succeed(store, job, run_, worker, cfg, result)
+
+
+def _train_here(run_: JobRun, cfg, rundir, should_cancel: Callable[[], bool]) -> dict[str, Any]:
+    """train() in this process, resuming the last complete checkpoint of a dead attempt."""
+    from tunelab.train import train
+    from tunelab.train.rundir import checkpoint_step
+    ckpts = rundir.checkpoints()
+    if ckpts:
+        step = checkpoint_step(ckpts[-1])
+        run_.forget_after(step)
+        run_.event(f"Resuming from the last complete checkpoint (step {step})")
+    return train(cfg, resume=bool(ckpts), quiet=True, on_event=run_.on_event,
+                 should_cancel=should_cancel).to_json()
 
 
 def _result_from(path: Path) -> dict[str, Any]:

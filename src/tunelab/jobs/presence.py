@@ -45,9 +45,10 @@ def resources() -> dict[str, Any]:
 
 class Presence(threading.Thread):
     def __init__(self, store: Store, worker: str, interval_s: float,
-                 quiet: threading.Lock | None = None):
+                 quiet: threading.Lock | None = None, ray_address: str | None = None):
         super().__init__(daemon=True, name="worker-presence")
         self.store, self.worker, self.interval_s = store, worker, interval_s
+        self.ray_address = ray_address     # its jobs train on that Ray cluster
         self.quiet = quiet or threading.Lock()   # the worker forks a job only outside a beat
         self.job_id: str | None = None
         self.done = threading.Event()
@@ -59,6 +60,8 @@ class Presence(threading.Thread):
 
     def run(self) -> None:
         res = resources()
+        if self.ray_address:
+            res["ray"] = self.ray_address
         first = True
         while not self.done.is_set():
             try:

@@ -76,6 +76,8 @@ def train_config(*, base_spec: str, train_path: Path, valid_path: Path | None, o
     ("method.dpo.hyperparameters" or "hyperparameters"); `objective`: the config name of the
     objective `method.type` chose."""
     obj = OBJECTIVES[objective]
+    from tunelab.jobs.placement import split
+    options, _ = split(options)    # where it trains (workers, GPUs) is not a training key
     for key in options:
         if key in RESERVED:
             raise TunelabError(f"set by the job ({RESERVED[key]})", field=f"tunelab.{key}")
@@ -155,9 +157,11 @@ def method_view(cfg: dict[str, Any], hyperparameters: dict[str, Any] | None) -> 
 
 def options_schema() -> dict[str, Any]:
     """The JSON schema of the `tunelab` field (for the OpenAPI document and the web page)."""
+    from tunelab.jobs import placement
     schema = TrainConfig.model_json_schema()
     for key in RESERVED:
         schema.get("properties", {}).pop(key, None)
+    schema.setdefault("properties", {}).update(placement.schema())
     if "required" in schema:
         schema["required"] = [r for r in schema["required"] if r not in RESERVED]
     return schema

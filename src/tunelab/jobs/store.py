@@ -45,7 +45,7 @@ from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab.store")
 START_RETRY_S = 10.0          # a Store waits this long for its database to answer at start
-SCHEMA_HEAD = "0002"          # the newest revision under jobs/migrations/versions
+SCHEMA_HEAD = "0003"          # the newest revision under jobs/migrations/versions
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 LOCAL_OWNER = "local"          # the owner of everything under --no-auth
@@ -130,6 +130,9 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # training processes asked for (placement "workers"; NULL: one): only a worker with Ray
+    # claims a job that needs several
+    train_workers: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Event(Base):
@@ -170,6 +173,15 @@ class Worker(Base):
     heartbeat_at: Mapped[float] = mapped_column(Float, index=True)
     job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     resources: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+def _claimable(t: float, ray: bool):
+    """Jobs a worker may take: queued, or running on a lease that ran out; without Ray, only
+    jobs that train in one process."""
+    cond = (Job.status == "queued") | ((Job.status == "running") & (Job.lease_expires_at < t))
+    if not ray:
+        cond = cond & (Job.train_workers.is_(None) | (Job.train_workers <= 1))
+    return cond
 
 
 def hash_key(key: str) -> str:
@@ -448,13 +460,13 @@ class Store:
 
     # ---- jobs ------------------------------------------------------------------------------
     @_retried
-    def claim_job(self, worker: str, lease_s: float) -> Job | None:
-        """Take the oldest queued job, or one whose worker's lease ran out."""
+    def claim_job(self, worker: str, lease_s: float, *, ray: bool = False) -> Job | None:
+        """Take the oldest queued job, or one whose worker's lease ran out. `ray`: this worker
+        runs jobs on a Ray cluster (without it, jobs that train on several workers are left
+        to a worker that has one)."""
         if self.is_postgres:
-            return self._claim_locked(worker, lease_s)
-        t = time.time()
-        claimable = (Job.status == "queued") | ((Job.status == "running") &
-                                                (Job.lease_expires_at < t))
+            return self._claim_locked(worker, lease_s, ray)
+        claimable = _claimable(time.time(), ray)
         with self.session() as s:
             ids = list(s.scalars(select(Job.id).where(claimable).order_by(Job.seq).limit(5)))
         for job_id in ids:
@@ -465,12 +477,10 @@ class Store:
         return None
 
     @_retried
-    def _claim_locked(self, worker: str, lease_s: float) -> Job | None:
+    def _claim_locked(self, worker: str, lease_s: float, ray: bool) -> Job | None:
         """PostgreSQL: lock the oldest claimable row, skipping rows other claimers hold locked,
         and take it in the same transaction."""
-        t = time.time()
-        claimable = (Job.status == "queued") | ((Job.status == "running") &
-                                                (Job.lease_expires_at < t))
+        claimable = _claimable(time.time(), ray)
         with self.session() as s:
             job = s.scalar(select(Job).where(claimable).order_by(Job.seq).limit(1)
                            .with_for_update(skip_locked=True))

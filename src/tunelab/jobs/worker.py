@@ -11,6 +11,10 @@ Each job runs in a child process forked for it (the worker itself never imports 
 the job ends, its memory goes back to the machine. A worker that ran the job in its own
 process kept 1.9 GB resident while idle after a SmolLM2 job. The child renews the lease and
 reads the cancel flag itself; the worker forwards SIGTERM / SIGINT to it and waits.
+
+With `ray_address` (`tunelab worker --ray ADDRESS`) the job's process trains on that Ray
+cluster instead of here (tunelab.jobs.ray_train), and the worker also claims jobs that train on
+several workers; one without Ray leaves those to one that has it.
 """
 from __future__ import annotations
 
@@ -55,8 +59,9 @@ class _Heartbeat(threading.Thread):
 
 class Worker:
     def __init__(self, store: Store, *, lease_s: float = LEASE_SECONDS, poll_s: float = 0.5,
-                 threads: int | None = None):
+                 threads: int | None = None, ray_address: str | None = None):
         self.store, self.lease_s, self.poll_s, self.threads = store, lease_s, poll_s, threads
+        self.ray_address = ray_address
         self.id = f"{socket.gethostname()}:{os.getpid()}:{new_id('', 6)}"
         self.stop = threading.Event()
         self.db_quiet = threading.Lock()    # held by each presence beat and by the fork
@@ -82,12 +87,13 @@ class Worker:
             threading.Thread(target=self._watch_parent, args=(int(parent),), daemon=True).start()
         from tunelab.jobs.presence import Presence   # the workers table (GET .../workers)
         self.presence = Presence(self.store, self.id, min(5.0, self.lease_s / 4),
-                                 quiet=self.db_quiet)
+                                 quiet=self.db_quiet, ray_address=self.ray_address)
         self.presence.start()
         try:
             while not self.stop.is_set():
                 try:   # on PostgreSQL a lost connection is retried inside the store
-                    job = self.store.claim_job(self.id, self.lease_s)
+                    job = self.store.claim_job(self.id, self.lease_s,
+                                               ray=self.ray_address is not None)
                 except Exception:
                     log.exception("claiming a job")
                     job = None
@@ -155,7 +161,7 @@ class Worker:
             else:
                 finetune.run(self.store, job, worker=self.id, key_name=key_name,
                              threads=self.threads, should_cancel=should_cancel,
-                             stopping=self.stop.is_set)
+                             stopping=self.stop.is_set, ray_address=self.ray_address)
         except Exception as e:   # a bug or a library failure: the job fails, the worker lives
             log.error("job %s failed:\n%s", job.id, traceback.format_exc())
             if _is_user_error(e):
@@ -194,12 +200,19 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def main(data_dir: str | None = None, *, threads: int | None = None,
-         lease_s: float = LEASE_SECONDS, database: str | None = None) -> None:
+         lease_s: float = LEASE_SECONDS, database: str | None = None,
+         ray_address: str | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tunelab.cli_data import quiet_libraries
     quiet_libraries()
-    w = Worker(Store(data_dir, database), lease_s=lease_s, threads=threads)
+    if ray_address:   # a missing Ray is said now, not at the first job (the worker itself
+        import importlib.util   # never imports it: its job processes connect)
+        if importlib.util.find_spec("ray") is None:
+            from tunelab.errors import TunelabError
+            raise TunelabError("--ray needs Ray Train: pip install 'ray[train]'", field="ray")
+    w = Worker(Store(data_dir, database), lease_s=lease_s, threads=threads,
+               ray_address=ray_address)
     w.install_signal_handlers()
     w.run_forever()
     log.info("worker %s stopped", w.id)

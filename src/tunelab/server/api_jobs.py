@@ -10,7 +10,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 
 from tunelab.config import TrainConfig
 from tunelab.errors import TunelabError
-from tunelab.jobs import spec
+from tunelab.jobs import placement, spec
 from tunelab.jobs.finetune import job_dir
 from tunelab.jobs.store import ACTIVE, FINAL, Event, File, Job, Model, Store, new_id
 from tunelab.objectives import BY_API_TYPE, OBJECTIVES, Objective
@@ -89,6 +89,15 @@ def job_config(ctx: Context, who: Owner, body: FineTuningJobCreate, job_id: str,
     return cfg, objective, train_f, valid_f
 
 
+def job_placement(ctx: Context, body: FineTuningJobCreate) -> placement.Placement:
+    """Where the job trains (`tunelab.workers`, `tunelab.gpus_per_worker`, ...): 400 naming
+    the field when it is out of range, or asks for Ray on a server without it."""
+    try:
+        return placement.parse(body.tunelab or {}, ray=ctx.settings.ray_address is not None)
+    except TunelabError as e:
+        raise APIError(400, e.reason, param=e.field, code="invalid_placement") from None
+
+
 def base_model_spec(ctx: Context, who: Owner, model: str) -> str:
     """What a job on `model` starts from (the spec tunelab.models loads): a base model's spec,
     or the weights of a fine-tuned model or checkpoint the caller owns (fine-tuning a
@@ -157,12 +166,15 @@ def create_job(body: FineTuningJobCreate, background: BackgroundTasks, request: 
         base_spec = base_model_spec(ctx, who, body.model)
         job_id = new_id("ftjob-")
         cfg, _, train_f, valid_f = job_config(ctx, who, body, job_id, base_spec=base_spec)
+        where = job_placement(ctx, body)
         config = cfg.model_dump(mode="json")
         job = Job(id=job_id, kind="fine_tune", owner=who.id, status="validating_files",
                   model=body.model, base_spec=base_spec, training_file=train_f.id,
                   validation_file=valid_f.id if valid_f else None, suffix=body.suffix or None,
                   seed=cfg.seed, meta=body.metadata,
-                  request={"config": config, "base_model": root_model(ctx, body.model)},
+                  request={"config": config, "base_model": root_model(ctx, body.model),
+                           **({} if where.is_default else {"placement": where.to_json()})},
+                  train_workers=where.workers if where.workers > 1 else None,
                   hyperparameters=spec.shown_hyperparameters(config))
         store.add(job)
     store.add_event(job.id, f"Created fine-tuning job: {job.id}")

@@ -19,6 +19,7 @@ MAX_UPLOAD_BYTES = 512 * 2**20
 class Settings:
     data_dir: Path | None = None
     database_url: str | None = None
+    ray_address: str | None = None       # jobs train on this Ray cluster (placement, workers>1)
     auth: bool = True
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     max_body_bytes: int = 8 * 2**20      # any other request body (server.limits)

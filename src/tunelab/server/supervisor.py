@@ -18,8 +18,9 @@ STOP_GRACE_S = 60       # a worker saving a checkpoint before it exits
 
 class Supervisor:
     def __init__(self, n: int, data_dir: Path, *, threads: int | None, logs: Path,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, ray_address: str | None = None):
         self.n, self.data_dir, self.threads, self.logs = n, data_dir, threads, logs
+        self.ray_address = ray_address     # the workers train jobs on this Ray cluster
         # a worker stops by itself (gracefully) when this process is gone
         self.env = {**os.environ, **(env or {}), "TUNELAB_PARENT_PID": str(os.getpid())}
         self.procs: list[subprocess.Popen | None] = [None] * n
@@ -31,6 +32,8 @@ class Supervisor:
         cmd = [sys.executable, "-m", "tunelab.cli", "worker", "--data-dir", str(self.data_dir)]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
+        if self.ray_address:
+            cmd += ["--ray", self.ray_address]
         with (self.logs / f"worker-{i}.log").open("ab") as out:
             p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                  stdin=subprocess.DEVNULL,

@@ -59,3 +59,31 @@ def test_template_and_bad_input_errors(tmp_path):
     assert_clean_error(run("data", "convert", src, "-o", tmp_path / "y.jsonl", "--from", "nope"),
                        "unknown format 'nope'")
     assert not (tmp_path / "y.jsonl").exists()
+
+
+def test_duplicates_are_a_warning_and_convert_dedupe_drops_them(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Is {i} even?"},
+                          {"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}]}
+            for i in range(12)]
+    src = tmp_path / "dups.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[2], rows[5]]))
+    proc = run("data", "validate", src, "--no-tokens")
+    assert proc.returncode == 0, proc.stdout                   # trainable: a warning only
+    assert "2 exact duplicate examples (line 13 = line 3, line 14 = line 6)" in proc.stdout
+    assert "result     trainable" in proc.stdout
+    report = json.loads(run("data", "validate", src, "--no-tokens", "--json").stdout)
+    assert report["duplicates"] == {"count": 2, "lines": [[13, 3], [14, 6]], "dropped": False}
+    assert [w["kind"] for w in report["warning_details"]] == ["few_examples", "duplicates"]
+
+    out = tmp_path / "clean.jsonl"
+    proc = run("data", "convert", src, "-o", out, "--dedupe")
+    assert proc.returncode == 0, proc.stderr
+    assert "converted 12 examples" in proc.stderr
+    assert "dropped 2 exact duplicate examples (row 13 = row 3, row 14 = row 6)" in proc.stderr
+    assert [json.loads(l)["messages"] for l in out.read_text().splitlines()] == \
+        [r["messages"] for r in rows]
+    report = json.loads(run("data", "validate", out, "--no-tokens", "--json").stdout)
+    assert report["duplicates"] is None and report["examples"] == 12
+    # without --dedupe, convert keeps every row
+    run("data", "convert", src, "-o", out)
+    assert len(out.read_text().splitlines()) == 14

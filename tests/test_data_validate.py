@@ -42,15 +42,15 @@ def test_every_error_kind_is_counted_with_its_first_lines(tmp_path, smol_tokeniz
     ]
     path = write_lines(tmp_path / "d.jsonl", [json.dumps(g) for g in GOOD] + bad)
     r = validate_file(path, tokenizer=smol_tokenizer, model="smol")
-    assert not r.trainable and r.examples == 70 and r.valid == 60
+    assert not r.trainable and r.examples == 70 and r.valid == 61   # the duplicate is valid
     counts = {k: e["count"] for k, e in r.errors.items()}
     assert counts == {"not_json": 1, "not_object": 1, "missing_messages": 1, "unknown_role": 1,
                       "missing_content": 1, "empty_content": 1, "no_assistant": 1,
-                      "assistant_not_last": 1, "duplicate": 1, "bad_encoding": 1}
-    assert r.errors["duplicate"]["first"] == [f"{path}:69: same conversation as line 1"]
+                      "assistant_not_last": 1, "bad_encoding": 1}
+    assert r.duplicates == {"count": 1, "lines": [[69, 1]], "dropped": False}
     assert r.errors["unknown_role"]["first"][0].startswith(f"{path}:64: field 'messages[0].role'")
     text = r.format()
-    assert "NOT trainable (10 errors)" in text and "unknown role: 1" in text
+    assert "NOT trainable (9 errors)" in text and "unknown role: 1" in text
 
 
 def test_token_statistics_match_render_and_max_length_losses(tmp_path, smol_tokenizer):
@@ -131,3 +131,52 @@ def test_split_is_deterministic_duplicate_safe_and_stratified(tmp_path):
     assert by_answer["test"] == 40
     with pytest.raises(TunelabError, match=r"all.jsonl:1: field 'nope': missing"):
         split_file(tmp_path / "all.jsonl", tmp_path / "d", stratify_by="nope")
+
+
+def test_a_duplicate_is_a_warning_with_its_lines_and_dedupe_drops_it(tmp_path, smol_tokenizer):
+    """An exact duplicate never makes a file untrainable (the hosted API trains on it): it is a
+    warning naming both lines, counted and trained again; with dedupe it is dropped, and
+    drop_duplicates writes the file without it, every other line at its number."""
+    from tunelab.data.io import iter_jsonl
+    from tunelab.data.validate import drop_duplicates
+    rows = GOOD[:20] + [GOOD[3], GOOD[3], GOOD[7]]   # lines 21, 22 = line 4; 23 = line 8
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, rows)
+    r = validate_file(path, tokenizer=smol_tokenizer)
+    assert r.trainable and not r.errors and r.valid == 23 and r.tokens["examples"] == 23
+    assert r.duplicates == {"count": 3, "lines": [[21, 4], [22, 4], [23, 8]], "dropped": False}
+    (dup,) = [w for w in r.warning_details if w["kind"] == "duplicates"]
+    assert dup["lines"] == [[21, 4], [22, 4], [23, 8]] and dup["count"] == 3
+    assert "line 21 = line 4" in dup["message"] and dup["message"] in r.warnings
+    # an exact copy is not also reported as a near-duplicate
+    assert not [w for w in r.warning_details if w["kind"] == "near_duplicates"]
+    kept = validate_file(path, tokenizer=smol_tokenizer, dedupe=True)
+    assert kept.valid == 20 and kept.tokens["examples"] == 20 and kept.duplicates["dropped"]
+    assert kept.tokens["total_tokens"] < r.tokens["total_tokens"]
+
+    out = tmp_path / "clean.jsonl"
+    assert drop_duplicates(path, out) == [[21, 4], [22, 4], [23, 8]]
+    assert [(n, row) for n, row in iter_jsonl(out)] == [(n, row) for n, row in
+                                                        enumerate(GOOD[:20], 1)]
+    assert validate_file(out).duplicates is None and validate_file(out).examples == 20
+
+
+def test_error_kinds_come_from_the_error_not_its_words(tmp_path, fresh_tokenizer):
+    """validate reads an error's kind, not words in its message: a mask error whose message
+    quotes an answer saying 'refused' is a mask error (the words once made it a refusal), a
+    refusal that says 'UTF-8' is a refusal, and an unreadable line keeps the kind io gave it."""
+    tok = fresh_tokenizer
+    # after the user turn 'odd' the generation prompt adds 'X' that the rendering lacks: no
+    # loss mask matches inference, and the message quotes the answer ('refused ...')
+    tok.chat_template = ("{% for m in messages %}{% if m['content'] == 'boom' %}"
+                         "{{ raise_exception('not valid UTF-8 here') }}{% endif %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                         "{% if messages[-1]['content'] == 'odd' %}X{% endif %}{% endif %}")
+    path = write_lines(tmp_path / "k.jsonl", [json.dumps(g) for g in GOOD[:12]] +
+                       [json.dumps(conv("boom", "x")), json.dumps(conv("odd", "refused it")),
+                        b"\xff\xfe not utf-8", "{ not json"])
+    r = validate_file(path, tokenizer=tok)
+    assert {k: e["count"] for k, e in r.errors.items()} == {
+        "template_refused": 1, "mask_ambiguous": 1, "bad_encoding": 1, "not_json": 1}, r.errors
+    assert "refused it" in r.errors["mask_ambiguous"]["first"][0]

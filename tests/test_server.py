@@ -14,7 +14,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (content_type_conformance, not_a_server_error,
+                                 response_headers_conformance, response_schema_conformance,
+                                 status_code_conformance)
 
 from conftest import sound_rows
 from tunelab.jobs.store import Store
@@ -154,7 +156,9 @@ def test_chat_with_fine_tuned_model(a, done_job, which):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_bad_training_file_fails_the_job(a):
+def test_bad_training_file_is_refused_when_the_job_is_created(a):
+    """A file whose check failed is known bad when the job is asked for: a 400 naming the
+    training file and its bad lines, not a job that is queued and then fails."""
     rows = sound_rows()[:12]
     bad = jsonl(rows[:5]) + b"{not json\n" + jsonl(rows[5:]) + \
         jsonl([{"messages": [{"role": "user", "content": "only a question"}]}])
@@ -163,11 +167,13 @@ def test_bad_training_file_fails_the_job(a):
     assert "bad.jsonl:6" in f.status_details and "bad.jsonl:14" in f.status_details
     errors = f.model_extra["validation"]["errors"]
     assert errors["not_json"]["count"] == 1 and errors["no_assistant"]["count"] == 1
-    job = a.fine_tuning.jobs.create(model="tiny", training_file=f.id)
-    job = poll_job(a, job.id, timeout=30)
-    assert job.status == "failed"
-    assert job.error.param == "training_file" and job.error.code == "invalid_training_file"
-    assert "bad.jsonl:6" in job.error.message
+    before = {j.id for j in a.fine_tuning.jobs.list()}
+    with pytest.raises(openai.BadRequestError) as e:
+        a.fine_tuning.jobs.create(model="tiny", training_file=f.id)
+    err = e.value.body
+    assert err["param"] == "training_file" and err["code"] == "invalid_training_file"
+    assert "bad.jsonl:6" in err["message"]
+    assert {j.id for j in a.fine_tuning.jobs.list()} == before    # no job was made
 
 
 def test_training_errors_name_the_file_and_line(a, files, srv):
@@ -563,6 +569,14 @@ def openai_error_shape(ctx, response, case):
     return True
 
 
+# what the published schema promises: every status answered is documented (no "undocumented
+# status code"), in the documented content type, and its body (the error shape included) fits
+# the documented schema
+CONFORMANCE = [not_a_server_error, openai_error_shape, status_code_conformance,
+               content_type_conformance, response_schema_conformance,
+               response_headers_conformance]
+
+
 def test_schemathesis_finds_no_server_errors(srv):
     # (schemathesis' pytest integration does not load under this pytest; its strategies do)
     schema = schemathesis.openapi.from_url(srv.url + "/openapi.json")
@@ -578,7 +592,7 @@ def test_schemathesis_finds_no_server_errors(srv):
                       suppress_health_check=list(HealthCheck))
             def check(case):
                 r = case.call_and_validate(base_url=srv.url, headers=headers,
-                                           checks=[not_a_server_error, openai_error_shape])
+                                           checks=CONFORMANCE)
                 seen[(op.label, r.status_code)] = seen.get((op.label, r.status_code), 0) + 1
             try:
                 check()
@@ -589,3 +603,178 @@ def test_schemathesis_finds_no_server_errors(srv):
     assert sum(n for (_, status), n in seen.items() if status < 300) > 50   # not only 4xx
     with srv.http(srv.keys["fuzz"]) as h:
         assert h.get("/v1/tunelab/info").status_code == 200
+
+
+# ---- what is known when a request arrives is answered then (400 naming the field) -------------
+def _no_gpu_here() -> bool:
+    import shutil
+    return shutil.which("nvidia-smi") is None
+
+
+@pytest.mark.parametrize("path, body, status, param, code", [
+    # an absurd number of steps or tokens: refused by the config's bounds (tunelab.config)
+    ("/v1/fine_tuning/jobs", {"tunelab": {"max_steps": 10**12}}, 400, "tunelab.max_steps",
+     "invalid_config"),
+    ("/v1/fine_tuning/jobs", {"tunelab": {"max_length": 10**9}}, 400, "tunelab.max_length",
+     "invalid_config"),
+    ("/v1/fine_tuning/jobs", {"tunelab": {"learning_rate": 1e9}}, 400, "tunelab.learning_rate",
+     "invalid_config"),
+    ("/v1/fine_tuning/jobs", {"tunelab": {"lora": {"r": 10**9}}}, 400, "tunelab.lora.r",
+     "invalid_config"),
+    ("/v1/fine_tuning/jobs", {"tunelab": {"epochs": 10**7}}, 400, "tunelab.epochs",
+     "invalid_config"),
+    ("/v1/fine_tuning/jobs", {"tunelab": {"lora": {"r": "big"}}}, 400, "tunelab.lora.r",
+     "invalid_config"),
+    ("/v1/fine_tuning/jobs", {"tunelab": {"seed": -3}}, 400, "tunelab.seed", "invalid_config"),
+    ("/v1/fine_tuning/jobs", {"model": "no-such-base"}, 404, "model", "model_not_found"),
+    ("/v1/tunelab/plan", {"tunelab": {"max_steps": 10**12}}, 400, "tunelab.max_steps",
+     "invalid_config"),
+    ("/v1/tunelab/evaluations", {"task": "nonsense"}, 400, "task", "invalid_value"),
+    ("/v1/tunelab/evaluations", {"task": "preference"}, 400, "task", "invalid_task"),
+    ("/v1/tunelab/evaluations", {"few_shot": 10**6}, 400, "few_shot", "invalid_value"),
+])
+def test_problems_known_on_arrival_are_refused_naming_the_field(a, srv, files, path, body,
+                                                                status, param, code):
+    train, valid = files
+    full = {"/v1/fine_tuning/jobs": {"model": "tiny", "training_file": train.id},
+            "/v1/tunelab/plan": {"model": "tiny", "training_file": train.id},
+            "/v1/tunelab/evaluations": {"model": "tiny", "base_model": "tiny",
+                                        "test_file": valid.id}}[path]
+    full = {**full, **body}
+    def ids(h, path):
+        return [x["id"] for x in h.get(path, params={"limit": 100}).json()["data"]]
+    with srv.http(srv.keys["a"]) as h:
+        before = ids(h, "/v1/fine_tuning/jobs"), ids(h, "/v1/tunelab/evaluations")
+        err = _error(h.post(path, json=full), status)
+        assert (err["param"], err["code"]) == (param, code), err
+        # nothing was queued to fail later
+        assert (ids(h, "/v1/fine_tuning/jobs"), ids(h, "/v1/tunelab/evaluations")) == before
+
+
+@pytest.mark.skipif(not _no_gpu_here(), reason="this host has a GPU: qlora may run here")
+def test_qlora_without_a_gpu_is_refused_up_front(a, srv, files):
+    """No worker of this server reports a CUDA GPU (the tests' machine has none): a QLoRA job
+    could only fail once a worker loads bitsandbytes, so it is a 400 now, on the plan too."""
+    body = {"model": "tiny", "training_file": files[0].id, "tunelab": {"method": "qlora"}}
+    with srv.http(srv.keys["a"]) as h:
+        workers = h.get("/v1/tunelab/workers").json()["data"]
+        assert workers and not any(w["resources"].get("gpus") for w in workers)
+        for path in ("/v1/fine_tuning/jobs", "/v1/tunelab/plan"):
+            err = _error(h.post(path, json=body), 400)
+            assert (err["param"], err["code"]) == ("tunelab.method", "method_unavailable")
+            assert "CUDA" in err["message"] and "'lora'" in err["message"]
+        # the same request with lora plans fine
+        body["tunelab"]["method"] = "lora"
+        assert h.post("/v1/tunelab/plan", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("content, ctype, status, code, said", [
+    (b"", "application/json", 400, "missing_body", "expected a JSON object with 'model', "
+                                                   "'training_file'"),
+    (b"[]", "application/json", 400, "invalid_body", "must be a JSON object, not an array"),
+    (b"null", "application/json", 400, "invalid_body", "not null"),
+    (b'{"model": "tiny"}', "text/plain", 415, "invalid_content_type", "text/plain"),
+    (b'{"model": "tiny", "training_file": "x", "frob": 1}', "application/json", 400,
+     "unknown_parameter", "frob"),
+])
+def test_a_body_that_is_not_a_json_object_says_so(srv, content, ctype, status, code, said):
+    """An empty body once answered "Missing required parameter: 'None'."."""
+    with srv.http(srv.keys["a"]) as h:
+        err = _error(h.post("/v1/fine_tuning/jobs", content=content,
+                            headers={"content-type": ctype}), status)
+    assert err["code"] == code and said in err["message"], err
+    assert "None" not in err["message"]
+
+
+def test_the_published_schema_documents_what_the_api_answers(srv):
+    """/openapi.json: no 422 (the API never answers it), the error statuses each operation can
+    answer in OpenAI's error shape, and an upload schema that allows only what is accepted."""
+    with srv.http(None) as h:
+        schema = h.get("/openapi.json").json()
+    ops = {(m.upper(), path): op for path, item in schema["paths"].items()
+           for m, op in item.items()}
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for (method, path), op in ops.items():
+        responses = op["responses"]
+        assert "422" not in responses, (method, path)
+        for status, r in responses.items():
+            if status.startswith(("4", "5")):
+                assert r["content"]["application/json"]["schema"] == error, (method, path)
+        if path != "/v1/tunelab/info":
+            assert "401" in responses, (method, path)
+        if "{" in path:
+            assert "404" in responses, (method, path)
+        if "requestBody" in op:
+            assert {"400", "413", "415"} <= set(responses), (method, path)
+    assert {"403", "404", "409"} <= set(ops["DELETE", "/v1/models/{model}"]["responses"])
+    assert "400" in ops["POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"]["responses"]
+    err = schema["components"]["schemas"]["ErrorResponse"]
+    assert err["required"] == ["error"]
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    upload = ops["POST", "/v1/files"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["additionalProperties"] is False
+    assert set(upload["properties"]) == {"file", "purpose", "model", "dedupe"}
+    assert upload["properties"]["purpose"]["enum"] == ["fine-tune"]
+    from tunelab.evaluate.tasks import TASKS
+    task = schema["components"]["schemas"]["EvaluationCreate"]["properties"]["task"]
+    assert set(task["enum"]) == {"auto", *TASKS}
+    # and the server does refuse what the upload schema leaves out
+    with srv.http(srv.keys["a"]) as h:
+        r = h.post("/v1/files", files={"file": ("x.jsonl", b"{}\n")},
+                   data={"purpose": "fine-tune", "colour": "blue"})
+        assert _error(r, 400)["param"] == "colour"
+        r = h.post("/v1/files", files={"file": ("x.jsonl", b"{}\n")},
+                   data={"purpose": "fine-tune", "model": ""})
+        assert _error(r, 400)["param"] == "model"
+
+
+def test_duplicates_are_a_warning_and_dropped_only_when_asked(a, srv):
+    """One exact duplicate once made a whole file untrainable. Now: a processed file whose
+    report lists the duplicates' lines; a job on it trains (each duplicate again); `dedupe` on
+    the upload or on the job drops them, and the plan counts without them."""
+    rows = sound_rows()[:36]
+    dup = rows + [rows[3], rows[3], rows[10]]          # lines 37, 38 = line 4; 39 = line 11
+    f = a.files.create(file=("dups.jsonl", jsonl(dup)), purpose="fine-tune")
+    assert f.status == "processed", f.status_details
+    v = f.model_extra["validation"]
+    assert v["trainable"] and v["valid"] == 39 and not v["errors"]
+    assert v["duplicates"] == {"count": 3, "lines": [[37, 4], [38, 4], [39, 11]],
+                               "dropped": False}
+    (w,) = [w for w in v["warning_details"] if w["kind"] == "duplicates"]
+    assert w["lines"] == [[37, 4], [38, 4], [39, 11]] and w["message"] in v["warnings"]
+
+    with srv.http(srv.keys["a"]) as h:
+        r = h.post("/v1/files", files={"file": ("dups.jsonl", jsonl(dup))},
+                   data={"purpose": "fine-tune", "dedupe": "true"})
+        assert r.status_code == 200, r.text
+        kept = r.json()["validation"]
+        assert kept["valid"] == 36 and kept["duplicates"]["dropped"] is True
+        assert kept["tokens"]["examples"] == 36
+        assert _error(h.post("/v1/files", files={"file": ("d.jsonl", jsonl(dup))},
+                             data={"purpose": "fine-tune", "dedupe": "maybe"}),
+                      400)["param"] == "dedupe"
+        # the plan of a job with dedupe counts the examples it will train on
+        body = {"model": "tiny", "training_file": f.id, "tunelab": {"dedupe": True}}
+        plan = h.post("/v1/tunelab/plan", json=body)
+        assert plan.status_code == 200, plan.text
+        assert plan.json()["examples"] == 36
+        assert h.post("/v1/tunelab/plan", json={**body, "tunelab": {}}).json()["examples"] == 39
+        err = _error(h.post("/v1/tunelab/plan", json={**body, "tunelab": {"dedupe": "yes"}}), 400)
+        assert err["param"] == "tunelab.dedupe"
+
+    plain = a.fine_tuning.jobs.create(model="tiny", training_file=f.id,
+                                      extra_body={"tunelab": tiny_training(max_steps=2)})
+    deduped = a.fine_tuning.jobs.create(
+        model="tiny", training_file=f.id,
+        extra_body={"tunelab": tiny_training(max_steps=2, dedupe=True)})
+    for job in (plain, deduped):
+        job = poll_job(a, job.id, timeout=120)
+        assert job.status == "succeeded", job.error     # never failed for duplicates
+    events = [e for e in a.fine_tuning.jobs.list_events(deduped.id, limit=100)
+              if (e.data or {}).get("kind") == "duplicates_dropped"]
+    assert len(events) == 1 and events[0].data["count"] == 3
+    assert events[0].data["lines"] == [[37, 4], [38, 4], [39, 11]]
+    assert "dups.jsonl" in events[0].message
+    assert not [e for e in a.fine_tuning.jobs.list_events(plain.id, limit=100)
+                if (e.data or {}).get("kind") == "duplicates_dropped"]
+    assert "dedupe" not in deduped.model_extra["tunelab"]["config"]

@@ -179,20 +179,21 @@ def test_a_bad_beta_says_its_bound(srv):
     ("dpo", "pairs", "chats_valid", "validation_file", "preference pairs"),
     ("supervised", "chats", "pairs_valid", "validation_file", "conversations"),
 ])
-def test_a_file_of_the_wrong_kind_fails_the_job(a, files, method, train, valid, param, said):
+def test_a_file_of_the_wrong_kind_is_refused_up_front(a, files, method, train, valid, param,
+                                                      said):
+    """The kind of a processed file is known when the job is asked for: a 400 naming the file
+    and what the method trains on, not a job that fails once queued."""
     from tunelab.objectives import BY_API_TYPE
-    job = a.fine_tuning.jobs.create(model="tiny", training_file=files[train].id,
-                                    validation_file=files[valid].id if valid else None,
-                                    method={"type": method},
-                                    extra_body={"tunelab": tiny_training()})
-    job = poll_job(a, job.id, timeout=60)
-    assert job.status == "failed", job.status
-    assert job.error.param == param and job.error.code == f"invalid_{param}", job.error
+    with pytest.raises(openai.BadRequestError) as e:
+        a.fine_tuning.jobs.create(model="tiny", training_file=files[train].id,
+                                  validation_file=files[valid].id if valid else None,
+                                  method={"type": method},
+                                  extra_body={"tunelab": tiny_training()})
+    err = e.value.body
+    assert err["param"] == param and err["code"] == f"invalid_{param}", err
     wrong = files[valid or train]
-    assert wrong.filename in job.error.message and said in job.error.message
-    assert BY_API_TYPE[method].expected_format in job.error.message     # what it expected
-    events = [e.message for e in a.fine_tuning.jobs.list_events(job.id)]
-    assert any(m.startswith("The job failed") for m in events)
+    assert wrong.filename in err["message"] and said in err["message"]
+    assert BY_API_TYPE[method].expected_format in err["message"]     # what it expected
 
 
 # ---- what the page reads instead of copies ---------------------------------------------------

@@ -100,6 +100,9 @@ def data_convert(file: Path = typer.Argument(..., help="JSONL, JSON, CSV, TSV, P
                                                       help="system message for every "
                                                       "conversation (or pair's prompt) that has "
                                                       "none"),
+                 dedupe: bool = typer.Option(False, "--dedupe", help="leave out exact "
+                                             "duplicates of earlier examples (each is "
+                                             "reported with its line)"),
                  quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Convert a dataset in any common format to chat JSONL, or preference pairs to OpenAI's
     DPO format (format detected from the first rows)."""
@@ -113,11 +116,21 @@ def data_convert(file: Path = typer.Argument(..., help="JSONL, JSON, CSV, TSV, P
               leave=False) as bar:
         report = convert_file(file, output, fmt=from_, system=system,
                               kind=TARGETS.get(to), progress=bar.update)
+    noun = "preference pairs" if report.kind == "preferences" else "examples"
+    dropped = []
+    if dedupe:
+        from tunelab.data.validate import drop_duplicates
+        dropped = drop_duplicates(output, output, keep_lines=False)
     if report.kind == "preferences":
-        _say(quiet, f"converted {report.examples:,} preference pairs ({report.format} -> "
-                    f"OpenAI DPO format) -> {output}")
+        _say(quiet, f"converted {report.examples - len(dropped):,} preference pairs "
+                    f"({report.format} -> OpenAI DPO format) -> {output}")
     else:
-        _say(quiet, f"converted {report.examples:,} examples ({report.format}) -> {output}")
+        _say(quiet, f"converted {report.examples - len(dropped):,} examples ({report.format})"
+                    f" -> {output}")
+    if dropped:   # rows of the input: convert writes one line per row
+        shown = ", ".join(f"row {a} = row {b}" for a, b in dropped[:5])
+        _say(quiet, f"dropped {len(dropped):,} exact duplicate {noun} ({shown}"
+                    f"{', ...' if len(dropped) > 5 else ''})")
 
 
 @data_app.command("template")

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError,
                       create_model, model_validator)
 
 from tunelab.errors import TunelabError
@@ -21,14 +21,25 @@ from tunelab.objectives import OBJECTIVES
 # model remembers the max_length it was trained with: tunelab.models.trained_with).
 DEFAULT_MAX_LENGTH = 1024
 
+# Upper bounds, so that an absurd value is refused when a config (or an API request) is read,
+# not hours later or never: 131,072 tokens is the longest context of common open models (Llama
+# 3.1, Qwen2.5 with YaRN); a million optimizer steps is weeks at the fastest step times; no
+# useful learning rate is above 1.
+MAX_MAX_LENGTH = 131_072
+MAX_STEPS = 1_000_000
+MAX_EPOCHS = 1000
+MAX_BATCH = 65_536
+MAX_LORA_RANK = 4096
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class LoraSettings(_Strict):
-    r: int = Field(16, ge=1, description="LoRA rank")
-    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    r: int = Field(16, ge=1, le=MAX_LORA_RANK, description="LoRA rank")
+    alpha: int = Field(32, ge=1, le=16 * MAX_LORA_RANK,
+                       description="LoRA alpha (scale = alpha / r)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
@@ -57,24 +68,30 @@ class _TrainConfig(_Strict):
     # bitsandbytes only); full: every weight (optionally freezing the lower layers).
     method: Literal["lora", "dora", "qlora", "full"] = "lora"
     lora: LoraSettings = LoraSettings()
-    freeze_layers: int = Field(0, ge=0, description="full: freeze embeddings + the first N layers")
+    freeze_layers: int = Field(0, ge=0, le=10_000,
+                               description="full: freeze embeddings + the first N layers")
 
     # "auto" follows the OpenAI fine-tuning API's idea (see tunelab.train.auto for the rules).
-    epochs: PositiveFloat | Auto = Field("auto", description="auto: 3, more for small datasets, fewer for big")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    batch_size: PositiveInt | Auto = Field("auto", description="global batch (examples per optimizer step)")
-    micro_batch_size: int | None = Field(None, ge=1, description="examples per device per "
+    epochs: Annotated[float, Field(gt=0, le=MAX_EPOCHS)] | Auto = Field(
+        "auto", description="auto: 3, more for small datasets, fewer for big")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                  description="stop after this many optimizer steps")
+    batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH)] | Auto = Field(
+        "auto", description="global batch (examples per optimizer step)")
+    micro_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH,
+                                         description="examples per device per "
                                          "forward; default: fits a token budget (auto.py); "
                                          "the rest of the batch is gradient accumulation")
-    learning_rate: PositiveFloat | Auto = Field("auto", description="auto: sft 2e-4 LoRA/DoRA, "
-                                                "2e-5 full; dpo a tenth of that")
+    learning_rate: Annotated[float, Field(gt=0, le=1)] | Auto = Field(
+        "auto", description="auto: sft 2e-4 LoRA/DoRA, 2e-5 full; dpo a tenth of that")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup",
                           "cosine_with_min_lr", "inverse_sqrt", "polynomial",
                           "warmup_stable_decay"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
-    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=8, description="tokens per example; longer ones are cut")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=8, le=MAX_MAX_LENGTH,
+                            description="tokens per example; longer ones are cut")
     packing: bool = Field(False, description="pack examples into rows of max_length "
                                              "(each attends only to itself)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -87,17 +104,21 @@ class _TrainConfig(_Strict):
                               "export` merges on demand")
     group_by_length: bool = Field(True, description="batch similar lengths: less padding")
 
-    logging_steps: int = Field(10, ge=1)
-    eval_steps: int | None = Field(None, ge=1, description="default: ~5 evaluations per run; "
+    logging_steps: int = Field(10, ge=1, le=MAX_STEPS)
+    eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                   description="default: ~5 evaluations per run; "
                                    "also at each epoch end")
-    save_steps: int | None = Field(None, ge=1, description="default: at each evaluation")
-    save_total_limit: int = Field(2, ge=1, description="checkpoints kept (plus the best)")
+    save_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                   description="default: at each evaluation")
+    save_total_limit: int = Field(2, ge=1, le=1000, description="checkpoints kept (plus the best)")
     load_best_at_end: bool = Field(True, description="with a valid_file: the output model is "
                                    "the checkpoint with the lowest validation loss")
-    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N "
+    early_stopping_patience: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                                description="stop after N "
                                                 "evaluations without a better validation loss")
-    seed: int = 42
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: cores we may use")
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    threads: int | None = Field(None, ge=1, le=4096,
+                                description="torch CPU threads; default: cores we may use")
     tensorboard: bool | Auto = Field("auto", description="auto: when tensorboard is installed")
 
     @model_validator(mode="after")

@@ -9,13 +9,23 @@ from pathlib import Path
 
 
 class TunelabError(Exception):
+    """`kind`: what went wrong, as a stable name a caller can switch on (a validation report's
+    error kind, an API error's code), so no caller has to read it out of the message."""
+
     def __init__(self, message: str, *, file: str | Path | None = None, line: int | None = None,
-                 field: str | None = None):
+                 field: str | None = None, kind: str | None = None):
         self.reason = message
         self.file = str(file) if file is not None else None
         self.line = line
         self.field = field
+        self.kind = kind
         super().__init__(self._format())
+
+    def located(self, *, file: str | Path | None = None, line: int | None = None,
+                field: str | None = None, reason: str | None = None) -> TunelabError:
+        """The same error (its kind kept) at another place or in other words."""
+        return TunelabError(self.reason if reason is None else reason, file=file, line=line,
+                            field=field, kind=self.kind)
 
     def _format(self) -> str:
         where = ""

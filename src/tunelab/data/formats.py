@@ -70,7 +70,7 @@ def detect_format(records: Iterable[Any], *, file: str | Path | None = None) -> 
     records = [r for r in records if isinstance(r, dict)]
     if not records:
         raise TunelabError("cannot detect the format: no JSON objects among the first rows",
-                           file=file)
+                           file=file, kind="unknown_format")
     common = None
     for r in records:
         c = candidates(r)
@@ -79,7 +79,8 @@ def detect_format(records: Iterable[Any], *, file: str | Path | None = None) -> 
         return common[0]
     keys = sorted(set().union(*(r.keys() for r in records)))
     raise TunelabError(f"cannot detect the format from the fields {keys} (expected one of "
-                       f"{_expected()}); pass --from NAME if the rows differ", file=file)
+                       f"{_expected()}); pass --from NAME if the rows differ", file=file,
+                       kind="unknown_format")
 
 
 def _text(value: Any, fld: str) -> str:

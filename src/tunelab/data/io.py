@@ -48,13 +48,14 @@ def iter_jsonl_lenient(path: str | Path) -> Iterator[tuple[int, Any]]:
                     raw = f.readline(MAX_LINE_BYTES)
                 yield line_no, TunelabError(
                     f"line is longer than {MAX_LINE_BYTES // 2**20} MiB: not one JSONL example "
-                    "(is this a JSON document rather than JSON lines?)", file=path, line=line_no)
+                    "(is this a JSON document rather than JSON lines?)", file=path, line=line_no,
+                    kind="line_too_long")
                 continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield line_no, TunelabError(f"not valid UTF-8 (byte {e.start} of the line)",
-                                            file=path, line=line_no)
+                                            file=path, line=line_no, kind="bad_encoding")
                 continue
             if line_no == 1:
                 text = text.lstrip("\ufeff")  # a BOM that Windows editors write
@@ -64,7 +65,7 @@ def iter_jsonl_lenient(path: str | Path) -> Iterator[tuple[int, Any]]:
                 yield line_no, json.loads(text)
             except json.JSONDecodeError as e:
                 yield line_no, TunelabError(f"not valid JSON ({e.msg} at column {e.colno})",
-                                            file=path, line=line_no)
+                                            file=path, line=line_no, kind="not_json")
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:

@@ -98,7 +98,8 @@ class ChatFormatter:
         except TunelabError:
             raise
         except Exception as e:  # jinja raises for conversations a template refuses (roles, order)
-            raise TunelabError(f"the chat template refused this conversation: {e}") from None
+            raise TunelabError(f"the chat template refused this conversation: {e}",
+                               kind="template_refused") from None
 
 
 # Kept beside the tokenizer, not on it: a compiled template does not survive deepcopy or pickle
@@ -176,7 +177,8 @@ def _turn_end(reply: str, content: str, specials: list[str], field: str) -> int:
         end = first_closed(stripped)
         if end is None:
             raise TunelabError("the chat template closes assistant turns with no end-of-turn "
-                               "token: the model could not learn to stop", field=field)
+                               "token: the model could not learn to stop", field=field,
+                               kind="mask_ambiguous")
         return end
     if "</think>" in content:
         # Reasoning templates re-format the think block ("<think>\n...\n</think>\n\n"); the
@@ -186,12 +188,12 @@ def _turn_end(reply: str, content: str, specials: list[str], field: str) -> int:
         if reasoning and reasoning not in reply:
             raise TunelabError("the chat template drops the reasoning (<think>...</think>) from "
                                "the assistant turn it trains: the model would never learn it",
-                               field=field)
+                               field=field, kind="mask_ambiguous")
         end = first_closed(answer) if answer else None
         if end is not None:
             return end
     raise TunelabError("the chat template altered the assistant content; cannot locate it to "
-                       "build the loss mask", field=field)
+                       "build the loss mask", field=field, kind="mask_ambiguous")
 
 
 def _diff(a: str, b: str) -> str:
@@ -220,7 +222,7 @@ def assistant_spans(tokenizer, messages: Sequence[dict[str, Any]], *,
             raise TunelabError(
                 "the chat template renders this assistant turn after a different prefix than the "
                 f"generation prompt it would answer at inference{hint}: {_diff(prompt, upto)}; "
-                "the loss mask would not match inference", field=turn)
+                "the loss mask would not match inference", field=turn, kind="mask_ambiguous")
         end = len(prompt) + _turn_end(upto[len(prompt):], m["content"], fmt.specials, turn)
         if not full.startswith(upto[:end]):
             raise HistoryRewriteError(
@@ -246,7 +248,7 @@ def _with_source(e: TunelabError, source: str | None) -> TunelabError:
         return e
     from tunelab.data.conversation import split_source
     file, line = split_source(source)
-    return type(e)(e.reason, file=file, line=line, field=e.field)
+    return type(e)(e.reason, file=file, line=line, field=e.field, kind=e.kind)
 
 
 def _labels_from_offsets(ids: list[int], offsets, spans) -> list[int]:

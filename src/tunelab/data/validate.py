@@ -35,6 +35,7 @@ from tunelab.errors import TunelabError
 MIN_EXAMPLES = 10        # fewer is an error: nothing can be learned or measured
 FEW_EXAMPLES = 50        # fewer is a warning
 SAMPLES = 5              # lines shown per error kind
+DUPLICATE_LINES = 100    # (line, first line) pairs a report lists; the count is exact
 BATCH = 1024             # conversations per render/tokenize call
 
 ERROR_LABELS = {
@@ -52,8 +53,11 @@ ERROR_LABELS = {
     "consecutive_roles": "consecutive same roles (the template forbids them)",
     "template_refused": "refused by the chat template",
     "mask_ambiguous": "no unambiguous loss mask with this template",
-    "duplicate": "duplicate examples",
     "too_few_examples": "too few examples",
+    # a file that could not be read as rows of any format
+    "unknown_format": "no known format (raw rows: apply a prompt template)",
+    "unreadable": "unreadable",
+    "conversion": "rows that do not convert",
     # preference pairs
     "not_preference": "not a preference pair",
     "missing_field": "missing field",
@@ -109,6 +113,10 @@ class ValidationReport:
     valid: int = 0
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # each warning as {"kind", "message", ...its data}: what a consumer switches on
+    warning_details: list[dict[str, Any]] = field(default_factory=list)
+    # exact duplicates: {"count", "lines": [[line, line of its first copy], ...], "dropped"}
+    duplicates: dict[str, Any] | None = None
     tokens: dict[str, Any] | None = None
     kind: str = "conversations"        # or "preferences"
     preference_format: str | None = None   # for pairs: the file's format (openai_dpo, ...)
@@ -124,10 +132,15 @@ class ValidationReport:
         if len(e["first"]) < SAMPLES:
             e["first"].append(message)
 
+    def add_warning(self, kind: str, message: str, **data: Any) -> None:
+        self.warnings.append(message)
+        self.warning_details.append({"kind": kind, "message": message, **data})
+
     def to_json(self) -> dict[str, Any]:
         return {"file": self.file, "kind": self.kind, "trainable": self.trainable,
                 "examples": self.examples, "valid": self.valid, "errors": self.errors,
-                "warnings": self.warnings, "tokens": self.tokens,
+                "warnings": self.warnings, "warning_details": self.warning_details,
+                "duplicates": self.duplicates, "tokens": self.tokens,
                 **({"format": self.preference_format} if self.preference_format else {})}
 
     def format(self) -> str:
@@ -187,7 +200,10 @@ def _has_consecutive_roles(messages: Sequence[dict[str, Any]]) -> bool:
 
 
 def _render_error_kind(e: TunelabError, messages: Sequence[dict[str, Any]]) -> str:
-    if "refused" in e.reason:
+    """The report's kind of a rendering error, from the error's own kind (never its words): a
+    refusal of a conversation whose roles repeat is about the roles; any other error that
+    render raises is about the loss mask."""
+    if e.kind == "template_refused":
         return "consecutive_roles" if _has_consecutive_roles(messages) else "template_refused"
     return "mask_ambiguous"
 
@@ -305,13 +321,7 @@ def _keys_of(path: Path) -> tuple[set[bytes], set[bytes], set[bytes]]:
     are that file's business)."""
     exact, near, prompts = set(), set(), set()
     for _, obj in iter_jsonl_lenient(path):
-        keys = None
-        if record_kind(obj) == "preferences":
-            pair, _ = pair_problems(obj)
-            keys = _pair_keys(pair) if pair is not None else None
-        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list) and \
-                all(isinstance(m, dict) for m in obj["messages"]):
-            keys = _conversation_keys(obj["messages"])
+        keys = _record_keys(obj)
         if keys is not None:
             exact.add(keys.exact)
             near.add(keys.near)
@@ -426,8 +436,8 @@ class _Pairs:
             if bad is not None:
                 e = sides[bad]
                 side = (self.spec.chosen, self.spec.rejected)[bad]
-                e = TunelabError(e.reason, file=e.file, line=e.line,
-                                 field=self._field(e.field, len(pair.prompt), side))
+                e = e.located(file=e.file, line=e.line,
+                              field=self._field(e.field, len(pair.prompt), side))
                 self.report.add_error(_render_error_kind(e, convs[2 * i + bad]), str(e))
                 continue
             prompt_tokens = shared_prompt_length(*sides)
@@ -446,14 +456,16 @@ class _Pairs:
 
     def finish(self, stats: _TokenStats | None) -> None:
         if self.alike:
-            self.report.warnings.append(
-                f"{len(self.alike)} pairs whose answers differ only in case, punctuation or "
-                f"spacing (little to learn): lines {_lines(self.alike)}")
+            self.report.add_warning(
+                "alike_answers", f"{len(self.alike)} pairs whose answers differ only in case, "
+                f"punctuation or spacing (little to learn): lines {_lines(self.alike)}",
+                lines=self.alike[:DUPLICATE_LINES])
         if self.too_long:
-            self.report.warnings.append(
-                f"{len(self.too_long)} pairs have a prompt of max length ({stats.max_length:,} "
-                f"tokens) or more: nothing of their answers is left to train, and training "
-                f"refuses them (raise max_length): lines {_lines(self.too_long)}")
+            self.report.add_warning(
+                "prompt_too_long", f"{len(self.too_long)} pairs have a prompt of max length "
+                f"({stats.max_length:,} tokens) or more: nothing of their answers is left to "
+                f"train, and training refuses them (raise max_length): lines "
+                f"{_lines(self.too_long)}", lines=self.too_long[:DUPLICATE_LINES])
 
 
 def _lines(lines: list[int]) -> str:
@@ -469,12 +481,17 @@ def _add_problems(report: ValidationReport, found: list[Problem], path: Path,
 
 def validate_file(path: str | Path, *, tokenizer=None, model: str = "", max_length: int = 1024,
                   epochs: float = 3, others: Sequence[str | Path] = (),
-                  progress: Callable[[int], None] | None = None) -> ValidationReport:
+                  progress: Callable[[int], None] | None = None,
+                  dedupe: bool = False) -> ValidationReport:
     """Validate a JSONL file of conversations or of preference pairs (which, its first rows
     say); `others` are validation/test files checked for leakage.
 
     With a tokenizer, valid examples are rendered with its template for token statistics,
     and template refusals / ambiguous masks are errors too.
+
+    An exact duplicate of an earlier example is a warning, never an error (the hosted API
+    trains on it too): it counts as a valid example, trained again, unless `dedupe` says it
+    will be dropped (drop_duplicates), when it is left out of the counts and statistics.
     """
     path = Path(path)
     kind, fmt = detect_kind(obj for _, obj in itertools.islice(iter_jsonl_lenient(path),
@@ -499,32 +516,36 @@ def validate_file(path: str | Path, *, tokenizer=None, model: str = "", max_leng
                 progress(len(batch))
             batch.clear()
 
+    duplicates: list[list[int]] = []
+    n_duplicates = 0
+
     for line, obj in iter_jsonl_lenient(path):
         report.examples += 1
-        if isinstance(obj, TunelabError):
-            err = ("bad_encoding" if "UTF-8" in obj.reason else
-                   "line_too_long" if "longer than" in obj.reason else "not_json")
-            report.add_error(err, str(obj))
+        if isinstance(obj, TunelabError):   # io says which: not JSON, not UTF-8, too long
+            report.add_error(obj.kind or "not_json", str(obj))
             continue
         item = data.check(obj, line)
         if item is None:
             continue
         keys = data.keys(item)
-        if keys.exact in exact:
-            report.add_error("duplicate", f"{path}:{line}: same {data.one} as line "
-                             f"{exact[keys.exact]}")
-            continue
-        exact[keys.exact] = line
-        if keys.near in near:
-            near_dups.append(f"line {line} ~ line {near[keys.near]}")
-        else:
-            near[keys.near] = line
-        if keys.prompt is not None:
-            prompts.add(keys.prompt)
-        if keys.claim is not None:
-            about, says = keys.claim
-            if claims.setdefault(about, says) != says:
-                contradicting.add(about)
+        if keys.exact in exact:   # a warning; trained again, or dropped with dedupe
+            n_duplicates += 1
+            if len(duplicates) < DUPLICATE_LINES:
+                duplicates.append([line, exact[keys.exact]])
+            if dedupe:
+                continue
+        else:   # what an exact copy would only repeat: near copies, prompts, claims
+            exact[keys.exact] = line
+            if keys.near in near:
+                near_dups.append(f"line {line} ~ line {near[keys.near]}")
+            else:
+                near[keys.near] = line
+            if keys.prompt is not None:
+                prompts.add(keys.prompt)
+            if keys.claim is not None:
+                about, says = keys.claim
+                if claims.setdefault(about, says) != says:
+                    contradicting.add(about)
         if not data.late_check(item, line):
             continue
         if stats is None:
@@ -538,24 +559,87 @@ def validate_file(path: str | Path, *, tokenizer=None, model: str = "", max_leng
         report.tokens = stats.summary(model or getattr(tokenizer, "name_or_path", ""), epochs)
     data.finish(stats)
 
-    if report.examples < MIN_EXAMPLES:
-        report.add_error("too_few_examples", f"{path}: {report.examples} {noun}; at least "
-                         f"{MIN_EXAMPLES} are needed (50+ for a useful fine-tune)")
-    elif report.examples < FEW_EXAMPLES:
-        report.warnings.append(f"only {report.examples} {noun}: fine-tuning usually needs at "
-                               f"least {FEW_EXAMPLES}, often hundreds")
+    kept = report.examples - (n_duplicates if dedupe else 0)
+    if kept < MIN_EXAMPLES:
+        report.add_error("too_few_examples", f"{path}: {kept} {noun}" +
+                         (" once duplicates are dropped" if kept != report.examples else "") +
+                         f"; at least {MIN_EXAMPLES} are needed (50+ for a useful fine-tune)")
+    elif kept < FEW_EXAMPLES:
+        report.add_warning("few_examples", f"only {kept} {noun}: fine-tuning usually needs at "
+                           f"least {FEW_EXAMPLES}, often hundreds", examples=kept)
+    if n_duplicates:
+        report.duplicates = {"count": n_duplicates, "lines": duplicates, "dropped": dedupe}
+        shown = ", ".join(f"line {a} = line {b}" for a, b in duplicates[:SAMPLES]) + \
+            (", ..." if n_duplicates > SAMPLES else "")
+        report.add_warning(
+            "duplicates", f"{n_duplicates} exact duplicate {noun} ({shown}): " +
+            ("dropped" if dedupe else "each is trained again; drop them with dedupe "
+             "(`tunelab data convert --dedupe`, or `dedupe` on an upload or a job)"),
+            count=n_duplicates, lines=duplicates, dropped=dedupe)
     if near_dups:
-        report.warnings.append(f"{len(near_dups)} near-duplicates (same text up to case, "
-                               f"punctuation and spacing): {', '.join(near_dups[:SAMPLES])}")
+        report.add_warning("near_duplicates", f"{len(near_dups)} near-duplicates (same text up "
+                           f"to case, punctuation and spacing): {', '.join(near_dups[:SAMPLES])}",
+                           count=len(near_dups))
     if contradicting:
-        report.warnings.append(f"{len(contradicting)} {data.contradiction}")
+        report.add_warning("contradictions", f"{len(contradicting)} {data.contradiction}",
+                           count=len(contradicting))
     for other in others:
         o_exact, o_near, o_prompts = _keys_of(Path(other))
         n_exact = sum(1 for k in exact if k in o_exact)
         n_near = sum(1 for k in near if k in o_near) - n_exact
         n_prompt = sum(1 for k in prompts if k in o_prompts)
         if n_exact or n_near or n_prompt:
-            report.warnings.append(
-                f"leakage into {other}: {n_exact} identical {noun}, {max(0, n_near)} "
-                f"near-identical, {n_prompt} shared prompts")
+            report.add_warning(
+                "leakage", f"leakage into {other}: {n_exact} identical {noun}, "
+                f"{max(0, n_near)} near-identical, {n_prompt} shared prompts", other=str(other),
+                identical=n_exact, near_identical=max(0, n_near), shared_prompts=n_prompt)
     return report
+
+
+def _record_keys(obj: Any) -> _Keys | None:
+    """The identity keys of one JSONL record, conversation or pair (None: not a valid one)."""
+    if record_kind(obj) == "preferences":
+        pair, _ = pair_problems(obj)
+        return _pair_keys(pair) if pair is not None else None
+    if isinstance(obj, dict) and isinstance(obj.get("messages"), list) and \
+            obj["messages"] and all(isinstance(m, dict) for m in obj["messages"]):
+        # the fields a conversation is checked on, as _Conversations.check keeps them
+        return _conversation_keys([{k: v for k, v in m.items() if k in ("role", "content",
+                                                                         "weight")}
+                                   for m in obj["messages"]])
+    return None
+
+
+def drop_duplicates(src: str | Path, dst: str | Path, *, keep_lines: bool = True
+                    ) -> list[list[int]]:
+    """Write `src` to `dst` without the exact duplicates of earlier examples (the identity
+    validate_file uses). `keep_lines`: each is replaced by an empty line, which readers skip,
+    so every other line keeps its number and an error still names the user's line; else its
+    line is left out. Returns [line, first line] (in `src`) per duplicate dropped. Atomic:
+    `dst` (which may be `src`) is whole or as it was."""
+    import os
+    src, dst = Path(src), Path(dst)
+    seen: dict[bytes, int] = {}
+    dropped: list[list[int]] = []
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        with open(src, "rb") as f, open(tmp, "wb") as out:
+            for n, raw in enumerate(f, 1):
+                keys = None
+                try:
+                    keys = _record_keys(json.loads(raw.removeprefix(b"\xef\xbb\xbf")
+                                                   if n == 1 else raw))
+                except ValueError:
+                    pass   # not JSON (or not UTF-8): the line is the validator's business
+                if keys is not None and keys.exact in seen:
+                    dropped.append([n, seen[keys.exact]])
+                    if keep_lines:
+                        out.write(b"\n")
+                    continue
+                if keys is not None:
+                    seen[keys.exact] = n
+                out.write(raw if raw.endswith(b"\n") else raw + b"\n")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dropped

@@ -307,7 +307,10 @@ def _param_of(store: Store, job: Job, e: TunelabError) -> tuple[str | None, str]
         f = store.get(File, file_id) if file_id else None
         if f is None:
             continue
-        for p in filter(None, (f.data_path, f.raw_path)):
+        # a job with `dedupe` reads the file's copy without duplicates (same line numbers)
+        from tunelab.jobs.uploads import deduped_path
+        copy = store.rel(deduped_path(store, f)) if f.data_path else None
+        for p in filter(None, (copy, f.data_path, f.raw_path)):
             path = str(store.path(p))
             if e.file == path or path in message:
                 param = fld

@@ -27,6 +27,11 @@ RESERVED = {"model": "use the top-level 'model'", "train_file": "use the top-lev
             "output_dir": "the server chooses it", "overwrite": "the server chooses it",
             "replay_file": "a server path; append replay conversations to the training file",
             "objective": "use 'method.type': " + ", ".join(repr(t) for t in BY_API_TYPE)}
+# options of the `tunelab` field that are the job's, not training-config keys: what the job
+# does with its files before training (JSON schema of each, published with the config's)
+JOB_OPTIONS = {"dedupe": {"type": "boolean", "default": False, "title": "Dedupe",
+                          "description": "drop exact duplicate examples of the training file "
+                                         "before training (else each is trained again)"}}
 # OpenAI hyperparameters every objective takes -> TrainConfig key
 HYPERPARAMETERS = {"n_epochs": "epochs", "batch_size": "batch_size",
                    "learning_rate_multiplier": "learning_rate"}
@@ -106,8 +111,10 @@ def train_config(*, base_spec: str, train_path: Path, valid_path: Path | None, o
     try:
         return build_config(data)
     except TunelabError as e:
-        raise TunelabError(e.reason, field=request_param(e.field, hyperparameters_param,
-                                                         obj)) from None
+        # a key the `tunelab` field set is named there, even where a hyperparameter maps to it
+        given = e.field is not None and _get(options, e.field) is not None
+        raise TunelabError(e.reason, field=f"tunelab.{e.field}" if given else
+                           request_param(e.field, hyperparameters_param, obj)) from None
 
 
 def request_param(field: str | None, hp_param: str, objective: Objective | None = None
@@ -161,6 +168,7 @@ def options_schema() -> dict[str, Any]:
     schema = TrainConfig.model_json_schema()
     for key in RESERVED:
         schema.get("properties", {}).pop(key, None)
+    schema.setdefault("properties", {}).update(JOB_OPTIONS)
     schema.setdefault("properties", {}).update(placement.schema())
     if "required" in schema:
         schema["required"] = [r for r in schema["required"] if r not in RESERVED]

@@ -20,7 +20,7 @@ from typing import Any
 
 from tunelab.data.formats import ConvertReport, convert_records
 from tunelab.data.io import file_kind, read_records, write_jsonl
-from tunelab.data.validate import ERROR_LABELS, SAMPLES
+from tunelab.data.validate import ERROR_LABELS, SAMPLES, drop_duplicates
 from tunelab.errors import TunelabError
 from tunelab.jobs.store import File, Store, new_id
 
@@ -93,7 +93,7 @@ def _error_report(filename: str, errors: list[TunelabError], examples: int,
     return {"file": filename, "kind": data_kind, "trainable": False, "examples": examples,
             "valid": 0, "errors": {error_kind: {"label": label, "count": len(errors),
                                                 "first": [str(e) for e in errors[:SAMPLES]]}},
-            "warnings": [], "tokens": None}
+            "warnings": [], "warning_details": [], "duplicates": None, "tokens": None}
 
 
 def _jsonl_records(raw: Path, bad: list[TunelabError]):
@@ -124,10 +124,12 @@ def _as_uploaded(raw: Path) -> str | None:
 DATA_LABELS = {"conversations": "as chat JSONL", "preferences": "as OpenAI DPO JSONL"}
 
 
-def process(store: Store, f: File, *, model: str | None, max_length: int = 1024) -> File:
+def process(store: Store, f: File, *, model: str | None, max_length: int = 1024,
+            dedupe: bool = False) -> File:
     """Convert and validate an uploaded file; sets status ("processed" | "error"),
     status_details (the first errors, line-numbered), validation (with the data's `kind`),
-    format and data_path."""
+    format and data_path. Exact duplicates are a warning; `dedupe` drops them from data.jsonl
+    (as empty lines: every other line keeps the number the user's file gives it)."""
     from tunelab.data.formats import summarize_errors
     from tunelab.data.validate import validate_file
     raw = store.path(f.raw_path)
@@ -145,9 +147,11 @@ def process(store: Store, f: File, *, model: str | None, max_length: int = 1024)
         report.examples = write_jsonl(data, rows)
     except TunelabError as e:   # unreadable, empty, or no format detected
         data.unlink(missing_ok=True)
-        return _set_error(store, f, _redact(str(e), labels),
-                          _error_report(f.filename, [_redacted(e, labels)], 0, "unreadable",
-                                        report.kind or None))
+        result = _error_report(f.filename, [_redacted(e, labels)], 0, e.kind or "unreadable",
+                               report.kind or None)
+        if e.kind == "unknown_format":   # raw rows: the columns a template could map
+            result["columns"] = _columns(raw)
+        return _set_error(store, f, _redact(str(e), labels), result)
     f.format = report.format
     labels[data] = f"{f.filename} ({DATA_LABELS[report.kind]})"
     errors = sorted(bad + report.errors, key=lambda e: e.line or 0)
@@ -158,17 +162,21 @@ def process(store: Store, f: File, *, model: str | None, max_length: int = 1024)
                           _error_report(f.filename, errs, report.examples + len(errs),
                                         "conversion", report.kind))
     tokenizer = None
-    warnings = []
+    warnings: list[dict[str, Any]] = []
     if model:
         try:
             tokenizer = tokenizers.get(model)
         except TunelabError as e:
-            warnings.append(f"no token statistics: {e}")
+            warnings.append({"kind": "no_token_statistics",
+                             "message": f"no token statistics: {e}"})
     rep = validate_file(raw if as_is else data, tokenizer=tokenizer, model=model or "",
-                        max_length=max_length)
+                        max_length=max_length, dedupe=dedupe)
+    if dedupe and rep.trainable and rep.duplicates:
+        drop_duplicates(data, data)
     result = _redact_report(rep.to_json(), labels)
     result["file"] = f.filename
-    result["warnings"] = warnings + result["warnings"]
+    result["warnings"] = [w["message"] for w in warnings] + result["warnings"]
+    result["warning_details"] = warnings + result["warning_details"]
     result["format"] = report.format
     result["kind"] = report.kind   # what data.jsonl holds, as converted
     if not rep.trainable:
@@ -186,8 +194,30 @@ def process(store: Store, f: File, *, model: str | None, max_length: int = 1024)
 
 
 def _redacted(e: TunelabError, labels: dict[Path, str]) -> TunelabError:
-    return TunelabError(e.reason, file=_redact(e.file, labels) if e.file else None, line=e.line,
-                        field=e.field)
+    return e.located(file=_redact(e.file, labels) if e.file else None, line=e.line,
+                     field=e.field)
+
+
+def _columns(raw: Path) -> list[str]:
+    """The fields of a file's first records (what a prompt template can map), or []."""
+    from itertools import islice
+    try:
+        kind = file_kind(raw)
+        records = [r for r in islice(read_records(raw, kind=kind), 20) if isinstance(r, dict)]
+    except (TunelabError, ValueError, OSError):
+        return []
+    return list(dict.fromkeys(k for r in records for k in r))
+
+
+def deduped_path(store: Store, f: File) -> Path:
+    """Where a job that asks for `dedupe` reads the file: its data without exact duplicates."""
+    return store.path(f.data_path).with_name("data.dedupe.jsonl")
+
+
+def write_deduped(store: Store, f: File) -> list[list[int]]:
+    """deduped_path(f), written from the file's data (again, atomically); [line, first line]
+    of each duplicate dropped."""
+    return drop_duplicates(store.path(f.data_path), deduped_path(store, f))
 
 
 def _set_error(store: Store, f: File, details: str, validation: dict[str, Any]) -> File:
@@ -263,4 +293,4 @@ def split(store: Store, f: File, *, val: float, test: float, seed: int,
 
 
 __all__ = ["safe_filename", "upload_path", "process", "new_file", "delete_file",
-           "apply_template", "split", "tokenizers"]
+           "apply_template", "split", "tokenizers", "deduped_path", "write_deduped"]

@@ -16,6 +16,7 @@ from tunelab.jobs.store import Model, new_id
 from tunelab.server import views
 from tunelab.server.context import Context, Owner, context, owner
 from tunelab.server.errors import APIError, body as error_body
+from tunelab.server.openapi import errors
 from tunelab.server.schemas import ChatCompletionCreate
 
 router = APIRouter(prefix="/v1", tags=["models", "chat"])
@@ -41,6 +42,7 @@ def retrieve_model(model: str, request: Request, who: Owner = Depends(owner)):
 
 
 @router.delete("/models/{model:path}", summary="Delete a fine-tuned model or checkpoint",
+               responses=errors(403, 409),
                description="A model that other fine-tuned models were trained from, or that a "
                            "job not yet finished loads, is kept: 409 `model_in_use` names them. "
                            "Delete those first.")
@@ -74,7 +76,7 @@ def _messages(body: ChatCompletionCreate) -> list[dict[str, str]]:
             for m in body.messages]
 
 
-@router.post("/chat/completions", summary="Create a chat completion")
+@router.post("/chat/completions", summary="Create a chat completion", responses=errors(503))
 async def chat_completions(body: ChatCompletionCreate, request: Request,
                            who: Owner = Depends(owner)):
     from tunelab.server.engine import GenerationRequest

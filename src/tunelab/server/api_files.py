@@ -19,16 +19,25 @@ log = logging.getLogger("tunelab.server")
 router = APIRouter(prefix="/v1", tags=["files"])
 PURPOSES = ("fine-tune",)
 
+# exactly what create_file accepts: one file part named "file", the `purpose`, `model` and
+# `dedupe` text fields, nothing else (an unknown field is a 400), each text field at most 64 KiB
 _UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file", "purpose"],
+    "type": "object", "required": ["file", "purpose"], "additionalProperties": False,
     "properties": {
         "file": {"type": "string", "format": "binary",
                  "description": "training data in any format `tunelab data convert` reads: "
                                 "JSONL / JSON / CSV / TSV / Parquet (chat messages, ShareGPT, "
-                                "Alpaca, prompt/completion, question/answer, GSM8K)"},
+                                "Alpaca, prompt/completion, question/answer, GSM8K, preference "
+                                "pairs)"},
         "purpose": {"type": "string", "enum": list(PURPOSES)},
-        "model": {"type": "string", "description": "tunelab: the model whose tokenizer gives "
-                                                   "the token statistics"}}}}}}}
+        "model": {"type": "string", "minLength": 1, "maxLength": 200,
+                  "description": "tunelab: the model whose tokenizer gives the token "
+                                 "statistics (a base model or one of your fine-tuned models; "
+                                 "default: the server's stats_model)"},
+        "dedupe": {"type": "boolean", "default": False,
+                   "description": "tunelab: drop exact duplicate examples (else they are a "
+                                  "warning, with their lines, and trained again)"}}},
+    "encoding": {"file": {"contentType": "application/octet-stream"}}}}}}
 
 
 def get_file(ctx: Context, who: Owner, file_id: str, param: str = "file_id") -> File:
@@ -57,21 +66,37 @@ async def create_file(request: Request, who: Owner = Depends(owner)):
         if purpose not in PURPOSES:
             raise APIError(400, f"Invalid value for 'purpose': {purpose!r}; tunelab accepts "
                            f"{', '.join(PURPOSES)}", param="purpose")
-        unknown = set(up.fields) - {"purpose", "model"}
+        unknown = set(up.fields) - {"purpose", "model", "dedupe"}
         if unknown:
             raise APIError(400, f"Unrecognized request argument supplied: {sorted(unknown)[0]}",
                            param=sorted(unknown)[0])
-        model = up.fields.get("model") or ctx.stats_model
-        if up.fields.get("model"):
-            model = ctx.model_spec(who, model, "model")[0]
+        model = ctx.stats_model
+        if "model" in up.fields:
+            if not up.fields["model"].strip():
+                raise APIError(400, "Invalid value for 'model': empty (leave the field out for "
+                               "the server's default)", param="model", code="invalid_value")
+            model = ctx.model_spec(who, up.fields["model"], "model")[0]
+        dedupe = _flag(up.fields.get("dedupe", "false"), "dedupe")
     except BaseException:
         await run_in_threadpool(_remove_folder, ctx, file_id)
         raise
     f = File(id=file_id, owner=who.id, filename=holder["name"], purpose=purpose, bytes=up.size,
              status="uploaded", raw_path=ctx.store.rel(up.path))
     ctx.store.add(f)
-    f = await run_in_threadpool(uploads.process, ctx.store, f, model=model)
+    f = await run_in_threadpool(lambda: uploads.process(ctx.store, f, model=model,
+                                                        dedupe=dedupe))
     return views.file(f)
+
+
+def _flag(value: str, param: str) -> bool:
+    """A multipart boolean: true/false (as clients encode JSON booleans), or 1/0."""
+    v = value.strip().lower()
+    if v in ("true", "1"):
+        return True
+    if v in ("false", "0"):
+        return False
+    raise APIError(400, f"Invalid value for '{param}': {value!r} (expected true or false)",
+                   param=param, code="invalid_value")
 
 
 def _remove_folder(ctx: Context, file_id: str) -> None:

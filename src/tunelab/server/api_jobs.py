@@ -2,6 +2,7 @@
 retrieve, cancel, events, checkpoints. The API process only records jobs: workers train them."""
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +11,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 
 from tunelab.config import TrainConfig
 from tunelab.errors import TunelabError
-from tunelab.jobs import placement, spec
+from tunelab.jobs import placement, spec, uploads
 from tunelab.jobs.finetune import job_dir
 from tunelab.jobs.store import ACTIVE, FINAL, Event, File, Job, Model, Store, new_id
 from tunelab.objectives import BY_API_TYPE, OBJECTIVES, Objective
@@ -18,6 +19,7 @@ from tunelab.server import views
 from tunelab.server.api_files import get_file
 from tunelab.server.context import Context, Owner, context, owner
 from tunelab.server.errors import APIError, not_found
+from tunelab.server.openapi import errors
 from tunelab.server.schemas import FineTuningJobCreate
 
 log = logging.getLogger("tunelab.server")
@@ -75,18 +77,66 @@ def job_config(ctx: Context, who: Owner, body: FineTuningJobCreate, job_id: str,
     def data(f: File):   # an unprocessed file fails the job at validation, by name
         return store.path(f.data_path or f.raw_path)
 
+    options, dedupe = job_options(body)
+    train_path = data(train_f) if train_f else Path("unknown.jsonl")
+    if dedupe and train_f is not None and train_f.data_path:   # written by validate_job
+        train_path = uploads.deduped_path(store, train_f)
     try:
-        cfg = spec.train_config(base_spec=base_spec,
-                                train_path=data(train_f) if train_f else Path("unknown.jsonl"),
+        cfg = spec.train_config(base_spec=base_spec, train_path=train_path,
                                 valid_path=data(valid_f) if valid_f else None,
                                 output_dir=job_dir(store, job_id) / "run",
                                 hyperparameters=hp, hyperparameters_param=hp_param,
-                                seed=body.seed, options=body.tunelab or {},
+                                seed=body.seed, options=options,
                                 objective=objective.name)
     except TunelabError as e:
         raise APIError(400, e.reason, param=e.field, code="invalid_hyperparameters"
                        if e.field and "hyperparameters" in e.field else "invalid_config") from None
+    check_method_available(ctx, cfg.method)
     return cfg, objective, train_f, valid_f
+
+
+def job_options(body: FineTuningJobCreate) -> tuple[dict, bool]:
+    """The `tunelab` field without the job's own options (spec.JOB_OPTIONS), and `dedupe`."""
+    options = {k: v for k, v in (body.tunelab or {}).items() if k not in spec.JOB_OPTIONS}
+    dedupe = (body.tunelab or {}).get("dedupe", False)
+    if not isinstance(dedupe, bool):
+        raise APIError(400, "Invalid value for 'tunelab.dedupe': expected true or false",
+                       param="tunelab.dedupe", code="invalid_value")
+    return options, dedupe
+
+
+def check_method_available(ctx: Context, method: str) -> None:
+    """QLoRA needs a CUDA GPU (bitsandbytes): refused at once when no live worker of this
+    server reports one and this host has none, rather than queued to fail."""
+    if method != "qlora":
+        return
+    from tunelab.jobs.worker import LEASE_SECONDS
+    workers = ctx.store.live_workers(3 * LEASE_SECONDS)
+    if any((w.resources or {}).get("gpus") for w in workers) or _local_gpus():
+        return
+    raise APIError(400, "method 'qlora' quantizes the base model to 4 bits with bitsandbytes, "
+                   "which needs a CUDA GPU; no worker of this server has one (use 'lora')",
+                   param="tunelab.method", code="method_unavailable")
+
+
+@functools.cache
+def _local_gpus() -> int:
+    from tunelab.jobs.presence import resources
+    return len(resources().get("gpus") or [])
+
+
+def file_problem(store: Store, objective: Objective, f: File | None, file_id: str, *,
+                 pending_ok: bool) -> str | None:
+    """Why a job of `objective` cannot train on file `f` (None: it can). `pending_ok`: a file
+    still being processed is no problem yet (the job's validation waits for it)."""
+    if f is None:
+        return f"{file_id} was deleted"
+    if f.status == "uploaded" and pending_ok:
+        return None
+    if f.status != "processed" or not f.data_path:
+        return f"{f.id} ({f.filename}) is not valid: {f.status_details or f.status}"
+    wrong = spec.wrong_kind(objective, spec.data_kind_of(store.path(f.data_path)))
+    return f"{f.id} ({f.filename}) {wrong}" if wrong else None
 
 
 def job_placement(ctx: Context, body: FineTuningJobCreate) -> placement.Placement:
@@ -165,9 +215,15 @@ def create_job(body: FineTuningJobCreate, background: BackgroundTasks, request: 
     with ctx.lineage_lock:    # the fine-tune it starts from is not deleted in between
         base_spec = base_model_spec(ctx, who, body.model)
         job_id = new_id("ftjob-")
-        cfg, _, train_f, valid_f = job_config(ctx, who, body, job_id, base_spec=base_spec)
+        cfg, objective, train_f, valid_f = job_config(ctx, who, body, job_id,
+                                                      base_spec=base_spec)
+        for param, f in (("training_file", train_f), ("validation_file", valid_f)):
+            problem = f and file_problem(store, objective, f, f.id, pending_ok=True)
+            if problem:   # known now: a 400, not a job that fails a moment later
+                raise APIError(400, problem, param=param, code=f"invalid_{param}")
         where = job_placement(ctx, body)
         config = cfg.model_dump(mode="json")
+        dedupe = job_options(body)[1]
         job = Job(id=job_id, kind="fine_tune", owner=who.id, status="validating_files",
                   model=body.model, base_spec=base_spec, training_file=train_f.id,
                   validation_file=valid_f.id if valid_f else None, suffix=body.suffix or None,
@@ -176,6 +232,8 @@ def create_job(body: FineTuningJobCreate, background: BackgroundTasks, request: 
                            **({} if where.is_default else {"placement": where.to_json()})},
                   train_workers=where.workers if where.workers > 1 else None,
                   hyperparameters=spec.shown_hyperparameters(config))
+        if dedupe:   # its training file is read without exact duplicates (validate_job)
+            job.request = {**job.request, "dedupe": True}
         store.add(job)
     store.add_event(job.id, f"Created fine-tuning job: {job.id}")
     store.add_event(job.id, f"Validating training file: {train_f.id}" +
@@ -196,21 +254,22 @@ def validate_job(store: Store, job_id: str) -> None:
                            ("validation_file", job.validation_file)):
         if not file_id:
             continue
-        f = store.get(File, file_id)
-        problem = None
-        if f is None:
-            problem = f"{file_id} was deleted"
-        elif f.status != "processed" or not f.data_path:
-            problem = f"{f.id} ({f.filename}) is not valid: {f.status_details or f.status}"
-        else:
-            wrong = spec.wrong_kind(objective, spec.data_kind_of(store.path(f.data_path)))
-            if wrong:
-                problem = f"{f.id} ({f.filename}) {wrong}"
+        problem = file_problem(store, objective, store.get(File, file_id), file_id,
+                               pending_ok=False)
         if problem:
             error = {"code": f"invalid_{param}", "message": problem, "param": param}
             if store.finish_job(job_id, None, "failed", error=error):
                 store.add_event(job_id, f"The job failed: {problem}", level="error")
             return
+    if job.request.get("dedupe"):
+        f = store.get(File, job.training_file)
+        dropped = uploads.write_deduped(store, f)
+        shown = ", ".join(f"line {a} = line {b}" for a, b in dropped[:5]) + \
+            (", ..." if len(dropped) > 5 else "")
+        store.add_event(job_id, f"Dropped {len(dropped)} exact duplicate examples of "
+                        f"{f.filename}" + (f" ({shown})" if dropped else ""),
+                        data={"kind": "duplicates_dropped", "count": len(dropped),
+                              "lines": dropped[:100]})
     if store.update(Job, job_id, Job.status == "validating_files", status="queued"):
         store.add_event(job_id, "Files validated, moving job to queued state")
 
@@ -245,7 +304,8 @@ def retrieve_job(fine_tuning_job_id: str, request: Request, who: Owner = Depends
     return views.job(get_job(context(request), who, fine_tuning_job_id), who.name)
 
 
-@router.post("/jobs/{fine_tuning_job_id}/cancel", summary="Cancel a fine-tuning job")
+@router.post("/jobs/{fine_tuning_job_id}/cancel", summary="Cancel a fine-tuning job",
+             responses=errors(400))
 def cancel_job(fine_tuning_job_id: str, request: Request, who: Owner = Depends(owner)):
     """A job not yet running is cancelled at once; a running one stops at its next step, keeps
     a checkpoint of what it trained, and then reads `cancelled`."""

@@ -19,6 +19,7 @@ from tunelab.server import api_jobs, views
 from tunelab.server.api_files import get_file
 from tunelab.server.context import Context, Owner, context, owner
 from tunelab.server.errors import APIError, not_found
+from tunelab.server.openapi import errors
 from tunelab.server.schemas import (HYPERPARAMETER_MODELS, EvaluationCreate, JobPlan,
                                     SplitRequest, TemplateApply, config_field)
 
@@ -124,7 +125,14 @@ def plan(body: JobPlan, request: Request, who: Owner = Depends(owner)):
     config = cfg.model_dump(mode="json")
     report = (train_f.validation or {}) if train_f else {}
     examples = report.get("valid", report.get("examples")) if train_f else None
-    tokens = report.get("tokens") or {}
+    tokens = dict(report.get("tokens") or {})
+    dups = report.get("duplicates") or {}
+    if examples and api_jobs.job_options(body)[1] and dups.get("count") and not dups["dropped"]:
+        # the job drops them before training: fewer examples, and their tokens
+        kept = examples - dups["count"]
+        if tokens.get("epoch_tokens"):
+            tokens["epoch_tokens"] = tokens["epoch_tokens"] * kept / examples
+        examples = kept
     resolved: dict[str, Any] = {"learning_rate": cfg.learning_rate if cfg.learning_rate != "auto"
                                 else auto_learning_rate(cfg.method, cfg.objective)}
     steps = None
@@ -287,6 +295,12 @@ def create_evaluation(body: EvaluationCreate, request: Request, who: Owner = Dep
         raise APIError(400, "give base_model: the model is not a fine-tune of this server",
                        param="base_model")
     test = _processed(ctx, who, body.test_file, "test_file")
+    kind = spec.data_kind_of(ctx.store.path(test.data_path))
+    if body.task != "auto" and kind and (body.task == "preference") != (kind == "preferences"):
+        raise APIError(400, f"task '{body.task}' does not score {test.filename}: it holds "
+                       f"{'preference pairs' if kind == 'preferences' else 'conversations'}"
+                       + (" (use task 'preference')" if kind == "preferences" else ""),
+                       param="task", code="invalid_task")
     train = _processed(ctx, who, training_file, "training_file") if training_file and \
         (body.few_shot > 0 or body.retrieval > 0) else None
     request_ = {**body.model_dump(), "tuned_spec": tuned_spec, "base_spec": base_spec,
@@ -299,15 +313,17 @@ def create_evaluation(body: EvaluationCreate, request: Request, who: Owner = Dep
 
 
 @router.get("/evaluations", summary="List evaluations")
-def list_evaluations(request: Request, who: Owner = Depends(owner), after: str | None = None,
-                     limit: int = 20):
+def list_evaluations(request: Request, who: Owner = Depends(owner),
+                     after: Annotated[str | None, Query(max_length=200)] = None,
+                     limit: Annotated[int, Query(ge=1, le=100)] = 20):
     ctx = context(request)
     rows, more = ctx.store.page(Job, Job.owner == who.id, Job.kind == "evaluation",
-                                after=after, limit=max(1, min(limit, 100)))
+                                after=after, limit=limit)
     return views.page([evaluation.view(j) for j in rows], more)
 
 
-@router.post("/evaluations/{evaluation_id}/cancel", summary="Cancel an evaluation")
+@router.post("/evaluations/{evaluation_id}/cancel", summary="Cancel an evaluation",
+             responses=errors(400))
 def cancel_evaluation(evaluation_id: str, request: Request, who: Owner = Depends(owner)):
     """A queued evaluation is cancelled at once; a running one stops after its current batch
     of answers and then reads `cancelled`."""

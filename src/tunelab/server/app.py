@@ -76,6 +76,8 @@ def create_app(settings: Settings, supervisor=None) -> FastAPI:
     from tunelab.server import api_chat, api_export, api_files, api_jobs, api_tunelab
     for module in (api_files, api_jobs, api_chat, api_tunelab, api_export):
         app.include_router(module.router)
+    from tunelab.server.openapi import document
+    document(app)   # the error responses each route really answers; no 422
     if STATIC.is_dir():   # the web page (its own issue); API routes above take precedence
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="web")
     return app

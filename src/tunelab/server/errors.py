@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.errors import TunelabError
@@ -22,6 +23,21 @@ TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permi
          404: "invalid_request_error", 405: "invalid_request_error",
          409: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+class ErrorObject(BaseModel):
+    message: str = Field(description="what is wrong, in words")
+    type: str = Field(description="invalid_request_error, permission_error, rate_limit_error "
+                      "or server_error")
+    param: str | None = Field(description="the request field at fault (dotted: "
+                              "tunelab.lora.r, messages[0].content), or null")
+    code: str | None = Field(description="a stable code to switch on (model_not_found, "
+                             "invalid_training_file, ...), or null")
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API answers, whatever its status."""
+    error: ErrorObject
 
 
 class APIError(Exception):
@@ -62,6 +78,11 @@ def _loc_param(loc: tuple) -> str | None:
     return out or None
 
 
+# pydantic's error type -> the code a client switches on (OpenAI's names where it has one)
+VALIDATION_CODES = {"extra_forbidden": "unknown_parameter", "missing": "missing_required_parameter",
+                    "json_invalid": "invalid_json"}
+
+
 def validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
     param = _loc_param(tuple(err.get("loc", ())))
     kind = err.get("type", "")
@@ -74,6 +95,36 @@ def validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
                f"{err.get('ctx', {}).get('error', 'invalid JSON')}", None
     msg = err.get("msg", "invalid value")
     return (f"Invalid value for '{param}': {msg}" if param else msg), param
+
+
+def _required_fields(request: Request) -> list[str]:
+    """The required top-level fields of the route's JSON body, for a request that sent none."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    fields = getattr(model, "model_fields", {})
+    return [name for name, f in fields.items() if f.is_required()]
+
+
+def whole_body_problem(request: Request, errors: list[dict[str, Any]]
+                       ) -> tuple[int, str, str] | None:
+    """(status, message, code) when the body as a whole is wrong: none at all, not JSON (415),
+    or JSON that is not an object; None when the problem is a field's."""
+    if len(errors) != 1 or tuple(errors[0].get("loc", ())) != ("body",):
+        return None
+    err = errors[0]
+    if err.get("type") == "missing":
+        needed = _required_fields(request)
+        return 400, ("The request has no body: expected a JSON object" +
+                     (f" with {', '.join(repr(n) for n in needed)}" if needed else "")), \
+            "missing_body"
+    if isinstance(err.get("input"), (bytes, bytearray)):   # FastAPI read no JSON from it
+        ctype = request.headers.get("content-type") or "none"
+        return 415, (f"Expected a JSON body (Content-Type: application/json), got Content-Type "
+                     f"{ctype}"), "invalid_content_type"
+    got = type(err.get("input")).__name__
+    got = {"list": "an array", "str": "a string", "int": "a number", "float": "a number",
+           "bool": "a boolean", "NoneType": "null"}.get(got, got)
+    return 400, f"The request body must be a JSON object, not {got}", "invalid_body"
 
 
 # errors saying "not this member of the union": when another member of the same field matched
@@ -112,9 +163,18 @@ def install(app: FastAPI) -> None:
                          headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_req: Request, e: RequestValidationError):
-        message, param = first_problem(list(e.errors()))
-        return _response(400, message, param=param)
+    async def _validation(req: Request, e: RequestValidationError):
+        errors = list(e.errors())
+        whole = whole_body_problem(req, errors)
+        if whole is not None:
+            status, message, code = whole
+            return _response(status, message, code=code)
+        message, param = first_problem(errors)
+        kinds = [err.get("type", "") for err in errors
+                 if _loc_param(tuple(err.get("loc", ()))) == param]
+        code = next((VALIDATION_CODES[k] for k in kinds if k in VALIDATION_CODES),
+                    "invalid_value")
+        return _response(400, message, param=param, code=code)
 
     @app.exception_handler(TunelabError)
     async def _tunelab(_req: Request, e: TunelabError):

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 from pydantic.fields import FieldInfo
 
 from tunelab.config import TrainConfig
+from tunelab.evaluate.tasks import TASKS
 from tunelab.objectives import BY_API_TYPE, Objective
 
 MAX_COMPLETION_TOKENS = 4096     # per request; a bigger ask is a 400, not a long wait
@@ -145,7 +146,9 @@ class EvaluationCreate(_Strict):
     test_file: Id
     training_file: Id | None = Field(None, description="few-shot examples come from it "
                                      "(default: the fine-tuning job's training file)")
-    task: Annotated[str, StringConstraints(max_length=40)] = "auto"
+    task: Literal[("auto", *TASKS)] = Field(  # type: ignore[valid-type]
+        "auto", description="how answers are scored (tunelab.evaluate.tasks); auto: chosen from "
+        "the test file")
     few_shot: Annotated[int, Field(ge=0, le=32)] = 5
     retrieval: Annotated[int, Field(ge=0, le=32)] = Field(0, description="also the base model "
                                                           "with the K training examples most "

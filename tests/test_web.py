@@ -401,7 +401,7 @@ def test_training_time_is_estimated_from_jobs_this_server_finished(page, server,
     page.select_option("#f-model", "tiny")
     page.wait_for_selector(".plan[aria-busy=false]")
     plan = page.text_content(".plan")
-    assert "median of 1 finished job on this server" in plan, plan
+    assert "from 1 finished job on this server" in plan, plan
     assert "tok/s" in plan and "≈" in plan
 
 
@@ -575,3 +575,149 @@ def test_the_job_page_plots_dpo_metrics(page, server, pair_files, shots):
     assert "dpo (direct preference optimisation)" in details and "Beta0.2" in details
     assert_contrast(page)
     shots(page, "job-dpo")
+
+
+# ---------------------------------------------------------------- one vocabulary (issue 16)
+def test_a_finished_job_shows_its_statuses_kinds_and_training_cost(page, server, tuned, shots):
+    """Pills and polling read the statuses the server publishes (GET /v1/tunelab/info), the
+    log its events' kinds, and a finished job shows what its training cost: its measured
+    training time at the server's price per hour (tunelab.evaluate.cost's default here)."""
+    from tunelab.evaluate.cost import DEFAULT_TRAIN_PER_HOUR
+    with server.http(None) as h:
+        info = h.get("/v1/tunelab/info").json()
+    assert info["statuses"]["fine_tuning.job"] == {
+        "validating_files": "waiting", "queued": "waiting", "running": "running",
+        "succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}
+    assert info["training_price_per_hour"] == DEFAULT_TRAIN_PER_HOUR
+    page.goto(tuned["job_url"])
+    tile = page.wait_for_selector(".stat:has(.stat-label:text('Training cost'))")
+    text = tile.text_content()
+    assert re.search(r"\$\d+\.\d{3,4}", text) and f"at ${DEFAULT_TRAIN_PER_HOUR:g}/h" in text, text
+    assert page.get_attribute(".job-status .pill", "data-phase") == "succeeded"
+    page.wait_for_selector(".log li[data-kind=succeeded]")     # the events are read
+    kinds = page.eval_on_selector_all(".log li", "ls => ls.map(l => l.dataset.kind)")
+    assert {"created", "queued", "started", "checkpoint", "metrics", "succeeded"} <= set(kinds)
+    took = page.text_content(".stat:has(.stat-label:text('Took')) .stat-value")
+    assert took.strip() not in ("", "—"), took
+    page.goto(page.base + "/#/jobs")
+    page.wait_for_selector("table .pill")
+    phases = page.eval_on_selector_all("table .pill", "ps => ps.map(p => p.dataset.phase)")
+    assert phases and "unknown" not in phases, phases
+    shots(page, "job-cost", phone=False)
+
+
+def test_a_running_job_follows_event_kinds_not_their_words(page, server, files):
+    """The job page switches on events' kinds: with every message reworded on the way to the
+    browser, a running job still finds its checkpoints (once looked for by the word
+    'checkpoint') and its start."""
+    with server.http(server.key) as h:
+        f = h.post("/v1/files", files={"file": ("kinds.jsonl", files["good"].read_bytes())},
+                   data={"purpose": "fine-tune"}).json()
+        job = h.post("/v1/fine_tuning/jobs", json={
+            "model": "tiny", "training_file": f["id"], "tunelab": {
+                "max_steps": 100_000, "max_length": 64, "eval_steps": 2, "save_steps": 4,
+                "logging_steps": 1, "lora": {"r": 4, "alpha": 8}, "precision": "fp32"}}).json()
+
+    def reword(route):
+        response = route.fetch()
+        body = response.json()
+        for e in body.get("data", []):
+            e["message"] = "Ereignis"          # no English word left to match
+        route.fulfill(response=response, json=body)
+    page.route(f"**/v1/fine_tuning/jobs/{job['id']}/events*", reword)
+    try:
+        page.goto(f"{page.base}/#/jobs/{job['id']}")
+        page.wait_for_function("document.querySelector('.job-status .pill')?.dataset.phase "
+                               "=== 'running'", timeout=120_000)
+        page.wait_for_selector(".card:has(h2:text('Checkpoints')) tbody tr", timeout=120_000)
+        assert page.get_attribute(".job-status .pill", "data-phase") == "running"
+        assert "Ereignis" in page.text_content(".log")
+        assert "elapsed" in page.text_content(".stat:has(.stat-label:text('ETA'))")
+    finally:
+        page.unroute(f"**/v1/fine_tuning/jobs/{job['id']}/events*")
+        with server.http(server.key) as h:
+            h.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+
+
+def test_duplicates_show_their_lines_and_the_train_page_can_drop_them(page, files, shots):
+    """One exact duplicate once made a file untrainable. The data view lists the duplicates
+    with their lines and the file trains; the Train page offers to drop them, and its plan
+    counts the examples that will train."""
+    rows = sound_rows()
+    folder = files["good"].parent
+    dups = folder / "dups.jsonl"
+    dups.write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[3], rows[3], rows[9]]))
+    upload(page, dups)
+    page.wait_for_selector(".step.done")                        # trainable: a warning only
+    warning = page.wait_for_selector(".warnings li[data-kind=duplicates]")
+    text = warning.text_content()
+    assert "3 exact duplicate examples" in text
+    lines = page.eval_on_selector_all(".dup-lines li", "ls => ls.map(l => l.textContent)")
+    assert lines == ["line 49same as line 4", "line 50same as line 4", "line 51same as line 10"]
+    assert not page.is_disabled(".page-actions button:has-text('Train on it')")
+    assert_contrast(page)
+    shots(page, "data-duplicates")
+    page.click(".page-actions button:has-text('Train on it')")
+    page.wait_for_selector("#f-model")
+    page.select_option("#f-model", "tiny")
+    assert page.is_visible("#f-dedupe")
+    assert "3 exact duplicates in this file (line 49 = line 4" in page.text_content(".dedupe")
+    examples = lambda: page.text_content(".plan dt:text('Examples') + dd").strip()   # noqa: E731
+    page.wait_for_selector(".plan[aria-busy=false]")
+    assert examples() == "51"
+    page.check("#f-dedupe")
+    page.wait_for_function("document.querySelector('.plan dt + dd') && [...document.querySelectorAll"
+                           "('.plan dt')].find(d => d.textContent === 'Examples')"
+                           ".nextElementSibling.textContent.trim() === '48'")
+    assert_labelled(page)
+    shots(page, "train-dedupe", phone=False)
+
+
+def test_an_unusable_validation_part_leaves_none_chosen_and_says_why(page, files):
+    """After a split whose validation part is "Not usable" (4 examples; 10 are needed), the
+    Train page chooses "— none —" for validation (once a blank box) and says why."""
+    rows = sound_rows()[:40]
+    small = files["good"].parent / "small.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    upload(page, small)
+    page.wait_for_selector(".step.done")
+    page.fill("#split-val", "10")
+    page.fill("#split-test", "10")
+    page.click("form:has(#split-val) button[type=submit]")
+    page.wait_for_selector(".split-parts")
+    assert "Not usable" in page.text_content(".split-part:has-text('validation')")
+    page.click("button:has-text('Train on these')")
+    page.wait_for_selector("#f-valid")
+    chosen = page.eval_on_selector("#f-valid", "s => [s.value, s.selectedIndex, "
+                                   "s.selectedIndex >= 0 ? s.options[s.selectedIndex].text : null]")
+    assert chosen == ["", 0, "— none —"], chosen
+    hint = page.text_content("#f-valid-hint")
+    assert "small.val.jsonl is not usable" in hint and "at least 10" in hint, hint
+
+
+@pytest.mark.parametrize("speed, said", [
+    ({"tokens_per_second": 187.4, "low": 185.0, "high": 190.0, "jobs": 3, "used": 2,
+      "left_out": 1},
+     "token-weighted over 2 of 3 finished jobs on this server (1 far off left out)"),
+    ({"tokens_per_second": 39.0, "low": 8.0, "high": 190.0, "jobs": 2, "used": 2,
+      "left_out": 0}, "token-weighted over 2 finished jobs on this server"),
+])
+def test_the_training_estimate_shows_how_it_was_made_and_its_range(page, server, tuned, speed,
+                                                                   said):
+    """The estimate reads the server's structured speed: which jobs it used, and when they
+    disagree, the range of times they give (a busy machine's 8 tok/s against 190 quiet)."""
+    def info(route):
+        response = route.fetch()
+        body = response.json()
+        body["training_speed"] = {"tiny": speed}
+        route.fulfill(response=response, json=body)
+    page.route("**/v1/tunelab/info", info)
+    page.goto(f"{server.url}/#/train")
+    page.wait_for_selector("#f-model")
+    page.select_option("#f-model", "tiny")
+    page.wait_for_selector(".plan[aria-busy=false]")
+    time_row = page.text_content(".plan dt:text('Time') + dd")
+    assert said in time_row and f"at {round(speed['tokens_per_second'])} tok/s" in time_row
+    estimate = time_row.split(" at ")[0]                 # "≈ 27s" or "≈ 1m 9s (27s–10m 25s)"
+    assert estimate.startswith("≈ ")
+    assert ("–" in estimate) == (speed["high"] / speed["low"] >= 1.25), time_row

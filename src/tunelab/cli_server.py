@@ -86,7 +86,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                                                  "of starting one"),
           vllm_python: Optional[str] = typer.Option(None, "--vllm-python", help="with --engine "
                                                     "vllm: the python of vLLM's virtualenv "
-                                                    "(default: .venv-vllm, from `make vllm`)")):
+                                                    "(default: .venv-vllm, from `make vllm`)"),
+          train_price_per_hour: Optional[float] = typer.Option(
+              None, "--train-price-per-hour", min=0, help="USD per hour of the machine jobs "
+              "train on: a finished job shows its measured training time at this price "
+              "(default: tunelab compare's, see tunelab.evaluate.cost)")):
     """Start the OpenAI-compatible API, the web page and N job workers."""
     import logging
 
@@ -124,7 +128,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                         max_upload_bytes=int(max_upload_mb * 2**20), workers=workers,
                         max_body_bytes=int(max_body_mb * 2**20),
                         memory_budget_bytes=int(memory_budget_gb * 2**30)
-                        if memory_budget_gb else None)
+                        if memory_budget_gb else None,
+                        train_price_per_hour=train_price_per_hour)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     threads = worker_threads or max(1, available_cores() // max(1, workers))
     supervisor = Supervisor(workers, root, threads=threads, logs=root / "logs",

@@ -56,21 +56,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def training_speeds(store: Store, recent: int = 20) -> dict[str, dict[str, Any]]:
-    """Training tokens/s on this server by base model: the median over its most recent
-    succeeded jobs (each job's own median step speed). Machine facts, not anyone's data."""
-    jobs, _ = store.page(Job, Job.kind == "fine_tune", Job.status == "succeeded",
-                         limit=recent * 5)
-    seen: dict[str, list[float]] = {}
-    for job in jobs:
-        tps = (job.progress or {}).get("tokens_per_s")
-        base = (job.request or {}).get("base_model") or job.model   # a fine-tune's root base
-        if tps and len(seen.setdefault(base, [])) < recent:
-            seen[base].append(float(tps))
-    return {model: {"tokens_per_second": round(statistics.median(v), 1), "jobs": len(v)}
-            for model, v in seen.items() if v}
-
-
 class JobRun:
     """The event sink and bookkeeping for one attempt at a job."""
 
@@ -111,12 +96,12 @@ class JobRun:
             self.job.request.get("config", {}), d))
         if d.get("resumed_from"):
             self.event(f"Fine-tuning resumed from the checkpoint at step {ev.step} of "
-                       f"{ev.total_steps}", data=d)
+                       f"{ev.total_steps}", data=d, kind="started")
             return
         objective = OBJECTIVES[d.get("objective") or "sft"]
         self.event(f"Fine-tuning started: {d.get('method', '')} {objective.title} on "
                    f"{self.job.model}, {d.get('train_examples', '?')} training examples, "
-                   f"{ev.total_steps} steps", data=d)
+                   f"{ev.total_steps} steps", data=d, kind="started")
 
     def _on_metrics(self, ev) -> None:
         d = ev.data
@@ -149,7 +134,8 @@ class JobRun:
     def _on_checkpoint(self, ev) -> None:
         self.keep_checkpoint(Path(ev.data["path"]), int(ev.data.get("step", ev.step)))
         self.event(f"Checkpoint created at step {ev.step}",
-                   data={"step": ev.step, "model": checkpoint_name(self.name, ev.step)})
+                   data={"step": ev.step, "model": checkpoint_name(self.name, ev.step)},
+                   kind="checkpoint")
 
     # ---- outputs ---------------------------------------------------------------------------
     def keep_checkpoint(self, folder: Path, step: int) -> None:
@@ -229,12 +215,12 @@ def run(store: Store, job: Job, *, worker: str, key_name: str, threads: int | No
             at = f" at step {step}" if e.checkpoint is not None else ""
             if store.hand_back(job.id, worker):
                 run_.event(f"The worker stopped; the job continues from its checkpoint{at} "
-                           "when a worker is free")
+                           "when a worker is free", kind="requeued")
             return
         shutil.rmtree(rundir.partial, ignore_errors=True)   # the kept copy is the checkpoint
         if store.finish_job(job.id, worker, "cancelled"):
             kept = f"; the checkpoint at step {step} is kept" if e.checkpoint is not None else ""
-            run_.event(f"The job was cancelled{kept}")
+            run_.event(f"The job was cancelled{kept}", kind="cancelled")
         return
     except TunelabError as e:
         return fail(store, job, worker, e)
@@ -276,8 +262,9 @@ def _succeed(store: Store, job: Job, run_: JobRun, worker: str, cfg, result: dic
     tokens = extra.get("tokens_seen") or result.get("trained_tokens")
     if store.finish_job(job.id, worker, "succeeded", fine_tuned_model=run_.name,
                         result_files=files, trained_tokens=tokens):
-        run_.event(f"New fine-tuned model created: {run_.name}")
-        run_.event("The job has successfully completed")
+        run_.event(f"New fine-tuned model created: {run_.name}", kind="model_created",
+                   data={"model": run_.name})
+        run_.event("The job has successfully completed", kind="succeeded")
         # the trainer's checkpoints (optimizer state, for resuming) have no use left; the
         # servable checkpoints are hard links of their weights and stay
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -293,7 +280,8 @@ def fail(store: Store, job: Job, worker: str | None, e: BaseException, *,
                               ("training_file", "validation_file") else "training_failed"),
              "message": message, "param": param}
     if store.finish_job(job.id, worker, "failed", error=error):
-        store.add_event(job.id, f"The job failed: {message}", level="error")
+        store.add_event(job.id, f"The job failed: {message}", level="error", kind="failed",
+                        data={"code": error["code"], "param": param})
 
 
 def _param_of(store: Store, job: Job, e: TunelabError) -> tuple[str | None, str]:

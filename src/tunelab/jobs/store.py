@@ -538,7 +538,10 @@ class Store:
         return None
 
     def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
-                  data: dict[str, Any] | None = None) -> Event:
+                  data: dict[str, Any] | None = None, kind: str | None = None) -> Event:
+        """`kind`: what happened, for clients to switch on (kept in the event's data)."""
+        if kind is not None:
+            data = {**(data or {}), "kind": kind}
         return self.add(Event(id=new_id("ftevent-"), job_id=job_id, level=level, type=type,
                               message=message, data=data))
 

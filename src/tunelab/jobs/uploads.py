@@ -25,6 +25,8 @@ from tunelab.errors import TunelabError
 from tunelab.jobs.store import File, Store, new_id
 
 PREVIEW = 5          # conversations shown after a template is applied
+# a file's status: received (and being checked), checked and usable, or not usable
+FILE_STATUSES = ("uploaded", "processed", "error")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

@@ -143,7 +143,7 @@ class Worker:
         try:
             if job.cancel_requested:
                 if self.store.finish_job(job.id, self.id, "cancelled"):
-                    self.store.add_event(job.id, "The job was cancelled")
+                    self.store.add_event(job.id, "The job was cancelled", kind="cancelled")
                 return
             if job.attempts > MAX_ATTEMPTS:
                 return finetune.fail(self.store, job, self.id, RuntimeError(
@@ -151,7 +151,8 @@ class Worker:
                     "finishing it (killed, or out of memory?)"), code="worker_lost")
             if job.attempts > 1:
                 self.store.add_event(job.id, "A worker picked the job up again after its "
-                                     "previous worker stopped responding", level="warn")
+                                     "previous worker stopped responding", level="warn",
+                                     kind="resumed")
             key_name = self.store.key_name(job.owner)
             should_cancel = lambda: beat.cancel.is_set() or self.stop.is_set()  # noqa: E731
             if job.kind == "evaluation":

@@ -24,6 +24,7 @@ from tunelab.server.context import Context, Owner, context, owner
 from tunelab.server.errors import APIError, not_found
 
 router = APIRouter(prefix="/v1/tunelab", tags=["tunelab extensions"])
+STATUSES = ("queued", "running", "succeeded", "failed")    # an export's, in order
 _one_at_a_time = threading.Lock()
 _running: set[str] = set()
 

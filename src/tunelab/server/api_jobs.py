@@ -235,11 +235,12 @@ def create_job(body: FineTuningJobCreate, background: BackgroundTasks, request: 
         if dedupe:   # its training file is read without exact duplicates (validate_job)
             job.request = {**job.request, "dedupe": True}
         store.add(job)
-    store.add_event(job.id, f"Created fine-tuning job: {job.id}")
+    store.add_event(job.id, f"Created fine-tuning job: {job.id}", kind="created")
     store.add_event(job.id, f"Validating training file: {train_f.id}" +
-                    (f" and validation file: {valid_f.id}" if valid_f else ""))
+                    (f" and validation file: {valid_f.id}" if valid_f else ""),
+                    kind="validating_files")
     background.add_task(validate_job, store, job.id)
-    return views.job(job, who.name)
+    return views.job(job, who.name, price_per_hour=ctx.train_price_per_hour)
 
 
 def validate_job(store: Store, job_id: str) -> None:
@@ -259,7 +260,8 @@ def validate_job(store: Store, job_id: str) -> None:
         if problem:
             error = {"code": f"invalid_{param}", "message": problem, "param": param}
             if store.finish_job(job_id, None, "failed", error=error):
-                store.add_event(job_id, f"The job failed: {problem}", level="error")
+                store.add_event(job_id, f"The job failed: {problem}", level="error",
+                                kind="failed", data={"code": error["code"], "param": param})
             return
     if job.request.get("dedupe"):
         f = store.get(File, job.training_file)
@@ -268,10 +270,10 @@ def validate_job(store: Store, job_id: str) -> None:
             (", ..." if len(dropped) > 5 else "")
         store.add_event(job_id, f"Dropped {len(dropped)} exact duplicate examples of "
                         f"{f.filename}" + (f" ({shown})" if dropped else ""),
-                        data={"kind": "duplicates_dropped", "count": len(dropped),
-                              "lines": dropped[:100]})
+                        data={"count": len(dropped), "lines": dropped[:100]},
+                        kind="duplicates_dropped")
     if store.update(Job, job_id, Job.status == "validating_files", status="queued"):
-        store.add_event(job_id, "Files validated, moving job to queued state")
+        store.add_event(job_id, "Files validated, moving job to queued state", kind="queued")
 
 
 def revalidate_pending(store: Store) -> None:
@@ -296,12 +298,15 @@ def list_jobs(request: Request, who: Owner = Depends(owner), after: After = None
     by_meta = [Job.meta[k].as_string() == v for k, v in wanted.items()]
     rows, more = ctx.store.page(Job, Job.owner == who.id, Job.kind == "fine_tune", *by_meta,
                                 after=after, limit=limit)
-    return views.page([views.job(j, who.name) for j in rows], more)
+    return views.page([views.job(j, who.name, price_per_hour=ctx.train_price_per_hour)
+                       for j in rows], more)
 
 
 @router.get("/jobs/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
 def retrieve_job(fine_tuning_job_id: str, request: Request, who: Owner = Depends(owner)):
-    return views.job(get_job(context(request), who, fine_tuning_job_id), who.name)
+    ctx = context(request)
+    return views.job(get_job(ctx, who, fine_tuning_job_id), who.name,
+                     price_per_hour=ctx.train_price_per_hour)
 
 
 @router.post("/jobs/{fine_tuning_job_id}/cancel", summary="Cancel a fine-tuning job",
@@ -317,11 +322,11 @@ def cancel_job(fine_tuning_job_id: str, request: Request, who: Owner = Depends(o
                        param="fine_tuning_job_id", code="job_not_cancellable")
     outcome = store.cancel_job(job.id)
     if outcome == "cancelled":
-        store.add_event(job.id, "The job was cancelled")
+        store.add_event(job.id, "The job was cancelled", kind="cancelled")
     elif outcome == "requested":
         store.add_event(job.id, "Cancellation requested: training stops at its next step and "
-                        "keeps a checkpoint")
-    return views.job(get_job(ctx, who, job.id), who.name)
+                        "keeps a checkpoint", kind="cancel_requested")
+    return views.job(get_job(ctx, who, job.id), who.name, price_per_hour=ctx.train_price_per_hour)
 
 
 @router.get("/jobs/{fine_tuning_job_id}/events", summary="List a job's events, newest first")

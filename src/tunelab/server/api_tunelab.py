@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 import tunelab
 from tunelab.config import TrainConfig
 from tunelab.errors import TunelabError
-from tunelab.jobs import evaluation, finetune, spec, uploads
+from tunelab.jobs import evaluation, spec, uploads
 from tunelab.jobs.store import File, Job, new_id
 from tunelab.objectives import BY_API_TYPE
 from tunelab.server import api_jobs, views
@@ -29,9 +29,14 @@ router = APIRouter(prefix="/v1/tunelab", tags=["tunelab extensions"])
 @router.get("/info", summary="Server facts (no key needed): auth, version, base models, "
                           "training speed")
 def info(request: Request):
-    """`training_speed`: median training tokens/s per base model over its recent succeeded jobs
-    here; `stats_model`: the base model whose chat template counts an upload's tokens, so an
-    upload's training-time estimate is its tokens over that model's speed."""
+    """`training_speed`: per base model, training tokens/s over its recent succeeded jobs here
+    (token-weighted, a job far slower or faster than the rest left out; `low` / `high`: the
+    range of the jobs used; tunelab.jobs.speed); `stats_model`: the base model whose chat
+    template counts an upload's tokens, so an upload's training-time estimate is its tokens
+    over that model's speed; `training_price_per_hour`: USD per hour of the training machine,
+    at which a succeeded job shows its cost; `statuses`: every status each kind of object can
+    have here, each with its phase (waiting, running, succeeded, failed, cancelled)."""
+    from tunelab.jobs.speed import training_speeds
     ctx = context(request)
     stats_model = next((name for name, s in ctx.base_models.items() if s == ctx.stats_model),
                        None)
@@ -39,7 +44,9 @@ def info(request: Request):
             "models": list(ctx.base_models), "workers": ctx.settings.workers,
             "max_upload_bytes": ctx.settings.max_upload_bytes,
             "stats_model": stats_model,
-            "training_speed": finetune.training_speeds(ctx.store),
+            "training_speed": training_speeds(ctx.store),
+            "training_price_per_hour": ctx.train_price_per_hour,
+            "statuses": statuses(),
             "tunelab_options": spec.options_schema(),
             "objectives": objectives_info(),
             "data_formats": data_formats()}
@@ -62,6 +69,21 @@ def engine_stats(request: Request, who: Owner = Depends(owner)):
         stats["resident_adapters"] = {names.get(spec, "other"): len(specs)
                                       for spec, specs in resident.items()}
     return {**stats, "started": True}
+
+
+def statuses() -> dict[str, dict[str, str]]:
+    """Object type -> {status: phase}: the statuses the server sends, and nothing else."""
+    from tunelab.jobs.store import ACTIVE, FINAL
+    from tunelab.jobs.uploads import FILE_STATUSES
+    from tunelab.server.api_export import STATUSES as EXPORTS
+    phase = {"validating_files": "waiting", "queued": "waiting", "uploaded": "waiting",
+             "running": "running", "succeeded": "succeeded", "processed": "succeeded",
+             "failed": "failed", "error": "failed", "cancelled": "cancelled"}
+    jobs = (*ACTIVE, *FINAL)
+    return {kind: {s: phase[s] for s in names} for kind, names in {
+        "fine_tuning.job": jobs,
+        "tunelab.evaluation": [s for s in jobs if s != "validating_files"],   # queued at once
+        "file": FILE_STATUSES, "tunelab.export": EXPORTS}.items()}
 
 
 def _member(schema: dict[str, Any]) -> dict[str, Any]:
@@ -334,7 +356,8 @@ def cancel_evaluation(evaluation_id: str, request: Request, who: Owner = Depends
         raise APIError(400, f"Evaluation {job.id} has already {job.status}; it cannot be "
                        "cancelled", param="evaluation_id", code="evaluation_not_cancellable")
     ctx.store.add_event(job.id, "The evaluation was cancelled" if outcome == "cancelled" else
-                        "Cancellation requested: the evaluation stops after its current batch")
+                        "Cancellation requested: the evaluation stops after its current batch",
+                        kind="cancelled" if outcome == "cancelled" else "cancel_requested")
     return evaluation.view(get_evaluation(ctx, who, job.id))
 
 

@@ -92,6 +92,7 @@ def _reap(ctx: Context, stop: threading.Event) -> None:
             for job_id in ctx.store.requeue_expired():
                 ctx.store.add_event(job_id, "The worker running this job stopped responding; "
                                     "the job is queued again and resumes from its last "
-                                    "checkpoint when a worker is free", level="warn")
+                                    "checkpoint when a worker is free", level="warn",
+                                    kind="requeued")
         except Exception:
             log.exception("requeueing jobs of stopped workers")

@@ -39,6 +39,9 @@ class Settings:
     precision: str = "auto"              # the tunelab engine's weights: auto | bf16 | fp32
     vllm_url: str | None = None          # an external vLLM server (--engine vllm); None: start one
     vllm_python: str | None = None       # the python of vLLM's virtualenv (None: .venv-vllm, $PATH)
+    # USD per hour of the training machine, for a finished job's cost (None: the default of
+    # tunelab.evaluate.cost, which tunelab compare uses too)
+    train_price_per_hour: float | None = None
 
 
 @dataclass
@@ -83,6 +86,13 @@ class Context:
         if self._engine is not None:
             self._engine.close()
         self.store.close()
+
+    @property
+    def train_price_per_hour(self) -> float:
+        """USD per hour of the training machine (--train-price-per-hour, else compare's)."""
+        from tunelab.evaluate.cost import DEFAULT_TRAIN_PER_HOUR
+        price = self.settings.train_price_per_hour
+        return DEFAULT_TRAIN_PER_HOUR if price is None else price
 
     def model_spec(self, owner: Owner, model_id: str, param: str = "model") -> tuple[str, Model | None]:
         """A model id -> (the spec tunelab.models loads, its fine-tuned Model row if any).

@@ -178,7 +178,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(TunelabError)
     async def _tunelab(_req: Request, e: TunelabError):
-        return _response(400, str(e), param=e.field)
+        return _response(400, str(e), param=e.field, code=e.kind or "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, e: StarletteHTTPException):

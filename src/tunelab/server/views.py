@@ -35,7 +35,22 @@ def _progress(job: Job) -> dict[str, Any] | None:
             "tokens_per_second": p.get("tokens_per_s")}
 
 
-def job(j: Job, key_name: str) -> dict[str, Any]:
+def training_cost(j: Job, price_per_hour: float) -> dict[str, Any] | None:
+    """A succeeded job's measured training time (its run's result.json) at `price_per_hour`:
+    {seconds, price_per_hour, usd}, as tunelab compare counts a fine-tune's cost."""
+    from tunelab.evaluate.cost import Prices, training_cost as cost, training_seconds
+    out = (j.request.get("config") or {}).get("output_dir")
+    seconds = training_seconds(out) if j.status == "succeeded" and out else None
+    if seconds is None:
+        return None
+    usd = cost(seconds, Prices(train_per_hour=price_per_hour))
+    return {"seconds": round(seconds, 1), "price_per_hour": price_per_hour,
+            "usd": round(usd, 6)}
+
+
+def job(j: Job, key_name: str, *, price_per_hour: float | None = None) -> dict[str, Any]:
+    """The job object; `price_per_hour` (the training machine's, USD): a succeeded job shows
+    what its training cost (tunelab.training_cost)."""
     cfg = {k: v for k, v in (j.request.get("config") or {}).items() if k not in RESERVED}
     progress = _progress(j)
     hp = j.hyperparameters
@@ -51,14 +66,21 @@ def job(j: Job, key_name: str) -> dict[str, Any]:
         "integrations": [], "metadata": j.meta, "user_provided_suffix": j.suffix,
         # OpenAI's shape for the job's objective: {"type": T, T: {"hyperparameters"}}
         "method": method_view(j.request.get("config") or {}, hp),
-        "tunelab": {"config": cfg, "progress": progress,
-                    "cancel_requested": bool(j.cancel_requested), "attempts": j.attempts},
+        "tunelab": {"config": cfg, "progress": progress, "started_at": j.started_at,
+                    "cancel_requested": bool(j.cancel_requested), "attempts": j.attempts,
+                    "training_cost": training_cost(j, price_per_hour)
+                    if price_per_hour is not None else None},
     }
 
 
 def event(e: Event) -> dict[str, Any]:
+    """OpenAI's event, plus `kind`: what happened (created, started, checkpoint, succeeded,
+    failed, cancelled, ...; a metrics event's kind is "metrics"), for clients to switch on
+    instead of reading the message."""
+    kind = e.type if e.type != "message" else (e.data or {}).get("kind")
     return {"id": e.id, "object": "fine_tuning.job.event", "created_at": e.created_at,
-            "level": e.level, "message": e.message, "data": e.data, "type": e.type}
+            "level": e.level, "message": e.message, "data": e.data, "type": e.type,
+            "kind": kind}
 
 
 def checkpoint(m: Model) -> dict[str, Any]:

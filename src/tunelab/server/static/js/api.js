@@ -121,7 +121,7 @@ export async function streamChat(body, { signal, onDelta, onChunk } = {}) {
     res = await send({ ...body, stream: true, stream_options: { include_usage: true } });
   } catch (e) {
     // A server without OpenAI's stream_options: ask again without it.
-    if (e instanceof ApiError && e.status === 400 && /stream_options/.test(`${e.param} ${e.message}`)) {
+    if (e instanceof ApiError && e.status === 400 && String(e.param || "").startsWith("stream_options")) {
       res = await send({ ...body, stream: true });
     } else throw e;
   }

@@ -116,17 +116,26 @@ export function fmtAgo(unix) {
 }
 
 // ---------- small components ----------
-const STATUS_CLASS = {
-  succeeded: "ok", processed: "ok", completed: "ok",
-  failed: "bad", error: "bad", cancelled: "muted",
-  running: "run", validating_files: "wait", queued: "wait", uploaded: "wait", pending: "wait",
-  cancelling: "wait",
-};
+// The statuses the server sends, each with its phase, as GET /v1/tunelab/info publishes them
+// (`statuses`: object type -> {status: waiting | running | succeeded | failed | cancelled});
+// the page keeps no list of its own. main.js hands them over once info is loaded.
+const PHASE_CLASS = { waiting: "wait", running: "run", succeeded: "ok", failed: "bad", cancelled: "muted" };
+let phases = {};
+
+export function setStatuses(statuses) {
+  phases = {};
+  for (const byStatus of Object.values(statuses || {})) Object.assign(phases, byStatus);
+}
+
+export const phaseOf = (status) => phases[status] || null;
+// a job, evaluation, file or export that is still going: worth polling
+export const isActive = (status) => ["waiting", "running"].includes(phaseOf(status));
 
 export function pill(status) {
   const s = String(status || "unknown");
-  return h("span", { class: ["pill", STATUS_CLASS[s] || "muted"] },
-           ["running", "queued", "validating_files", "pending"].includes(s) ? h("span", { class: "dot" }) : null,
+  const phase = phaseOf(s);
+  return h("span", { class: ["pill", PHASE_CLASS[phase] || "muted"], dataset: { phase: phase || "unknown" } },
+           isActive(s) ? h("span", { class: "dot" }) : null,
            s.replace(/_/g, " "));
 }
 

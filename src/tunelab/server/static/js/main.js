@@ -1,7 +1,7 @@
 // Boot, shell and hash router. Views are modules with `render(page, params, ctx)` that may
 // return a cleanup function (to stop polling when the user navigates away).
 
-import { h, icon, clear, toast } from "./dom.js";
+import { h, icon, clear, toast, setStatuses } from "./dom.js";
 import { get, auth, ApiError } from "./api.js";
 
 const NAV = [
@@ -21,8 +21,11 @@ const VIEWS = {
   chat: () => import("./views/chat.js"),
 };
 
+let info = null;
 const ctx = {
-  info: null,
+  // GET /v1/tunelab/info; the statuses it publishes are the ones pills and polling know
+  get info() { return info; },
+  set info(value) { info = value; setStatuses(value && value.statuses); },
   navigate(path) { location.hash = "#/" + path.replace(/^#?\/?/, ""); },
   setHeader(title, { sub, actions } = {}) {
     document.title = `${title} · tunelab`;

@@ -27,22 +27,38 @@ export function errorCount(v) {
   return Object.values((v && v.errors) || {}).reduce((a, e) => a + (e.count || 0), 0);
 }
 
+// Rows that are records, not conversations (a prompt template makes them conversations): the
+// report's error kinds say so, never the words of its messages.
 export function isRawRows(file) {
   const v = file.validation;
   const e = (v && v.errors) || {};
   if (e.missing_messages && v.examples && e.missing_messages.count >= v.examples * 0.5) return true;
-  return file.status === "error" && /cannot detect the format|no format/i.test(file.status_details || "");
+  return file.status === "error" && !!e.unknown_format;
 }
 
-// Training throughput for time estimates: the server's median over its recent jobs on `model`
-// (default: the model uploads are counted with), else what this browser saw in jobs it watched.
+// Training throughput for time estimates: the server's, over the jobs it finished on `model`
+// (default: the model uploads are counted with; token-weighted, a job far off left out, with
+// the range of the jobs used: tunelab.jobs.speed), else what this browser saw in a job.
 export function tokensPerSecond(ctx, model) {
   const info = ctx.info || {};
   const s = (info.training_speed || {})[model || info.stats_model];
-  if (s) return { value: s.tokens_per_second, source: `median of ${s.jobs} finished job${s.jobs === 1 ? "" : "s"} on this server` };
+  if (s) {
+    const jobs = (n) => `${n} finished job${n === 1 ? "" : "s"}`;
+    const source = s.jobs === 1 ? `from ${jobs(1)} on this server`
+      : `token-weighted over ${s.used < s.jobs ? `${s.used} of ` : ""}${jobs(s.jobs)} on this server` +
+        (s.left_out ? ` (${s.left_out} far off left out)` : "");
+    return { value: s.tokens_per_second, low: s.low ?? s.tokens_per_second, high: s.high ?? s.tokens_per_second, source };
+  }
   const local = +localStorage.getItem("tunelab.tps");
-  if (local) return { value: local, source: "seen in a job watched from this browser" };
+  if (local) return { value: local, low: local, high: local, source: "seen in a job watched from this browser" };
   return null;
+}
+
+// "≈ 4m 10s", or with the range of the jobs' speeds when they differ: "≈ 4m 10s (3m–6m)"
+export function fmtEstimate(tokens, tps) {
+  const mid = `≈ ${fmtDuration(tokens / tps.value)}`;
+  if (!(tps.low > 0) || tps.high / tps.low < 1.25) return mid;
+  return `${mid} (${fmtDuration(tokens / tps.high)}–${fmtDuration(tokens / tps.low)})`;
 }
 
 export function rememberTps(tps) {
@@ -75,8 +91,13 @@ export function validationReport(file, ctx) {
   } else if (file.status === "error" && file.status_details) {
     out.append(errorBox({ message: file.status_details }, { title: "Not usable:" }));
   }
-  if (v.warnings && v.warnings.length) {
-    out.append(h("h3", {}, "Warnings"), h("ul", { class: "warnings" }, v.warnings.map((w) => h("li", {}, icon("alert", 14), " ", w))));
+  // each warning with its kind (a server before kinds sends the messages only); duplicates
+  // list their lines: they are trained again unless dropped (dedupe, on the Train page)
+  const warnings = v.warning_details || (v.warnings || []).map((message) => ({ kind: null, message }));
+  if (warnings.length) {
+    out.append(h("h3", {}, "Warnings"), h("ul", { class: "warnings" }, warnings.map((w) =>
+      h("li", { dataset: { kind: w.kind || "" } }, icon("alert", 14), " ", w.message,
+        w.kind === "duplicates" ? duplicateLines(w) : null))));
   }
   const t = v.tokens;
   if (t && t.examples) {
@@ -85,20 +106,31 @@ export function validationReport(file, ctx) {
     out.append(h("h3", {}, "Tokens ", h("span", { class: "muted small", title: t.model || "" }, `counted with the chat template of ${model}, max length ${fmtInt(t.max_length)}`)));
     const tps = tokensPerSecond(ctx);
     const trainTokens = t.epoch_tokens * t.epochs;
-    const secs = t.estimated_seconds ?? (tps ? trainTokens / tps.value : null);
+    const secs = tps ? trainTokens / tps.value : null;
     out.append(h("div", { class: "tiles" },
       statTile("Per example", `${fmtInt(t.median)}`, { sub: `median · p95 ${fmtInt(t.p95)} · max ${fmtInt(t.max)}` }),
       statTile("Cut by max length", fmtInt(t.over_max_length), { kind: t.over_max_length ? "warn" : "",
         sub: t.over_max_length ? `examples, losing ${fmtInt(t.trained_tokens_lost)} trained tokens` : "no example is truncated" }),
       statTile("Trained tokens", `${Math.round((100 * t.trained_tokens) / Math.max(1, t.total_tokens))}%`,
                { sub: `${fmtInt(t.trained_tokens)} answer tokens of ${fmtInt(t.total_tokens)}` }),
-      statTile("Training estimate", secs !== null ? `~${fmtDuration(secs)}` : (trainTokens < 1000 ? `${fmtInt(trainTokens)} tok` : `${fmtNum(trainTokens / 1000, 3)}k tok`),
-               { sub: `${fmtInt(trainTokens)} tokens over ${fmtNum(t.epochs)} epochs` + (secs !== null && t.estimated_seconds === undefined && tps ? ` at ${fmtInt(tps.value)} tok/s (${tps.source})` : secs === null ? " · time unknown until a first job has run here" : "") })));
+      statTile("Training estimate", secs !== null ? fmtEstimate(trainTokens, tps) : (trainTokens < 1000 ? `${fmtInt(trainTokens)} tok` : `${fmtNum(trainTokens / 1000, 3)}k tok`),
+               { sub: `${fmtInt(trainTokens)} tokens over ${fmtNum(t.epochs)} epochs` + (secs !== null ? ` at ${fmtInt(tps.value)} tok/s (${tps.source})` : " · time unknown until a first job has run here") })));
     const bins = toBins(t.histogram);
     if (bins) out.append(h("div", { class: "hist-wrap" }, histogram(bins, { limit: t.max_length })));
     else out.append(rangeBar(t));
   }
   return out;
+}
+
+// "line 37 = line 4" for each exact duplicate the report lists (the count is exact; the
+// lines are the first ones)
+function duplicateLines(w) {
+  const pairs = w.lines || [];
+  return h("div", { class: "dup-lines" },
+    h("ul", { class: "locs" }, pairs.map(([line, first]) => h("li", { class: "loc" },
+      h("span", { class: "badge line" }, `line ${line}`), h("span", { class: "loc-text" }, `same as line ${first}`)))),
+    w.count > pairs.length ? h("div", { class: "more muted small" }, `… and ${fmtInt(w.count - pairs.length)} more`) : null,
+    h("div", { class: "muted small" }, w.dropped ? "Dropped from this file." : "Each is trained again; tick “Drop exact duplicates” on the Train page to leave them out."));
 }
 
 // Without a histogram from the server: min / median / p95 / max on one axis.

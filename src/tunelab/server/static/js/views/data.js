@@ -165,12 +165,11 @@ async function templates() {
   return templatesCache;
 }
 
-// Column names of a raw file: from the server when it says, else read from the file's head.
+// Column names of a raw file: from the server when it says (validation.columns), else read
+// from the file's head.
 async function columnsOf(file) {
-  const c = file.columns || (file.validation && file.validation.columns) || (file.tunelab && file.tunelab.columns);
+  const c = file.validation && file.validation.columns;
   if (Array.isArray(c) && c.length) return c;
-  const named = /fields \[([^\]]*)\]/.exec(file.status_details || "");
-  if (named) return named[1].split(",").map((x) => x.trim().replace(/^['"]|['"]$/g, "")).filter(Boolean);
   if ((file.bytes || 0) > 5e6 || /\.parquet$/i.test(file.filename)) return null;
   try {
     const res = await request(`/v1/files/${file.id}/content`, { raw: true });

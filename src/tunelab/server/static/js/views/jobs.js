@@ -2,13 +2,17 @@
 // checkpoints, cancel). Watching polls the API; a lost connection backs off and recovers.
 
 import { h, icon, fmtInt, fmtNum, fmtDuration, fmtTime, fmtAgo, pill, errorBox, copyable, toast, button, card,
-         emptyState, statTile, spinner, clear } from "../dom.js";
+         emptyState, statTile, spinner, clear, isActive } from "../dom.js";
 import { get, post, listAll, download, ApiError } from "../api.js";
 import { lineChart } from "../chart.js";
 import { rememberTps, objectiveFor, metricLabel, isShare, fmtMetric } from "./common.js";
 
 const cap = (s) => s.charAt(0).toUpperCase() + s.slice(1);
-const ACTIVE = new Set(["validating_files", "queued", "running", "pending", "cancelling"]);
+// dollars with the digits a small amount needs, as tunelab compare prints them: $0.0004, $0.123, $12.30
+const fmtUsd = (x) => (x > 0 && x < 0.0001 ? "< $0.0001" : x < 0.01 ? `$${x.toFixed(4)}` : x < 1 ? `$${x.toFixed(3)}`
+  : `$${x.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 })}`);
+// the statuses that are still going come from the server (dom.js isActive)
+const ACTIVE = { has: isActive };
 const RUNNING_POLL_MS = 1500;
 
 export async function render(root, { id }, ctx) {
@@ -196,7 +200,7 @@ async function renderJob(root, id, ctx) {
                { sub: end && started && ACTIVE.has(job.status) ? `elapsed ${fmtDuration(end - started)}` : job.trained_tokens ? `${fmtInt(job.trained_tokens)} trained tokens` : null }),
       statTile("Train loss", s.tl.length ? fmtNum(s.tl[s.tl.length - 1][1], 4) : "—", { sub: s.tl.length ? `from ${fmtNum(s.tl[0][1], 4)}` : null }),
       statTile("Best valid loss", bestValid !== null ? fmtNum(bestValid, 4) : "—", { sub: job.validation_file ? `${s.vl.length} evaluations` : "no validation file" }),
-      headline(s));
+      headline(s), costTile());
     if (job.error && (job.error.message || job.error.code)) {
       clear(errorSlot, errorBox({ message: job.error.message || job.error.code, code: job.error.code },
         { title: job.error.param ? `Failed (${job.error.param}):` : "Failed:" }));
@@ -210,6 +214,15 @@ async function renderJob(root, id, ctx) {
     drawLog();
     drawCheckpoints();
     drawDetails();
+  }
+
+  // a finished job's training cost: its measured training time at the server's price per hour
+  // of the training machine (GET /v1/tunelab/info training_price_per_hour; tunelab compare
+  // counts a fine-tune's cost the same way)
+  function costTile() {
+    const c = job.tunelab && job.tunelab.training_cost;
+    if (!c) return null;
+    return statTile("Training cost", fmtUsd(c.usd), { sub: `${fmtDuration(c.seconds)} of training at $${fmtNum(c.price_per_hour, 4)}/h` });
   }
 
   // the objective's first metric: its latest validation value, else its latest training value
@@ -231,16 +244,17 @@ async function renderJob(root, id, ctx) {
     return null;
   }
 
+  // when training started: the job says so; else its first "started" event (by kind, not words)
   function firstEventTime() {
-    const evs = sortedEvents();
-    const started = evs.find((e) => /start|running/i.test(e.message || "") || (e.data && e.data.kind === "started"));
+    if (job.tunelab && job.tunelab.started_at) return job.tunelab.started_at;
+    const started = sortedEvents().find((e) => e.kind === "started");
     return started ? started.created_at : null;
   }
 
   function drawLog() {
     const evs = sortedEvents().reverse();
     const atTop = log.parentElement.scrollTop < 10;
-    clear(log, evs.length ? evs.slice(0, 400).map((ev) => h("li", { class: ["ev", ev.level || "info", ev.type] },
+    clear(log, evs.length ? evs.slice(0, 400).map((ev) => h("li", { class: ["ev", ev.level || "info", ev.type], dataset: { kind: ev.kind || "" } },
       h("time", {}, fmtTime(ev.created_at)),
       h("span", { class: "ev-msg" }, ev.message || ev.type || ""))) : h("li", { class: "muted" }, "No events yet."));
     if (atTop) log.parentElement.scrollTop = 0;
@@ -322,7 +336,7 @@ async function renderJob(root, id, ctx) {
     try {
       job = await get(`/v1/fine_tuning/jobs/${job.id}`);
       await pollEvents();
-      const ckptEvents = sortedEvents().filter((e) => /checkpoint/i.test(e.message || "")).length;
+      const ckptEvents = sortedEvents().filter((e) => e.kind === "checkpoint").length;
       if (ckptEvents !== lastCkptCount || !ACTIVE.has(job.status)) { await pollCheckpoints(); lastCkptCount = ckptEvents; }
       if (!ACTIVE.has(job.status)) finalFetched = true;
       if (failures) toast("Connection restored", "ok");

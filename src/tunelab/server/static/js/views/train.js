@@ -5,10 +5,10 @@
 // to on the chosen file from POST /v1/tunelab/plan, the server's own planning code, which also
 // checks the request as a job would.
 
-import { h, fmtInt, fmtNum, fmtDuration, fmtAgo, pill, errorBox, field, select, button, card,
+import { h, fmtInt, fmtNum, fmtAgo, pill, errorBox, field, select, button, card,
          clearFieldErrors, setFieldError, spinner, debounce } from "../dom.js";
 import { get, post, listAll } from "../api.js";
-import { fineTuneFiles, fileOptions, showParamError, tokensPerSecond, objectives, dataKind, kindWords } from "./common.js";
+import { fineTuneFiles, fileOptions, showParamError, tokensPerSecond, fmtEstimate, objectives, dataKind, kindWords } from "./common.js";
 
 // OpenAI's hyperparameters that every method type takes have their own boxes; an objective's
 // own ones (DPO's beta) get boxes made from what the server publishes about them.
@@ -57,6 +57,12 @@ export async function render(root, { query }, ctx) {
   const validSel = h("select", { id: "f-valid" });
   const trainHint = h("span");
   const validHint = h("span");
+  // exact duplicates in the training file are trained again unless the job drops them
+  // (tunelab.dedupe); offered when the file's check found some
+  const dedupe = h("input", { type: "checkbox", id: "f-dedupe", "aria-describedby": "f-dedupe-hint" });
+  const dedupeHint = h("span", { class: "muted small", id: "f-dedupe-hint" });
+  const dedupeWrap = h("div", { class: "field dedupe", hidden: true },
+    h("div", { class: "check" }, dedupe, h("label", { for: "f-dedupe" }, "Drop exact duplicates"), dedupeHint));
   const objectiveGroup = h("div", { class: "choice", role: "radiogroup", "aria-label": "Objective" },
     objs.map((o) => h("label", { class: "choice-card" },
       h("input", { type: "radio", name: "objective", value: o.api_type, checked: o === start }),
@@ -98,7 +104,7 @@ export async function render(root, { query }, ctx) {
     card("Objective", objectiveGroup, { sub: "What is optimised." }),
     card("Model and data", h("div", { class: "grid-2" },
       h("div", {}, field("Start from", modelSel, { hint: "A base model, or one of your fine-tunes (DPO after SFT)." }), modelOther),
-      field("Training file", trainSel, { hint: trainHint }),
+      h("div", {}, field("Training file", trainSel, { hint: trainHint }), dedupeWrap),
       field("Validation file", validSel, { hint: validHint }))),
     card("Method", methodGroup, { sub: "How the weights are adapted." }),
     card("Hyperparameters", h("div", { class: "grid-3" },
@@ -129,12 +135,29 @@ export async function render(root, { query }, ctx) {
       .map(([v, label]) => h("option", { value: v }, label)));
     validSel.replaceChildren(...fileOptions(shown, { none: "— none —" }).map(([v, label]) => h("option", { value: v }, label)));
     if (keepTrain && shown.some((f) => f.id === keepTrain)) trainSel.value = keepTrain;
-    validSel.value = keepValid && shown.some((f) => f.id === keepValid) ? keepValid : "";
+    // a validation file that cannot be used (a split's part that is "Not usable") is not
+    // offered: "— none —" is chosen, and the hint says why
+    const validOk = !!keepValid && shown.some((f) => f.id === keepValid);
+    validSel.value = validOk ? keepValid : "";
+    if (validSel.selectedIndex < 0) validSel.selectedIndex = 0;
     const others = hidden ? ` ${fmtInt(hidden)} file${hidden === 1 ? "" : "s"} of other data hidden: ${kindWords(o.data_kind)} only.` : "";
     trainHint.textContent = `${cap(kindWords(o.data_kind))} the model learns from.${others}`;
-    validHint.textContent = "Optional: scored during training; the best checkpoint is kept.";
+    const unusable = keepValid && !validOk ? files.find((f) => f.id === keepValid) : null;
+    validHint.textContent = unusable ? `${unusable.filename} is not usable${unusable.status === "error" ? ` (${unusable.status_details || "see its check"})` : ""}: training runs without validation, or choose another file.`
+      : "Optional: scored during training; the best checkpoint is kept.";
+    validHint.classList.toggle("warn-text", !!unusable);
+    showDedupe();
     submit.disabled = !shown.length;
   };
+  function showDedupe() {
+    const f = fileById(trainSel.value);
+    const d = f && f.validation && f.validation.duplicates;
+    dedupeWrap.hidden = !(d && d.count && !d.dropped);
+    if (dedupeWrap.hidden) { dedupe.checked = false; return; }
+    const first = (d.lines || []).slice(0, 3).map(([line, of]) => `line ${line} = line ${of}`).join(", ");
+    dedupeHint.textContent = `${fmtInt(d.count)} exact duplicate${d.count === 1 ? "" : "s"} in this file (${first}${d.count > 3 ? ", …" : ""}): trained again unless dropped.`;
+  }
+  trainSel.addEventListener("change", showDedupe);
   fillFiles(query.get("training_file"), query.get("validation_file"));
 
   // ---- the request, as the job and the plan take it
@@ -144,6 +167,7 @@ export async function render(root, { query }, ctx) {
     for (const name of Object.keys(SHARED)) hp[name] = boxes[name].value ? +boxes[name].value : "auto";
     for (const x of own) if (x.o === o) hp[x.hp.name] = x.input.value ? +x.input.value : "auto";
     const extra = { method: method() };
+    if (!dedupeWrap.hidden && dedupe.checked) extra.dedupe = true;
     if (method() === "lora" && rank.value) extra.lora = { r: +rank.value };
     if (maxLen.value) extra.max_length = +maxLen.value;
     const body = { model: modelSel.value === OTHER ? modelOther.value.trim() : modelSel.value,
@@ -199,7 +223,7 @@ export async function render(root, { query }, ctx) {
         ...ownRows,
         h("dt", {}, "Optimizer steps"), h("dd", {}, p.steps ? `≈ ${fmtInt(p.steps)}` : "—"),
         h("dt", {}, "Tokens"), h("dd", {}, p.tokens ? `≈ ${fmtInt(p.tokens)}` : "—"),
-        h("dt", {}, "Time"), h("dd", {}, p.tokens && tps ? [`≈ ${fmtDuration(p.tokens / tps.value)} `, h("span", { class: "muted small" }, `at ${fmtInt(tps.value)} tok/s, ${tps.source}`)]
+        h("dt", {}, "Time"), h("dd", {}, p.tokens && tps ? [`${fmtEstimate(p.tokens, tps)} `, h("span", { class: "muted small" }, `at ${fmtInt(tps.value)} tok/s, ${tps.source}`)]
                                                        : h("span", { class: "muted" }, p.tokens ? "unknown until a first job has run here" : "—"))));
   };
 

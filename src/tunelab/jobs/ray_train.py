@@ -158,6 +158,11 @@ class _Driver:
                 said = True
             time.sleep(1.0)
 
+    def busy(self) -> bool:
+        """Whether the cluster's free resources are short of the job's (others use them)."""
+        import ray
+        return not fits(self.placement, [ray.available_resources()])
+
     def _interrupted(self, step: int | None) -> None:
         """Between runs on the cluster: a cancel or a shutdown ends the attempt now."""
         if self.should_cancel() or self.stopping():
@@ -233,16 +238,20 @@ class _Driver:
             try:
                 out = self.fit()
             except ControllerError as e:
-                # the group could not be (re)started: placement timed out, or its nodes went
-                # away. Back to waiting for room, up to CAPACITY_WAIT_S
-                tries += 1
+                # the group could not be (re)started: its placement timed out (the cluster is
+                # busy, or lost the nodes it had: back to waiting for room, up to
+                # CAPACITY_WAIT_S), or its processes failed to start (counted: a few tries)
                 cause = getattr(e, "controller_failure", e)
                 log.warning("job %s: %s", self.job.id, cause)
-                if tries > 20:
+                if not (type(cause).__name__ == "WorkerGroupStartupTimeoutError"
+                        and self.busy()):
+                    tries += 1
+                if tries > MAX_FAILURES:
                     raise TunelabError(f"the Ray cluster could not start this job's training "
-                                       f"{tries} times: {_first_line(cause)}") from None
+                                       f"workers ({tries} tries): {_first_line(cause)}") \
+                        from None
                 self.event("The Ray cluster could not start the training workers "
-                           f"({_first_line(cause)}); trying again", level="warn")
+                           f"({_first_line(cause)[:300]}); trying again", level="warn")
                 continue
             except WorkerGroupError as e:
                 raise _failure(e) from None
@@ -327,12 +336,14 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         store = Store(config["data_dir"], config["database"])
         job = store.get(Job, config["job_id"])
         run_ = JobRun(store, job, config["key_name"], stopping=lambda: False)
-        if ckpts:
+        if ckpts:   # a restart by Ray (FailureConfig), or a new attempt at the job
             step = checkpoint_step(ckpts[-1])
             run_.forget_after(step)
-            by_ray = ray.train.get_checkpoint() is not None
-            run_.event(f"Resuming from the last complete checkpoint (step {step})"
-                       + (" after Ray restarted the training workers" if by_ray else ""))
+            # Ray's latest: the last checkpoint its controller registered (it collects reports
+            # every few seconds, so it may lag the run folder's, which is whole: resume there)
+            known = ray.train.get_checkpoint()
+            run_.event(f"Resuming from the last complete checkpoint (step {step})",
+                       data={"step": step, "ray_checkpoint": known.path if known else None})
         on_event = run_.on_event
     try:
         result = tunelab_train(cfg, resume=bool(ckpts), quiet=True, on_event=on_event,

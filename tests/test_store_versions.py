@@ -134,3 +134,43 @@ def test_stores_starting_together_on_a_new_database_create_it_once(tmp_path, db_
     with store.engine.connect() as conn:
         assert schema_revision(conn) == SCHEMA_HEAD
         assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+
+
+def test_a_database_at_the_previous_revision_is_upgraded_with_its_jobs(tmp_path, db_url):
+    """A database as the previous tunelab left it (revision 0002: jobs queued and running, an
+    event, a live worker) is upgraded in place to the head on start: every row is kept, the
+    new column reads NULL (one training process), and the jobs are claimed as before."""
+    from alembic import command
+    from alembic.config import Config
+    from tunelab.jobs.store import Event, Worker
+    url = database_url(db_url, tmp_path)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+        conn.execute(text(OLD_JOB))
+        conn.execute(text(OLD_JOB.replace("ftjob-old", "ftjob-running")
+                          .replace("'queued'", "'running'")))
+        conn.execute(text("UPDATE jobs SET lease_owner = 'w0', lease_expires_at = 1.0 "
+                          "WHERE id = 'ftjob-running'"))
+        conn.execute(text("INSERT INTO events (id, job_id, created_at, level, type, message) "
+                          "VALUES ('ev-1', 'ftjob-old', 1700000001, 'info', 'message', 'hi')"))
+        conn.execute(text("INSERT INTO workers (id, host, pid, started_at, heartbeat_at, job_id) "
+                          "VALUES ('h:1:a', 'h', 1, 1.0, 2.0, 'ftjob-running')"))
+        assert schema_revision(conn) == "0002"
+    engine.dispose()
+    store = Store(tmp_path, url)
+    with store.engine.connect() as conn:
+        assert schema_revision(conn) == SCHEMA_HEAD
+        assert "train_workers" in {c["name"] for c in inspect(conn).get_columns("jobs")}
+    old, running = store.get(Job, "ftjob-old"), store.get(Job, "ftjob-running")
+    assert (old.status, old.seed, old.request, old.created_at, old.train_workers) == \
+        ("queued", 7, {"a": 1}, 1700000000, None)
+    assert (running.status, running.lease_owner) == ("running", "w0")
+    assert [e.message for e in store.all(Event, Event.job_id == "ftjob-old")] == ["hi"]
+    assert [w.id for w in store.all(Worker, order=Worker.id)] == ["h:1:a"]
+    # a worker without Ray takes both: the queued one, then the one whose lease ran out
+    assert [store.claim_job("w", 30).id, store.claim_job("w", 30).id] == \
+        ["ftjob-old", "ftjob-running"]

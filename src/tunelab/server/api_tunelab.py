@@ -295,6 +295,16 @@ async def split_file(file_id: str, body: SplitRequest, request: Request,
 
 
 # ---- evaluations -------------------------------------------------------------------------
+@router.get("/metrics", summary="Evaluation metrics and how each is shown (no key needed)")
+def metrics():
+    """Every metric key an evaluation result may hold: `label`, `unit` (fraction, count,
+    tokens, number, logprob, grade), `direction` (higher, lower, neither), `signed`, and
+    `column` (a column of the comparison table). The one table the report and the page read
+    (tunelab.evaluate.metrics)."""
+    from tunelab.evaluate.metrics import table
+    return {"object": "list", "data": table()}
+
+
 def get_evaluation(ctx: Context, who: Owner, evaluation_id: str) -> Job:
     j = ctx.store.get(Job, evaluation_id, who.id)
     if j is None or j.kind != "evaluation":

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, create_model,
+                      field_validator)
 from pydantic.fields import FieldInfo
 
 from tunelab.config import TrainConfig
@@ -140,6 +141,21 @@ class ChatCompletionCreate(_Strict):
     logprobs: Literal[False] | None = Field(None, description="not supported")
 
 
+class JudgeRequest(_Strict):
+    """The grader of the judge task: any OpenAI-compatible endpoint (tunelab.evaluate.judge)."""
+    url: Annotated[str, StringConstraints(max_length=2000, pattern=r"^https?://\S+$")] | None = \
+        Field(None, description="the grader's base URL (…/v1); default: OpenAI's API")
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        "gpt-4o-mini", description="the grader model")
+    api_key: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+        None, description="sent to `url` only; kept with the job and never shown back")
+    rubric: Annotated[str, StringConstraints(min_length=1, max_length=20_000)] | None = Field(
+        None, description="grading instructions for grades 1-5 (default: tunelab's)")
+    pairwise: bool = Field(False, description="also compare the best fine-tuned model's answers "
+                           "with the best baseline's, both orders of each pair")
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+
+
 class EvaluationCreate(_Strict):
     model: Id = Field(description="the fine-tuned model (ft:...) or a base model")
     base_model: Id | None = Field(None, description="default: the fine-tuned model's base")
@@ -157,6 +173,19 @@ class EvaluationCreate(_Strict):
     limit: Annotated[int, Field(ge=1)] | None = Field(None, description="the first N test examples")
     general_check: bool = Field(True, description="also compare both models on general prompts "
                                 "(forgetting)")
+    judge: JudgeRequest | None = Field(None, validate_default=True, description="the grader, "
+                                       "for task 'judge' (and only for it)")
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_is_the_judge_tasks(cls, v, info):
+        task = info.data.get("task")
+        if task == "judge" and v is None:
+            raise ValueError("task 'judge' grades answers with a model: give judge {url, model, "
+                             "api_key}")
+        if v is not None and task is not None and task != "judge":
+            raise ValueError(f"a grader grades answers for task 'judge' only (task is '{task}')")
+        return v
 
 
 class TemplateApply(_Strict):

@@ -700,8 +700,10 @@ def test_the_published_schema_documents_what_the_api_answers(srv):
         for status, r in responses.items():
             if status.startswith(("4", "5")):
                 assert r["content"]["application/json"]["schema"] == error, (method, path)
-        if path != "/v1/tunelab/info":
-            assert "401" in responses, (method, path)
+        if "401" not in responses:    # published as open: it answers without a key
+            assert method == "GET" and "{" not in path, (method, path)
+            with srv.http(None) as h:
+                assert h.get(path).status_code == 200, (method, path)
         if "{" in path:
             assert "404" in responses, (method, path)
         if "requestBody" in op:
@@ -778,3 +780,45 @@ def test_duplicates_are_a_warning_and_dropped_only_when_asked(a, srv):
     assert not [e for e in a.fine_tuning.jobs.list_events(plain.id, limit=100)
                 if (e.data or {}).get("kind") == "duplicates_dropped"]
     assert "dedupe" not in deduped.model_extra["tunelab"]["config"]
+
+
+def test_real_objects_match_their_published_schemas(a, srv, files, done_job):
+    """What a 200 holds is published too (server.objects): a finished job, its events and
+    checkpoints, files and models as the API really answers them fit their schemas."""
+    import jsonschema
+    with srv.http(None) as h:
+        schema = h.get("/openapi.json").json()
+
+    def check(method: str, template: str, path: str, body=None):
+        op = schema["paths"][template][method]
+        doc = {**op["responses"]["200"]["content"]["application/json"]["schema"],
+               "components": schema["components"]}
+        with srv.http(srv.keys["a"]) as h:
+            r = h.request(method.upper(), path, json=body)
+        assert r.status_code == 200, r.text
+        jsonschema.validate(r.json(), doc)
+        return r.json()
+
+    job = done_job.id
+    train = files[0].id
+    got = check("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}", f"/v1/fine_tuning/jobs/{job}")
+    assert got["tunelab"]["training_cost"]["usd"] > 0     # a succeeded job's cost
+    check("get", "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs?limit=100")
+    events = check("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
+                   f"/v1/fine_tuning/jobs/{job}/events?limit=100")
+    kinds = [e["kind"] for e in events["data"]]
+    assert {"created", "validating_files", "queued", "started", "metrics", "checkpoint",
+            "model_created", "succeeded"} <= set(kinds), kinds
+    check("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
+          f"/v1/fine_tuning/jobs/{job}/checkpoints")
+    check("get", "/v1/files", "/v1/files")
+    check("get", "/v1/files/{file_id}", f"/v1/files/{train}")
+    check("get", "/v1/models", "/v1/models")
+    check("get", "/v1/models/{model}", f"/v1/models/{done_job.fine_tuned_model}")
+    # and a schema that does not fit is caught: the check is not vacuous
+    broken = {**got, "status": "pending"}
+    op = schema["paths"]["/v1/fine_tuning/jobs/{fine_tuning_job_id}"]["get"]
+    doc = {**op["responses"]["200"]["content"]["application/json"]["schema"],
+           "components": schema["components"]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, doc)

@@ -16,6 +16,7 @@ from tunelab.jobs.store import Model, new_id
 from tunelab.server import views
 from tunelab.server.context import Context, Owner, context, owner
 from tunelab.server.errors import APIError, body as error_body
+from tunelab.server.objects import Deleted, ModelList, ModelObject, ok
 from tunelab.server.openapi import errors
 from tunelab.server.schemas import ChatCompletionCreate
 
@@ -23,7 +24,8 @@ router = APIRouter(prefix="/v1", tags=["models", "chat"])
 DEFAULT_MAX_TOKENS = 256
 
 
-@router.get("/models", summary="Base models, and this key's fine-tuned models and checkpoints")
+@router.get("/models", summary="Base models, and this key's fine-tuned models and checkpoints",
+            responses=ok(ModelList))
 def list_models(request: Request, who: Owner = Depends(owner)):
     ctx = context(request)
     data = [views.model(name, ctx.started, "tunelab") for name in ctx.base_models]
@@ -32,7 +34,7 @@ def list_models(request: Request, who: Owner = Depends(owner)):
     return {"object": "list", "data": data}
 
 
-@router.get("/models/{model:path}", summary="Retrieve a model")
+@router.get("/models/{model:path}", summary="Retrieve a model", responses=ok(ModelObject))
 def retrieve_model(model: str, request: Request, who: Owner = Depends(owner)):
     ctx = context(request)
     _, row = ctx.model_spec(who, model)
@@ -42,7 +44,7 @@ def retrieve_model(model: str, request: Request, who: Owner = Depends(owner)):
 
 
 @router.delete("/models/{model:path}", summary="Delete a fine-tuned model or checkpoint",
-               responses=errors(403, 409),
+               responses={**ok(Deleted), **errors(403, 409)},
                description="A model that other fine-tuned models were trained from, or that a "
                            "job not yet finished loads, is kept: 409 `model_in_use` names them. "
                            "Delete those first.")

@@ -13,6 +13,7 @@ from tunelab.jobs.store import File, new_id
 from tunelab.server import views
 from tunelab.server.context import Context, Owner, context, owner
 from tunelab.server.errors import APIError, not_found
+from tunelab.server.objects import Deleted, FileList, FileObject, ok
 from tunelab.server.upload import receive
 
 log = logging.getLogger("tunelab.server")
@@ -47,7 +48,8 @@ def get_file(ctx: Context, who: Owner, file_id: str, param: str = "file_id") -> 
     return f
 
 
-@router.post("/files", openapi_extra=_UPLOAD_DOC, summary="Upload a file")
+@router.post("/files", openapi_extra=_UPLOAD_DOC, summary="Upload a file",
+             responses=ok(FileObject))
 async def create_file(request: Request, who: Owner = Depends(owner)):
     ctx = context(request)
     file_id = new_id("file-")
@@ -104,7 +106,7 @@ def _remove_folder(ctx: Context, file_id: str) -> None:
     shutil.rmtree(ctx.store.path("files") / file_id, ignore_errors=True)
 
 
-@router.get("/files", summary="List files")
+@router.get("/files", summary="List files", responses=ok(FileList))
 def list_files(request: Request, who: Owner = Depends(owner),
                after: Annotated[str | None, Query(max_length=200)] = None,
                limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
@@ -117,7 +119,7 @@ def list_files(request: Request, who: Owner = Depends(owner),
     return views.page([views.file(f) for f in rows], more)
 
 
-@router.get("/files/{file_id}", summary="Retrieve a file")
+@router.get("/files/{file_id}", summary="Retrieve a file", responses=ok(FileObject))
 def retrieve_file(file_id: str, request: Request, who: Owner = Depends(owner)):
     return views.file(get_file(context(request), who, file_id))
 
@@ -131,7 +133,7 @@ def file_content(file_id: str, request: Request, who: Owner = Depends(owner)):
     return FileResponse(ctx.store.path(f.raw_path), media_type=media, filename=f.filename)
 
 
-@router.delete("/files/{file_id}", summary="Delete a file")
+@router.delete("/files/{file_id}", summary="Delete a file", responses=ok(Deleted))
 def delete_file(file_id: str, request: Request, who: Owner = Depends(owner)):
     ctx = context(request)
     f = get_file(ctx, who, file_id)

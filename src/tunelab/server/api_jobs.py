@@ -19,6 +19,8 @@ from tunelab.server import views
 from tunelab.server.api_files import get_file
 from tunelab.server.context import Context, Owner, context, owner
 from tunelab.server.errors import APIError, not_found
+from tunelab.server.objects import (FineTuningJob, FineTuningJobList, JobCheckpointList,
+                                    JobEventList, ok)
 from tunelab.server.openapi import errors
 from tunelab.server.schemas import FineTuningJobCreate
 
@@ -207,7 +209,7 @@ def dependents(ctx: Context, row: Model, folder: Path) -> list[str]:
     return found
 
 
-@router.post("/jobs", summary="Create a fine-tuning job")
+@router.post("/jobs", summary="Create a fine-tuning job", responses=ok(FineTuningJob))
 def create_job(body: FineTuningJobCreate, background: BackgroundTasks, request: Request,
                who: Owner = Depends(owner)):
     ctx = context(request)
@@ -285,7 +287,7 @@ def revalidate_pending(store: Store) -> None:
             log.exception("validating %s", job.id)
 
 
-@router.get("/jobs", summary="List fine-tuning jobs",
+@router.get("/jobs", summary="List fine-tuning jobs", responses=ok(FineTuningJobList),
             description="`metadata[KEY]=VALUE` (repeatable) keeps the jobs whose metadata has "
                         "every given KEY equal to VALUE, as OpenAI's filter does.")
 def list_jobs(request: Request, who: Owner = Depends(owner), after: After = None,
@@ -302,7 +304,8 @@ def list_jobs(request: Request, who: Owner = Depends(owner), after: After = None
                        for j in rows], more)
 
 
-@router.get("/jobs/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
+@router.get("/jobs/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job",
+            responses=ok(FineTuningJob))
 def retrieve_job(fine_tuning_job_id: str, request: Request, who: Owner = Depends(owner)):
     ctx = context(request)
     return views.job(get_job(ctx, who, fine_tuning_job_id), who.name,
@@ -310,7 +313,7 @@ def retrieve_job(fine_tuning_job_id: str, request: Request, who: Owner = Depends
 
 
 @router.post("/jobs/{fine_tuning_job_id}/cancel", summary="Cancel a fine-tuning job",
-             responses=errors(400))
+             responses={**ok(FineTuningJob), **errors(400)})
 def cancel_job(fine_tuning_job_id: str, request: Request, who: Owner = Depends(owner)):
     """A job not yet running is cancelled at once; a running one stops at its next step, keeps
     a checkpoint of what it trained, and then reads `cancelled`."""
@@ -329,7 +332,8 @@ def cancel_job(fine_tuning_job_id: str, request: Request, who: Owner = Depends(o
     return views.job(get_job(ctx, who, job.id), who.name, price_per_hour=ctx.train_price_per_hour)
 
 
-@router.get("/jobs/{fine_tuning_job_id}/events", summary="List a job's events, newest first")
+@router.get("/jobs/{fine_tuning_job_id}/events", summary="List a job's events, newest first",
+            responses=ok(JobEventList))
 def list_events(fine_tuning_job_id: str, request: Request, who: Owner = Depends(owner),
                 after: After = None, limit: Limit = 20):
     ctx = context(request)
@@ -338,7 +342,8 @@ def list_events(fine_tuning_job_id: str, request: Request, who: Owner = Depends(
     return views.page([views.event(e) for e in rows], more)
 
 
-@router.get("/jobs/{fine_tuning_job_id}/checkpoints", summary="List a job's checkpoints")
+@router.get("/jobs/{fine_tuning_job_id}/checkpoints", summary="List a job's checkpoints",
+            responses=ok(JobCheckpointList))
 def list_checkpoints(fine_tuning_job_id: str, request: Request, who: Owner = Depends(owner),
                      after: After = None, limit: Limit = 10):
     ctx = context(request)

@@ -721,3 +721,62 @@ def test_the_training_estimate_shows_how_it_was_made_and_its_range(page, server,
     estimate = time_row.split(" at ")[0]                 # "≈ 27s" or "≈ 1m 9s (27s–10m 25s)"
     assert estimate.startswith("≈ ")
     assert ("–" in estimate) == (speed["high"] / speed["low"] >= 1.25), time_row
+
+
+def test_the_workers_panel_lists_each_hosts_live_workers(page, server, shots):
+    """Workers (GET /v1/tunelab/workers): the server's own worker, and one on another host (a
+    row its heartbeat keeps fresh in the shared database) with its GPU and Ray cluster, each
+    host a card; a worker that stops leaves the panel at the next poll."""
+    import socket
+    import threading
+
+    from sqlalchemy import update
+
+    from tunelab.jobs.store import Store, Worker
+    store = Store(server.data_dir)
+    remote = "gpu-box-7:4242:abc123"
+    res = {"cpus": 32, "memory_bytes": 256 * 2**30, "ray": "10.0.0.5:6379",
+           "gpus": [{"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 * 2**30}]}
+    stop = threading.Event()
+
+    def beat():   # as its Presence thread would, from that host
+        first = True
+        while not stop.is_set():
+            store.worker_beat(remote, resources=res if first else None)
+            if first:   # the row names the host it registered from
+                with store.session() as s:
+                    s.execute(update(Worker).where(Worker.id == remote).values(host="gpu-box-7"))
+            first = False
+            stop.wait(0.5)
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    try:
+        page.goto(f"{server.url}/#/data")
+        page.click("nav a[data-route=workers]")
+        page.wait_for_selector(f"tr[data-worker='{remote}']")
+        # the server's own worker too (it registers within seconds of the server's start)
+        page.wait_for_function("document.querySelectorAll('section.card').length === 2")
+        assert page.text_content("h1") == "Workers"
+        cards = page.locator("section.card")
+        titles = [cards.nth(i).locator("h2").text_content() for i in range(cards.count())]
+        assert sorted(titles) == sorted([socket.gethostname(), "gpu-box-7"])
+        box = page.locator("section.card", has=page.locator("h2", has_text="gpu-box-7"))
+        offer = box.locator(".sub").text_content()
+        assert "32 CPUs" in offer and "NVIDIA H100 80GB HBM3 (80 GB)" in offer, offer
+        assert "Ray 10.0.0.5:6379" in box.text_content()
+        row = page.locator(f"tr[data-worker='{remote}']")
+        assert row.locator(".pill").text_content() == "idle"
+        assert re.search(r"\d(\.\d)? s ago", row.locator("td").nth(3).text_content())
+        own = page.locator("section.card", has=page.locator("h2", has_text=socket.gethostname()))
+        assert own.locator("tbody tr").count() == 1          # the server's one worker
+        tiles = page.text_content(".tiles")
+        assert "Hosts2" in tiles.replace(" ", "") and "10.0.0.5:6379" in tiles
+        assert_labelled(page)
+        assert not page.evaluate(CONTRAST_JS)
+        shots(page, "workers")
+    finally:
+        stop.set()
+        beating.join()
+    store.worker_gone(remote)                                 # it stopped cleanly
+    page.wait_for_selector(f"tr[data-worker='{remote}']", state="detached", timeout=10_000)
+    assert page.locator("section.card").count() == 1

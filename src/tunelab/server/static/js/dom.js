@@ -59,6 +59,7 @@ const ICONS = {
   refresh: "M20 11a8 8 0 0 0-14.9-3M4 4v4h4M4 13a8 8 0 0 0 14.9 3M20 20v-4h-4",
   spark: "M12 3v4M12 17v4M3 12h4M17 12h4M6 6l2.5 2.5M15.5 15.5 18 18M6 18l2.5-2.5M15.5 8.5 18 6",
   menu: "M4 6h16M4 12h16M4 18h16",
+  workers: "M4 4h16v6H4zM4 14h16v6H4zM8 7h.01M8 17h.01",
 };
 
 export function icon(name, size = 18) {

@@ -10,6 +10,7 @@ const NAV = [
   ["jobs", "Jobs", "jobs"],
   ["compare", "Compare", "compare"],
   ["chat", "Chat", "chat"],
+  ["workers", "Workers", "workers"],
 ];
 
 const VIEWS = {
@@ -19,6 +20,7 @@ const VIEWS = {
   jobs: () => import("./views/jobs.js"),
   compare: () => import("./views/compare.js"),
   chat: () => import("./views/chat.js"),
+  workers: () => import("./views/workers.js"),
 };
 
 let info = null;

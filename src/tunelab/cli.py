@@ -49,6 +49,27 @@ def train(config: Path = typer.Argument(..., help="YAML config"),
         raise typer.Exit(130) from None
 
 
+JUDGE_URL_HELP = ("--task judge: the grader's OpenAI-compatible endpoint (a base URL ending "
+                  "in /v1; default: OPENAI_BASE_URL, else OpenAI's API)")
+JUDGE_MODEL_HELP = "--task judge: the grader model (default: gpt-4o-mini)"
+JUDGE_KEY_HELP = "--task judge: the environment variable holding the grader's API key"
+JUDGE_RUBRIC_HELP = ("--task judge: a text file with the grading instructions (criteria for "
+                     "grades 1 to 5) instead of tunelab's default rubric")
+
+
+def _judge_config(task: str, url, model, key_env, rubric, pairwise: bool = False,
+                  concurrency: int = 4, seed: int = 0):
+    """A JudgeConfig when the judge task or any --judge-* option is asked for, else None
+    (compare then refuses --judge-* without --task judge)."""
+    if task != "judge" and url is None and model is None and rubric is None and not pairwise:
+        return None
+    from tunelab.evaluate.judge import DEFAULT_KEY_ENV, DEFAULT_MODEL, JudgeConfig, read_rubric
+    return JudgeConfig(model=model or DEFAULT_MODEL, url=url, key_env=key_env or DEFAULT_KEY_ENV,
+                       rubric=read_rubric(rubric) if rubric else None,
+                       rubric_source=str(rubric) if rubric else None, pairwise=pairwise,
+                       concurrency=concurrency, seed=seed)
+
+
 @app.command("eval")
 def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
           data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL of conversations "
@@ -56,8 +77,17 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
                                               "preference pairs (the preference task); the "
                                               "code task defaults to HumanEval"),
           task: str = typer.Option("auto", "--task", help="auto, classification, exact_match, "
-                                   "gsm8k, rouge, code, preference or loss (auto: preference "
-                                   "for a file of preference pairs)"),
+                                   "gsm8k, rouge, code, preference, loss or judge (a grader "
+                                   "model scores each answer; auto: preference for a file of "
+                                   "preference pairs, never judge)"),
+          judge_url: Optional[str] = typer.Option(None, "--judge-url", help=JUDGE_URL_HELP),
+          judge_model: Optional[str] = typer.Option(None, "--judge-model",
+                                                    help=JUDGE_MODEL_HELP),
+          judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env",
+                                                      help=JUDGE_KEY_HELP + " (default "
+                                                      "OPENAI_API_KEY)"),
+          judge_rubric: Optional[Path] = typer.Option(None, "--judge-rubric",
+                                                      help=JUDGE_RUBRIC_HELP),
           labels: Optional[str] = typer.Option(None, help="classification labels: a,b,c "
                                                "(default: the references' answers)"),
           as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -81,7 +111,9 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
     from tunelab.evaluate.report import format_metrics
     from tunelab.runtime import set_threads, torch_dtype
     examples = load_examples(task, data, limit=limit)
-    task_obj = make_task(task, examples, labels=labels.split(",") if labels else None)
+    task_obj = make_task(task, examples, labels=labels.split(",") if labels else None,
+                         judge=_judge_config(task, judge_url, judge_model, judge_key_env,
+                                             judge_rubric))
     quiet_libraries()
     set_threads()
     m, tok = models.load(model, dtype=torch_dtype(precision))
@@ -109,7 +141,26 @@ def compare(tuned: list[str] = typer.Option(..., "--tuned", help="fine-tuned mod
             data: Path = typer.Option(..., "--data", "-d", help="test conversations"),
             base: Optional[str] = typer.Option(None, "--base", help="base model (default: the "
                                                "one --tuned was fine-tuned from)"),
-            task: str = typer.Option("auto", "--task"),
+            task: str = typer.Option("auto", "--task", help="auto, classification, "
+                                     "exact_match, gsm8k, rouge, code or judge (a grader model "
+                                     "scores each free-form answer 1-5, with its reason)"),
+            judge_url: Optional[str] = typer.Option(None, "--judge-url", help=JUDGE_URL_HELP),
+            judge_model: Optional[str] = typer.Option(None, "--judge-model",
+                                                      help=JUDGE_MODEL_HELP),
+            judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env",
+                                                        help=JUDGE_KEY_HELP + " (default "
+                                                        "OPENAI_API_KEY)"),
+            judge_rubric: Optional[Path] = typer.Option(None, "--judge-rubric",
+                                                        help=JUDGE_RUBRIC_HELP),
+            judge_pairwise: bool = typer.Option(False, "--judge-pairwise", help="--task judge: "
+                                                "also ask the grader which of two answers is "
+                                                "better, the best fine-tuned model's or the "
+                                                "best baseline's, in both orders; reports the "
+                                                "win rate with a 95% Wilson interval"),
+            judge_concurrency: int = typer.Option(4, "--judge-concurrency", min=1,
+                                                  help="grader requests at a time"),
+            judge_seed: int = typer.Option(0, "--judge-seed", help="the grader's seed, and "
+                                           "which order of a pair is asked first"),
             labels: Optional[str] = typer.Option(None, help="classification labels: a,b,c"),
             train_file: Optional[Path] = typer.Option(None, "--train", help="few-shot examples "
                                                       "come from here (default: the run's "
@@ -172,7 +223,10 @@ def compare(tuned: list[str] = typer.Option(..., "--tuned", help="fine-tuned mod
                          general_check=not no_general_check, preference=preference,
                          labels=labels.split(",") if labels else None, limit=limit,
                          batch_size=batch_size, precision=precision, retrieval=retrieval,
-                         corpus=corpus, prices=prices, progress_factory=bars)
+                         corpus=corpus, prices=prices, progress_factory=bars,
+                         judge=_judge_config(task, judge_url, judge_model, judge_key_env,
+                                             judge_rubric, judge_pairwise, judge_concurrency,
+                                             judge_seed))
     if as_json:
         print(json.dumps(result.to_json()))
         return

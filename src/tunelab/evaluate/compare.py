@@ -14,6 +14,7 @@ example whose prompt also appears in the test file is skipped, and a test guards
 from __future__ import annotations
 
 import gc
+import json
 import random
 import re
 from collections import defaultdict
@@ -22,8 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.io import atomic_write
 from tunelab.errors import TunelabError
-from tunelab.evaluate.cost import Prices, cost_summary, payback_phrase, training_seconds
+from tunelab.evaluate.cost import Prices, training_seconds
+from tunelab.evaluate.judge import JudgeConfig
 from tunelab.evaluate.report import write_report
 from tunelab.evaluate.retrieval import (prompt_key, rag_system, read_corpus, retrieve_passages,
                                         retrieve_shots, retrieved_examples_name,
@@ -31,8 +34,12 @@ from tunelab.evaluate.retrieval import (prompt_key, rag_system, read_corpus, ret
 from tunelab.evaluate.runner import RunResult, load_examples, run_task
 from tunelab.evaluate.tasks import (Classification, Example, PairExample, Task, examples_from,
                                     label_order_key, make_task, normalize_answer)
+from tunelab.evaluate.verdict import TUNED, render_verdict, verdict, verdict_fields
 
-ZERO_SHOT, SYSTEM, TUNED = "base zero-shot", "base + system prompt", "fine-tuned"
+__all__ = ["compare", "Comparison", "TunedModel", "verdict", "choose_shots", "with_shots",
+           "with_system", "few_shot_name", "ZERO_SHOT", "SYSTEM", "TUNED", "BASE"]
+
+ZERO_SHOT, SYSTEM = "base zero-shot", "base + system prompt"
 BASE = "base"       # the base model itself: its preference row and its forgetting check
 
 
@@ -73,6 +80,9 @@ class Comparison:
     preference_file: str | None = None
     retrieval: dict[str, Any] | None = None    # k, source (train file or corpus), what
     cost: dict[str, Any] | None = None         # cost.cost_summary
+    judge: dict[str, Any] | None = None        # the grader (JudgeConfig.describe), judge task
+    pairwise: dict[str, Any] | None = None     # the grader's best tuned vs best baseline
+    pairwise_pairs: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def row(self, name: str) -> RunResult | None:
         return next((r for r in self.rows if r.name == name), None)
@@ -103,7 +113,8 @@ class Comparison:
                 "report_html": self.report_html, "report_md": self.report_md,
                 "tuned_models": [asdict(t) for t in self.tuned_models],
                 "verdict_detail": self.verdict_detail, "preference": preference,
-                "retrieval": self.retrieval, "cost": self.cost}
+                "retrieval": self.retrieval, "cost": self.cost, "judge": self.judge,
+                "pairwise": self.pairwise}
 
 
 # -- prompts ----------------------------------------------------------------------------------
@@ -158,57 +169,6 @@ def with_shots(example: Example, shots: list[Example], system: str | None = None
 def with_system(example: Example, system: str) -> list[dict[str, Any]]:
     return [{"role": "system", "content": system}] + \
         [m for m in example.messages if m["role"] != "system"]
-
-
-# -- the verdict -------------------------------------------------------------------------------
-
-def _best(rows: list[RunResult]) -> RunResult:
-    """The best row by the headline metric; among equals the cheapest, then the first."""
-    return max(rows, key=lambda r: (r.primary, -r.prompt_tokens))
-
-
-def verdict(rows: list[RunResult], label: str, tuned_names: Sequence[str] = (TUNED,), *,
-            prices: Prices | None = None,
-            train_seconds: dict[str, float | None] | None = None) -> tuple[str, dict[str, Any]]:
-    """The best fine-tuned model against the best prompting setup, in one sentence and as
-    fields (`kind`: tuned_wins, on_par, prompting_wins or tuned_only), so that a reader never
-    re-parses the sentence. The sentence is rendered from the fields. With `prices`, the fields
-    hold every row's cost per 1,000 requests and the break-even against the best baseline
-    (`train_seconds`: each tuned model's measured training time, None when unknown)."""
-    tuned_rows = [r for r in rows if r.name in tuned_names]
-    baselines = [r for r in rows if r.name not in tuned_names]
-    tuned = _best(tuned_rows)
-    who = "fine-tuned" if tuned.name == TUNED else f"fine-tuned ({tuned.name})"
-    detail: dict[str, Any] = {"best_tuned": tuned.name, "tuned_primary": tuned.primary}
-    if not baselines:
-        return f"{who}: {100 * tuned.primary:.1f}% {label}", {"kind": "tuned_only", **detail}
-    best = _best(baselines)
-    points = 100 * (tuned.primary - best.primary)
-    ratio = tuned.prompt_tokens / best.prompt_tokens if best.prompt_tokens else 1.0
-    kind = "on_par" if abs(points) < 1.0 else "tuned_wins" if points > 0 else "prompting_wins"
-    detail = {"kind": kind, **detail, "best_baseline": best.name,
-              "baseline_primary": best.primary, "points": points, "prompt_tokens_ratio": ratio}
-    tokens = (f"{100 * (1 - ratio):.0f}% fewer" if ratio < 0.995 else
-              f"{100 * (ratio - 1):.0f}% more" if ratio > 1.005 else "the same number of")
-    cost = f"with {tokens} prompt tokens per request"
-    payback = None
-    if prices is not None:
-        summary = cost_summary(rows, prices, (train_seconds or {}).get(tuned.name), tuned.name,
-                               best.name, [r.name for r in baselines])
-        detail["cost"] = summary
-        detail["break_even_requests"] = summary["break_even_requests"]
-        payback = payback_phrase(None if summary["pays_back"] is None else
-                                 summary["break_even_requests"] if summary["pays_back"] else
-                                 float("inf"), best.name)
-    cost += f"; {payback}" if payback else ""
-    if kind == "on_par":
-        return f"{who}: on par with {best.name} ({points:+.1f} points {label}), {cost}", detail
-    if kind == "tuned_wins":
-        return f"{who}: {points:+.1f} points {label} over {best.name}, {cost}", detail
-    loser = "fine-tuned" if tuned.name == TUNED else \
-        f"the best fine-tuned model ({tuned.name})" if len(tuned_rows) > 1 else who
-    return (f"prompting wins: {loser} is {abs(points):.1f} points {label} behind {best.name}, "
-            f"{cost}"), detail
 
 
 # -- the general check (forgetting) -----------------------------------------------------------
@@ -394,7 +354,8 @@ def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
             preference: str | Path | None = None, limit: int | None = None,
             batch_size: int = 16, precision: str = "auto",
             retrieval: int = 0, corpus: str | Path | None = None,
-            prices: Prices | None = None, progress_factory=None) -> Comparison:
+            prices: Prices | None = None, judge: JudgeConfig | None = None,
+            progress_factory=None) -> Comparison:
     """Run every row on the same test split, check forgetting, write the report.
     `tuned`: one model spec, or several (`NAME=SPEC` names one's rows), measured in order.
     `preference`: held-out preference pairs, scored for the base and each tuned model.
@@ -403,7 +364,10 @@ def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
     `retrieval`: K > 0 adds the base model with, per request, the K nearest training examples
     as shots (BM25 over the user turn), or with `corpus` the K nearest passages of those
     documents in its system prompt.
-    `prices`: what requests and training cost (default: cost.Prices()'s documented defaults)."""
+    `prices`: what requests and training cost (default: cost.Prices()'s documented defaults).
+    `judge`: the grader of the `judge` task (its URL is asked once before anything runs); with
+    `judge.pairwise`, it also compares the best fine-tuned model's answers with the best
+    baseline's, both orders of each pair (predictions/pairwise.jsonl)."""
     from tunelab import models
     from tunelab.config import DEFAULT_MAX_LENGTH
     from tunelab.data.conversation import read_conversations
@@ -421,7 +385,7 @@ def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
     if any(isinstance(e, PairExample) for e in examples):
         raise TunelabError("holds preference pairs: compare answers test conversations; give "
                            "held-out pairs as --preference", file=data, field="data")
-    task_obj = make_task(task, examples, labels=labels)
+    task_obj = make_task(task, examples, labels=labels, judge=judge)
     if not task_obj.generates:
         raise TunelabError(f"compare scores generated answers: choose a task other than "
                            f"{task_obj.name}", field="task")
@@ -536,10 +500,16 @@ def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
     for r in pref_rows:
         warnings += [f"preference {r.name}: {w}" for w in r.warnings]
     prices = prices or Prices()
-    sentence, detail = verdict(rows, task_obj.label, [t.name for t in tuned_list],
-                               prices=prices,
-                               train_seconds={t.name: training_seconds(t.run_dir)
-                                              for t in tuned_list})
+    detail = verdict_fields(rows, task_obj.label, [t.name for t in tuned_list], prices=prices,
+                            train_seconds={t.name: training_seconds(t.run_dir)
+                                           for t in tuned_list})
+    pairs: list[dict[str, Any]] = []
+    if judge is not None and judge.pairwise and detail["best_baseline"]:
+        detail["pairwise"], pairs = pairwise_rows(
+            task_obj.grader, examples, next(r for r in rows if r.name == detail["best_tuned"]),
+            next(r for r in rows if r.name == detail["best_baseline"]),
+            out / "predictions" / "pairwise.jsonl", progress_factory)
+    sentence = render_verdict(detail)
     best = next(t for t in tuned_list if t.name == detail["best_tuned"])
     forgetting = None
     if general_runs or file_losses:
@@ -559,6 +529,42 @@ def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
                         warnings=warnings, run_dir=best.run_dir, tuned_models=tuned_list,
                         verdict_detail=detail, preference=pref_rows,
                         preference_file=str(preference) if preference else None,
-                        retrieval=retrieval_info, cost=detail.get("cost"))
+                        retrieval=retrieval_info, cost=detail.get("cost"),
+                        judge=judge.describe() if judge is not None else None,
+                        pairwise=detail["pairwise"], pairwise_pairs=pairs)
     write_report(result, out)
     return result
+
+
+def pairwise_rows(grader, examples: list[Example], tuned: RunResult, baseline: RunResult,
+                  predictions_file: Path, progress_factory=None
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The grader's pairwise comparison of two rows' answers to the same examples (a: the tuned
+    row, b: the baseline): the win rate of a with its interval, and each pair (its outcome and
+    both orders' replies), also written to `predictions_file`."""
+    from tunelab.evaluate.judge import conversation_text, win_rate
+    a = {s["index"]: s for s in tuned.scored}
+    b = {s["index"]: s for s in baseline.scored}
+    shared = [i for i in range(len(examples)) if i in a and i in b]
+    items = [(conversation_text(examples[i].messages), examples[i].reference,
+              a[i]["prediction"], b[i]["prediction"]) for i in shared]
+    bar = progress_factory(f"pairwise {tuned.name} vs {baseline.name}", 2 * len(items)) \
+        if progress_factory else None
+    try:
+        judged = grader.pairwise(items, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    names = {"a": tuned.name, "b": baseline.name, "tie": "tie", "ungraded": None}
+    pairs = [{"index": i, "id": examples[i].id, "prompt": examples[i].messages[-1]["content"],
+              "reference": examples[i].reference, "a": tuned.name, "b": baseline.name,
+              "answer_a": a[i]["prediction"], "answer_b": b[i]["prediction"],
+              "outcome": j["outcome"], "winner": names[j["outcome"]], "asked": j["asked"]}
+             for i, j in zip(shared, judged)]
+    predictions_file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(predictions_file) as f:
+        f.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    summary = {"a": tuned.name, "b": baseline.name,
+               **win_rate([p["outcome"] for p in pairs]),
+               "file": f"predictions/{predictions_file.name}"}
+    return summary, pairs

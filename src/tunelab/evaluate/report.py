@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.io import atomic_write, write_json
+from tunelab.evaluate.cost import about, money
+from tunelab.evaluate.metrics import METRICS, format_value, metric_name
 from tunelab.evaluate.runner import RunResult
-from tunelab.evaluate.cost import money
 
 PALETTE = {"base zero-shot": "#9aa5b1", "base + system prompt": "#7b8794", "fine-tuned": "#2563eb"}
 FEW_SHOT_COLOR = "#f59e0b"
@@ -34,11 +35,6 @@ def _pct(x: Any) -> str:
 
 # -- terminal ----------------------------------------------------------------------------------
 
-# metrics that are not fractions in [0, 1] (shown as numbers, not percentages)
-NOT_FRACTIONS = {"test_loss", "test_perplexity", "loss", "perplexity", "margin", "chosen_logp",
-                 "rejected_logp"}
-
-
 def format_metrics(res: RunResult) -> str:
     """`tunelab eval`'s table."""
     from tunelab.evaluate.tasks import TASKS
@@ -48,15 +44,9 @@ def format_metrics(res: RunResult) -> str:
     lines = [f"{'task':<{w}} {res.task['task']}",
              f"{'pairs' if pairs else 'examples':<{w}} {res.examples}"]
     for key, value in m.items():
-        if key == "confusion":
+        if isinstance(value, (dict, list)):      # the confusion matrix, per-category rates
             continue
-        if isinstance(value, float) and key not in NOT_FRACTIONS:
-            text = _pct(value)
-        elif isinstance(value, float):
-            text = f"{value:+.4f}" if key == "margin" else f"{value:.4f}"
-        else:
-            text = str(value)
-        lines.append(f"{metric_name(key):<{w}} {text}")
+        lines.append(f"{metric_name(key):<{w}} {format_value(key, value)}")
     if "confusion" in m:
         lines.append("")
         lines += confusion_text(m["confusion"])
@@ -82,27 +72,13 @@ def confusion_text(conf: dict[str, Any]) -> list[str]:
     return out
 
 
-METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "invalid_rate": "invalid answers",
-                "normalized_match": "match", "exact_match": "exact match", "rougeL": "ROUGE-L",
-                "pass@1": "pass@1", "no_number_rate": "no number", "pass_rate": "pass rate",
-                "test_loss": "test loss", "test_perplexity": "perplexity",
-                "token_accuracy": "token accuracy", "trained_tokens": "trained tokens",
-                "max_length": "max length", "normalized_accuracy": "per-token accuracy",
-                "margin": "mean margin", "chosen_logp": "chosen log-prob",
-                "rejected_logp": "rejected log-prob"}
-
-
-def metric_name(key: str) -> str:
-    return METRIC_NAMES.get(key, key.replace("_", " "))
-
-
 def comparison_table(rows: list[RunResult], preference_of=None,
                      cost: dict[str, Any] | None = None) -> list[list[str]]:
     """The comparison's table. `preference_of(row name)` -> the preference result of the model
     that row is answered by (or None): its accuracy and mean margin become two columns.
     `cost` (cost.cost_summary): each row's cost per 1,000 requests, a column."""
     primary = rows[0].task["primary"]
-    extra = [k for k in ("macro_f1", "invalid_rate", "no_number_rate") if k in rows[0].metrics]
+    extra = [k for k, m in METRICS.items() if m.column and k in rows[0].metrics and k != primary]
     prefs = [preference_of(r.name) for r in rows] if preference_of else [None] * len(rows)
     pref_cols = ["preferred", "pref. margin"] if any(prefs) else []
     head = ["", metric_name(primary), *map(metric_name, extra), *pref_cols, "prompt tok/req",
@@ -110,7 +86,8 @@ def comparison_table(rows: list[RunResult], preference_of=None,
     per_1k = (cost or {}).get("per_1k_requests", {})
     body = []
     for r, p in zip(rows, prefs):
-        cells = [r.name, _pct(r.primary)] + [_pct(r.metrics.get(k)) for k in extra]
+        cells = [r.name, format_value(primary, r.primary)] + \
+            [format_value(k, r.metrics.get(k)) for k in extra]
         if pref_cols:
             cells += [_pct(p.primary), f"{p.metrics['margin']:+.2f}"] if p else ["-", "-"]
         cells += [f"{r.prompt_tokens:.0f}", f"{r.completion_tokens:.1f}", f"{r.latency_s:.2f}",
@@ -143,6 +120,8 @@ def format_comparison(c) -> str:
                        for i, (cell, w) in enumerate(zip(row, widths))) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     out = [*lines, "", c.verdict]
+    if c.judge:
+        out.append(judge_line(c))
     if c.cost:
         out.append(cost_line(c.cost))
     if c.preference:
@@ -151,6 +130,47 @@ def format_comparison(c) -> str:
         out.append(forgetting_line(c.forgetting))
     out += [f"warning: {w}" for w in c.warnings]
     return "\n".join(out)
+
+
+def judge_line(c) -> str:
+    """Who graded, and what came of the grades: `graded by gpt-4o-mini (tunelab's default
+    rubric, 1-5): mean grade base zero-shot 2.10, fine-tuned 3.40; 2 of 16 ungraded`"""
+    j = c.judge
+    means = ", ".join(f"{r.name} {format_value('judge_mean', r.metrics.get('judge_mean'))}"
+                      for r in c.rows)
+    ungraded = sum(r.metrics.get("ungraded", 0) for r in c.rows)
+    total = sum(r.examples for r in c.rows)
+    line = (f"graded by {j['model']} at {j['url']} ({j['rubric']} rubric, "
+            f"{j['scale'][0]}-{j['scale'][1]}): mean grade {means}; {ungraded} of {total} "
+            "answers ungraded")
+    if c.pairwise:
+        p = c.pairwise
+        line += (f"; pairwise {p['a']} vs {p['b']}: {p['wins']} won, {p['losses']} lost, "
+                 f"{p['ties']} tied, {p['ungraded']} ungraded")
+        if p["win_rate"] is not None:
+            line += (f", win rate {_pct(p['win_rate'])} (95% CI {_pct(p['ci_low'])} to "
+                     f"{_pct(p['ci_high'])}, Wilson; a tie counts half)")
+    return line
+
+
+def verdict_facts(d: dict[str, Any]) -> list[tuple[str, str]]:
+    """The verdict's fields as short facts (label, value), for the line under the sentence."""
+    if not d or d.get("kind") in (None, "tuned_only"):
+        return []
+    facts = [("metric", d.get("metric_label") or metric_name(d.get("metric", ""))),
+             ("difference", f"{d['points']:+.1f} points"),
+             ("prompt tokens", f"x{d['prompt_tokens_ratio']:.2f}")]
+    if d.get("cost_ratio") is not None:
+        facts.append(("cost per request", f"x{d['cost_ratio']:.2f}"))
+    if d.get("pays_back") is True:
+        facts.append(("break-even", f"{about(d['break_even_requests'])} requests"))
+    elif d.get("pays_back") is False:
+        facts.append(("break-even", "never"))
+    p = d.get("pairwise")
+    if p and p.get("win_rate") is not None:
+        facts.append(("pairwise win rate", f"{_pct(p['win_rate'])} "
+                                           f"[{_pct(p['ci_low'])}, {_pct(p['ci_high'])}]"))
+    return facts
 
 
 def cost_line(cost: dict[str, Any]) -> str:
@@ -425,13 +445,15 @@ def side_by_side(c, n: int = 10) -> tuple[str, list[dict[str, Any]]]:
         b = by_index.get(t["index"])
         if b is None:
             continue
-        rank = 0 if t["score"] != b["score"] else 1 if t["score"] == 0 else 2
+        rank = 0 if t["score"] != b["score"] else 1 if not t["score"] else 2
         answers = [(name, m[t["index"]]["prediction"], m[t["index"]]["score"])
                    for name, m in zip(names, each) if t["index"] in m]
         rows.append((rank, t["index"], {"prompt": t["prompt"], "reference": t["reference"],
                                         "base": b["prediction"], "base_score": b["score"],
                                         "tuned": t["prediction"], "tuned_score": t["score"],
-                                        "answers": answers}))
+                                        "answers": answers, "base_row": b,
+                                        "rows": [m[t["index"]] for m in each
+                                                 if t["index"] in m]}))
     rows.sort(key=lambda x: (x[0], x[1]))
     picked = [r for rank in (0, 1, 2) for r in rows if r[0] == rank]
     # at most 6 of one kind, so the ten show both wins and mistakes
@@ -446,6 +468,80 @@ def side_by_side(c, n: int = 10) -> tuple[str, list[dict[str, Any]]]:
         if item not in out:
             out.append(item)
     return other.name, out
+
+
+PAIRS_SHOWN = 12
+JUDGE_NOTE = ("Each answer was graded from 1 to 5 by the grader model, which read the request, "
+              "the reference answer and the answer. The judge score is the mean grade scaled "
+              "to 0-100% ((grade - 1) / 4) over the graded answers; an answer whose grade could "
+              "not be read is ungraded: counted, left out of the mean, and its reply kept in the "
+              "predictions file. Pairwise: the grader was asked which of two answers is better "
+              "in both orders (A/B, then B/A); an answer wins a pair only when both orders name "
+              "it, and any disagreement is a tie.")
+
+
+def _html_judge(c) -> str:
+    """The graded answers card: the grader, each row's grades, the pairwise comparison."""
+    e = html.escape
+    j = c.judge
+    head = ["", "judge score", "mean grade", "ungraded"]
+    body = [[r.name, format_value("judge_score", r.metrics.get("judge_score")),
+             format_value("judge_mean", r.metrics.get("judge_mean")),
+             f"{r.metrics.get('ungraded', 0)} of {r.examples}"] for r in c.rows]
+    tuned = set(c.tuned_names)
+    out = [f"<div class='card' id='graded'><h2>Graded answers</h2>"
+           f"<p class='small'>Grader <code>{e(j['model'])}</code> at <code>{e(j['url'])}</code>, "
+           f"{e(j['rubric'])} rubric, grades {j['scale'][0]}-{j['scale'][1]}.</p>",
+           _html_table([head] + body, lambda row: row[0] in tuned)]
+    if c.pairwise:
+        p = c.pairwise
+        rate = (f"win rate <b>{_pct(p['win_rate'])}</b> (95% CI {_pct(p['ci_low'])} to "
+                f"{_pct(p['ci_high'])}, Wilson score interval; a tie counts half)"
+                if p["win_rate"] is not None else "no pair could be graded")
+        out.append(f"<h2 style='margin-top:18px'>Pairwise: {e(p['a'])} vs {e(p['b'])}</h2>"
+                   f"<p>{p['wins']} won, {p['losses']} lost, {p['ties']} tied, "
+                   f"{p['ungraded']} ungraded: {rate}.</p>")
+        if c.pairwise_pairs:
+            rows = "".join(
+                f"<tr><td>{e(x['prompt'])}</td><td>{e(x['answer_a'])}</td>"
+                f"<td>{e(x['answer_b'])}</td><td>{e(x['winner'] or 'ungraded')}</td><td>"
+                + "<br>".join(f"<i>A = {e(x[a['order'][0]])}:</i> "
+                              f"{e((a.get('reply') or a.get('error') or '')[:200])}"
+                              for a in x["asked"]) + "</td></tr>"
+                for x in c.pairwise_pairs[:PAIRS_SHOWN])
+            out.append("<div class='ex'><table><thead><tr><th>prompt</th>"
+                       f"<th>{e(p['a'])}</th><th>{e(p['b'])}</th><th>winner</th>"
+                       "<th>grader's replies (each order)</th></tr></thead>"
+                       f"<tbody>{rows}</tbody></table></div>")
+    out.append(f"<p class='small'>{e(JUDGE_NOTE)}</p></div>")
+    return "".join(out)
+
+
+def answer_mark(row: dict[str, Any]) -> str:
+    """How an answer's score reads beside it: its grade (4/5, or "ungraded") when a grader
+    scored it, else ✓ or ✗."""
+    if "grade" in row:
+        return "ungraded" if row.get("grade") is None else f"{row['grade']:g}/5"
+    return "✓" if (row.get("score") or 0) >= 1 else "✗"
+
+
+def _html_mark(row: dict[str, Any]) -> str:
+    text = answer_mark(row)
+    if "grade" in row:
+        good = row.get("grade") is not None and row["grade"] >= 4
+        return f"<span class='{'ok' if good else 'no'} grade'>{html.escape(text)}</span>"
+    return f"<span class='{'ok' if text == '✓' else 'no'}'>{text}</span>"
+
+
+def _html_reason(row: dict[str, Any]) -> str:
+    """The grader's reason under a graded answer (or why there is no grade)."""
+    if "grade" not in row:
+        return ""
+    why = row.get("reason") if row.get("grade") is not None else \
+        (row.get("grade_error") or "") + (f": {row['grader_reply']}" if row.get("grader_reply")
+                                          else "")
+    return f"<div class='small reason'>grader: {html.escape((why or '')[:300])}</div>" \
+        if why else ""
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -521,6 +617,18 @@ def _markdown(c, charts: dict[str, bytes]) -> str:
     for name in ("metric", "tokens", "cost", "confusion", "training", "forgetting"):
         if name in charts:
             md.append(f"![{name}](charts/{name}.png)")
+    if c.judge:
+        md += ["", "## Graded answers", "", judge_line(c)]
+        if c.pairwise_pairs:
+            md += ["", f"| prompt | {c.pairwise['a']} | {c.pairwise['b']} | winner | "
+                   "grader (both orders) |", "|---|---|---|---|---|"]
+            cell = lambda s: str(s or "").replace("|", "\\|").replace("\n", " ")[:160]
+            for p in c.pairwise_pairs[:PAIRS_SHOWN]:
+                asked = "; ".join(f"A = {p[x['order'][0]]}: "
+                                  f"{cell(x.get('reply') or x.get('error'))}"
+                                  for x in p["asked"])
+                md.append(f"| {cell(p['prompt'])} | {cell(p['answer_a'])} | "
+                          f"{cell(p['answer_b'])} | {p['winner'] or 'ungraded'} | {asked} |")
     if c.preference:
         ptable = preference_table(c)
         md += ["", "## Preference pairs", "", PREFERENCE_NOTE, "",
@@ -535,12 +643,11 @@ def _markdown(c, charts: dict[str, bytes]) -> str:
                f"| prompt | reference | {who} | {' | '.join(names)} |",
                "|---|---|---|" + "---|" * len(names)]
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:160]
-        mark = lambda score: "✓" if score >= 1 else "✗"
         for it in items:
             md.append(f"| {cell(it['prompt'])} | {cell(it['reference'])} | "
-                      f"{mark(it['base_score'])} {cell(it['base'])} | "
-                      + " | ".join(f"{mark(score)} {cell(text)}"
-                                   for _, text, score in it["answers"]) + " |")
+                      f"{answer_mark(it['base_row'])} {cell(it['base'])} | "
+                      + " | ".join(f"{answer_mark(row)} {cell(row['prediction'])}"
+                                   for row in it["rows"]) + " |")
     if c.warnings:
         md += ["", "## Warnings", ""] + [f"- {w}" for w in c.warnings]
     return "\n".join(md) + "\n"
@@ -558,6 +665,8 @@ h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:0 0 12px}
 .verdict{background:var(--card);border:1px solid var(--line);border-left:5px solid var(--blue);
 border-radius:10px;padding:14px 18px;font-size:18px;font-weight:600;margin-bottom:20px}
 .verdict.lose{border-left-color:var(--bad)}
+.verdict .facts{font-size:13px;font-weight:400;color:var(--muted);margin-top:6px}
+.reason{margin-top:3px}
 .card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:18px;
 margin-bottom:20px}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:20px}
@@ -599,6 +708,7 @@ def _html(c, charts: dict[str, bytes]) -> str:
     tuned = set(c.tuned_names)
     table = _html_table(comparison_table(c.rows, c.preference_of, c.cost), lambda row: row[0] in tuned)
     lose = c.verdict_detail.get("kind") == "prompting_wins"
+    facts = " · ".join(f"{e(k)} <b>{e(v)}</b>" for k, v in verdict_facts(c.verdict_detail))
     facts = [("base model", c.base), *_tuned_facts(c),
              ("test data", f"{c.test_file} ({c.rows[0].examples} examples)"),
              ("task", f"{c.task['task']} (headline: {c.task['primary']})")]
@@ -619,7 +729,8 @@ def _html(c, charts: dict[str, bytes]) -> str:
         f"<style>{CSS}</style></head><body><main>",
         f"<h1>Fine-tuned vs prompted</h1><p class='sub'>{e(c.task['task'])} on "
         f"{c.rows[0].examples} held-out examples</p>",
-        f"<div class='verdict{' lose' if lose else ''}'>{e(c.verdict)}</div>",
+        f"<div class='verdict{' lose' if lose else ''}'>{e(c.verdict)}"
+        + (f"<div class='facts'>{facts}</div>" if facts else "") + "</div>",
         f"<div class='card'><h2>Quality and cost per request</h2>{table}"
         "<p class='small'>Tokens are per request, means "
         "over the test split; latency is the wall time of the batch a request was answered in, "
@@ -634,6 +745,8 @@ def _html(c, charts: dict[str, bytes]) -> str:
                      f"<p class='small'>{e(cost_line(c.cost))}</p>"
                      f"{_img(charts, 'cost', 'cost per 1,000 requests vs quality')}</div>"
                      "<div style='height:20px'></div>")
+    if c.judge:
+        parts.append(_html_judge(c))
     if c.preference:
         parts.append("<div class='card'><h2>Preference pairs</h2>"
                      f"{_html_table(preference_table(c), lambda row: row[0] in tuned)}"
@@ -674,12 +787,13 @@ def _html(c, charts: dict[str, bytes]) -> str:
     who, items = side_by_side(c)
     if items:
         names = _answer_names(c)
-        mark = lambda s: "<span class='ok'>✓</span>" if s >= 1 else "<span class='no'>✗</span>"
         said = lambda t: e(t) if t.strip() else "<span class='small'>(no answer)</span>"
         rows = "".join(
             f"<tr><td>{e(it['prompt'])}</td><td>{e(it['reference'])}</td>"
-            f"<td>{mark(it['base_score'])} {said(it['base'])}</td>"
-            + "".join(f"<td>{mark(score)} {said(text)}</td>" for _, text, score in it["answers"])
+            f"<td>{_html_mark(it['base_row'])} {said(it['base'])}{_html_reason(it['base_row'])}"
+            "</td>"
+            + "".join(f"<td>{_html_mark(row)} {said(row['prediction'])}{_html_reason(row)}</td>"
+                      for row in it["rows"])
             + "</tr>" for it in items)
         parts.append(f"<div class='card ex'><h2>Example answers: {e(who)} vs "
                      f"{e(', '.join(names))}</h2>"

@@ -142,13 +142,12 @@ def run_task(model, tokenizer, task: Task, examples: Sequence[Example], *,
     def on_batch(indices: list[int], completions) -> None:
         nonlocal errors
         rows = []
-        for i, c in zip(indices, completions):
+        scores = task.score_batch([c.text for c in completions], [examples[i] for i in indices])
+        for i, c, s in zip(indices, completions, scores):
             ex = examples[i]
-            try:
-                s = task.score(c.text, ex)
-            except Exception as e:   # one unscorable answer must not lose the others
+            if isinstance(s, Exception):   # one unscorable answer must not lose the others
                 errors += 1
-                s = {**task.unscorable(ex), "error": f"{type(e).__name__}: {e}"}
+                s = {**task.unscorable(ex), "error": f"{type(s).__name__}: {s}"}
             row = {"index": i, "id": ex.id, "prompt": ex.messages[-1]["content"],
                    "reference": ex.reference, "prediction": c.text, **s,
                    "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
@@ -174,6 +173,7 @@ def run_task(model, tokenizer, task: Task, examples: Sequence[Example], *,
                         "end-of-turn token (cut there and scored as they were)")
     if errors:
         warnings.append(f"{errors} answers could not be scored (recorded with their error)")
+    warnings += task.notes(done)
     return RunResult(
         name=name, model=model_name, task=task.describe(), metrics=task.aggregate(done),
         examples=n,

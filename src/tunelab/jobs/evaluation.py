@@ -13,7 +13,34 @@ from tunelab.jobs.store import File, Job, Store
 
 # compare()'s argument -> the request field an error is about
 _PARAMS = {"base": "base_model", "train": "training_file", "data": "test_file", "task": "task",
-           "tuned": "model", "retrieval": "retrieval"}
+           "tuned": "model", "retrieval": "retrieval", "judge_url": "judge.url",
+           "judge_model": "judge.model", "judge_key_env": "judge.api_key",
+           "judge_rubric": "judge.rubric"}
+
+
+def judge_config(request: dict[str, Any]):
+    """The grader of a request's `judge` object (url, model, api_key, rubric, pairwise), or
+    None. The key is the request's own: a server never sends a key of its environment to a URL
+    that a request names."""
+    j = request.get("judge")
+    if not j:
+        return None
+    from tunelab.evaluate.judge import DEFAULT_MODEL, JudgeConfig
+    return JudgeConfig(model=j.get("model") or DEFAULT_MODEL,
+                       url=j.get("url") or "https://api.openai.com/v1",
+                       api_key=j.get("api_key"), key_env=None,
+                       rubric=j.get("rubric"), rubric_source="given in the request"
+                       if j.get("rubric") else None, pairwise=bool(j.get("pairwise")),
+                       seed=int(j.get("seed") or 0))
+
+
+def judge_view(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The request's grader as the API shows it: never its key."""
+    j = request.get("judge")
+    if not j:
+        return None
+    return {**{k: v for k, v in j.items() if k != "api_key"},
+            "api_key": "(given)" if j.get("api_key") else None}
 
 
 def report_dir(store: Store, job_id: str) -> Path:
@@ -49,7 +76,7 @@ def run(store: Store, job: Job, *, worker: str, should_cancel: Callable[[], bool
                              few_shot=r.get("few_shot", 5), system=r.get("system"),
                              retrieval=r.get("retrieval", 0),
                              general_check=r.get("general_check", True),
-                             limit=r.get("limit"),
+                             limit=r.get("limit"), judge=judge_config(r),
                              progress_factory=progress)
     except Cancelled:
         if stopping():
@@ -133,5 +160,6 @@ def view(job: Job) -> dict[str, Any]:
             "test_file": r.get("test_file"), "training_file": r.get("training_file"),
             "task": r.get("task", "auto"), "few_shot": r.get("few_shot", 5),
             "system": r.get("system"), "general_check": r.get("general_check", True),
+            "retrieval": r.get("retrieval", 0), "judge": judge_view(r),
             "started_at": job.started_at, "finished_at": job.finished_at,
             "progress": job.progress, "result": job.result, "error": job.error}

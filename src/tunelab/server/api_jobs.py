@@ -110,7 +110,7 @@ def job_options(body: FineTuningJobCreate) -> tuple[dict, bool]:
 def check_method_available(ctx: Context, method: str) -> None:
     """QLoRA needs a CUDA GPU (bitsandbytes): refused at once when no live worker of this
     server reports one and this host has none, rather than queued to fail."""
-    if method != "qlora":
+    if method != "qlora" or ctx.settings.ray_address:   # a Ray cluster's GPUs are its own
         return
     from tunelab.jobs.worker import LEASE_SECONDS
     workers = ctx.store.live_workers(3 * LEASE_SECONDS)

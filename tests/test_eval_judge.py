@@ -310,6 +310,12 @@ def test_a_grader_replying_garbage_is_counted_and_shown(grader, sound_run, sound
     assert any("no answer could be graded" in w for w in result.warnings)
     p = result.pairwise
     assert p["ungraded"] == 3 and p["graded"] == 0 and p["win_rate"] is None
+    # a judge score of 0 over no graded answer is no evidence: the verdict claims nothing
+    assert result.verdict_detail["kind"] == "ungraded" and result.verdict_detail["winner"] is None
+    assert result.verdict_detail["ungraded"] == ["base zero-shot", "fine-tuned"]
+    assert result.verdict.startswith("no verdict: the grader graded none of the answers of "
+                                     "base zero-shot and fine-tuned")
+    assert "on par" not in result.verdict and "points" not in result.verdict
     assert "the grader named no winner against base zero-shot in any of 3 pairs" in \
         result.verdict
     text = format_comparison(result)

@@ -155,7 +155,7 @@ def judge_line(c) -> str:
 
 def verdict_facts(d: dict[str, Any]) -> list[tuple[str, str]]:
     """The verdict's fields as short facts (label, value), for the line under the sentence."""
-    if not d or d.get("kind") in (None, "tuned_only"):
+    if not d or d.get("kind") in (None, "tuned_only", "ungraded"):
         return []
     facts = [("metric", d.get("metric_label") or metric_name(d.get("metric", ""))),
              ("difference", f"{d['points']:+.1f} points"),

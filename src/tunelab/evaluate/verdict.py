@@ -3,7 +3,10 @@ fields, and the one sentence rendered from them (render_verdict, the only place 
 it). The report and the page read the fields; nothing parses the sentence.
 
 Fields (every one always present; None where it does not apply):
-    kind                tuned_wins, on_par (within 1 point), prompting_wins, or tuned_only
+    kind                tuned_wins, on_par (within 1 point), prompting_wins, tuned_only, or
+                        ungraded (a grader graded none of the answers a side rests on: nothing
+                        is claimed)
+    ungraded            the rows whose answers a grader graded none of (the judge task)
     winner              the row that wins (None: on par, or nothing to beat)
     metric, metric_label   the headline metric's key and its words
     best_tuned, tuned_primary, tuned_count      the best fine-tuned row, its score, how many
@@ -32,6 +35,11 @@ def best_row(rows: list):
     return max(rows, key=lambda r: (r.primary, -r.prompt_tokens))
 
 
+def _graded(row) -> bool:
+    """False for a row of the judge task whose answers the grader graded none of."""
+    return not (row.metrics.get("ungraded_rate") == 1.0)
+
+
 def verdict_fields(rows: list, label: str, tuned_names: Sequence[str] = (TUNED,), *,
                    prices: Prices | None = None,
                    train_seconds: dict[str, float | None] | None = None) -> dict[str, Any]:
@@ -46,10 +54,15 @@ def verdict_fields(rows: list, label: str, tuned_names: Sequence[str] = (TUNED,)
         "metric_label": label, "best_tuned": tuned.name, "tuned_primary": tuned.primary,
         "tuned_count": len(tuned_rows), "best_baseline": None, "baseline_primary": None,
         "points": None, "prompt_tokens_ratio": None, "cost_ratio": None, "cost": None,
-        "break_even_requests": None, "pays_back": None, "pairwise": None}
+        "break_even_requests": None, "pays_back": None, "pairwise": None,
+        "ungraded": [r.name for r in rows if not _graded(r)]}
     if not baselines:
         return d
     best = best_row(baselines)
+    if not _graded(tuned) or not _graded(best):
+        # a judge score of 0 over no graded answer is no evidence: say so, claim nothing
+        d.update(kind="ungraded", best_baseline=best.name, baseline_primary=best.primary)
+        return d
     points = 100 * (tuned.primary - best.primary)
     kind = "on_par" if abs(points) < 1.0 else "tuned_wins" if points > 0 else "prompting_wins"
     d.update(kind=kind, winner={"tuned_wins": tuned.name, "prompting_wins": best.name}.get(kind),
@@ -90,6 +103,11 @@ def render_verdict(d: dict[str, Any]) -> str:
     who = "fine-tuned" if name == TUNED else f"fine-tuned ({name})"
     if d["kind"] == "tuned_only":
         return f"{who}: {100 * d['tuned_primary']:.1f}% {label}"
+    if d["kind"] == "ungraded":
+        text = (f"no verdict: the grader graded none of the answers of "
+                f"{' and '.join(d['ungraded'])} (see the warnings and the grader's replies)")
+        pairwise = pairwise_phrase(d.get("pairwise"))
+        return text + (f"; {pairwise}" if pairwise else "")
     best, points, ratio = d["best_baseline"], d["points"], d["prompt_tokens_ratio"]
     tokens = (f"{100 * (1 - ratio):.0f}% fewer" if ratio < 0.995 else
               f"{100 * (ratio - 1):.0f}% more" if ratio > 1.005 else "the same number of")

@@ -160,6 +160,35 @@ def assert_contrast(page) -> None:
     assert not bad, bad
 
 
+# A line of text that starts with a dash reads as an orphan ("— general prompts..." alone
+# under the label it belongs to): every dash laid out in `root` must have text before it on
+# its line, in its own block.
+ORPHAN_DASHES_JS = """(root) => {
+  const out = [];
+  const walker = document.createTreeWalker(document.querySelector(root), NodeFilter.SHOW_TEXT);
+  for (let n; (n = walker.nextNode());) {
+    const t = n.textContent;
+    for (let i = 0; i < t.length; i++) {
+      if (t[i] !== '—' && t[i] !== '–') continue;
+      const r = document.createRange(); r.setStart(n, i); r.setEnd(n, i + 1);
+      const rect = r.getBoundingClientRect();
+      if (!rect.width) continue;                      // not laid out (an <option>)
+      let box = n.parentElement;
+      while (box && getComputedStyle(box).display === 'inline') box = box.parentElement;
+      const st = getComputedStyle(box);
+      const left = box.getBoundingClientRect().left + parseFloat(st.borderLeftWidth) + parseFloat(st.paddingLeft);
+      if (rect.left - left < 2) out.push(t.trim().slice(0, 40));
+    }
+  }
+  return out;
+}"""
+
+
+def fits_its_card(page, selector: str) -> tuple[int, int]:
+    """(scrollWidth, clientWidth) of a scrolling table wrapper: equal when nothing is cut."""
+    return tuple(page.eval_on_selector(selector, "w => [w.scrollWidth, w.clientWidth]"))
+
+
 def upload(page, path: Path) -> None:
     page.goto(page.base + "/#/data")
     page.set_input_files("#file-input", str(path))
@@ -372,6 +401,11 @@ def test_comparison_runs_from_the_page_and_shows_its_table(page, server, tuned, 
     if page.query_selector("#c-general"):
         page.uncheck("#c-general")
     assert_labelled(page)
+    assert page.is_hidden("#c-judge")                  # the grader's fields: judge task only
+    for size in (LAPTOP, PHONE):                       # no line starts with an orphaned dash
+        page.set_viewport_size(size)
+        assert not page.evaluate(ORPHAN_DASHES_JS, "form"), size
+    page.set_viewport_size(LAPTOP)
     shots(page, "compare-form")
     page.click("button:has-text('Run comparison')")
     page.wait_for_url("**/#/compare/eval-*")
@@ -387,10 +421,79 @@ def test_comparison_runs_from_the_page_and_shows_its_table(page, server, tuned, 
     assert "Training:" in cost and "USD per 1,000 requests" in cost, cost
     assert len(page.query_selector_all("#cost-card .bar-row")) == len(rows)
     assert page.text_content(".verdict-text").strip()
+    # the verdict's fields, shown as facts (read from verdict_detail, not from the sentence)
+    with server.http(server.key) as h:
+        detail = h.get(f"/v1/tunelab/evaluations/{page.url.rsplit('/', 1)[1]}").json()[
+            "result"]["verdict_detail"]
+    assert page.get_attribute(".verdict", "data-kind") == detail["kind"]
+    assert page.text_content("[data-fact=points]").startswith(f"{detail['points']:+.1f} points")
+    assert f"×{detail['prompt_tokens_ratio']:.2f}" in page.text_content("[data-fact=tokens]")
+    if detail["pays_back"]:     # the break-even reads as in the sentence (~220, not ~225)
+        requests = page.text_content("[data-fact=break-even]").split()[-2]
+        assert f"after {requests} requests" in page.text_content(".verdict-text")
+    # the table's headings come from the server's metric table
+    heads = [t.strip().replace("\u2011", "-") for t in page.eval_on_selector_all(
+        "#comparison-table thead th", "hs => hs.map(h => h.textContent)")]
+    assert heads[:4] == ["Setup", "accuracy", "macro-F1", "invalid answers"], heads
+    # at laptop width the table fits its card: nothing is cut or scrolls sideways
+    page.set_viewport_size(LAPTOP)
+    scroll, client = fits_its_card(page, "#comparison-wrap")
+    assert scroll <= client, (scroll, client)
     report = page.frame_locator(".report-frame iframe")
     assert "fine-tuned" in report.locator("body").inner_text(timeout=30_000)
     assert_contrast(page)
     shots(page, "compare-result")
+
+
+def test_a_comparison_graded_by_a_model_from_the_page(page, server, tuned, shots):
+    """The judge task from the form: the grader is this server itself (its tiny random model,
+    whose replies hold no grade), reached with the key the form sends. The result shows every
+    answer ungraded and counted, and the pairs as ungraded: nothing fails."""
+    page.goto(f"{server.url}/#/compare?model={tuned['model']}")
+    page.wait_for_selector("#c-test")
+    options = page.eval_on_selector_all("#c-test option", "os => os.map(o => [o.value, o.text])")
+    page.select_option("#c-test", next(v for v, text in options
+                                       if text.startswith("sounds.test.jsonl")))
+    page.fill("#c-shots", "0")
+    page.fill("#c-limit", "2")
+    if page.query_selector("#c-general"):
+        page.uncheck("#c-general")
+    page.select_option("#c-task", "judge")
+    assert page.is_visible("#c-judge")
+    page.fill("#c-judge-url", server.url + "/v1")
+    page.fill("#c-judge-model", "tiny")
+    page.fill("#c-judge-key", server.key)
+    page.check("#c-judge-pairwise")
+    assert_labelled(page)
+    for size in (LAPTOP, PHONE):
+        page.set_viewport_size(size)
+        assert not page.evaluate(ORPHAN_DASHES_JS, "form"), size
+    page.set_viewport_size(LAPTOP)
+    shots(page, "compare-form-judge")
+    page.click("button:has-text('Run comparison')")
+    page.wait_for_url("**/#/compare/eval-*")
+    card = page.wait_for_selector("#judge-card", timeout=300_000)
+    eval_id = page.url.rsplit("/", 1)[1]
+    with server.http(server.key) as h:
+        ev = h.get(f"/v1/tunelab/evaluations/{eval_id}").json()
+    assert {k: ev["judge"][k] for k in ("url", "model", "pairwise", "api_key", "rubric")} == \
+        {"url": server.url + "/v1", "model": "tiny", "pairwise": True, "api_key": "(given)",
+         "rubric": None}
+    assert server.key not in json.dumps(ev)
+    text = card.text_content()
+    assert "Graded by tiny" in text
+    # nothing graded: the verdict claims nothing, and says so
+    assert page.get_attribute(".verdict", "data-kind") == "ungraded"
+    assert page.text_content(".verdict-text").startswith("no verdict: the grader graded none")
+    rows = page.eval_on_selector_all("#judge-table tbody tr", "rs => rs.map(r => r.textContent)")
+    assert len(rows) == 2 and all(r.endswith("2 of 2") for r in rows), rows   # all ungraded
+    assert "no pair could be graded" in page.text_content("#pairwise")
+    assert "judge score" in page.text_content("#comparison-table thead")
+    assert "ungraded" in page.text_content("#comparison-table thead")
+    scroll, client = fits_its_card(page, "#comparison-wrap")
+    assert scroll <= client, (scroll, client)
+    assert_contrast(page)
+    shots(page, "compare-result-judge")
 
 
 def test_training_time_is_estimated_from_jobs_this_server_finished(page, server, tuned):

@@ -297,9 +297,37 @@ def test_two_workers_on_two_nodes_train_the_weights_of_one_process(cluster, refe
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
     assert any(float(v.abs().max()) > 1e-4 for k, v in a.items() if "lora_B" in k)  # it trained
     says = events(c, job.id)
-    assert any(m.startswith("Training on the Ray cluster") and "2 workers" in m for m in says)
+    placed = [e for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data
+              if (e.data or {}).get("kind") == "placed"]
+    assert len(placed) == 1 and "2 workers of 1 CPU" in placed[0].message, says
+    assert placed[0].data["ray"]["workers"] == 2
     assert sum(m.startswith("Step ") for m in says) == 12       # rank 0 alone reports
     assert len(c.fine_tuning.jobs.checkpoints.list(job.id).data) == 3   # the last 3 kept
+
+
+@pytest.mark.slow
+def test_a_cancel_stops_every_rank_at_one_step_and_keeps_a_checkpoint(cluster):
+    """Cancel reaches the ranks on both nodes (a flag they agree on each step): they save a
+    checkpoint at the same step and stop; the job reads `cancelled`, as without Ray."""
+    c, node = cluster["client"], cluster["net"]["node"]
+    job = ray_job(cluster, 2, max_steps=400)
+    wait_for(lambda: list(c.fine_tuning.jobs.checkpoints.list(job.id)), 240, 0.1,
+             what="the job's first checkpoint")
+    t = time.monotonic()
+    assert c.fine_tuning.jobs.cancel(job.id).status in ("running", "cancelled")
+    done = poll_job(c, job.id, timeout=120)
+    print(f"\ncancel on Ray: cancelled {time.monotonic() - t:.1f}s after the request")
+    assert done.status == "cancelled", (done.error, events(c, job.id))
+    says = events(c, job.id)
+    kept = [m for m in says if m.startswith("The job was cancelled; the checkpoint at step")]
+    assert kept, says
+    step = int(kept[0].split("step ")[1].split()[0])
+    assert 2 < step < 400
+    names = [m.id for m in c.fine_tuning.jobs.checkpoints.list(job.id).data]
+    assert any(n.endswith(f"ckpt-step-{step}") for n in
+               [x.fine_tuned_model_checkpoint for x in
+                c.fine_tuning.jobs.checkpoints.list(job.id).data]), names
+    wait_for(lambda: train_workers_on(node) == 0, 30, 0.5, what="the node's rank to end")
 
 
 def _start_and_kill_node(cluster, job_id: str) -> None:

@@ -154,7 +154,7 @@ class _Driver:
                     field="workers" if self.placement.workers > 1 else None)
             if not said:
                 self.event("Waiting for the Ray cluster to have room for "
-                           f"{describe(self.placement)}", level="warn")
+                           f"{describe(self.placement)}", level="warn", kind="waiting")
                 said = True
             time.sleep(1.0)
 
@@ -234,7 +234,8 @@ class _Driver:
             self.flag.unlink(missing_ok=True)   # a previous attempt's shutdown is over
             self.event(f"Training on the Ray cluster at {self.address}: "
                        f"{describe(self.placement)}",
-                       data={"ray": {"address": self.address, **self.placement.to_json()}})
+                       data={"ray": {"address": self.address, **self.placement.to_json()}},
+                       kind="placed")
             try:
                 out = self.fit()
             except ControllerError as e:
@@ -251,7 +252,8 @@ class _Driver:
                                        f"workers ({tries} tries): {_first_line(cause)}") \
                         from None
                 self.event("The Ray cluster could not start the training workers "
-                           f"({_first_line(cause)[:300]}); trying again", level="warn")
+                           f"({_first_line(cause)[:300]}); trying again", level="warn",
+                           kind="retrying")
                 continue
             except WorkerGroupError as e:
                 raise _failure(e) from None

@@ -95,5 +95,7 @@ def schema() -> dict[str, Any]:
     out = {}
     for key, (what, low, high, whole) in FIELDS.items():
         out[key] = {"type": "integer" if whole else "number", "minimum": low, "maximum": high,
-                    "default": DEFAULTS[key], "description": what}
+                    "description": what}
+        if DEFAULTS[key] is not None:
+            out[key]["default"] = DEFAULTS[key]
     return out

@@ -78,6 +78,20 @@ def run_cli(*args, cwd=None, input=None):
                           timeout=600)
 
 
+def diverge_after(step: int):
+    """A callback that sets the weights to inf after `step`, as a far too high learning rate
+    would (the config refuses learning rates above 1): the next loss is not finite."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Diverge(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == step:
+                with torch.no_grad():
+                    model.get_input_embeddings().weight.fill_(float("inf"))
+    return Diverge()
+
+
 def sigkill_training(cfg_file, checkpoints_dir, *, after_step: int) -> None:
     """`tunelab train CFG` in a subprocess, killed with SIGKILL once a complete checkpoint at
     `after_step` or later exists (asserts the run was still going)."""

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import diverge_after
+
 import tunelab
 from tunelab import models
 from tunelab.config import TrainConfig
@@ -137,10 +139,9 @@ def test_cancel_saves_a_checkpoint_that_loads_and_resume_finishes(tmp_path, tiny
 def test_a_failed_run_emits_failed(tmp_path, tiny_model_dir, sound_task):
     rec = Recorder()
     cfg = cfg_for(tiny_model_dir, sound_task, tmp_path / "nan", max_steps=20, batch_size=4,
-                  save_steps=2, learning_rate=1e30, max_grad_norm=0.0, warmup_ratio=0.0,
-                  lr_scheduler="constant")
+                  save_steps=2)
     with pytest.raises(TunelabError, match="loss became") as info:
-        tunelab.train(cfg, quiet=True, on_event=rec)
+        tunelab.train(cfg, quiet=True, on_event=rec, callbacks=[diverge_after(3)])
     assert rec.kinds()[0] == "started" and rec.kinds()[-1] == "failed"
     assert rec.events[-1].data == {"message": str(info.value)} and rec.events[-1].step >= 2
     assert "finished" not in rec.kinds()

@@ -109,6 +109,8 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
     import torch
     from transformers import TrainingArguments
 
+    from tunelab.train.precision import uses_master_weights
+
     if tensorboard:  # transformers 5 takes the folder from the environment only
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")
     with_valid = "steps" if has_valid else "no"
@@ -124,7 +126,8 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        bf16=precision == "bf16",
+        # autocast only where the weights are not already in the compute dtype
+        bf16=precision == "bf16" and not uses_master_weights(precision, cfg.method),
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=cfg.gradient_checkpointing,
@@ -216,9 +219,10 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def _load_model(cfg: TrainConfig, tokenizer, source):
+def _load_model(cfg: TrainConfig, tokenizer, source, precision: str):
     from tunelab import models
-    kwargs = {}
+    from tunelab.train.precision import weight_dtype
+    kwargs = {"dtype": weight_dtype(precision, cfg.method)}
     if cfg.method == "qlora":
         import torch
         from transformers import BitsAndBytesConfig
@@ -320,6 +324,7 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from tunelab.train.callbacks import EvaluateAtEpochEnd, EventReporter
+    from tunelab.train.precision import uses_master_weights
     from tunelab.train.trainer import TunelabTrainer
 
     cfg, plan = prep.cfg, prep.plan
@@ -327,7 +332,7 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     # happens here, before the Trainer seeds anything, so the same seed gives the same weights.
     from transformers import set_seed
     set_seed(cfg.seed)
-    model = _apply_method(_load_model(cfg, prep.tokenizer, prep.source), cfg)
+    model = _apply_method(_load_model(cfg, prep.tokenizer, prep.source, prep.precision), cfg)
     trainable, total = count_parameters(model)
     # the objective's look at the starting model (DPO, full: the reference log-probabilities)
     prep.objective.before_training(
@@ -358,7 +363,8 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
         eval_dataset=datasets.Dataset.from_list(prep.valid_rows) if prep.valid_rows else None,
         data_collator=collator, processing_class=prep.tokenizer,
         callbacks=[*trainer_callbacks, reporter], keep_checkpoints=cfg.save_total_limit,
-        objective=prep.objective, config=cfg)
+        objective=prep.objective, config=cfg,
+        master_weights=uses_master_weights(prep.precision, cfg.method))
     for printer in (PrinterCallback, ProgressCallback):   # raw log dicts and a second bar
         trainer.remove_callback(printer)
     if prep.resume_from is not None:

@@ -18,6 +18,8 @@
 - validation loss per trained item over the whole set (the stock eval loss is a mean of
   per-batch means, so short examples weigh more, and it would not match `tunelab eval`'s test
   loss), and no logits gathered during validation (nothing reads them);
+- bf16 weights with fp32 master copies in the optimizer (tunelab.train.precision) instead of
+  autocast over fp32 weights, with the gradient norm and clipping on the fp32 master gradients;
 - a non-finite loss stops the run at the step it happens (the stock Trainer filters NaN out of
   its logs and keeps going, and would then save NaN weights).
 """
@@ -56,7 +58,9 @@ class TunelabTrainer(Trainer):
     # the Trainer must neither divide it by the accumulation steps again nor skip counting.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, objective, config, keep_checkpoints: int = 2, **kwargs):
+    def __init__(self, *args, objective, config, keep_checkpoints: int = 2,
+                 master_weights: bool = False, **kwargs):
+        self.master_weights = master_weights
         super().__init__(*args, **kwargs)
         self.objective, self.config = objective, config
         self.model_accepts_loss_kwargs = True   # count items whatever the model class
@@ -89,6 +93,43 @@ class TunelabTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             items = self.accelerator.gather(items.to(device)).sum()
         return items.to(device)
+
+    # -- bf16 weights, fp32 masters ------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if not self.master_weights or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from tunelab.train.precision import MasterWeightAdamW
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if n in decay],
+                   "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        self.optimizer = MasterWeightAdamW(
+            [g for g in groups if g["params"]], lr=self.args.learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+            # DDP's reducer averages the model's own .grad after backward: fold at the step
+            fold_grads_on_backward=self.args.world_size == 1)
+        return self.optimizer
+
+    def _master_optimizer(self):
+        from tunelab.train.precision import MasterWeightAdamW
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)   # accelerate's wrapper
+        return opt if isinstance(opt, MasterWeightAdamW) else None
+
+    def _clip_grad_norm(self, model):
+        opt = self._master_optimizer()
+        if opt is None:
+            return super()._clip_grad_norm(model)
+        from tunelab.train.precision import master_grad_norm
+        return master_grad_norm(opt, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        opt = self._master_optimizer()
+        if opt is None or grad_norm is not None:
+            return super()._get_grad_norm(model, grad_norm)
+        from tunelab.train.precision import master_grad_norm
+        return master_grad_norm(opt, float("inf"))
 
     # -- the objective's loss, and its metrics -----------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

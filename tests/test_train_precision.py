@@ -1,0 +1,175 @@
+"""bf16 weights with fp32 master copies in the optimizer (tunelab.train.precision)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tunelab
+from conftest import sigkill_training
+from tunelab.config import TrainConfig
+from tunelab.train.precision import MasterWeightAdamW, master_grad_norm
+
+CLI = [sys.executable, "-m", "tunelab.cli"]
+
+
+def test_updates_below_a_bf16_step_accumulate_in_the_master():
+    """lr x update ~1e-4 is far below half a bf16 step at 1.0 (2**-9): stepped in place, a
+    bf16 weight never moves; through an fp32 master the updates add up and show."""
+    start = torch.ones(8, dtype=torch.bfloat16)
+    in_place = torch.nn.Parameter(start.clone())
+    mastered = torch.nn.Parameter(start.clone())
+    plain = torch.optim.AdamW([in_place], lr=1e-4, weight_decay=0.0)
+    ours = MasterWeightAdamW([mastered], lr=1e-4, weight_decay=0.0)
+    for _ in range(100):
+        for p, opt in ((in_place, plain), (mastered, ours)):
+            p.grad = torch.full_like(p, -1.0)      # Adam's update is ~lr per step
+            opt.step()
+            opt.zero_grad()
+    assert torch.equal(in_place.detach(), start)                     # stalled
+    assert ours.masters[0].dtype == torch.float32
+    assert ours.masters[0][0].item() == pytest.approx(1.01, abs=1e-4)  # 100 x 1e-4
+    assert torch.equal(mastered.detach(), ours.masters[0].to(torch.bfloat16))
+    assert mastered.dtype == torch.bfloat16 and mastered[0].item() > 1.0
+
+
+def test_masters_follow_fp32_adamw_and_grads_sum_in_fp32():
+    torch.manual_seed(0)
+    w = torch.randn(16, 16)
+    grads = [torch.randn(16, 16) for _ in range(6)]
+    ref = torch.nn.Parameter(w.clone())
+    ref_opt = torch.optim.AdamW([ref], lr=1e-3, weight_decay=0.1, fused=True)
+    low = torch.nn.Parameter(w.to(torch.bfloat16))
+    opt = MasterWeightAdamW([low], lr=1e-3, weight_decay=0.1, fold_grads_on_backward=True)
+    opt.masters[0].data.copy_(w)      # the same fp32 start (bf16 rounding aside)
+    for i in range(0, 6, 2):
+        for g in grads[i:i + 2]:      # two micro-batches: each backward folds into the master
+            (low * g.to(torch.bfloat16)).sum().backward()
+            assert low.grad is None   # freed at once
+        expected = (grads[i].to(torch.bfloat16).float() + grads[i + 1].to(torch.bfloat16).float())
+        assert torch.equal(opt.masters[0].grad, expected)            # summed in fp32
+        opt.step()
+        opt.zero_grad()
+        ref.grad = expected           # fp32 AdamW on the same gradients
+        ref_opt.step()
+        ref_opt.zero_grad()
+        assert torch.allclose(opt.masters[0], ref.detach(), rtol=0, atol=1e-7)
+        assert torch.equal(low.detach(), opt.masters[0].detach().to(torch.bfloat16))
+    # an fp32 parameter is its own master: no copy
+    same = torch.nn.Parameter(torch.zeros(3))
+    assert MasterWeightAdamW([same], lr=1e-3).masters[0] is same
+
+
+def test_each_step_starts_from_fresh_master_gradients():
+    """The Trainer clears gradients with model.zero_grad() only: the step itself must drop the
+    masters' gradients, or every step adds in all the previous ones (an uninterrupted run and a
+    resumed one then differ: the resume test caught it)."""
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    opt = MasterWeightAdamW([p], lr=1e-2, fold_grads_on_backward=True)
+    module_like = torch.nn.ParameterList([p])
+    for g in ([1.0, 0.0], [0.0, 1.0]):
+        (p * torch.tensor(g, dtype=torch.bfloat16)).sum().backward()
+        assert opt.masters[0].grad.tolist() == g           # this step's gradient only
+        opt.step()
+        module_like.zero_grad()
+
+
+def test_gradient_norm_and_clipping_on_the_masters():
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    opt = MasterWeightAdamW([p], lr=1e-3)
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0], dtype=torch.bfloat16)
+    norm = master_grad_norm(opt, max_norm=1.0)
+    assert float(norm) == pytest.approx(5.0)
+    assert torch.allclose(opt.masters[0].grad, torch.tensor([0.6, 0.8, 0.0, 0.0]), atol=1e-5)
+    assert p.grad is None
+
+
+def test_state_dict_carries_the_masters():
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = MasterWeightAdamW([p], lr=1e-4)
+    for _ in range(3):
+        p.grad = torch.full_like(p, -1.0)
+        opt.step()
+    saved = opt.state_dict()
+    q = torch.nn.Parameter(p.detach().clone())          # what a checkpoint's weights hold
+    again = MasterWeightAdamW([q], lr=1e-4)
+    again.load_state_dict(saved)
+    assert torch.equal(again.masters[0], opt.masters[0])            # not the rounded weight
+    assert not torch.equal(again.masters[0], q.detach().float())
+    assert again.state[again.masters[0]]["step"] == opt.state[opt.masters[0]]["step"]
+
+
+def train_losses(metrics_file):
+    return [e["train_loss"] for e in map(json.loads, open(metrics_file)) if "train_loss" in e]
+
+
+def bf16_cfg(tiny_model_dir, train_file, out, **kw):
+    return TrainConfig(**{"model": str(tiny_model_dir), "train_file": train_file,
+                          "output_dir": out, "method": "full", "precision": "bf16",
+                          "learning_rate": 1e-3, **kw})
+
+
+def test_bf16_run_trains_bf16_weights_with_fp32_masters(tmp_path, tiny_model_dir, sound_task):
+    from test_train import ParamSnapshot
+    seen = {}
+
+    class Look(ParamSnapshot):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            super().on_train_begin(args, state, control, model=model, **kw)
+            seen["dtypes"] = {p.dtype for p in model.parameters()}
+            seen["autocast"] = args.bf16
+            seen["optimizer"] = type(getattr(optimizer, "optimizer", optimizer)).__name__
+
+    snap = Look()
+    res = tunelab.train(bf16_cfg(tiny_model_dir, sound_task["train"], tmp_path / "o",
+                                 max_steps=20, logging_steps=1), quiet=True, callbacks=[snap])
+    assert seen == {"dtypes": {torch.bfloat16}, "autocast": False,
+                    "optimizer": "MasterWeightAdamW"}
+    assert snap.changed() == snap.trainable                  # every weight moved
+    logs = [json.loads(x) for x in open(res.metrics_file)]
+    assert all(e["grad_norm"] > 0 for e in logs if "grad_norm" in e)   # the masters' norm
+    # the same run in fp32: the bf16 curve follows it (here within 0.3% over 40 steps)
+    ref = tunelab.train(bf16_cfg(tiny_model_dir, sound_task["train"], tmp_path / "f",
+                                 max_steps=20, logging_steps=1, precision="fp32"), quiet=True)
+    got, want = (train_losses(r.metrics_file) for r in (res, ref))
+    assert len(got) == len(want) == 20 and want[-1] < want[0] - 1.0
+    assert got == pytest.approx(want, rel=0.01)
+    weights = load_file(res.model_dir / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}      # half the disk
+
+
+def test_bf16_lora_keeps_the_base_in_bf16(tmp_path, tiny_model_dir, sound_task):
+    from test_train import ParamSnapshot
+    snap = ParamSnapshot()
+    res = tunelab.train({"model": str(tiny_model_dir), "train_file": str(sound_task["train"]),
+                         "output_dir": str(tmp_path / "l"), "precision": "bf16",
+                         "max_steps": 6, "learning_rate": 1e-2}, quiet=True, callbacks=[snap])
+    assert snap.trainable and snap.changed() == snap.trainable
+    assert all("lora" in n for n in snap.trainable)
+    adapter = load_file(res.adapter_dir / "adapter_model.safetensors")
+    assert adapter and all(t.dtype in (torch.float32, torch.bfloat16) for t in adapter.values())
+
+
+def test_bf16_sigkill_then_resume_is_exact(tmp_path, tiny_model_dir, sound_task):
+    """The checkpoint's bf16 weights are rounded: resuming must take the fp32 masters from the
+    optimizer state, or the curve after the kill drifts from an uninterrupted run."""
+    kw = dict(max_steps=30, batch_size=4, save_steps=3, save_total_limit=2, logging_steps=1)
+    ref = tunelab.train(bf16_cfg(tiny_model_dir, sound_task["train"], tmp_path / "ref", **kw),
+                        quiet=True)
+    expected = train_losses(ref.metrics_file)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(bf16_cfg(tiny_model_dir, sound_task["train"], tmp_path / "run",
+                                 **kw).to_yaml())
+    sigkill_training(cfg_file, tmp_path / "run.partial" / "checkpoints", after_step=9)
+    resumed = subprocess.run([*CLI, "train", str(cfg_file), "--resume", "--quiet"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = train_losses(tmp_path / "run" / "metrics.jsonl")
+    assert got == pytest.approx(expected, abs=1e-6)
+    a = load_file(ref.model_dir / "model.safetensors")
+    b = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

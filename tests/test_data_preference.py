@@ -222,21 +222,23 @@ def test_validate_counts_every_error_kind_with_its_line_and_field(tmp_path, smol
     path = write_lines(tmp_path / "p.jsonl", GOOD + bad)
     r = validate_file(path, tokenizer=smol_tokenizer, model="smol")
     assert (r.kind, r.preference_format) == ("preferences", "trl_standard")
-    assert not r.trainable and r.examples == 67 and r.valid == 60
+    # an exact duplicate is a warning with its lines (trained again unless deduped), not an error
+    assert not r.trainable and r.examples == 67 and r.valid == 61
     assert {k: e["count"] for k, e in r.errors.items()} == {
         "identical_pair": 1, "empty_content": 1, "prompt_not_user": 1, "bad_answer": 1,
-        "missing_field": 1, "duplicate": 1, "not_json": 1}
+        "missing_field": 1, "not_json": 1}
+    assert r.duplicates == {"count": 1, "lines": [[66, 1]], "dropped": False}
+    assert any("line 66 = line 1" in w for w in r.warnings)
     assert r.errors["missing_field"]["first"] == [
         f"{path}:65: field 'rejected': missing (format trl_standard needs: prompt, chosen, "
         "rejected)"]
-    assert r.errors["duplicate"]["first"] == [f"{path}:66: same pair as line 1"]
     assert r.errors["prompt_not_user"]["first"][0].startswith(f"{path}:63: field "
                                                               "'prompt[1].role'")
     report = r.to_json()
     assert report["kind"] == "preferences" and report["format"] == "trl_standard"
     text = r.format()
-    assert "preference pairs (trl_standard)" in text and "pairs      67 (60 valid)" in text
-    assert "chosen and rejected identical: 1" in text and "NOT trainable (7 errors)" in text
+    assert "preference pairs (trl_standard)" in text and "pairs      67 (61 valid)" in text
+    assert "chosen and rejected identical: 1" in text and "NOT trainable (6 errors)" in text
 
 
 def test_validate_token_statistics_per_side_match_the_dpo_rendering(tmp_path, smol_tokenizer):

@@ -474,6 +474,16 @@ class VLLMEngine(GenerationEngine):
             proc.wait()
         except ProcessLookupError:
             pass
+        # The server can exit before its engine core does (seen under load): the group must be
+        # gone before tunelab says it stopped, or an orphaned core keeps its memory.
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline:
+                os.killpg(proc.pid, 0)
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _generation_eos(folder: str):

@@ -49,12 +49,18 @@ def train(config: Path = typer.Argument(..., help="YAML config"),
         raise typer.Exit(130) from None
 
 
-JUDGE_URL_HELP = ("--task judge: the grader's OpenAI-compatible endpoint (a base URL ending "
-                  "in /v1; default: OPENAI_BASE_URL, else OpenAI's API)")
-JUDGE_MODEL_HELP = "--task judge: the grader model (default: gpt-4o-mini)"
-JUDGE_KEY_HELP = "--task judge: the environment variable holding the grader's API key"
-JUDGE_RUBRIC_HELP = ("--task judge: a text file with the grading instructions (criteria for "
-                     "grades 1 to 5) instead of tunelab's default rubric")
+# the grader options of `eval` and `compare`, declared once
+JUDGE_URL_OPTION = typer.Option(
+    None, "--judge-url", help="--task judge: the grader's OpenAI-compatible endpoint (a base "
+    "URL ending in /v1; default: OPENAI_BASE_URL, else OpenAI's API)")
+JUDGE_MODEL_OPTION = typer.Option(
+    None, "--judge-model", help="--task judge: the grader model (default: gpt-4o-mini)")
+JUDGE_KEY_OPTION = typer.Option(
+    None, "--judge-key-env", help="--task judge: the environment variable holding the "
+    "grader's API key (default OPENAI_API_KEY)")
+JUDGE_RUBRIC_OPTION = typer.Option(
+    None, "--judge-rubric", help="--task judge: a text file with the grading instructions "
+    "(criteria for grades 1 to 5) instead of tunelab's default rubric")
 
 
 def _judge_config(task: str, url, model, key_env, rubric, pairwise: bool = False,
@@ -80,14 +86,10 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
                                    "gsm8k, rouge, code, preference, loss or judge (a grader "
                                    "model scores each answer; auto: preference for a file of "
                                    "preference pairs, never judge)"),
-          judge_url: Optional[str] = typer.Option(None, "--judge-url", help=JUDGE_URL_HELP),
-          judge_model: Optional[str] = typer.Option(None, "--judge-model",
-                                                    help=JUDGE_MODEL_HELP),
-          judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env",
-                                                      help=JUDGE_KEY_HELP + " (default "
-                                                      "OPENAI_API_KEY)"),
-          judge_rubric: Optional[Path] = typer.Option(None, "--judge-rubric",
-                                                      help=JUDGE_RUBRIC_HELP),
+          judge_url: Optional[str] = JUDGE_URL_OPTION,
+          judge_model: Optional[str] = JUDGE_MODEL_OPTION,
+          judge_key_env: Optional[str] = JUDGE_KEY_OPTION,
+          judge_rubric: Optional[Path] = JUDGE_RUBRIC_OPTION,
           labels: Optional[str] = typer.Option(None, help="classification labels: a,b,c "
                                                "(default: the references' answers)"),
           as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -144,14 +146,10 @@ def compare(tuned: list[str] = typer.Option(..., "--tuned", help="fine-tuned mod
             task: str = typer.Option("auto", "--task", help="auto, classification, "
                                      "exact_match, gsm8k, rouge, code or judge (a grader model "
                                      "scores each free-form answer 1-5, with its reason)"),
-            judge_url: Optional[str] = typer.Option(None, "--judge-url", help=JUDGE_URL_HELP),
-            judge_model: Optional[str] = typer.Option(None, "--judge-model",
-                                                      help=JUDGE_MODEL_HELP),
-            judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env",
-                                                        help=JUDGE_KEY_HELP + " (default "
-                                                        "OPENAI_API_KEY)"),
-            judge_rubric: Optional[Path] = typer.Option(None, "--judge-rubric",
-                                                        help=JUDGE_RUBRIC_HELP),
+            judge_url: Optional[str] = JUDGE_URL_OPTION,
+            judge_model: Optional[str] = JUDGE_MODEL_OPTION,
+            judge_key_env: Optional[str] = JUDGE_KEY_OPTION,
+            judge_rubric: Optional[Path] = JUDGE_RUBRIC_OPTION,
             judge_pairwise: bool = typer.Option(False, "--judge-pairwise", help="--task judge: "
                                                 "also ask the grader which of two answers is "
                                                 "better, the best fine-tuned model's or the "

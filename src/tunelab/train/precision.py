@@ -134,10 +134,9 @@ def master_grad_norm(optimizer: MasterWeightAdamW, max_norm: float) -> torch.Ten
     """Global gradient norm over the fp32 master gradients, clipping them to max_norm when it
     is finite and > 0 (the Trainer's own clipping would see the bf16 gradients, or none)."""
     optimizer.fold_grads()
-    grads = [m.grad for m in optimizer.masters if m.grad is not None]
-    if not grads:
+    with_grads = [m for m in optimizer.masters if m.grad is not None]
+    if not with_grads:
         return torch.zeros(())
     if max_norm and max_norm > 0 and max_norm != float("inf"):
-        return torch.nn.utils.clip_grad_norm_([m for m in optimizer.masters if m.grad is not None],
-                                              max_norm)
-    return torch.nn.utils.get_total_norm(grads)
+        return torch.nn.utils.clip_grad_norm_(with_grads, max_norm)
+    return torch.nn.utils.get_total_norm([m.grad for m in with_grads])

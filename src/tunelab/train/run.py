@@ -324,7 +324,6 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from tunelab.train.callbacks import EvaluateAtEpochEnd, EventReporter
-    from tunelab.train.precision import uses_master_weights
     from tunelab.train.trainer import TunelabTrainer
 
     cfg, plan = prep.cfg, prep.plan
@@ -363,8 +362,7 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
         eval_dataset=datasets.Dataset.from_list(prep.valid_rows) if prep.valid_rows else None,
         data_collator=collator, processing_class=prep.tokenizer,
         callbacks=[*trainer_callbacks, reporter], keep_checkpoints=cfg.save_total_limit,
-        objective=prep.objective, config=cfg,
-        master_weights=uses_master_weights(prep.precision, cfg.method))
+        objective=prep.objective, config=cfg)
     for printer in (PrinterCallback, ProgressCallback):   # raw log dicts and a second bar
         trainer.remove_callback(printer)
     if prep.resume_from is not None:

@@ -58,9 +58,7 @@ class TunelabTrainer(Trainer):
     # the Trainer must neither divide it by the accumulation steps again nor skip counting.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, objective, config, keep_checkpoints: int = 2,
-                 master_weights: bool = False, **kwargs):
-        self.master_weights = master_weights
+    def __init__(self, *args, objective, config, keep_checkpoints: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective, self.config = objective, config
         self.model_accepts_loss_kwargs = True   # count items whatever the model class
@@ -96,10 +94,12 @@ class TunelabTrainer(Trainer):
 
     # -- bf16 weights, fp32 masters ------------------------------------------------------------
     def create_optimizer(self, model=None):
-        if not self.master_weights or self.optimizer is not None:
+        model = self.model if model is None else model
+        low_precision = any(p.requires_grad and p.dtype != torch.float32
+                            for p in model.parameters())   # weights loaded in bf16
+        if not low_precision or self.optimizer is not None:
             return super().create_optimizer(model)
         from tunelab.train.precision import MasterWeightAdamW
-        model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in named if n in decay],

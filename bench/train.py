@@ -9,7 +9,11 @@ for one epoch (the same trained tokens), each in its own process (so peak RSS is
                form, so TRL trains on the completion only, like tunelab (its default for
                "messages" data would train on every token, which is not the same work);
   (b) tunelab  tunelab's defaults (LoRA; epochs set to 1);
-  (c) tunelab-full  tunelab's defaults with method: full (the same method as TRL's default).
+  (c) tunelab-full  tunelab's defaults with method: full (the same method as TRL's default);
+  (d) plain-bf16  the reference for speed: a plain hand-written loop (bf16 weights and AdamW
+               states, every token of the same data in 8 x 256-token rows, full logits), what
+               the hardware does without a framework; its valid loss is not comparable (it
+               trains on every token, prompts included).
 Prints trained tokens/s, total non-padding tokens/s, peak RSS, validation loss (tunelab's
 test_loss on each saved model: one metric for all), the ratios against (a), and the model FLOP
 utilisation of (c) against the bf16 matmul peak measured here, now. Not a test: no assertions.
@@ -115,6 +119,34 @@ def worker_tunelab(model_dir: str, data: dict, out: str, method: str) -> dict:
             "params": res.extra["total_parameters"]}
 
 
+def worker_plain(model_dir: str, data: dict, out: str) -> dict:
+    """The reference: a plain hand-written loop, what the hardware does with no framework. bf16
+    weights and bf16 AdamW states (no master copies), every token of the training data once,
+    cut into 8 x 256-token rows (no padding, no masking), full logits, loss on every token."""
+    import torch
+    from tunelab import models
+    from tunelab.data.conversation import read_conversations
+    from tunelab.data.render import render_examples
+    model, tok = models.load(model_dir)
+    model.to(torch.bfloat16).train()
+    rows = render_examples([c.messages for c in read_conversations(data["train"])], tok,
+                           max_length=1024)
+    flat = torch.tensor([t for r in rows for t in r["input_ids"]])
+    flat = flat[:len(flat) // 256 * 256].view(-1, 256)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True)
+    t0 = time.perf_counter()
+    for i in range(0, len(flat), 8):
+        ids = flat[i:i + 8]
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    model.save_pretrained(out + "/model")
+    tok.save_pretrained(out + "/model")
+    return {"seconds": seconds, "tokens": flat.numel(), "trained_tokens": flat.numel(),
+            "model_dir": out + "/model", "params": sum(p.numel() for p in model.parameters())}
+
+
 def valid_loss(model_dir: str, val_file: str) -> float:
     from tunelab import models
     from tunelab.data.conversation import read_conversations
@@ -130,6 +162,8 @@ def run_worker(name: str, model_dir: str, data: dict, out: str) -> None:
     set_threads()
     if name == "trl":
         r = worker_trl(model_dir, data, out)
+    elif name == "plain-bf16":
+        r = worker_plain(model_dir, data, out)
     else:
         r = worker_tunelab(model_dir, data, out, "full" if name == "tunelab-full" else "lora")
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before eval
@@ -178,7 +212,7 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--examples", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--runners", default="trl,tunelab,tunelab-full")
+    ap.add_argument("--runners", default="trl,tunelab,tunelab-full,plain-bf16")
     ap.add_argument("--worker")
     ap.add_argument("--model-dir")
     ap.add_argument("--data")
@@ -235,6 +269,12 @@ def report(model_name: str, results: dict, bf16_peak: float) -> None:
                   f"trained tok/s x{r['trained_tps'] / base['trained_tps']:.2f}, peak RSS "
                   f"x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}, valid loss "
                   f"{100 * (r['valid_loss'] / base['valid_loss'] - 1):+.1f}%")
+    plain = results.get("plain-bf16")
+    if plain:
+        for name in ("tunelab", "tunelab-full"):
+            if name in results:
+                print(f"{name} / plain-bf16: total tok/s "
+                      f"x{results[name]['total_tps'] / plain['total_tps']:.2f}")
     full = results.get("tunelab-full")
     if full:
         achieved = 6 * full["params"] * full["total_tps"] / 1e9

@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--modes", default="fp32+autocast,bf16+master,plain-bf16")
+    ap.add_argument("--ops", type=int, default=0,
+                    help="then profile one step of each mode with torch.profiler and print "
+                         "its N most expensive operators (self CPU time)")
     a = ap.parse_args()
 
     import torch
@@ -82,44 +85,48 @@ def main() -> None:
         model.train()
         return model, opt
 
+    def run_step(mode, step):
+        """One optimizer step of `mode`: (data, forward+loss, backward, optimizer) seconds and
+        the non-padding tokens it trained on."""
+        model, opt = build(mode)
+        td = tf = tb = 0.0
+        ntok = 0
+        for k in range(a.accum):
+            t0 = time.perf_counter()
+            if mode == "plain-bf16":
+                ids = plain_batches[(step * a.accum + k) % len(plain_batches)]
+                batch = {"input_ids": ids, "labels": ids}
+                ntok += ids.numel()
+            else:
+                batch = micro_batches[(step * a.accum + k * 3) % len(micro_batches)]
+                ntok += int(batch["attention_mask"].sum())
+            t1 = time.perf_counter()
+            ctx = torch.autocast("cpu", torch.bfloat16) if mode == "fp32+autocast" \
+                else torch.autocast("cpu", enabled=False)
+            with ctx:
+                if mode == "plain-bf16":
+                    loss = model(**batch, use_cache=False).loss
+                else:
+                    part = trained_token_loss(model, batch)
+                    loss = part.loss_sum / part.trained.clamp(min=1)
+            t2 = time.perf_counter()
+            loss.backward()
+            t3 = time.perf_counter()
+            td, tf, tb = td + t1 - t0, tf + t2 - t1, tb + t3 - t2
+        t4 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"data": td, "forward": tf, "backward": tb, "optimizer": time.perf_counter() - t4,
+                "tokens": ntok}
+
     times = {m: {"data": [], "forward": [], "backward": [], "optimizer": [], "tokens": []}
              for m in a.modes.split(",")}
     for step in range(a.steps + 1):          # step 0 warms up and is dropped
         for mode in times:
-            model, opt = build(mode)
-            t = times[mode]
-            td = tf = tb = 0.0
-            ntok = 0
-            for k in range(a.accum):
-                t0 = time.perf_counter()
-                if mode == "plain-bf16":
-                    ids = plain_batches[(step * a.accum + k) % len(plain_batches)]
-                    batch = {"input_ids": ids, "labels": ids}
-                    ntok += ids.numel()
-                else:
-                    batch = micro_batches[(step * a.accum + k * 3) % len(micro_batches)]
-                    ntok += int(batch["attention_mask"].sum())
-                t1 = time.perf_counter()
-                ctx = torch.autocast("cpu", torch.bfloat16) if mode == "fp32+autocast" \
-                    else torch.autocast("cpu", enabled=False)
-                with ctx:
-                    if mode == "plain-bf16":
-                        loss = model(**batch, use_cache=False).loss
-                    else:
-                        part = trained_token_loss(model, batch)
-                        loss = part.loss_sum / part.trained.clamp(min=1)
-                t2 = time.perf_counter()
-                loss.backward()
-                t3 = time.perf_counter()
-                td, tf, tb = td + t1 - t0, tf + t2 - t1, tb + t3 - t2
-            t4 = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            t5 = time.perf_counter()
+            phases = run_step(mode, step)
             if step:
-                for name, v in (("data", td), ("forward", tf), ("backward", tb),
-                                ("optimizer", t5 - t4), ("tokens", ntok)):
-                    t[name].append(v)
+                for name, v in phases.items():
+                    times[mode][name].append(v)
     print(f"\n{a.steps} steps of {a.accum} x {a.micro} rows (plain: {a.accum} x 8 x 256), "
           f"median per step:")
     print(f"{'mode':15} {'data':>7} {'fwd+loss':>9} {'backward':>9} {'optim':>7} {'total':>7}"
@@ -131,6 +138,12 @@ def main() -> None:
         mfu = 6 * params * tps / 1e9 / peaks["bfloat16"]
         print(f"{mode:15} {med['data']:7.3f} {med['forward']:9.3f} {med['backward']:9.3f} "
               f"{med['optimizer']:7.3f} {total:7.3f} {tps:7.0f} {100 * mfu:10.1f}%")
+
+    for mode in times if a.ops else ():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run_step(mode, 1)
+        print(f"\n{mode}: the {a.ops} most expensive operators of one step")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.ops))
 
 
 if __name__ == "__main__":

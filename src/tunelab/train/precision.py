@@ -7,9 +7,19 @@ plain loop on bf16 weights runs ~1.6x as fast (466 vs 284 tok/s measured on Smol
 But an optimizer that updates bf16 weights in place loses small updates: a bf16 weight has 8
 bits of mantissa, and lr x update is often below half its last bit, so it rounds away and the
 run stalls. Keeping an fp32 master copy of each trainable weight in the optimizer (the classic
-mixed-precision recipe, as in apex O2 and DeepSpeed's bf16 optimizer) fixes that: the model
-computes in bf16, the optimizer accumulates in fp32, and the bf16 weights are rounded copies of
-the masters after each step.
+mixed-precision recipe, as in apex O2 and DeepSpeed's bf16 optimizer) fixes the optimizer's
+sums: the model computes in bf16, the optimizer accumulates in fp32.
+
+The bf16 weights are then copies of the masters, and HOW they are rounded matters in
+fine-tuning: at full fine-tuning's usual 2e-5, a master moves by less than half a bf16 step for
+many steps, so round-to-nearest copies stay at the pretrained values. The model the forward
+sees (and the one saved) then lags the masters: measured on SmolLM2-135M, 20 steps, the
+training loss at a fifth of the run read 0.80 against fp32's 0.62, and the masters' validation
+loss ended 16% above fp32's. Stochastic rounding (round up with probability equal to the
+remainder's share of the bf16 step) makes each bf16 weight an unbiased draw around its master:
+the same run tracked fp32 within 1% (0.2202 vs 0.2218), and the saved bf16 model evaluates like
+its fp32 masters (0.4324 vs 0.4323 on the bench's validation set). It costs one integer add per
+weight per step (~0.08 s for 135M weights on 2 cores, against 0.04 s for a nearest copy).
 
 Memory per trainable parameter: bf16 weight 2 + fp32 master 4 + AdamW moments 8 + fp32 gradient
 4 (the bf16 gradient is freed as soon as it is folded into the master's) = 18 bytes, against
@@ -35,6 +45,37 @@ def weight_dtype(precision: str, method: str) -> torch.dtype:
     return torch.bfloat16 if uses_master_weights(precision, method) else torch.float32
 
 
+DITHER_CHUNK = 1 << 21   # weights rounded per slice: a 16 MiB dither pool serves any tensor
+
+
+def stochastic_round_(out: torch.Tensor, master: torch.Tensor, generator: torch.Generator) -> None:
+    """out (bf16) <- master (fp32) rounded stochastically, in place.
+
+    A bf16 number is the top 16 bits of an fp32 one. Adding a uniform random integer in
+    [0, 2**16) to the fp32 bit pattern and keeping the top 16 bits rounds the magnitude up with
+    probability remainder / step, for either sign (the sign bit is not touched below infinity).
+    Written by hand: torch has no stochastic-rounding cast. The dither comes from one pool of
+    2 x DITHER_CHUNK random integers per call, read at a random offset per slice (drawing one
+    random number per weight would cost ~6x the rest).
+    """
+    if not (out.dtype == torch.bfloat16 and master.dtype == torch.float32
+            and out.is_contiguous() and master.is_contiguous()):
+        out.copy_(master)
+        return
+    src = master.view(-1).view(torch.int32)
+    dst = out.view(-1).view(torch.int16)
+    pool = torch.randint(0, 1 << 16, (2 * DITHER_CHUNK,), dtype=torch.int32,
+                         generator=generator, device=master.device)
+    n = src.numel()
+    offsets = torch.randint(0, DITHER_CHUNK, ((n + DITHER_CHUNK - 1) // DITHER_CHUNK,),
+                            generator=generator, device=generator.device).tolist()
+    for i, start in enumerate(range(0, n, DITHER_CHUNK)):
+        end = min(n, start + DITHER_CHUNK)
+        bits = src[start:end] + pool[offsets[i]:offsets[i] + end - start]
+        bits >>= 16                    # arithmetic shift: the top half, in int16's range
+        dst[start:end].copy_(bits)
+
+
 class MasterWeightAdamW(torch.optim.AdamW):
     """AdamW stepping fp32 masters of (possibly) lower-precision model parameters.
 
@@ -48,7 +89,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
     or at the step (`fold_grads()`, for DDP, whose reducer must see the model's own `.grad`).
     """
 
-    def __init__(self, params: Iterable, *, fold_grads_on_backward: bool = False, **kwargs):
+    def __init__(self, params: Iterable, *, fold_grads_on_backward: bool = False,
+                 seed: int = 0, **kwargs):
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
@@ -67,6 +109,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
                     p.register_post_accumulate_grad_hook(self._folder(master))
             master_groups.append({**group, "params": masters})
         self.masters = [m for g in master_groups for m in g["params"]]
+        # the rounding's random stream: seeded alike on every rank (DDP ranks hold the same
+        # masters and must round them to the same weights), saved with the state for a resume
+        device = self.masters[0].device if self.masters else torch.device("cpu")
+        self.rounding = torch.Generator(device=device).manual_seed(seed)
         kwargs.setdefault("fused", True)   # one kernel for the whole update, CPU and CUDA
         super().__init__(master_groups, **kwargs)
 
@@ -96,7 +142,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         loss = super().step(closure)
         for p, m in zip(self.model_params, self.masters):
             if m is not p:
-                p.copy_(m)                    # round to nearest into the model's dtype
+                stochastic_round_(p, m, self.rounding)
                 # The Trainer clears gradients with model.zero_grad(), which never sees the
                 # masters: a master gradient left here would be added into the next step's.
                 m.grad = None
@@ -113,21 +159,23 @@ class MasterWeightAdamW(torch.optim.AdamW):
         sd = super().state_dict()
         sd["master_weights"] = {i: m.detach().clone() for i, (p, m) in
                                 enumerate(zip(self.model_params, self.masters)) if m is not p}
+        sd["rounding_rng"] = self.rounding.get_state()
         return sd
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         saved = state_dict.pop("master_weights", {})
+        rng = state_dict.pop("rounding_rng", None)
         super().load_state_dict(state_dict)
+        if rng is not None:
+            self.rounding.set_state(rng)
         with torch.no_grad():
             for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
                 if m is p:
                     continue
-                if i in saved:
-                    m.copy_(saved[i])
-                else:                      # a checkpoint from an fp32 run: the weights are exact
-                    m.copy_(p)
-                p.copy_(m)
+                # the model's bf16 weights came from the same checkpoint: they are the rounding
+                # in use when it was saved, and stay (a fresh rounding would fork the run)
+                m.copy_(saved[i] if i in saved else p)   # else an fp32 run's: exact weights
 
 
 def master_grad_norm(optimizer: MasterWeightAdamW, max_norm: float) -> torch.Tensor:

@@ -108,6 +108,7 @@ class TunelabTrainer(Trainer):
         self.optimizer = MasterWeightAdamW(
             [g for g in groups if g["params"]], lr=self.args.learning_rate,
             betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+            seed=self.args.seed,
             # DDP's reducer averages the model's own .grad after backward: fold at the step
             fold_grads_on_backward=self.args.world_size == 1)
         return self.optimizer

@@ -4,19 +4,20 @@
 
 On the same model and the same mixed-length chat data (~30 to ~1000 tokens per conversation),
 for one epoch (the same trained tokens), each in its own process (so peak RSS is its own):
-  (a) trl      TRL SFTTrainer with its defaults, changed only to run on CPU (use_cpu=True) and
-               to train one epoch; the data is given in TRL's conversational prompt/completion
+  (a) trl      TRL SFTTrainer with its defaults, changed only to run on CPU (use_cpu=True), to
+               train one epoch, and, on a CPU without native bf16, to fp32 (bf16=False); the data is given in TRL's conversational prompt/completion
                form, so TRL trains on the completion only, like tunelab (its default for
                "messages" data would train on every token, which is not the same work);
   (b) tunelab  tunelab's defaults (LoRA; epochs set to 1);
   (c) tunelab-full  tunelab's defaults with method: full (the same method as TRL's default);
-  (d) plain-bf16  the reference for speed: a plain hand-written loop (bf16 weights and AdamW
-               states, every token of the same data in 8 x 256-token rows, full logits), what
-               the hardware does without a framework; its valid loss is not comparable (it
-               trains on every token, prompts included).
+  (d) plain    the reference for speed: a plain hand-written loop (weights and AdamW states in
+               the precision this CPU runs natively: bf16 with AVX-512 BF16 or AMX, else fp32;
+               every token of the same data in 8 x 256-token rows, full logits), what the
+               hardware does without a framework; its valid loss is not comparable (it trains
+               on every token, prompts included).
 Prints trained tokens/s, total non-padding tokens/s, peak RSS, validation loss (tunelab's
 test_loss on each saved model: one metric for all), the ratios against (a), and the model FLOP
-utilisation of (c) against the bf16 matmul peak measured here, now. Not a test: no assertions.
+utilisation of (c) against the matmul peak measured here, now, in that native precision. Not a test: no assertions.
 """
 from __future__ import annotations
 
@@ -97,7 +98,12 @@ def worker_trl(model_dir: str, data: dict, out: str) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     timer = Timer.callback()
+    from tunelab.runtime import cpu_has_bf16
+    # TRL turns bf16 autocast on by default; on a CPU without native bf16 (AVX2 only) every
+    # matmul would then run emulated, ~50x slower than fp32: nobody would keep that, so the
+    # peer runs in fp32 there, its other defaults unchanged
     args = SFTConfig(output_dir=out, use_cpu=True, num_train_epochs=1, report_to="none",
+                     bf16=cpu_has_bf16(),
                      include_num_input_tokens_seen="non_padding", save_strategy="no")
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_prompt_completion(data["train"]),
                          processing_class=tok, callbacks=[timer])
@@ -120,15 +126,17 @@ def worker_tunelab(model_dir: str, data: dict, out: str, method: str) -> dict:
 
 
 def worker_plain(model_dir: str, data: dict, out: str) -> dict:
-    """The reference: a plain hand-written loop, what the hardware does with no framework. bf16
-    weights and bf16 AdamW states (no master copies), every token of the training data once,
-    cut into 8 x 256-token rows (no padding, no masking), full logits, loss on every token."""
+    """The reference: a plain hand-written loop, what the hardware does with no framework.
+    Weights and AdamW states in the native precision (no master copies), every token of the
+    training data once, cut into 8 x 256-token rows (no padding, no masking), full logits,
+    loss on every token."""
     import torch
     from tunelab import models
+    from tunelab.runtime import resolve_precision, torch_dtype
     from tunelab.data.conversation import read_conversations
     from tunelab.data.render import render_examples
     model, tok = models.load(model_dir)
-    model.to(torch.bfloat16).train()
+    model.to(torch_dtype("auto")).train()
     rows = render_examples([c.messages for c in read_conversations(data["train"])], tok,
                            max_length=1024)
     flat = torch.tensor([t for r in rows for t in r["input_ids"]])
@@ -144,7 +152,7 @@ def worker_plain(model_dir: str, data: dict, out: str) -> dict:
     model.save_pretrained(out + "/model")
     tok.save_pretrained(out + "/model")
     return {"seconds": seconds, "tokens": flat.numel(), "trained_tokens": flat.numel(),
-            "model_dir": out + "/model", "params": sum(p.numel() for p in model.parameters())}
+            "precision": resolve_precision("auto"), "model_dir": out + "/model", "params": sum(p.numel() for p in model.parameters())}
 
 
 def valid_loss(model_dir: str, val_file: str) -> float:
@@ -162,7 +170,7 @@ def run_worker(name: str, model_dir: str, data: dict, out: str) -> None:
     set_threads()
     if name == "trl":
         r = worker_trl(model_dir, data, out)
-    elif name == "plain-bf16":
+    elif name == "plain":
         r = worker_plain(model_dir, data, out)
     else:
         r = worker_tunelab(model_dir, data, out, "full" if name == "tunelab-full" else "lora")
@@ -180,7 +188,10 @@ def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 7) -> float:
     import torch
     from tunelab.runtime import set_threads
     set_threads()
-    dtype = getattr(torch, dtype_name)
+    from tunelab.runtime import cpu_has_bf16
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    if dtype == torch.bfloat16 and not cpu_has_bf16():
+        n = 512    # emulated (~0.6 GFLOP/s on AVX2): the full size would take minutes
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         a @ b
@@ -212,7 +223,7 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--examples", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--runners", default="trl,tunelab,tunelab-full,plain-bf16")
+    ap.add_argument("--runners", default="trl,tunelab,tunelab-full,plain")
     ap.add_argument("--worker")
     ap.add_argument("--model-dir")
     ap.add_argument("--data")
@@ -224,9 +235,11 @@ def main() -> None:
 
     from tunelab.models import resolve
     work = Path(tempfile.mkdtemp(prefix="tunelab-bench-"))
-    peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
-    print(f"matmul peak here, now: fp32 {peaks['float32']:.0f} GFLOP/s, "
-          f"bf16 {peaks['bfloat16']:.0f} GFLOP/s ({os.cpu_count()} cores)")
+    from tunelab.runtime import resolve_precision
+    native = resolve_precision("auto")
+    peaks = {d: matmul_peak(d) for d in ("fp32", "bf16")}
+    print(f"matmul peak here, now: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} "
+          f"GFLOP/s ({os.cpu_count()} cores); native precision: {native}")
     data = {k: str(v) for k, v in make_data(work / "data", a.examples, a.seed).items()}
     from tunelab.models import load_tokenizer
     tok = load_tokenizer("smollm2-135m-instruct")
@@ -248,10 +261,10 @@ def main() -> None:
                 print(f"{runner} failed:\n{proc.stderr[-3000:]}")
                 continue
             results[runner] = json.loads(line[-1][7:])
-        report(model_name, results, peaks["bfloat16"])
+        report(model_name, results, native, peaks[native])
 
 
-def report(model_name: str, results: dict, bf16_peak: float) -> None:
+def report(model_name: str, results: dict, native: str, peak: float) -> None:
     print(f"\n== {model_name} ==")
     print(f"{'runner':14} {'trained tok/s':>14} {'total tok/s':>12} {'peak RSS MB':>12} "
           f"{'valid loss':>11} {'seconds':>8}")
@@ -269,18 +282,18 @@ def report(model_name: str, results: dict, bf16_peak: float) -> None:
                   f"trained tok/s x{r['trained_tps'] / base['trained_tps']:.2f}, peak RSS "
                   f"x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}, valid loss "
                   f"{100 * (r['valid_loss'] / base['valid_loss'] - 1):+.1f}%")
-    plain = results.get("plain-bf16")
+    plain = results.get("plain")
     if plain:
         for name in ("tunelab", "tunelab-full"):
             if name in results:
-                print(f"{name} / plain-bf16: total tok/s "
+                print(f"{name} / plain ({native}): total tok/s "
                       f"x{results[name]['total_tps'] / plain['total_tps']:.2f}")
     full = results.get("tunelab-full")
     if full:
         achieved = 6 * full["params"] * full["total_tps"] / 1e9
         print(f"tunelab-full model FLOP utilisation: 6 x {full['params'] / 1e6:.1f}M params x "
               f"{full['total_tps']:.0f} tok/s = {achieved:.0f} GFLOP/s = "
-              f"{100 * achieved / bf16_peak:.0f}% of the bf16 matmul peak")
+              f"{100 * achieved / peak:.0f}% of the {native} matmul peak")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,13 @@ that a noisy machine hits them alike; medians per phase:
                   optimizer on CPU), the loss at trained positions only: tunelab until 2026-12
   bf16+master     bf16 weights, fp32 master copies in a fused AdamW (tunelab.train.precision),
                   the loss at trained positions only
+  fp32            fp32 weights, fused AdamW, the loss at trained positions only: tunelab on
+                  a CPU without native bf16 (AVX2 only: bf16 matmuls are emulated, ~100x slower)
   plain-bf16      a plain loop: bf16 weights AND bf16 AdamW states (no master copy), full
                   logits and the loss on every token of 8 x 256-token rows cut from the same
                   data (no padding): what the issue's reference loop does
+  plain-fp32      the same plain loop in fp32
+The default modes are the first three where the CPU runs bf16 natively, else fp32,plain-fp32.
 Phases: data (collate), forward+loss, backward, optimizer (incl. master-copy traffic).
 Also prints the matmul peak now and whether oneDNN picked AMX / AVX-512 kernels.
 """
@@ -33,7 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--accum", type=int, default=2)
-    ap.add_argument("--modes", default="fp32+autocast,bf16+master,plain-bf16")
+    ap.add_argument("--modes", help="comma-separated (default: by the CPU, see above)")
     ap.add_argument("--ops", type=int, default=0,
                     help="then profile one step of each mode with torch.profiler and print "
                          "its N most expensive operators (self CPU time)")
@@ -45,12 +49,16 @@ def main() -> None:
     from tunelab.batching import pad_rows, trained_token_loss
     from tunelab.data.conversation import read_conversations
     from tunelab.data.render import render_examples
-    from tunelab.runtime import set_threads
+    from tunelab.runtime import resolve_precision, set_threads
     from tunelab.train.precision import MasterWeightAdamW
 
     set_threads()
-    peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
-    print(f"matmul peak now: fp32 {peaks['float32']:.0f}, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
+    native = resolve_precision("auto")
+    modes = (a.modes or ("fp32+autocast,bf16+master,plain-bf16" if native == "bf16"
+                         else "fp32,plain-fp32")).split(",")
+    peaks = {d: matmul_peak(d) for d in ("fp32", "bf16")}
+    print(f"matmul peak now: fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; "
+          f"native precision {native}")
     print("CPU ISA oneDNN reports:", torch.backends.cpu.get_cpu_capability())
 
     work = Path(tempfile.mkdtemp(prefix="tunelab-prof-"))
@@ -76,6 +84,9 @@ def main() -> None:
         if mode == "fp32+autocast":
             model.float()
             opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+        elif mode in ("fp32", "plain-fp32"):
+            model.float()
+            opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True)
         elif mode == "bf16+master":
             model.to(torch.bfloat16)
             opt = MasterWeightAdamW(model.parameters(), lr=2e-5)
@@ -93,7 +104,7 @@ def main() -> None:
         ntok = 0
         for k in range(a.accum):
             t0 = time.perf_counter()
-            if mode == "plain-bf16":
+            if mode.startswith("plain"):
                 ids = plain_batches[(step * a.accum + k) % len(plain_batches)]
                 batch = {"input_ids": ids, "labels": ids}
                 ntok += ids.numel()
@@ -104,7 +115,7 @@ def main() -> None:
             ctx = torch.autocast("cpu", torch.bfloat16) if mode == "fp32+autocast" \
                 else torch.autocast("cpu", enabled=False)
             with ctx:
-                if mode == "plain-bf16":
+                if mode.startswith("plain"):
                     loss = model(**batch, use_cache=False).loss
                 else:
                     part = trained_token_loss(model, batch)
@@ -120,7 +131,7 @@ def main() -> None:
                 "tokens": ntok}
 
     times = {m: {"data": [], "forward": [], "backward": [], "optimizer": [], "tokens": []}
-             for m in a.modes.split(",")}
+             for m in modes}
     for step in range(a.steps + 1):          # step 0 warms up and is dropped
         for mode in times:
             phases = run_step(mode, step)
@@ -130,12 +141,12 @@ def main() -> None:
     print(f"\n{a.steps} steps of {a.accum} x {a.micro} rows (plain: {a.accum} x 8 x 256), "
           f"median per step:")
     print(f"{'mode':15} {'data':>7} {'fwd+loss':>9} {'backward':>9} {'optim':>7} {'total':>7}"
-          f" {'tok/s':>7} {'% bf16 peak':>11}")
+          f" {'tok/s':>7} {f'% {native} peak':>11}")
     for mode, t in times.items():
         med = {k: statistics.median(v) for k, v in t.items()}
         total = med["data"] + med["forward"] + med["backward"] + med["optimizer"]
         tps = med["tokens"] / total
-        mfu = 6 * params * tps / 1e9 / peaks["bfloat16"]
+        mfu = 6 * params * tps / 1e9 / peaks[native]
         print(f"{mode:15} {med['data']:7.3f} {med['forward']:9.3f} {med['backward']:9.3f} "
               f"{med['optimizer']:7.3f} {total:7.3f} {tps:7.0f} {100 * mfu:10.1f}%")
 

@@ -9,10 +9,12 @@ test-set evaluation and generation.
 - `sequence_logps`: each row's summed log-probability of its trained tokens (DPO's loss and the
   `preference` evaluation), with the LM head at trained positions only.
 - `trained_token_loss`: the summed cross-entropy over trained positions, the number of trained
-  tokens and how many of them the model predicted right. The LM head runs only at the positions
-  some row of the batch trains (`logits_to_keep`): in SFT most tokens are prompt, and the full
-  [batch, length, vocab] fp32 logits are the largest tensor of a step. Callers divide: the
-  trainer by the optimizer step's trained tokens, evaluation by the whole set's.
+  tokens and how many of them the model predicted right. The LM head runs only at trained
+  positions: in SFT most tokens are prompt, and the full [batch, length, vocab] fp32 logits are
+  the largest tensor of a step. For plain-headed models (Llama, Qwen, Mistral, ...) the head and
+  the loss run chunked and no logits tensor exists at all (tunelab.linear_ce); for others the
+  model computes logits at the positions some row trains (`logits_to_keep`). Callers divide:
+  the trainer by the optimizer step's trained tokens, evaluation by the whole set's.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from tunelab.data.render import IGNORE_INDEX
+from tunelab.linear_ce import linear_cross_entropy, plain_lm_head
 
 
 def pad_rows(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -79,10 +82,25 @@ class TokenLoss:
 
 
 def trained_token_loss(model, batch: dict[str, torch.Tensor]) -> TokenLoss:
-    """Cross-entropy on the trained positions of a padded batch (labels -100 elsewhere)."""
+    """Cross-entropy on the trained positions of a padded batch (labels -100 elsewhere).
+
+    Where the model's logits are a plain Linear over its final hidden state, the head and the
+    loss run chunked on exactly the trained positions (tunelab.linear_ce: no logits tensor);
+    otherwise the model computes logits at the positions some row trains."""
     labels = batch["labels"]
     model_inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:]                      # position t predicts token t + 1
+    head = plain_lm_head(model)
+    if head is not None:
+        # the forward still goes through the model (and any DDP / PEFT wrapper around it),
+        # asked for no logits; its final hidden state (after the last norm) is hidden_states[-1]
+        outputs = model(**model_inputs, logits_to_keep=torch.zeros(0, dtype=torch.long,
+                                                                   device=labels.device),
+                        output_hidden_states=True, use_cache=False)
+        trained_mask = targets != IGNORE_INDEX
+        hidden = outputs.hidden_states[-1][:, :-1][trained_mask]
+        loss_sum, correct = linear_cross_entropy(hidden, head.weight, targets[trained_mask])
+        return TokenLoss(loss_sum, trained_mask.sum(), correct, outputs)
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
     if keep.numel() == 0:                        # nothing trained in this batch
         keep = torch.zeros(1, dtype=torch.long, device=labels.device)

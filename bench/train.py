@@ -5,9 +5,10 @@
 On the same model and the same mixed-length chat data (~30 to ~1000 tokens per conversation),
 for one epoch (the same trained tokens), each in its own process (so peak RSS is its own):
   (a) trl      TRL SFTTrainer with its defaults, changed only to run on CPU (use_cpu=True), to
-               train one epoch, and, on a CPU without native bf16, to fp32 (bf16=False); the data is given in TRL's conversational prompt/completion
-               form, so TRL trains on the completion only, like tunelab (its default for
-               "messages" data would train on every token, which is not the same work);
+               train one epoch, and, on a CPU without native bf16, to fp32 (bf16=False); the
+               data is given in TRL's conversational prompt/completion form, so TRL trains on
+               the completion only, like tunelab (its default for "messages" data would train
+               on every token, which is not the same work);
   (b) tunelab  tunelab's defaults (LoRA; epochs set to 1);
   (c) tunelab-full  tunelab's defaults with method: full (the same method as TRL's default);
   (d) plain    the reference for speed: a plain hand-written loop (weights and AdamW states in
@@ -17,7 +18,8 @@ for one epoch (the same trained tokens), each in its own process (so peak RSS is
                on every token, prompts included).
 Prints trained tokens/s, total non-padding tokens/s, peak RSS, validation loss (tunelab's
 test_loss on each saved model: one metric for all), the ratios against (a), and the model FLOP
-utilisation of (c) against the matmul peak measured here, now, in that native precision. Not a test: no assertions.
+utilisation of (c) against the matmul peak measured here, now, in that native precision.
+Not a test: no assertions.
 """
 from __future__ import annotations
 
@@ -132,7 +134,7 @@ def worker_plain(model_dir: str, data: dict, out: str) -> dict:
     loss on every token."""
     import torch
     from tunelab import models
-    from tunelab.runtime import resolve_precision, torch_dtype
+    from tunelab.runtime import torch_dtype
     from tunelab.data.conversation import read_conversations
     from tunelab.data.render import render_examples
     model, tok = models.load(model_dir)
@@ -152,7 +154,7 @@ def worker_plain(model_dir: str, data: dict, out: str) -> dict:
     model.save_pretrained(out + "/model")
     tok.save_pretrained(out + "/model")
     return {"seconds": seconds, "tokens": flat.numel(), "trained_tokens": flat.numel(),
-            "precision": resolve_precision("auto"), "model_dir": out + "/model", "params": sum(p.numel() for p in model.parameters())}
+            "model_dir": out + "/model", "params": sum(p.numel() for p in model.parameters())}
 
 
 def valid_loss(model_dir: str, val_file: str) -> float:
@@ -186,9 +188,8 @@ def run_worker(name: str, model_dir: str, data: dict, out: str) -> None:
 def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 7) -> float:
     """GFLOP/s of a square matmul on this machine, now (median of reps)."""
     import torch
-    from tunelab.runtime import set_threads
+    from tunelab.runtime import cpu_has_bf16, set_threads
     set_threads()
-    from tunelab.runtime import cpu_has_bf16
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     if dtype == torch.bfloat16 and not cpu_has_bf16():
         n = 512    # emulated (~0.6 GFLOP/s on AVX2): the full size would take minutes

@@ -90,6 +90,7 @@ def trained_token_loss(model, batch: dict[str, torch.Tensor]) -> TokenLoss:
     labels = batch["labels"]
     model_inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:]                      # position t predicts token t + 1
+    trained_mask = targets != IGNORE_INDEX
     head = plain_lm_head(model)
     if head is not None:
         # the forward still goes through the model (and any DDP / PEFT wrapper around it),
@@ -97,11 +98,10 @@ def trained_token_loss(model, batch: dict[str, torch.Tensor]) -> TokenLoss:
         outputs = model(**model_inputs, logits_to_keep=torch.zeros(0, dtype=torch.long,
                                                                    device=labels.device),
                         output_hidden_states=True, use_cache=False)
-        trained_mask = targets != IGNORE_INDEX
         hidden = outputs.hidden_states[-1][:, :-1][trained_mask]
         loss_sum, correct = linear_cross_entropy(hidden, head.weight, targets[trained_mask])
         return TokenLoss(loss_sum, trained_mask.sum(), correct, outputs)
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    keep = trained_mask.any(dim=0).nonzero().squeeze(-1)
     if keep.numel() == 0:                        # nothing trained in this batch
         keep = torch.zeros(1, dtype=torch.long, device=labels.device)
     outputs = model(**model_inputs, logits_to_keep=keep, use_cache=False)
@@ -110,9 +110,9 @@ def trained_token_loss(model, batch: dict[str, torch.Tensor]) -> TokenLoss:
     loss_sum = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), kept_targets.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="sum")
-    trained_mask = kept_targets != IGNORE_INDEX
+    kept_mask = kept_targets != IGNORE_INDEX
     with torch.no_grad():
-        correct = ((logits.argmax(dim=-1) == kept_targets) & trained_mask).sum()
+        correct = ((logits.argmax(dim=-1) == kept_targets) & kept_mask).sum()
     return TokenLoss(loss_sum, trained_mask.sum(), correct, outputs)
 
 

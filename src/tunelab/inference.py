@@ -2,6 +2,7 @@
 training (tunelab.data.render), so training and serving cannot drift apart."""
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,13 +53,19 @@ def generate_completions(model, tokenizer, conversations: Sequence[Sequence[dict
     else:
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     device = next(model.parameters()).device
+    started = time.perf_counter()      # the first batch's time includes the shared prefix's
+    shared = _SharedPrefix.of(model, prompts, device)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        batch = pad_prompts([prompts[i] for i in idx], pad_id)
-        width = batch["input_ids"].shape[1]
-        started = time.perf_counter()
+        if b:
+            started = time.perf_counter()
+        if shared is not None:
+            inputs = shared.inputs([prompts[i] for i in idx], pad_id)
+        else:
+            inputs = {k: v.to(device) for k, v in pad_prompts([prompts[i] for i in idx], pad_id).items()}
+        width = inputs["input_ids"].shape[1]
         with torch.inference_mode():
-            gen = model.generate(**{k: v.to(device) for k, v in batch.items()}, **gen_kwargs)
+            gen = model.generate(**inputs, **gen_kwargs)
         seconds = time.perf_counter() - started
         for row, i in enumerate(idx):
             new = gen[row, width:].tolist()
@@ -73,6 +80,55 @@ def generate_completions(model, tokenizer, conversations: Sequence[Sequence[dict
         if progress is not None:
             progress(len(idx))
     return out  # type: ignore[return-value]
+
+
+# A prompt prefix shared by every request (the same few-shot examples, a long system prompt) is
+# run through the model once and its key/value cache copied into each batch, instead of being
+# recomputed for every row: the usual prefix caching of serving engines (vLLM's automatic prefix
+# caching), for batch generation through transformers' generate. Below MIN_SHARED_PREFIX tokens
+# the copy costs about what it saves.
+MIN_SHARED_PREFIX = 32
+
+
+class _SharedPrefix:
+    def __init__(self, model, prefix: list[int], device):
+        import torch
+        from transformers import DynamicCache
+        self.ids = torch.tensor([prefix], dtype=torch.long, device=device)
+        self.cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(input_ids=self.ids, past_key_values=self.cache, use_cache=True)
+
+    @classmethod
+    def of(cls, model, prompts: list[list[int]], device) -> "_SharedPrefix | None":
+        if len(prompts) < 2 or getattr(model.config, "is_encoder_decoder", False):
+            return None
+        # os.path.commonprefix compares element-wise: it works on lists of token ids
+        n = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
+        if n < MIN_SHARED_PREFIX:
+            return None
+        return cls(model, prompts[0][:n], device)
+
+    def inputs(self, prompts: list[list[int]], pad_id: int) -> dict:
+        """generate()'s inputs for a batch: [prefix | left-padded rest], the attention mask
+        (pads masked, so positions continue from the prefix) and a copy of the prefix's cache
+        with one row per prompt; generate computes only the columns after the cache."""
+        import copy
+
+        import torch
+
+        from tunelab.batching import pad_prompts
+        n = self.ids.shape[1]
+        rest = pad_prompts([p[n:] for p in prompts], pad_id)
+        rows = len(prompts)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        device = self.ids.device
+        return {"input_ids": torch.cat([self.ids.expand(rows, n),
+                                        rest["input_ids"].to(device)], dim=1),
+                "attention_mask": torch.cat([torch.ones(rows, n, dtype=torch.long, device=device),
+                                             rest["attention_mask"].to(device)], dim=1),
+                "past_key_values": cache}
 
 
 def generate(model, tokenizer, conversations: Sequence[Sequence[dict[str, Any]]], *,

@@ -1,0 +1,69 @@
+"""Batch generation (tunelab.inference): a prompt prefix shared by every request is computed
+once and its cache copied into each batch; the answers must be the ones computed without it."""
+from __future__ import annotations
+
+import pytest
+
+from tunelab import inference
+
+SHOTS = [m for i in range(4) for m in (
+    {"role": "user", "content": f"Example {i}: the parcel arrived {'late ' * (i + 1)}and dented."},
+    {"role": "assistant", "content": f"{i + 1}"})]
+QUERIES = [f"Question {i}: was it {'really ' * i}worth the price?" for i in range(7)]
+
+
+@pytest.fixture(scope="module")
+def lively(tmp_path_factory, tiny_model_dir):
+    """The tiny model with larger random weights (its greedy answers vary with the prompt), and
+    a LoRA adapter on it with non-zero weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    cfg.initializer_range = 0.3
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    tuned = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(
+        r=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"])).eval()
+    return {"base": base, "lora": tuned}, tok
+
+
+@pytest.mark.parametrize("which", ["base", "lora"])
+def test_a_shared_prefix_is_computed_once_and_changes_no_answer(lively, which, monkeypatch):
+    models, tok = lively
+    model = models[which]
+    convs = [[{"role": "system", "content": "Rate each parcel from 1 to 5."}, *SHOTS,
+              {"role": "user", "content": q}] for q in QUERIES]
+    prefixes = []
+    init = inference._SharedPrefix.__init__
+
+    def spy(self, model, prefix, device):
+        prefixes.append(len(prefix))
+        init(self, model, prefix, device)
+
+    monkeypatch.setattr(inference._SharedPrefix, "__init__", spy)
+    # batch_size 3: three batches, the last one ragged, each with its own copy of the cache
+    shared = inference.generate_completions(model, tok, convs, max_new_tokens=8, batch_size=3)
+    lengths = [len(inference.render_prompt(c, tok)) for c in convs]
+    assert len(prefixes) == 1 and prefixes[0] >= inference.MIN_SHARED_PREFIX
+    assert prefixes[0] < min(lengths)          # every row keeps at least one token to compute
+
+    monkeypatch.setattr(inference, "MIN_SHARED_PREFIX", 10**6)
+    plain = inference.generate_completions(model, tok, convs, max_new_tokens=8, batch_size=3)
+    assert len(prefixes) == 1                  # the second run shared nothing
+    assert [c.text for c in shared] == [c.text for c in plain]
+    assert [c.completion_tokens for c in shared] == [c.completion_tokens for c in plain]
+    assert [c.prompt_tokens for c in shared] == lengths   # the cost per request stays whole
+    assert len({c.text for c in shared}) > 1   # the answers depend on the query
+
+
+def test_prompts_without_a_long_common_prefix_are_not_shared(lively, monkeypatch):
+    models, tok = lively
+    calls = []
+    monkeypatch.setattr(inference._SharedPrefix, "__init__",
+                        lambda self, *a: calls.append(a))
+    convs = [[{"role": "user", "content": q}] for q in QUERIES]
+    out = inference.generate_completions(models["base"], tok, convs, max_new_tokens=4)
+    assert calls == [] and len(out) == len(QUERIES)

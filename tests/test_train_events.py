@@ -198,3 +198,35 @@ def test_ctrl_c_in_the_cli_stops_with_a_checkpoint(tmp_path, tiny_model_dir, sou
     assert out == "" and "Traceback" not in err and "training cancelled at step" in err
     kept = RunDir(tmp_path / "run").checkpoints()
     assert len(kept) == 1 and f"checkpoint {kept[0]}" in err
+
+
+def test_the_auto_cadence_skips_checkpoints_that_would_cost_over_a_tenth_of_the_run(
+        tmp_path, tiny_model_dir, sound_task, monkeypatch):
+    from tunelab.train.callbacks import CheckpointBudget
+    # as if every checkpoint cost far more than a tenth of the steps around it (a tiny model
+    # saves in milliseconds; full fine-tuning of a real one writes 16 bytes a parameter)
+    monkeypatch.setattr(CheckpointBudget, "MIN_SECONDS", 0.0)
+    monkeypatch.setattr(CheckpointBudget, "RATIO", 10**6)
+
+    def checkpoint_steps(out, **kw):
+        rec = Recorder()
+        result = tunelab.train(cfg_for(tiny_model_dir, sound_task, tmp_path / out, max_steps=10,
+                                       batch_size=4, eval_steps=2, save_total_limit=10, **kw),
+                               quiet=True, on_event=rec)
+        return [e.step for e in rec.of("checkpoint")], rec, result
+
+    # the first checkpoint is written (its cost is not known yet), the last always
+    steps, _, result = checkpoint_steps("auto")
+    assert steps == [2, 10]
+    assert [c.name for c in complete_checkpoints(result.output_dir / "checkpoints")] == \
+        ["checkpoint-2", "checkpoint-10"]
+    # save_steps set by the user: every one of them
+    steps, _, _ = checkpoint_steps("every2", save_steps=2)
+    assert steps == [2, 4, 6, 8, 10]
+    # with validation and load_best_at_end: every new best is saved, whatever it costs
+    steps, rec, result = checkpoint_steps("valid", valid_file=sound_task["test"],
+                                          learning_rate=3e-2)
+    evals = {e.step: e.data["best"] for e in rec.of("evaluation")}
+    assert set(steps) == {2, 10} | {s for s, best in evals.items() if best}, (steps, evals)
+    best = min(rec.of("evaluation"), key=lambda e: e.data["valid_loss"]).step
+    assert result.best_step == best and best in steps

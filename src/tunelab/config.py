@@ -112,7 +112,10 @@ class _TrainConfig(_Strict):
                                    description="default: ~5 evaluations per run; "
                                    "also at each epoch end")
     save_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
-                                   description="default: at each evaluation")
+                                   description="default: at each evaluation (~5 a run), "
+                                   "skipping one that would make checkpoint writes over a "
+                                   "tenth of a single-process run's time (never the last "
+                                   "step's, nor a new best validation's)")
     save_total_limit: int = Field(2, ge=1, le=1000, description="checkpoints kept (plus the best)")
     load_best_at_end: bool = Field(True, description="with a valid_file: the output model is "
                                    "the checkpoint with the lowest validation loss")

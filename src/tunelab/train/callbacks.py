@@ -146,3 +146,54 @@ class EvaluateAtEpochEnd(TrainerCallback):
         if args.eval_strategy != "no" and state.global_step != self.last_eval_step:
             control.should_evaluate = True
             control.should_save = True
+
+
+class CheckpointBudget(TrainerCallback):
+    """With the automatic save cadence (save_steps unset), skips a checkpoint that would make
+    writing checkpoints more than 1/RATIO of the run's time so far since the last one.
+
+    The auto cadence saves ~5 times a run; on a short run with large checkpoints (full fine-tuning
+    keeps fp32 masters and two AdamW moments: 16 bytes a parameter) that could be a quarter of
+    the run (SmolLM2, 5 steps: 22 of 89 s). A checkpoint is always written when it took under
+    MIN_SECONDS last time, at the last step, and when its validation is a new best and the run
+    loads the best at the end (the best model must have been saved). Single-process runs only:
+    ranks timing alone could disagree, and every rank takes part in a save.
+    """
+    RATIO = 10
+    MIN_SECONDS = 2.0
+
+    def __init__(self, *, keep_best: bool):
+        self.keep_best = keep_best
+        self.save_seconds = 0.0      # how long the last checkpoint took to write
+        self.since = time.perf_counter()   # end of the last checkpoint (or the start)
+        self.started = self.since
+        self.skipped: list[int] = []  # steps whose checkpoint was skipped
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.since = self.started = time.perf_counter()
+
+    def _skip(self, state, control, *, new_best: bool) -> bool:
+        now = time.perf_counter()
+        self.started = now
+        return (control.should_save and state.global_step < state.max_steps and not new_best
+                and self.save_seconds >= self.MIN_SECONDS
+                and now - self.since < self.RATIO * self.save_seconds)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_evaluate:
+            return              # decided once the validation loss is known (on_evaluate)
+        if self._skip(state, control, new_best=False):
+            control.should_save = False
+            self.skipped.append(state.global_step)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        new_best = self.keep_best and loss is not None and (
+            state.best_metric is None or loss < state.best_metric)   # before the Trainer's update
+        if self._skip(state, control, new_best=new_best):
+            control.should_save = False
+            self.skipped.append(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.since = time.perf_counter()
+        self.save_seconds = self.since - self.started

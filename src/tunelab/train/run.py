@@ -221,6 +221,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 def _load_model(cfg: TrainConfig, tokenizer, source, precision: str):
     from tunelab import models
+    from tunelab.attention import use_fast_attention
     from tunelab.train.precision import weight_dtype
     kwargs = {"dtype": weight_dtype(precision, cfg.method)}
     if cfg.method == "qlora":
@@ -231,6 +232,7 @@ def _load_model(cfg: TrainConfig, tokenizer, source, precision: str):
             bnb_4bit_compute_dtype=torch.bfloat16)
     model = models.load_model(cfg.model, tokenizer=tokenizer, source=source, **kwargs)
     model.config.use_cache = False   # also required for packed rows to be isolated
+    use_fast_attention(model)
     return model
 
 
@@ -323,7 +325,7 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     import datasets
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from tunelab.train.callbacks import EvaluateAtEpochEnd, EventReporter
+    from tunelab.train.callbacks import CheckpointBudget, EvaluateAtEpochEnd, EventReporter
     from tunelab.train.trainer import TunelabTrainer
 
     cfg, plan = prep.cfg, prep.plan
@@ -354,6 +356,8 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     collator = functools.partial(prep.objective.collate, pad_token_id=prep.tokenizer.pad_token_id)
     # the reporter comes last: it sees (and may veto) what the others decided for a step
     trainer_callbacks = [EvaluateAtEpochEnd(), *(callbacks or [])]
+    if cfg.save_steps is None and args.world_size == 1:
+        trainer_callbacks.insert(1, CheckpointBudget(keep_best=args.load_best_model_at_end))
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
         trainer_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))

@@ -1,0 +1,96 @@
+"""tunelab.attention: short bf16 rows take a matmul path instead of SDPA's flash kernel; the
+model must compute the same thing either way, with padding, packed rows and left pads."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from tunelab import attention
+
+
+def two_models(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    fast = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    attention.use_fast_attention(fast)
+    assert ref.config._attn_implementation == "sdpa"
+    assert fast.config._attn_implementation == attention.NAME
+    return ref, fast
+
+
+def batch(kind: str):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 400, (3, 40), generator=g)
+    if kind == "right-padded":
+        mask = torch.ones_like(ids)
+        mask[1, 30:], mask[2, 12:] = 0, 0
+        return {"input_ids": ids, "attention_mask": mask}
+    if kind == "left-padded":   # generation's layout: the first rows attend to nothing
+        mask = torch.ones_like(ids)
+        mask[1, :10], mask[2, :25] = 0, 0
+        return {"input_ids": ids, "attention_mask": mask}
+    if kind == "packed":        # three examples in one row, isolated by their position ids
+        pos = torch.cat([torch.arange(15), torch.arange(20), torch.arange(5)]).expand(3, -1)
+        return {"input_ids": ids, "position_ids": pos.contiguous()}
+    return {"input_ids": ids}
+
+
+@pytest.mark.parametrize("kind", ["causal", "right-padded", "left-padded", "packed"])
+def test_the_matmul_path_computes_what_sdpa_computes(tiny_model_dir, kind):
+    """Against the model in fp32: the bf16 matmul path is no further off than bf16 SDPA."""
+    from transformers import AttentionInterface
+    ref, fast = two_models(tiny_model_dir)
+    exact = copy.deepcopy(ref).float()
+    calls = []
+
+    def spy(module, query, *a, **kw):
+        calls.append(query.shape[-2])
+        return attention._attention(module, query, *a, **kw)
+
+    AttentionInterface.register(attention.NAME, spy)
+    try:
+        b = batch(kind)
+        keep = b.get("attention_mask", torch.ones(3, 40)).bool()
+        outs = []
+        for model in (exact, ref, fast):
+            out = model(**b, use_cache=False)
+            out.logits.float().pow(2).mean(-1)[keep].sum().backward()   # pads' rows: no loss
+            outs.append((out.logits.float()[keep],
+                         model.model.layers[0].self_attn.q_proj.weight.grad.float()))
+    finally:
+        AttentionInterface.register(attention.NAME, attention._attention)
+    assert calls and all(n == 40 for n in calls)          # every layer went through it
+    (l32, g32), (l_sdpa, g_sdpa), (l_fast, g_fast) = outs
+    assert torch.isfinite(l_fast).all() and torch.isfinite(g_fast).all()
+
+    def off(x, y):
+        return ((x - y).norm() / y.norm()).item()
+    assert off(l_fast, l32) < 1.5 * off(l_sdpa, l32) + 1e-3, (off(l_fast, l32), off(l_sdpa, l32))
+    assert off(g_fast, g32) < 1.5 * off(g_sdpa, g32) + 1e-3, (off(g_fast, g32), off(g_sdpa, g32))
+
+
+def test_long_rows_fp32_and_decoding_stay_on_sdpa(tiny_model_dir, monkeypatch):
+    from transformers.integrations import sdpa_attention
+    seen = []
+    real = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda m, q, *a, **kw: seen.append(q.shape[-2]) or real(m, q, *a, **kw))
+    _, fast = two_models(tiny_model_dir)
+    with torch.no_grad():
+        fast(input_ids=torch.randint(5, 400, (1, attention.SHORT_ROWS + 1)), use_cache=False)
+        assert seen and set(seen) == {attention.SHORT_ROWS + 1}
+        seen.clear()
+        fast(input_ids=torch.randint(5, 400, (2, 20)), use_cache=False)
+        assert seen == []                                   # short bf16: the matmul path
+        fast.float()(input_ids=torch.randint(5, 400, (2, 20)), use_cache=False)
+        assert seen and set(seen) == {20}                   # fp32: SDPA at every length
+
+
+def test_a_saved_model_does_not_name_the_attention(tiny_model_dir, tmp_path):
+    _, fast = two_models(tiny_model_dir)
+    fast.save_pretrained(tmp_path / "m")
+    assert attention.NAME not in (tmp_path / "m" / "config.json").read_text()
+    json.loads((tmp_path / "m" / "config.json").read_text())

@@ -53,6 +53,11 @@ def pairs(tmp_path_factory):
     return {"train": folder / "train.jsonl", "valid": folder / "valid.jsonl"}
 
 
+# at 1e-2 the tiny model's DPO runs went one way or the other with the seed and the order of
+# the steps; 3e-3 learned in every one of 4 seeds tried
+SEED_ROBUST_LR = 3e-3
+
+
 def dpo_cfg(model, pairs, out, **kw):
     return TrainConfig(**{"model": str(model), "train_file": str(pairs["train"]),
                           "valid_file": str(pairs["valid"]), "output_dir": str(out),
@@ -95,7 +100,9 @@ def metrics(path):
 @pytest.fixture(scope="module")
 def full_dpo(tmp_path_factory, tiny_model_dir, pairs):
     out = tmp_path_factory.mktemp("dpo-full") / "run"
-    return tunelab.train(dpo_cfg(tiny_model_dir, pairs, out, epochs=10), quiet=True)
+    # 30 epochs at SEED_ROBUST_LR (at 1e-2 for 10, 2 of 4 seeds failed in either step order)
+    return tunelab.train(dpo_cfg(tiny_model_dir, pairs, out, epochs=30,
+                                 learning_rate=SEED_ROBUST_LR, eval_steps=10), quiet=True)
 
 
 def test_full_dpo_learns_a_preference_the_model_did_not_have(full_dpo, tiny_model_dir, pairs,
@@ -172,8 +179,8 @@ def test_lora_dpo_reference_is_the_adapter_switched_off(tmp_path, tiny_model_dir
             seen["models"] = sum(1 for m in model.modules() if type(m).__name__ ==
                                  "LlamaForCausalLM")
 
-    cfg = dpo_cfg(tiny_model_dir, pairs, tmp_path / "run", method="lora", epochs=10,
-                  learning_rate=3e-2, load_best_at_end=False, lora={"r": 16, "alpha": 32, "dropout": 0.0,
+    cfg = dpo_cfg(tiny_model_dir, pairs, tmp_path / "run", method="lora", epochs=20,
+                  learning_rate=1e-2, load_best_at_end=False, lora={"r": 16, "alpha": 32, "dropout": 0.0,
                                             "target_modules": "all-linear"})
     result = tunelab.train(cfg, quiet=True, callbacks=[Capture()])
     assert seen["models"] == 1                                # one model in memory
@@ -202,12 +209,12 @@ def test_dpo_from_an_sft_run_starts_from_its_weights(tmp_path, sound_run, pairs,
 
 
 def test_ipo_loss_trains(tmp_path, tiny_model_dir, pairs):
-    cfg = dpo_cfg(tiny_model_dir, pairs, tmp_path / "run", max_steps=10, logging_steps=1,
+    cfg = dpo_cfg(tiny_model_dir, pairs, tmp_path / "run", max_steps=30, logging_steps=1,
                   dpo={"beta": 0.5, "loss_type": "ipo"})
     result = tunelab.train(cfg, quiet=True)
     losses = [e["train_loss"] for e in metrics(result.metrics_file) if "train_loss" in e]
     assert losses[0] == pytest.approx(1.0, abs=1e-3)   # (0 - 1 / (2 * 0.5)) ** 2 at step 1
-    assert losses[-1] < losses[0]
+    assert sum(losses[-5:]) / 5 < losses[0]    # one step's loss is one batch's: noisy
 
 
 def test_sigkill_then_resume_gives_the_same_dpo_curve(tmp_path, tiny_model_dir, pairs):

@@ -49,8 +49,24 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         self.epoch = epoch
 
     def __iter__(self):
-        self.generator = torch.Generator().manual_seed(self.seed + int(self.epoch))
-        return super().__iter__()
+        """transformers' grouping (megabatches of ~50 steps, each sorted by length), then the
+        steps in a random order, the one with the longest example still first (an
+        out-of-memory shows at once). Its own order sweeps every megabatch from long to short
+        examples: where length goes with the answer, consecutive steps then see one kind of
+        example, and at a low learning rate near the end that bias stays. Measured
+        (bench/train_match.py, SmolLM2 full, 200 steps of 2 star-rated reviews): valid loss
+        0.168 in transformers' order, 0.111 without grouping, TRL 0.087."""
+        generator = torch.Generator().manual_seed(self.seed + int(self.epoch))
+        self.generator = generator
+        indices = list(super().__iter__())
+        steps = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        # a short last step stays last: in the middle it would shift every later step's rows
+        full = len(steps) - (len(steps[-1]) < self.batch_size if steps else 0)
+        if full < 3:
+            return iter(indices)
+        order = [0, *torch.randperm(full - 1, generator=generator).add(1).tolist(),
+                 *range(full, len(steps))]
+        return iter([i for k in order for i in steps[k]])
 
 
 class TunelabTrainer(Trainer):

@@ -1,0 +1,143 @@
+"""Training quality at matched schedules: tunelab vs TRL's SFTTrainer, same method, same data
+in the same amount, same optimizer settings, >= 200 optimizer steps; the validation loss of
+each saved model, measured the same way.
+
+    .venv/bin/python bench/train_match.py [--steps 200] [--batch 4] [--method full]
+
+The data: the demo's star-rating reviews (tunelab.demo), `steps x batch` training examples
+seen once, 150 held out. Both runs: AdamW, learning rate 2e-5 (full; 2e-4 LoRA r16 on the
+same modules), linear decay, no warmup, no weight decay, gradient clipping at 1.0, the loss
+on the completion only, each in the precision it picks on this CPU by default (TRL: fp32
+weights under bf16 autocast where bf16 is native; tunelab: bf16 weights with fp32 masters,
+stochastically rounded). What differs is the implementation: data order (TRL shuffles,
+tunelab groups by length), loss normalisation, the chunked head and loss, the precision
+scheme. This says whether tunelab's speed costs quality; bench/train.py says how fast.
+Not a test: no assertions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+LR = {"full": 2e-5, "lora": 2e-4}
+
+
+def make_data(folder: Path, n_train: int) -> dict[str, str]:
+    from tunelab.data.io import write_jsonl
+    from tunelab.demo import stars_conversation
+    from tunelab.data.generators.reviews import generate_reviews
+    rows = [stars_conversation(r.text, r.stars) for r in generate_reviews(n_train + 150, seed=1)]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "train.jsonl", rows[:n_train])
+    write_jsonl(folder / "val.jsonl", rows[n_train:])
+    return {"train": str(folder / "train.jsonl"), "val": str(folder / "val.jsonl")}
+
+
+def worker(name: str, model_dir: str, data: dict, out: str, method: str, batch: int,
+           tunelab_options: dict) -> dict:
+    import time
+
+    from train import Timer, valid_loss
+    from tunelab.runtime import cpu_has_bf16, set_threads
+    set_threads()
+    timer = Timer.callback()
+    lora = dict(r=16, alpha=32, dropout=0.0,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                "down_proj"])
+    t0 = time.perf_counter()
+    if name == "tunelab":
+        import tunelab
+        cfg = {"model": model_dir, "train_file": data["train"], "output_dir": out,
+               "method": method, "epochs": 1, "batch_size": batch, "micro_batch_size": batch,
+               "learning_rate": LR[method], "lr_scheduler": "linear", "warmup_ratio": 0.0,
+               "weight_decay": 0.0, "max_grad_norm": 1.0, "max_length": 512,
+               **tunelab_options}
+        if method == "lora":
+            cfg["lora"] = lora
+        res = tunelab.train(cfg, quiet=True, callbacks=[timer])
+        model_out, steps = str(res.model_dir), res.steps
+    else:
+        import datasets
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import SFTConfig, SFTTrainer
+        rows = [json.loads(line) for line in open(data["train"])]
+        ds = datasets.Dataset.from_list([{"prompt": r["messages"][:-1],
+                                          "completion": r["messages"][-1:]} for r in rows])
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        peft_config = None
+        if method == "lora":
+            from peft import LoraConfig
+            peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                                     target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+        args = SFTConfig(output_dir=out, use_cpu=True, num_train_epochs=1, report_to="none",
+                         bf16=cpu_has_bf16(), per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=1, learning_rate=LR[method],
+                         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+                         max_grad_norm=1.0, max_length=512, save_strategy="no",
+                         include_num_input_tokens_seen="non_padding")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                             callbacks=[timer], peft_config=peft_config)
+        out_state = trainer.train()
+        steps = out_state.global_step
+        final = trainer.model.merge_and_unload() if method == "lora" else trainer.model
+        final.save_pretrained(out + "/model")
+        tok.save_pretrained(out + "/model")
+        model_out = out + "/model"
+    wall = time.perf_counter() - t0
+    return {"steps": steps, "seconds": timer.seconds, "wall": wall, "tokens": timer.tokens,
+            "valid_loss": valid_loss(model_out, data["val"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--method", default="full", choices=sorted(LR))
+    ap.add_argument("--runners", default="trl,tunelab")
+    ap.add_argument("--tunelab", default="{}", help="tunelab config overrides, JSON")
+    ap.add_argument("--worker")
+    ap.add_argument("--args")
+    a = ap.parse_args()
+    if a.worker:
+        kw = json.loads(a.args)
+        print("RESULT " + json.dumps(worker(a.worker, **kw)), flush=True)
+        return
+    from tunelab.models import resolve
+    work = Path(tempfile.mkdtemp(prefix="tunelab-match-"))
+    data = make_data(work / "data", a.steps * a.batch)
+    model_dir = resolve("smollm2-135m-instruct").path
+    results = {}
+    for name in a.runners.split(","):
+        kw = {"model_dir": model_dir, "data": data, "out": str(work / name),
+              "method": a.method, "batch": a.batch, "tunelab_options": json.loads(a.tunelab)}
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--args",
+                               json.dumps(kw)], capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"{name} failed:\n{proc.stderr[-3000:]}")
+            continue
+        results[name] = json.loads(line[-1][7:])
+    print(f"SmolLM2-135M, {a.method}, {a.steps} x {a.batch} examples (one epoch), "
+          f"lr {LR[a.method]}, linear, no warmup")
+    print(f"{'runner':9} {'steps':>6} {'train s':>8} {'tok/s':>7} {'valid loss':>11}")
+    for name, r in results.items():
+        print(f"{name:9} {r['steps']:>6} {r['seconds']:>8.1f} {r['tokens'] / r['seconds']:>7.1f} "
+              f"{r['valid_loss']:>11.4f}")
+    if {"trl", "tunelab"} <= results.keys():
+        t, u = results["trl"], results["tunelab"]
+        print(f"tunelab / trl: valid loss {100 * (u['valid_loss'] / t['valid_loss'] - 1):+.2f}%, "
+              f"tok/s x{(u['tokens'] / u['seconds']) / (t['tokens'] / t['seconds']):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -162,8 +162,8 @@ def dpo_run(sound_run, pair_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo-run") / "dpo"
     return tunelab.train({"model": str(sound_run.output_dir), "objective": "dpo",
                           "train_file": str(pair_files["train"]), "output_dir": str(out),
-                          "method": "lora", "epochs": 2, "batch_size": 8,
-                          "learning_rate": 5e-3, "precision": "fp32", "logging_steps": 2},
+                          "method": "lora", "epochs": 4, "batch_size": 8,
+                          "learning_rate": 2e-3, "precision": "fp32", "logging_steps": 2},
                          quiet=True)
 
 

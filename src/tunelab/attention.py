@@ -23,8 +23,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                is_causal=None, **kwargs):
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
     q_len, k_len = query.shape[-2], key.shape[-2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if (query.device.type != "cpu" or query.dtype == torch.float32 or q_len != k_len
-            or q_len > SHORT_ROWS or (dropout and module.training)):
+            or q_len > SHORT_ROWS or (dropout and module.training)
+            or (attention_mask is None and not causal)      # bidirectional: SDPA's business
+            or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks"))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     groups = query.shape[1] // key.shape[1]

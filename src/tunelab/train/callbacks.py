@@ -167,7 +167,6 @@ class CheckpointBudget(TrainerCallback):
         self.save_seconds = 0.0      # how long the last checkpoint took to write
         self.since = time.perf_counter()   # end of the last checkpoint (or the start)
         self.started = self.since
-        self.skipped: list[int] = []  # steps whose checkpoint was skipped
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.since = self.started = time.perf_counter()
@@ -184,7 +183,6 @@ class CheckpointBudget(TrainerCallback):
             return              # decided once the validation loss is known (on_evaluate)
         if self._skip(state, control, new_best=False):
             control.should_save = False
-            self.skipped.append(state.global_step)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         loss = (metrics or {}).get("eval_loss")
@@ -192,7 +190,6 @@ class CheckpointBudget(TrainerCallback):
             state.best_metric is None or loss < state.best_metric)   # before the Trainer's update
         if self._skip(state, control, new_best=new_best):
             control.should_save = False
-            self.skipped.append(state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         self.since = time.perf_counter()

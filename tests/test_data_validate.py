@@ -180,3 +180,33 @@ def test_error_kinds_come_from_the_error_not_its_words(tmp_path, fresh_tokenizer
     assert {k: e["count"] for k, e in r.errors.items()} == {
         "template_refused": 1, "mask_ambiguous": 1, "bad_encoding": 1, "not_json": 1}, r.errors
     assert "refused it" in r.errors["mask_ambiguous"]["first"][0]
+
+
+def test_batches_tokenized_while_the_next_is_read_give_the_one_batch_report(tmp_path, monkeypatch,
+                                                                            fresh_tokenizer):
+    """validate_file tokenizes batch k in a thread while it reads batch k+1: with batches of 7
+    the report (counts, first errors in line order, token statistics) is the one-batch report,
+    and progress sees every templated example once."""
+    import tunelab.data.validate as validate
+    from test_render import GEMMA2, with_template
+    tok = with_template(fresh_tokenizer, GEMMA2, bos="<bos>", specials=["<start_of_turn>", "<end_of_turn>"])
+    system = {"messages": [{"role": "system", "content": "s"}, *GOOD[0]["messages"]]}
+    rows = [system if i % 9 == 4 else GOOD[i % 60] | {"n": i} for i in range(100)]
+    rows[50] = conv("Tell me a long story.", "word " * 300)
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, rows)
+
+    def report(batch: int) -> tuple[dict, int]:
+        monkeypatch.setattr(validate, "BATCH", batch)
+        seen = []
+        r = validate_file(path, tokenizer=tok, max_length=64, progress=seen.append)
+        return r.to_json(), sum(seen)
+
+    one, counted_one = report(10_000)
+    small, counted_small = report(7)
+    assert small == one
+    refused = one["errors"]["template_refused"]
+    assert refused["count"] == 11
+    assert [m.split(":")[1] for m in refused["first"]] == ["5", "14", "23", "32", "41"]
+    assert one["tokens"]["over_max_length"] == 1 and one["valid"] == 89
+    assert counted_small == counted_one == 100   # every example that reached the template

@@ -33,7 +33,8 @@ are checked for every trained turn, never assumed:
 Spans are mapped to tokens through the fast tokenizer's character offsets, so the whole
 conversation is tokenized once, exactly as it will be at inference. `render_many` does the
 template work per conversation and tokenizes a whole batch in one call into the Rust tokenizer
-(which releases the GIL and uses every core); `render` is the one-conversation case of it.
+(which releases the GIL and uses every core); `render` is the one-conversation case of it, and
+`start_render` splits it so a caller can template the next batch while this one tokenizes.
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ import re
 import weakref
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from tunelab.errors import TunelabError
@@ -364,53 +367,88 @@ def render_many(conversations: Sequence[Sequence[dict[str, Any]]], tokenizer, *,
     errors="raise" raises the first conversation's error (with its source); errors="return" puts
     the TunelabError in that conversation's place instead, for callers that report every problem.
     """
+    return start_render(conversations, tokenizer, max_length=max_length, sources=sources,
+                        errors=errors, _fast=_fast).result()
+
+
+def start_render(conversations: Sequence[Sequence[dict[str, Any]]], tokenizer, *,
+                 max_length: int | None = None, sources: Sequence[str | None] | None = None,
+                 errors: str = "raise", executor: Executor | None = None,
+                 _fast: bool = True) -> "PendingRender":
+    """`render_many` in two halves: the templates now, the tokenizer in `executor`.
+
+    The Rust tokenizer releases the GIL, so a caller that starts batch k+1's templates (and its
+    own reading and checking) while batch k tokenizes keeps both cores busy; `.result()` gives
+    render_many's list. Without an executor the tokenizer runs in `.result()`.
+    """
     if errors not in ("raise", "return"):
         raise ValueError("errors must be 'raise' or 'return'")
-    fmt = formatter(tokenizer)
-    sources = sources if sources is not None else [None] * len(conversations)
-    out: list[Any] = [None] * len(conversations)
-    texts, spans_of, where = [], [], []
-    for n, messages in enumerate(conversations):
-        try:
-            text, spans = assistant_spans(tokenizer, messages, fmt=fmt)
-        except TunelabError as e:
-            e = _with_source(e, sources[n])
-            if errors == "raise":
-                raise e from None
-            out[n] = e
-            continue
-        texts.append(text)
-        spans_of.append(spans)
-        where.append(n)
-    backend = getattr(tokenizer, "_tokenizer", None)
-    rows: list[Any] = [None] * len(texts)
-    slow = list(range(len(texts)))
-    # add_special_tokens=False: the template already wrote BOS where the model wants it;
-    # letting the tokenizer add another is the classic doubled-BOS bug.
-    if texts and fmt.added_re is not None and _fast:
-        slow = []
-        for i, enc in enumerate(backend.encode_batch_fast(texts, add_special_tokens=False)):
-            ids = enc.ids
-            labels = _labels_fast(fmt, texts[i], ids, spans_of[i])
-            if labels is None:
-                slow.append(i)
-            else:
-                rows[i] = (ids, labels)
-    if slow and backend is not None and hasattr(backend, "encode_batch"):
-        encodings = backend.encode_batch([texts[i] for i in slow], add_special_tokens=False)
-        for i, enc in zip(slow, encodings):
-            rows[i] = (enc.ids, _labels_from_encoding(enc, spans_of[i], len(texts[i])))
-    elif slow:
-        enc = tokenizer([texts[i] for i in slow], add_special_tokens=False,
-                        return_offsets_mapping=True)
-        for i, ids, offs in zip(slow, enc["input_ids"], enc["offset_mapping"]):
-            rows[i] = (list(ids), _labels_from_offsets(list(ids), offs, spans_of[i]))
-    for n, (ids, labels) in zip(where, rows):
-        ids = list(ids)
-        if max_length is not None and len(ids) > max_length:
-            ids, labels = ids[:max_length], labels[:max_length]
-        out[n] = {"input_ids": ids, "labels": labels}
-    return out
+    return PendingRender(conversations, tokenizer, max_length, sources, errors, executor, _fast)
+
+
+class PendingRender:
+    """A batch whose templates are rendered and whose tokenization may still be running."""
+
+    def __init__(self, conversations, tokenizer, max_length, sources, errors, executor, fast):
+        self.fmt = fmt = formatter(tokenizer)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        sources = sources if sources is not None else [None] * len(conversations)
+        self.out: list[Any] = [None] * len(conversations)
+        self.texts, self.spans_of, self.where = [], [], []
+        for n, messages in enumerate(conversations):
+            try:
+                text, spans = assistant_spans(tokenizer, messages, fmt=fmt)
+            except TunelabError as e:
+                e = _with_source(e, sources[n])
+                if errors == "raise":
+                    raise e from None
+                self.out[n] = e
+                continue
+            self.texts.append(text)
+            self.spans_of.append(spans)
+            self.where.append(n)
+        self.backend = getattr(tokenizer, "_tokenizer", None)
+        self.encodings: Any = None
+        if self.texts and fmt.added_re is not None and fast:
+            # add_special_tokens=False: the template already wrote BOS where the model wants
+            # it; letting the tokenizer add another is the classic doubled-BOS bug.
+            encode = self.backend.encode_batch_fast
+            self.encodings = (executor.submit(encode, self.texts, add_special_tokens=False)
+                              if executor is not None else
+                              partial(encode, self.texts, add_special_tokens=False))
+
+    def result(self) -> list[dict[str, list[int]] | TunelabError]:
+        fmt, texts, spans_of = self.fmt, self.texts, self.spans_of
+        rows: list[Any] = [None] * len(texts)
+        slow = list(range(len(texts)))
+        if self.encodings is not None:
+            encodings = (self.encodings.result() if isinstance(self.encodings, Future)
+                         else self.encodings())
+            slow = []
+            for i, enc in enumerate(encodings):
+                ids = enc.ids
+                labels = _labels_fast(fmt, texts[i], ids, spans_of[i])
+                if labels is None:
+                    slow.append(i)
+                else:
+                    rows[i] = (ids, labels)
+        backend = self.backend
+        if slow and backend is not None and hasattr(backend, "encode_batch"):
+            encodings = backend.encode_batch([texts[i] for i in slow], add_special_tokens=False)
+            for i, enc in zip(slow, encodings):
+                rows[i] = (enc.ids, _labels_from_encoding(enc, spans_of[i], len(texts[i])))
+        elif slow:
+            enc = self.tokenizer([texts[i] for i in slow], add_special_tokens=False,
+                                 return_offsets_mapping=True)
+            for i, ids, offs in zip(slow, enc["input_ids"], enc["offset_mapping"]):
+                rows[i] = (list(ids), _labels_from_offsets(list(ids), offs, spans_of[i]))
+        out, max_length = self.out, self.max_length
+        for n, (ids, labels) in zip(self.where, rows):
+            ids = list(ids)
+            if max_length is not None and len(ids) > max_length:
+                ids, labels = ids[:max_length], labels[:max_length]
+            out[n] = {"input_ids": ids, "labels": labels}
+        return out
 
 
 def render(messages: Sequence[dict[str, Any]], tokenizer, *, max_length: int | None = None,

@@ -103,3 +103,19 @@ def test_tokenizer_without_template_gets_chatml_and_embeddings_grow(tmp_path):
     row = render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tok)
     trained = [i for i, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
     assert trained == [tok.convert_tokens_to_ids("yo"), im_end]
+
+
+def test_the_lm_head_of_a_frozen_model_runs_one_matmul_on_a_sliced_input(tiny_model_dir):
+    """generate() runs the head on a strided slice (the last position); with frozen weights
+    PyTorch's matmul would broadcast the [vocab, hidden] weight into a bmm, one copy per row."""
+    import torch
+    from tunelab.models import load_model
+    model = load_model(str(tiny_model_dir)).requires_grad_(False)
+    hidden = torch.randn(6, 9, model.config.hidden_size)[:, -1:]
+    assert not hidden.is_contiguous()
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        out = model.lm_head(hidden)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::bmm" not in ops and "aten::mm" in ops, ops
+    with torch.inference_mode():
+        assert torch.equal(out, model.lm_head(hidden.contiguous()))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 NAME = "tunelab_sdpa"
-# rows up to this many tokens (queries = keys, no cache) take the matmul path, in bf16/fp16 only:
-# in fp32 the flash kernel is as fast or faster at every length measured
+# rows up to this many tokens (keys, a cached prefix's included) take the matmul path, in
+# bf16/fp16 only: in fp32 the flash kernel is as fast or faster at every length measured
 SHORT_ROWS = 192
 
 
@@ -24,8 +24,10 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
     q_len, k_len = query.shape[-2], key.shape[-2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if (query.device.type != "cpu" or query.dtype == torch.float32 or q_len != k_len
-            or q_len > SHORT_ROWS or (dropout and module.training)
+    if (query.device.type != "cpu" or query.dtype == torch.float32 or k_len > SHORT_ROWS
+            or q_len == 1                                   # decoding: SDPA's
+            or (q_len != k_len and attention_mask is None)  # a cache with no mask: SDPA's
+            or (dropout and module.training)
             or (attention_mask is None and not causal)      # bidirectional: SDPA's business
             or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks"))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,

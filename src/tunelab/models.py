@@ -313,12 +313,27 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, tokenizer=None,
         model = PeftModel.from_pretrained(model, src.adapter)
         if merge_adapter:
             model = model.merge_and_unload()
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear):
+        head.register_forward_pre_hook(_contiguous_rows)
     if tokenizer is not None:
         gc = model.generation_config
         gc.eos_token_id = stop_token_ids(tokenizer, also=gc.eos_token_id)
         gc.pad_token_id = tokenizer.pad_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _contiguous_rows(module, args):
+    """The LM head's input made contiguous. generate() runs the head on the last position only,
+    a strided slice of the hidden states; PyTorch's matmul folds such a 3-D input into one mm
+    only when a gradient is required, and otherwise broadcasts the weight into a bmm, copying
+    the whole [vocab, hidden] matrix once per row. Frozen weights (a merged fine-tune) hit it:
+    SmolLM2, 16 rows: 0.75 s for the head vs 6 ms, once per generated batch."""
+    x = args[0]
+    if x.dim() > 2 and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 def load(spec: str | os.PathLike = DEFAULT_MODEL, *, dtype=None):

@@ -67,3 +67,27 @@ def test_prompts_without_a_long_common_prefix_are_not_shared(lively, monkeypatch
     convs = [[{"role": "user", "content": q}] for q in QUERIES]
     out = inference.generate_completions(models["base"], tok, convs, max_new_tokens=4)
     assert calls == [] and len(out) == len(QUERIES)
+
+
+def test_the_default_batch_is_what_the_key_value_cache_budget_holds(lively, monkeypatch):
+    models, tok = lively
+    model = models["base"]
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4   # fp32
+    assert inference.generation_batch_size(model, 100, budget_bytes=per_token * 100 * 5) == 5
+    assert inference.generation_batch_size(model, 100, budget_bytes=per_token * 100 * 5 - 1) == 4
+    assert inference.generation_batch_size(model, 100, budget_bytes=1) == 1
+    assert inference.generation_batch_size(model, 100) == inference.MAX_GENERATION_BATCH
+    assert inference.generation_batch_size(models["lora"], 100, budget_bytes=per_token * 300) == 3
+
+    convs = [[{"role": "user", "content": q}] for q in QUERIES]
+    longest = max(len(inference.render_prompt(c, tok)) for c in convs)
+    rows = []
+    generate = type(model).generate
+    monkeypatch.setattr(type(model), "generate", lambda self, **kw: (
+        rows.append(kw["input_ids"].shape[0]), generate(self, **kw))[1])
+    # a budget for 3 rows of (longest prompt + 4 new tokens): 7 queries in batches of 3, 3, 1
+    monkeypatch.setattr(inference, "KV_CACHE_BUDGET_BYTES", per_token * (longest + 4) * 3)
+    out = inference.generate_completions(model, tok, convs, max_new_tokens=4)
+    assert rows == [3, 3, 1] and len(out) == len(QUERIES)

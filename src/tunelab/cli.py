@@ -98,7 +98,9 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
           max_length: Optional[int] = typer.Option(None, help="tokens per example for the loss "
                                                    "and per answer of a preference pair "
                                                    "(default: what the model was trained with)"),
-          batch_size: int = typer.Option(16),
+          batch_size: Optional[int] = typer.Option(
+              None, help="rows per generate() call (default: as many as a 1 GiB key/value "
+              "cache holds, at most 128)"),
           precision: str = typer.Option("auto", help="weights for inference: auto (bf16 where "
                                         "the hardware has it), bf16, fp16 or fp32"),
           predictions: Optional[Path] = typer.Option(None, help="write scored answers (JSONL) "
@@ -199,7 +201,9 @@ def compare(tuned: list[str] = typer.Option(..., "--tuned", help="fine-tuned mod
                                               "2024)"),
             out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="report folder"),
             limit: Optional[int] = typer.Option(None, help="the first N test examples"),
-            batch_size: int = typer.Option(16),
+            batch_size: Optional[int] = typer.Option(
+                None, help="rows per generate() call (default: as many as a 1 GiB key/value "
+                "cache holds, at most 128)"),
             precision: str = typer.Option("auto", help="weights for inference: auto (bf16 "
                                           "where the hardware has it), bf16, fp16 or fp32"),
             as_json: bool = typer.Option(False, "--json", help="print one JSON object"),

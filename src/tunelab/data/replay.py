@@ -66,11 +66,13 @@ def replay_prompts(path: str | Path | None = None) -> list[str]:
 
 def make_replay(model: str, n: int, *, prompts: str | Path | None = None, seed: int = 0,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, precision: str = "auto",
-                batch_size: int = 32, progress=None) -> tuple[list[dict[str, Any]], ReplayStats]:
+                batch_size: int | None = None,
+                progress=None) -> tuple[list[dict[str, Any]], ReplayStats]:
     """Up to `n` conversations: sampled prompts (deterministic for a seed) answered greedily by
     `model`. Answers cut by max_new_tokens are dropped, not kept: trained with an end-of-turn
-    token after them, they would teach the model to stop mid-sentence. Batches of 32: 64 SmolLM2
-    answers took 20.5 s on 2 cores, against 30.8 s in batches of 16."""
+    token after them, they would teach the model to stop mid-sentence. `batch_size` None: as many
+    as the key/value-cache budget holds (64 SmolLM2 answers took 20.5 s on 2 cores in batches of
+    32, 30.8 s in batches of 16)."""
     from tunelab import models
     from tunelab.inference import generate_completions
     from tunelab.runtime import torch_dtype

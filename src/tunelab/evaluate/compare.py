@@ -352,7 +352,7 @@ def compare(*, base: str | None, tuned: str | Sequence[str], data: str | Path,
             few_shot: int = 5, system: str | None = None, general: str | Path | None = None,
             general_check: bool = True, labels: list[str] | None = None,
             preference: str | Path | None = None, limit: int | None = None,
-            batch_size: int = 16, precision: str = "auto",
+            batch_size: int | None = None, precision: str = "auto",
             retrieval: int = 0, corpus: str | Path | None = None,
             prices: Prices | None = None, judge: JudgeConfig | None = None,
             progress_factory=None) -> Comparison:

@@ -117,12 +117,13 @@ def _read_problems(path: Path) -> list[dict]:
 def run_task(model, tokenizer, task: Task, examples: Sequence[Example], *,
              name: str = "", model_name: str = "",
              prompts: Sequence[list[dict[str, Any]]] | None = None,
-             predictions_file: str | Path | None = None, batch_size: int = 16,
+             predictions_file: str | Path | None = None, batch_size: int | None = None,
              max_new_tokens: int | None = None, max_length: int | None = None,
              progress: Callable[[int], None] | None = None) -> RunResult:
     """Answer and score: generate, or for a log-probability task score the given answers
     (`score_logprobs`, with `max_length` tokens per answer). `prompts` replaces each example's
-    messages (few-shot, a system prompt); the reference and the scoring stay the example's."""
+    messages (few-shot, a system prompt); the reference and the scoring stay the example's.
+    `batch_size` None: generation's from its cache budget, 16 pairs for log-probabilities."""
     from tunelab.inference import generate_completions
     if task.answers_by == "loss":
         raise TunelabError("the loss task generates nothing: use loss_metrics", field="task")
@@ -131,7 +132,7 @@ def run_task(model, tokenizer, task: Task, examples: Sequence[Example], *,
     if task.answers_by == "logprobs":
         return score_logprobs(model, tokenizer, task, examples, name=name,
                               model_name=model_name, prompts=prompts,
-                              predictions_file=predictions_file, batch_size=batch_size,
+                              predictions_file=predictions_file, batch_size=batch_size or 16,
                               max_length=max_length, progress=progress)
     prompts = list(prompts) if prompts is not None else [e.messages for e in examples]
     cap = max_new_tokens or task.max_new_tokens(list(examples), tokenizer)
@@ -307,7 +308,7 @@ def examples_as_conversations(examples: Sequence[Example]) -> list[Conversation]
 def evaluate(model, tokenizer, data: str | Path | Sequence[Conversation] | Sequence[Example], *,
              task: str | Task = "auto", labels: list[str] | None = None,
              with_loss: bool = True, max_length: int | None = None, limit: int | None = None,
-             batch_size: int = 16, max_new_tokens: int | None = None,
+             batch_size: int | None = None, max_new_tokens: int | None = None,
              predictions_file: str | Path | None = None, progress=None, name: str = "",
              model_name: str = "") -> RunResult:
     """Evaluate a loaded model on test data with a task (`tunelab eval`'s library call).
@@ -326,10 +327,12 @@ def evaluate(model, tokenizer, data: str | Path | Sequence[Conversation] | Seque
         examples = examples_from(items) if items and isinstance(items[0], Conversation) else items
     task_obj = make_task(task, examples, labels=labels) if isinstance(task, str) else task
     max_length = max_length or DEFAULT_MAX_LENGTH
+    # scoring a whole conversation holds its activations, not a cache: half a generation batch
+    loss_batch = max(1, batch_size // 2) if batch_size else 8
     if task_obj.answers_by == "loss":
         started = time.perf_counter()
         metrics = loss_metrics(model, tokenizer, examples_as_conversations(examples),
-                               max_length=max_length, batch_size=max(1, batch_size // 2))
+                               max_length=max_length, batch_size=loss_batch)
         return RunResult(name=name, model=model_name, task=task_obj.describe(), metrics=metrics,
                          examples=len(examples), prompt_tokens=0.0, completion_tokens=0.0,
                          latency_s=0.0, requests_per_s=0.0, capped=0,
@@ -339,6 +342,6 @@ def evaluate(model, tokenizer, data: str | Path | Sequence[Conversation] | Seque
                       max_new_tokens=max_new_tokens, max_length=max_length, progress=progress)
     if with_loss and task_obj.generates and task_obj.name != "code":
         loss = loss_metrics(model, tokenizer, examples_as_conversations(examples),
-                            max_length=max_length, batch_size=max(1, batch_size // 2))
+                            max_length=max_length, batch_size=loss_batch)
         result.metrics.update(test_loss=loss["loss"], test_perplexity=loss["perplexity"])
     return result

@@ -91,3 +91,33 @@ def test_the_default_batch_is_what_the_key_value_cache_budget_holds(lively, monk
     monkeypatch.setattr(inference, "KV_CACHE_BUDGET_BYTES", per_token * (longest + 4) * 3)
     out = inference.generate_completions(model, tok, convs, max_new_tokens=4)
     assert rows == [3, 3, 1] and len(out) == len(QUERIES)
+
+
+def test_a_progress_that_raises_stops_a_batch_while_it_decodes(lively, monkeypatch):
+    """A cancel is noticed between decoding steps, not only once a (possibly 128-row) batch is
+    done: generate_completions ticks progress(0) while it decodes."""
+    models, tok = lively
+    monkeypatch.setattr(inference._Tick, "TICK_SECONDS", 0.0)      # tick on every step
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def progress(n):
+        calls.append(n)
+        if len(calls) == 3:
+            raise Stop
+    steps = []
+    forward = type(models["base"]).forward
+    monkeypatch.setattr(type(models["base"]), "forward",
+                        lambda self, *a, **kw: (steps.append(1), forward(self, *a, **kw))[1])
+    convs = [[{"role": "user", "content": q}] for q in QUERIES]
+    with pytest.raises(Stop):
+        inference.generate_completions(models["base"], tok, convs, max_new_tokens=64,
+                                       batch_size=len(convs), progress=progress)
+    assert calls == [0, 0, 0] and len(steps) <= 4      # stopped after 3 steps, not 64
+
+    calls.clear()
+    out = inference.generate_completions(models["base"], tok, convs[:2], max_new_tokens=4,
+                                         batch_size=1, progress=lambda n: calls.append(n))
+    assert len(out) == 2 and sum(calls) == 2 and calls.count(1) == 2   # ticks add nothing

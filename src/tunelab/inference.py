@@ -35,7 +35,9 @@ def generate_completions(model, tokenizer, conversations: Sequence[Sequence[dict
     every row of a batch has emitted its end-of-turn token; results come back in input order.
     `batch_size` None: as many rows as a key/value-cache budget holds (generation_batch_size).
     `progress` (optional) is called with the number of conversations each batch finished, and
-    `on_batch` (optional) with the batch's input indices and completions, as soon as it is done.
+    with 0 about every second while a batch decodes (a long batch stays cancellable: a progress
+    that raises stops generate() there); `on_batch` (optional) with the batch's input indices
+    and completions, as soon as it is done.
     """
     import torch
 
@@ -53,6 +55,9 @@ def generate_completions(model, tokenizer, conversations: Sequence[Sequence[dict
         gen_kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
     else:
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if progress is not None:
+        from transformers import StoppingCriteriaList
+        gen_kwargs["stopping_criteria"] = StoppingCriteriaList([_Tick(progress)])
     device = next(model.parameters()).device
     if batch_size is None:
         batch_size = generation_batch_size(model, max(map(len, prompts), default=0) + max_new_tokens)
@@ -83,6 +88,21 @@ def generate_completions(model, tokenizer, conversations: Sequence[Sequence[dict
         if progress is not None:
             progress(len(idx))
     return out  # type: ignore[return-value]
+
+
+class _Tick:
+    """Calls progress(0) at most every TICK_SECONDS between decoding steps; stops nothing."""
+    TICK_SECONDS = 1.0
+
+    def __init__(self, progress):
+        self.progress, self.last = progress, time.monotonic()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+        if time.monotonic() - self.last >= self.TICK_SECONDS:
+            self.last = time.monotonic()
+            self.progress(0)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 # Decoding reads every weight once per step whatever the batch, so on CPU and GPU alike a step

@@ -230,3 +230,50 @@ def test_the_auto_cadence_skips_checkpoints_that_would_cost_over_a_tenth_of_the_
     assert set(steps) == {2, 10} | {s for s, best in evals.items() if best}, (steps, evals)
     best = min(rec.of("evaluation"), key=lambda e: e.data["valid_loss"]).step
     assert result.best_step == best and best in steps
+
+
+def validated_steps(callback, *, total: int, steps_per_epoch: int, eval_steps: int) -> list[int]:
+    """The steps a run validates at: the stock Trainer's cadence (every eval_steps and the last
+    step, save_steps = eval_steps) with EvaluateAtEpochEnd deciding after it, step by step."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+    args = SimpleNamespace(eval_steps=eval_steps, save_steps=eval_steps, eval_strategy="steps")
+    state, done = TrainerState(max_steps=total), []
+    for step in range(1, total + 1):
+        state.global_step, control = step, TrainerControl()
+        control.should_evaluate = control.should_save = step % eval_steps == 0 or step == total
+        callback.on_step_end(args, state, control)
+        if step % steps_per_epoch == 0 and step != total:     # the epoch ends after the step
+            if control.should_evaluate:
+                callback.on_evaluate(args, state, control)
+            control = TrainerControl()
+            callback.on_epoch_end(args, state, control)
+        if control.should_evaluate:
+            assert control.should_save        # every validation is checkpointed
+            callback.on_evaluate(args, state, control)
+            done.append(step)
+        else:
+            assert not control.should_save
+    return done
+
+
+def test_the_automatic_cadence_skips_a_validation_just_before_an_epoch_end():
+    from tunelab.train.callbacks import EvaluateAtEpochEnd
+
+    def thin():
+        return EvaluateAtEpochEnd(steps_per_epoch=83, thin_cadence=True,
+                                  saves_with_evaluations=True)
+    # the demo's run: 2 epochs of 83 steps, ~5 validations (every 34)
+    assert validated_steps(EvaluateAtEpochEnd(steps_per_epoch=83), total=166,
+                           steps_per_epoch=83, eval_steps=34) == [34, 68, 83, 102, 136, 166]
+    assert validated_steps(thin(), total=166, steps_per_epoch=83,
+                           eval_steps=34) == [34, 83, 102, 136, 166]
+    # 3 epochs of 10 steps, every 6: 18 is 2 steps before the end of epoch 2, 24 4 after it
+    assert validated_steps(EvaluateAtEpochEnd(steps_per_epoch=10, thin_cadence=True,
+                                              saves_with_evaluations=True),
+                           total=30, steps_per_epoch=10, eval_steps=6) == [6, 10, 20, 24, 30]
+    # one epoch: the cadence stands (the last step's validation is the epoch end's)
+    assert validated_steps(EvaluateAtEpochEnd(steps_per_epoch=60, thin_cadence=True,
+                                              saves_with_evaluations=True),
+                           total=60, steps_per_epoch=60, eval_steps=12) == [12, 24, 36, 48, 60]

@@ -12,16 +12,27 @@ token the model must learn to emit), and ChatML when the tokenizer has no chat t
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import shutil
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """PEFT (0.21) reads `model.is_gradient_checkpointing`, which transformers 5 deprecated:
+    a FutureWarning at every adapter load or wrap that the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        yield
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -308,9 +319,10 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, *, tokenizer=None,
         model.config.tunelab_added_token_ids = list(range(original_vocab, len(tokenizer)))
     if src.adapter:
         from peft import PeftModel
-        for inner in src.below:   # the adapters it was trained on, innermost first
-            model = PeftModel.from_pretrained(model, inner).merge_and_unload()
-        model = PeftModel.from_pretrained(model, src.adapter)
+        with peft_quietly():
+            for inner in src.below:   # the adapters it was trained on, innermost first
+                model = PeftModel.from_pretrained(model, inner).merge_and_unload()
+            model = PeftModel.from_pretrained(model, src.adapter)
         if merge_adapter:
             model = model.merge_and_unload()
     head = model.get_output_embeddings()

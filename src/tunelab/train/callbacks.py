@@ -130,15 +130,36 @@ class EventReporter(TrainerCallback):
 class EvaluateAtEpochEnd(TrainerCallback):
     """Validation at each epoch end too (the stock Trainer evaluates every eval_steps and at the
     last step), and a checkpoint with every validation, so the best model is always one that was
-    saved (otherwise the best could fall on an evaluation that was not checkpointed)."""
+    saved (otherwise the best could fall on an evaluation that was not checkpointed).
 
-    def __init__(self):
+    With the automatic cadence (`thin_cadence`), a validation every eval_steps that would fall
+    less than half an interval from another (the one just done at an epoch end, or the next
+    epoch end's or the last step's) is skipped, with its checkpoint: the demo's 166 steps in 2
+    epochs validated at 34, 68, 83, 102, 136, 166; now 34, 83, 102, 136, 166 (one 7 s pass less).
+    Steps decide it, so every process of a distributed run agrees.
+    """
+
+    def __init__(self, *, steps_per_epoch: int = 0, thin_cadence: bool = False,
+                 saves_with_evaluations: bool = False):
         self.last_eval_step = -1
+        self.steps_per_epoch = steps_per_epoch
+        self.thin_cadence = thin_cadence and steps_per_epoch > 0
+        self.saves_with_evaluations = saves_with_evaluations
 
     def on_evaluate(self, args, state, control, **kwargs):
         self.last_eval_step = state.global_step
 
+    def _too_close(self, args, state) -> bool:
+        step, spe, half = state.global_step, self.steps_per_epoch, args.eval_steps / 2
+        next_forced = min(state.max_steps, -(-step // spe) * spe)   # this or the next epoch end
+        return step != next_forced and (next_forced - step < half
+                                        or step - self.last_eval_step < half)
+
     def on_step_end(self, args, state, control, **kwargs):
+        if control.should_evaluate and self.thin_cadence and self._too_close(args, state):
+            control.should_evaluate = False
+            if self.saves_with_evaluations:
+                control.should_save = False
         if control.should_evaluate:   # set just before by DefaultFlowCallback
             control.should_save = True
 

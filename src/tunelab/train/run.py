@@ -23,7 +23,6 @@ import functools
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -163,6 +162,8 @@ def _apply_method(model, cfg: TrainConfig):
             _freeze_lower_layers(model, cfg.freeze_layers)
         return model
     from peft import LoraConfig, get_peft_model
+
+    from tunelab.models import peft_quietly
     # Tokens the tokenizer gained (ChatML on a base model) have fresh embedding rows: a frozen
     # base would keep them random, and the model could never learn to emit <|im_end|>.
     added = getattr(model.config, "tunelab_added_token_ids", None)
@@ -174,8 +175,7 @@ def _apply_method(model, cfg: TrainConfig):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=
                                                 cfg.gradient_checkpointing)
     try:
-        with warnings.catch_warnings():   # PEFT asks for a property transformers deprecated
-            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        with peft_quietly():
             peft_model = get_peft_model(model, lora)
     except ValueError as e:  # unknown target modules
         raise TunelabError(str(e).splitlines()[0], field="lora.target_modules") from None
@@ -355,7 +355,10 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     # compares across configs) and decides nothing else: the objective's, shared with eval
     collator = functools.partial(prep.objective.collate, pad_token_id=prep.tokenizer.pad_token_id)
     # the reporter comes last: it sees (and may veto) what the others decided for a step
-    trainer_callbacks = [EvaluateAtEpochEnd(), *(callbacks or [])]
+    trainer_callbacks = [EvaluateAtEpochEnd(steps_per_epoch=plan.steps_per_epoch,
+                                            thin_cadence=cfg.eval_steps is None,
+                                            saves_with_evaluations=cfg.save_steps is None),
+                         *(callbacks or [])]
     if cfg.save_steps is None and args.world_size == 1:
         trainer_callbacks.insert(1, CheckpointBudget(keep_best=args.load_best_model_at_end))
     if cfg.early_stopping_patience:

@@ -220,6 +220,11 @@ def test_the_auto_cadence_skips_checkpoints_that_would_cost_over_a_tenth_of_the_
     assert steps == [2, 10]
     assert [c.name for c in complete_checkpoints(result.output_dir / "checkpoints")] == \
         ["checkpoint-2", "checkpoint-10"]
+    # a resume point keeps the optimizer's state; the last step's checkpoint is only a model
+    first, last = complete_checkpoints(result.output_dir / "checkpoints")
+    assert (first / "optimizer.pt").exists() and (first / "rng_state.pth").exists()
+    assert not (last / "optimizer.pt").exists() and (last / "model.safetensors").exists()
+    assert (last / "trainer_state.json").exists()
     # save_steps set by the user: every one of them
     steps, _, _ = checkpoint_steps("every2", save_steps=2)
     assert steps == [2, 4, 6, 8, 10]

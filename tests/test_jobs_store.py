@@ -153,3 +153,29 @@ def test_keys_commands(tmp_path):
     assert run_cli("keys", "revoke", "carol", "--data-dir", tmp_path).returncode == 0
     assert Store(tmp_path).key_for_token(token) is None
     assert_clean_error(run_cli("keys", "revoke", "carol", "--data-dir", tmp_path), "carol")
+
+
+def test_the_heartbeat_exits_on_a_lost_lease_but_not_on_a_job_its_process_finished(
+        tmp_path, db_url, monkeypatch):
+    """A job process finishes its job (finish_job, then the "cancelled" event): a beat in
+    between must not read that as a lost lease and kill the process before the event."""
+    from tunelab.jobs import worker
+    exits = []
+    monkeypatch.setattr(worker.os, "_exit", lambda code: exits.append(code))
+    store = Store(tmp_path, db_url)
+    done_id, taken_id = queued(store, 2)
+
+    assert store.claim_job("me", 30).id == done_id
+    assert store.finish_job(done_id, "me", "cancelled")
+    beat = worker._Heartbeat(store, done_id, "me", lease_s=0.2)   # a beat every 0.05 s
+    beat.start()
+    beat.join(timeout=5)
+    assert not beat.is_alive() and exits == []
+
+    assert store.claim_job("other", 30).id == taken_id        # someone else holds this one
+    beat = worker._Heartbeat(store, taken_id, "me", lease_s=0.2)
+    beat.start()
+    time.sleep(0.5)
+    beat.done.set()
+    beat.join(timeout=5)
+    assert exits and exits[0] == 3

@@ -25,7 +25,7 @@ import socket
 import threading
 import traceback
 
-from tunelab.jobs.store import Job, Store, new_id
+from tunelab.jobs.store import FINAL, Job, Store, new_id
 
 log = logging.getLogger("tunelab.worker")
 
@@ -51,10 +51,22 @@ class _Heartbeat(threading.Thread):
             if cancel:
                 self.cancel.set()
             if not ours and not self.done.is_set():
+                if self._ended():
+                    # this process finished the job (succeeded, failed, cancelled) and is
+                    # recording it (the "cancelled" event came after finish_job: exiting here
+                    # lost it, seen under load in CI): nobody else will claim it
+                    return
                 # Another worker holds the job now (we stalled past the lease). Writing on into
                 # its run folder would corrupt it: stop at once, as a kill would.
                 log.error("lost the lease on %s; exiting", self.job_id)
                 os._exit(3)
+
+    def _ended(self) -> bool:
+        try:
+            job = self.store.get(Job, self.job_id)
+        except Exception:   # a busy database: treat the lease as lost, as before
+            return False
+        return job is not None and job.status in FINAL
 
 
 class Worker:

@@ -20,6 +20,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.add_typer(data_app, name="data")
 
 
+# eval's and compare's --batch-size (inference.generation_batch_size decides the default)
+GENERATION_BATCH_HELP = ("rows per generate() call (default: as many as a 1 GiB key/value cache "
+                         "holds, up to tunelab.inference.MAX_GENERATION_BATCH)")
+
 @app.command()
 def train(config: Path = typer.Argument(..., help="YAML config"),
           set_: list[str] = typer.Option([], "--set", help="override: key=value (lora.r=8)"),
@@ -98,9 +102,7 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model spec"),
           max_length: Optional[int] = typer.Option(None, help="tokens per example for the loss "
                                                    "and per answer of a preference pair "
                                                    "(default: what the model was trained with)"),
-          batch_size: Optional[int] = typer.Option(
-              None, help="rows per generate() call (default: as many as a 1 GiB key/value "
-              "cache holds, at most 128)"),
+          batch_size: Optional[int] = typer.Option(None, help=GENERATION_BATCH_HELP),
           precision: str = typer.Option("auto", help="weights for inference: auto (bf16 where "
                                         "the hardware has it), bf16, fp16 or fp32"),
           predictions: Optional[Path] = typer.Option(None, help="write scored answers (JSONL) "
@@ -201,9 +203,7 @@ def compare(tuned: list[str] = typer.Option(..., "--tuned", help="fine-tuned mod
                                               "2024)"),
             out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="report folder"),
             limit: Optional[int] = typer.Option(None, help="the first N test examples"),
-            batch_size: Optional[int] = typer.Option(
-                None, help="rows per generate() call (default: as many as a 1 GiB key/value "
-                "cache holds, at most 128)"),
+            batch_size: Optional[int] = typer.Option(None, help=GENERATION_BATCH_HELP),
             precision: str = typer.Option("auto", help="weights for inference: auto (bf16 "
                                           "where the hardware has it), bf16, fp16 or fp32"),
             as_json: bool = typer.Option(False, "--json", help="print one JSON object"),

@@ -539,20 +539,34 @@ def test_a_running_job_is_cancelled_from_its_page(page, server, tuned, shots):
     shots(page, "job-cancelled", phone=False)
 
 
-def test_a_running_comparison_is_cancelled_from_its_page(page, server, tuned, shots):
+def test_a_running_comparison_is_cancelled_from_its_page(page, server, tuned, tmp_path, shots):
+    # A test file long enough that the comparison cannot end before the cancel lands: the
+    # random base model never emits its end-of-turn token, so each of 800 answers runs to the
+    # 256-token cap (about 25 s for the zero-shot row alone on 2 cores, minutes in all). The
+    # 12-row test split and the 104-prompt general check end in a few seconds on the tiny
+    # model: a cancel clicked under load could arrive after the comparison had finished.
+    sentence = "The {a} makes its sound at dawn, at noon and at night, and every farmer knows it."
+    essay = " ".join(sentence.format(a=a) for a in ("dog", "cat", "cow", "duck", "sheep", "owl"))
+    long_test = tmp_path / "essays.test.jsonl"
+    long_test.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Describe animal number {i} and its sound."},
+        {"role": "assistant", "content": essay}]}) + "\n" for i in range(800)))
+    upload(page, long_test)
+    page.wait_for_selector(".step.done")
     page.goto(f"{server.url}/#/compare?model={tuned['model']}")
     page.wait_for_selector("#c-test")
     options = page.eval_on_selector_all("#c-test option", "os => os.map(o => [o.value, o.text])")
     page.select_option("#c-test", next(v for v, text in options
-                                       if text.startswith("sounds.test.jsonl")))
-    if page.query_selector("#c-general"):
-        page.check("#c-general")            # the 104-prompt general check: long enough to cancel
+                                       if text.startswith("essays.test.jsonl")))
     page.click("button:has-text('Run comparison')")
     page.wait_for_url("**/#/compare/eval-*")
     page.wait_for_selector(".eval-progress", timeout=120_000)
+    clicked = time.monotonic()
     page.click("#cancel-eval")
     page.wait_for_selector(".alert:has-text('Cancelled. A comparison keeps nothing partial')",
                            timeout=60_000)
+    # noticed between decoding steps of a 128-row batch, not after the whole batch
+    assert time.monotonic() - clicked < 30
     assert page.query_selector("#cancel-eval") is None
     assert page.query_selector("#comparison-table") is None
     shots(page, "compare-cancelled", phone=False)

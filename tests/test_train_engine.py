@@ -128,6 +128,72 @@ def test_packing_trains_and_learns(tmp_path, tiny_model_dir, sound_task):
                     task="exact_match").metrics["exact_match"] >= 0.75
 
 
+def _split_cost(runs, lengths, overhead):
+    return sum(len(r) * max(lengths[i] for i in r) + overhead for r in runs)
+
+
+def _cheapest_split(lengths, budget, overhead):
+    """Every contiguous cut of the rows sorted longest first, tried one by one."""
+    import itertools
+    ls = sorted(lengths, reverse=True)
+    best = None
+    for cuts in itertools.product([False, True], repeat=len(ls) - 1):
+        runs, start = [], 0
+        for k, cut in enumerate(cuts, 1):
+            if cut:
+                runs.append(ls[start:k])
+                start = k
+        runs.append(ls[start:])
+        if all(len(r) == 1 or len(r) * r[0] <= budget for r in runs):
+            cost = sum(len(r) * r[0] + overhead for r in runs)
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_a_step_is_split_into_forwards_by_padded_tokens():
+    import random
+
+    from tunelab.batching import split_by_tokens
+    # the bench's kind of step: 8 random rows of 57 to 850 tokens, 4 x 850 tokens a forward
+    lengths = [850, 57, 400, 61, 300, 65, 90, 200]
+    runs = split_by_tokens(lengths, 4 * 850, 192)
+    assert sorted(i for r in runs for i in r) == list(range(8))
+    assert all(len(r) * max(lengths[i] for i in r) <= 4 * 850 for r in runs)
+    fixed = [[0, 2, 4, 7], [1, 3, 5, 6]]        # 4 rows a forward, longest first: what it was
+    assert _split_cost(runs, lengths, 192) < 0.75 * _split_cost(fixed, lengths, 192)
+    assert [lengths[i] for i in runs[-1]] == [90, 65, 61, 57]   # the short rows share one
+    assert split_by_tokens([5000, 10], 3400, 192) == [[0], [1]]   # too long: alone
+    assert split_by_tokens([3] * 8, 12, 0) == [[0, 1, 2, 3], [4, 5, 6, 7]]   # ties: fewer
+    rng = random.Random(0)
+    for _ in range(300):
+        ls = [rng.randint(1, 900) for _ in range(rng.randint(1, 9))]
+        budget, overhead = rng.choice([900, 1800, 3600]), rng.choice([0, 50, 200])
+        runs = split_by_tokens(ls, budget, overhead)
+        assert sorted(i for r in runs for i in r) == list(range(len(ls)))
+        assert _split_cost(runs, ls, overhead) == _cheapest_split(ls, budget, overhead)
+
+
+def test_the_step_collator_pads_each_forward_and_loses_no_row(smol_tokenizer, mixed_lengths):
+    from tunelab.data.conversation import read_conversations
+    from tunelab.data.render import render_examples
+    from tunelab.objectives import get
+    from tunelab.train.trainer import StepCollator
+    tok = smol_tokenizer
+    rows = render_examples([c.messages for c in read_conversations(mixed_lengths)], tok,
+                           max_length=256)[:16]
+    longest = max(len(r["input_ids"]) for r in rows)
+    step = StepCollator(get("sft"), tok.pad_token_id, forward_tokens=4 * longest, overhead=8)(rows)
+    seen = []
+    for f in step["forwards"]:
+        assert f["input_ids"].numel() <= 4 * longest or f["input_ids"].shape[0] == 1
+        for ids, mask, labels in zip(f["input_ids"], f["attention_mask"], f["labels"]):
+            n = int(mask.sum())
+            seen.append((ids[:n].tolist(), labels[:n].tolist()))
+            assert (labels[n:] == -100).all()
+    assert sorted(seen) == sorted((r["input_ids"], r["labels"]) for r in rows)
+    assert len(step["forwards"]) > 16 // 4 - 1
+
+
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir, mixed_lengths):
     def run(name, micro):
         res = tunelab.train(base_cfg(tiny_model_dir, mixed_lengths, tmp_path / name, max_steps=4,

@@ -4,6 +4,8 @@ test-set evaluation and generation.
 - `pad_rows`: rendered rows (input_ids, labels) -> right-padded tensors with an attention mask
   and labels padded with IGNORE_INDEX. The objectives' collators (SFT rows, DPO's two sides of
   each pair), validation and `tunelab eval`'s test loss all batch through it.
+- `split_by_tokens`: an optimizer step's rows -> forward passes of similar lengths within a
+  padded-token budget (the trainer's micro-batches).
 - `pad_prompts`: prompts for generation, LEFT-padded so that every prompt ends where generation
   starts (what batched `generate` needs).
 - `sequence_logps`: each row's summed log-probability of its trained tokens (DPO's loss and the
@@ -72,6 +74,38 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict[str
             ids[i, width - len(p):] = torch.as_tensor(list(p))
             mask[i, width - len(p):] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def split_by_tokens(lengths: Sequence[int], budget: int, overhead: int) -> list[list[int]]:
+    """The rows of one optimizer step (their lengths) -> forward passes (lists of row indices),
+    each padding its rows to its longest and holding at most `budget` padded tokens (a row
+    longer than the budget goes alone).
+
+    The cheapest split by padded tokens plus `overhead` token-equivalents per forward (the fixed
+    cost of a forward and backward: full fine-tuning writes every weight's gradient once per
+    backward, whatever the rows): rows sorted by length, cut into runs by dynamic programming.
+    A fixed count of rows per forward pads a short row to the longest one drawn with it: on the
+    bench's mixed lengths (57 to 850 tokens, steps of 8 random rows in 2 forwards of 4) a third of
+    the tokens computed were padding. The gradient is the step's either way (the loss is
+    normalised by the step's trained tokens), so only the cost changes.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    ls = [lengths[i] for i in order]
+    best = [0] + [None] * len(ls)      # best[j]: the cheapest split of the j longest rows
+    cut = [0] * (len(ls) + 1)
+    for j in range(1, len(ls) + 1):
+        for i in range(j - 1, -1, -1):     # the run i..j-1 pads to ls[i], its longest
+            padded = (j - i) * ls[i]
+            if padded > budget and j - i > 1:
+                break                      # longer runs starting earlier only pad more
+            cost = best[i] + padded + overhead
+            if best[j] is None or cost <= best[j]:   # ties: fewer forwards
+                best[j], cut[j] = cost, i
+    runs, j = [], len(ls)
+    while j:
+        runs.append(order[cut[j]:j])
+        j = cut[j]
+    return runs[::-1]
 
 
 @dataclass

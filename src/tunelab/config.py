@@ -83,8 +83,10 @@ class _TrainConfig(_Strict):
         "auto", description="global batch (examples per optimizer step)")
     micro_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH,
                                          description="examples per device per "
-                                         "forward; default: fits a token budget (auto.py); "
-                                         "the rest of the batch is gradient accumulation")
+                                         "forward at the longest example's length (shorter "
+                                         "ones are grouped up to the same padded tokens); "
+                                         "default: fits a token budget (auto.py); the rest "
+                                         "of the batch is gradient accumulation")
     learning_rate: Annotated[float, Field(gt=0, le=1)] | Auto = Field(
         "auto", description="auto: sft 2e-4 LoRA/DoRA, 2e-5 full; dpo a tenth of that")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup",

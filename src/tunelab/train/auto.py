@@ -5,12 +5,16 @@ The rules (documented in the README), in the spirit of the OpenAI fine-tuning AP
   updates happen (at most 25 epochs); a large one fewer, about 25,000 examples in all (>= 1).
 - batch_size (global, examples per optimizer step): 8 below 2,000 examples, 16 below 10,000,
   else 32. Small data wants more, noisier steps; big data, steadier ones.
-- micro_batch_size (examples per forward pass): the largest power of two that keeps a forward
-  pass within a token budget (4,096 padded tokens on CPU, 32,768 on GPU) for the longest
-  example, at most the batch. Activation memory grows with the tokens of one forward pass, and
-  a CPU gains nothing from more than a few thousand rows per matmul; the rest of the global batch
-  is gradient accumulation (the loss is normalised by the step's trained tokens, so the result
-  is the same), split over the processes of a distributed run.
+- micro_batch_size (examples per forward pass at the longest example's length): the largest
+  power of two that keeps a forward pass within a token budget (4,096 padded tokens on CPU,
+  32,768 on GPU) for the longest example, at most the batch. Activation memory grows with the
+  tokens of one forward pass, and a CPU gains nothing from more than a few thousand rows per
+  matmul. micro_batch_size x the longest example is then every forward pass's budget of padded
+  tokens (`forward_tokens`): each optimizer step's examples are split into forward passes of
+  similar lengths within it (tunelab.batching.split_by_tokens), so a forward holds more short
+  examples than long ones and pads little; the passes of a step accumulate gradients (the loss
+  is normalised by the step's trained tokens, so the result is the same), and the global batch
+  is split over the processes of a distributed run.
 - learning_rate: the objective's rule (tunelab.objectives): for SFT 2e-4 for LoRA / DoRA /
   QLoRA (adapters start at zero and need large steps), 2e-5 for full fine-tuning (the usual
   SFT rate for small models); for DPO a tenth of those.
@@ -37,6 +41,8 @@ class Plan:
     eval_steps: int
     save_steps: int
     logging_steps: int
+    forward_tokens: int        # padded tokens one forward pass may hold (micro x the longest)
+    forward_overhead: int      # a forward's fixed cost, in tokens' worth (FORWARD_OVERHEAD_TOKENS)
 
 
 def auto_epochs(n: int) -> float:
@@ -57,6 +63,13 @@ def auto_learning_rate(method: str, objective: str = "sft") -> float:
 
 
 TOKENS_PER_FORWARD = {"cpu": 4096, "gpu": 32768}
+# The fixed cost of one forward and backward pass, in tokens' worth of compute, which decides
+# when splitting a step's examples into one more forward pays for the padding it saves. On CPU
+# measured on SmolLM2-135M, 2 EPYC cores, full fine-tuning in bf16: 1 row of 8 tokens 0.39 s,
+# 1 x 128 0.69 s, 4 x 512 6.8 s (~300 tokens/s), so ~100 tokens; LoRA ~0.2 s at 8 tokens. On a
+# GPU a forward's kernel launches cost milliseconds against ~10^5 tokens/s: ~1,000 tokens
+# (an estimate, not yet measured).
+FORWARD_OVERHEAD_TOKENS = {"cpu": 192, "gpu": 1024}
 
 
 def auto_micro_batch_size(batch: int, longest: int, world_size: int, on_gpu: bool) -> int:
@@ -91,4 +104,6 @@ def make_plan(cfg: TrainConfig, n_train: int, *, n_examples: int | None = None,
     return Plan(epochs=epochs, batch_size=effective, micro_batch_size=micro,
                 gradient_accumulation_steps=accum, world_size=world_size, learning_rate=lr,
                 steps_per_epoch=steps_per_epoch, total_steps=total, eval_steps=eval_steps,
-                save_steps=save_steps, logging_steps=logging_steps)
+                save_steps=save_steps, logging_steps=logging_steps,
+                forward_tokens=micro * (longest or cfg.max_length),
+                forward_overhead=FORWARD_OVERHEAD_TOKENS["gpu" if on_gpu else "cpu"])

@@ -76,14 +76,15 @@ class ProgressDisplay:
                     f"trainable ({pct:.2f}%)")
         packed = f" (packed into {d['packed_rows']} rows)" if d.get("packed_rows") else ""
         procs = d.get("world_size", 1)
-        split = f"{d['micro_batch_size']} x {d['gradient_accumulation_steps']} accumulation" + \
-            (f" x {procs} processes" if procs > 1 else "")
+        split = (f" over {procs} processes" if procs > 1 else "") + \
+            (f", forward passes of up to {d['forward_tokens']:,} padded tokens"
+             if d.get("forward_tokens") else "")
         # max_steps may end the run before the planned epochs do
         epochs = min(d["epochs"], e.total_steps / d.get("steps_per_epoch", e.total_steps))
         replay = f" (with {d['replay_examples']} replay)" if d.get("replay_examples") else ""
         self._print(f"tunelab: {d['train_examples']} train{replay} / {d['valid_examples']} valid "
                     f"examples{packed}; {e.total_steps} steps ({epochs:.3g} epochs) of batch "
-                    f"{d['batch_size']} = {split}; lr {d['learning_rate']:g}, {d['precision']}")
+                    f"{d['batch_size']}{split}; lr {d['learning_rate']:g}, {d['precision']}")
         if d.get("resumed_from"):
             self._print(f"tunelab: resuming at step {e.step} from {d['resumed_from']}")
         if self.live:

@@ -115,9 +115,11 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
     with_valid = "steps" if has_valid else "no"
     return TrainingArguments(
         output_dir=str(work / "checkpoints"),
-        per_device_train_batch_size=plan.micro_batch_size,
+        # one loader batch is this process's share of an optimizer step; StepCollator splits it
+        # into forward passes by padded tokens, and TunelabTrainer.training_step accumulates them
+        per_device_train_batch_size=plan.micro_batch_size * plan.gradient_accumulation_steps,
         per_device_eval_batch_size=plan.micro_batch_size,
-        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        gradient_accumulation_steps=1,
         num_train_epochs=plan.epochs,
         max_steps=cfg.max_steps or -1,
         learning_rate=plan.learning_rate,
@@ -326,7 +328,7 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from tunelab.train.callbacks import CheckpointBudget, EvaluateAtEpochEnd, EventReporter
-    from tunelab.train.trainer import TunelabTrainer
+    from tunelab.train.trainer import StepCollator, TunelabTrainer
 
     cfg, plan = prep.cfg, prep.plan
     # Seeded before the model is built: LoRA's (and resized embeddings') random initialisation
@@ -351,9 +353,11 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     reporter = EventReporter(channel, _started_data(prep, trainable, total),
                              metric_names=prep.objective.metric_names,
                              should_cancel=should_cancel)
-    # pads (plain rows, and packed rows for training; validation is never packed, so its loss
-    # compares across configs) and decides nothing else: the objective's, shared with eval
-    collator = functools.partial(prep.objective.collate, pad_token_id=prep.tokenizer.pad_token_id)
+    # splits a step into forward passes and pads them (plain rows, and packed rows for training;
+    # validation is never packed, so its loss compares across configs) with the objective's
+    # collate, shared with eval; it decides nothing about supervision
+    collator = StepCollator(prep.objective, prep.tokenizer.pad_token_id,
+                            forward_tokens=plan.forward_tokens, overhead=plan.forward_overhead)
     # the reporter comes last: it sees (and may veto) what the others decided for a step
     trainer_callbacks = [EvaluateAtEpochEnd(steps_per_epoch=plan.steps_per_epoch,
                                             thin_cadence=cfg.eval_steps is None,
@@ -388,6 +392,7 @@ def _started_data(prep: Prepared, trainable: int, total: int) -> dict[str, Any]:
             "trainable_parameters": trainable, "total_parameters": total,
             "micro_batch_size": plan.micro_batch_size,
             "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+            "forward_tokens": plan.forward_tokens,
             "world_size": plan.world_size, "steps_per_epoch": plan.steps_per_epoch,
             "precision": prep.precision,
             "packed_rows": len(prep.train_batches) if cfg.packing else None,
@@ -453,6 +458,7 @@ def write_outputs(built: Built, output, *, started: float) -> TrainResult:
                "method": cfg.method, "epochs": plan.epochs,
                "batch_size": plan.batch_size, "micro_batch_size": plan.micro_batch_size,
                "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+               "forward_tokens": plan.forward_tokens,
                "world_size": plan.world_size, "learning_rate": plan.learning_rate,
                "packed_rows": len(prep.train_batches) if cfg.packing else None,
                "tokens_seen": int(state.num_input_tokens_seen or 0)})

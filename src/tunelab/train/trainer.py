@@ -21,10 +21,14 @@
 - bf16 weights with fp32 master copies in the optimizer (tunelab.train.precision) instead of
   autocast over fp32 weights, with the gradient norm and clipping on the fp32 master gradients;
 - a non-finite loss stops the run at the step it happens (the stock Trainer filters NaN out of
-  its logs and keeps going, and would then save NaN weights).
+  its logs and keeps going, and would then save NaN weights);
+- an optimizer step's forward passes made by padded tokens, not by a fixed count of rows
+  (StepCollator): the Trainer sees one batch per step (no accumulation of its own) and
+  training_step runs the step's forwards, accumulating gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -69,6 +73,24 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         return iter([i for k in order for i in steps[k]])
 
 
+class StepCollator:
+    """A loader batch (this process's rows of one optimizer step, or a validation batch) ->
+    {"forwards": [padded batch, ...]}: the rows split into forward passes of similar lengths
+    within `forward_tokens` padded tokens (tunelab.batching.split_by_tokens), each padded by the
+    objective's collate."""
+
+    def __init__(self, objective, pad_token_id: int, *, forward_tokens: int, overhead: int):
+        self.objective, self.pad_token_id = objective, pad_token_id
+        self.forward_tokens, self.overhead = forward_tokens, overhead
+
+    def __call__(self, rows: list[dict]) -> dict[str, list[dict[str, torch.Tensor]]]:
+        from tunelab.batching import split_by_tokens
+        runs = split_by_tokens([self.objective.row_length(r) for r in rows],
+                               self.forward_tokens, self.overhead)
+        return {"forwards": [self.objective.collate([rows[i] for i in run], self.pad_token_id)
+                             for run in runs]}
+
+
 class TunelabTrainer(Trainer):
     # The loss below is normalised by the optimizer step's item count (num_items_in_batch), so
     # the Trainer must neither divide it by the accumulation steps again nor skip counting.
@@ -103,7 +125,8 @@ class TunelabTrainer(Trainer):
         micro-batches and, with average_tokens_across_devices, over every process."""
         if not batch_samples:
             return None
-        items = sum(torch.as_tensor(self.objective.items(b)) for b in batch_samples)
+        items = sum(torch.as_tensor(self.objective.items(f))
+                    for b in batch_samples for f in b["forwards"])
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             items = self.accelerator.gather(items.to(device)).sum()
         return items.to(device)
@@ -164,10 +187,11 @@ class TunelabTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Validation: the loss (and the statistics compute_loss sums); no logits kept."""
+        """Validation: the statistics compute_loss sums (log() makes the loss from them, per
+        item over the whole set); no logits kept."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
+            loss = sum(self.compute_loss(model, f) for f in inputs["forwards"])
         return loss.detach(), None, None
 
     def log(self, logs, start_time=None):
@@ -193,13 +217,37 @@ class TunelabTrainer(Trainer):
             self._sums[mode] = {}
         super().log(logs, start_time)
 
-    # -- a NaN stops the run where it happens ------------------------------------------------
+    # -- a step's forward passes; a NaN stops the run where it happens -----------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not math.isfinite(float(loss)):
-            raise NonFiniteLoss(f"the loss became {float(loss)} at step {self.state.global_step + 1}"
-                                " (try a lower learning_rate, or precision fp32)")
-        return loss
+        forwards = inputs["forwards"]
+        total = None
+        for i, batch in enumerate(forwards):
+            # DDP reduces gradients in the step's last backward only (ranks may split their
+            # shares into different numbers of forwards: each reduces once)
+            sync = contextlib.nullcontext() if i == len(forwards) - 1 else \
+                self.accelerator.no_sync(model)
+            with sync:
+                loss = super().training_step(model, batch, num_items_in_batch)
+            if not math.isfinite(float(loss)):
+                raise NonFiniteLoss(f"the loss became {float(loss)} at step "
+                                    f"{self.state.global_step + 1} (try a lower learning_rate, "
+                                    "or precision fp32)")
+            total = loss if total is None else total + loss
+        return total
+
+    def floating_point_ops(self, inputs):
+        return sum(super(TunelabTrainer, self).floating_point_ops(f) for f in inputs["forwards"])
+
+    def _track_num_input_tokens(self, inputs):
+        """Non-padding input tokens (run.py asks for that count), summed over the step's
+        forwards, then gathered once: one collective per step on every rank."""
+        if self.args.include_num_input_tokens_seen == "no":
+            return
+        pad = self.processing_class.pad_token_id
+        seen = sum(int(f["attention_mask"].sum()) if "attention_mask" in f
+                   else int((f["input_ids"] != pad).sum()) for f in inputs["forwards"])
+        seen = torch.as_tensor(seen, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(seen).sum().item()
 
     # -- atomic checkpoints ------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):

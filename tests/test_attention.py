@@ -38,10 +38,12 @@ def batch(kind: str):
     return {"input_ids": ids}
 
 
+@pytest.mark.parametrize("block", [attention.QUERY_BLOCK, 16])   # 40 tokens: 1 or 3 blocks
 @pytest.mark.parametrize("kind", ["causal", "right-padded", "left-padded", "packed"])
-def test_the_matmul_path_computes_what_sdpa_computes(tiny_model_dir, kind):
+def test_the_matmul_path_computes_what_sdpa_computes(tiny_model_dir, kind, block, monkeypatch):
     """Against the model in fp32: the bf16 matmul path is no further off than bf16 SDPA."""
     from transformers import AttentionInterface
+    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
     ref, fast = two_models(tiny_model_dir)
     exact = copy.deepcopy(ref).float()
     calls = []

@@ -66,8 +66,12 @@ def test_sharing_the_prefix_gives_the_whole_batchs_loss_and_gradients(tiny_model
         assert rel(g_shared[name], g_whole[name]) < 1e-4, name
 
 
-def test_in_bf16_the_shared_prefix_is_no_further_from_fp32_than_the_whole_batch(tiny_model_dir):
-    """bf16 with tunelab's attention, which takes the matmul path after a cached prefix."""
+@pytest.mark.parametrize("block", [attention.QUERY_BLOCK, 8])   # after the prefix: 1 or more
+def test_in_bf16_the_shared_prefix_is_no_further_from_fp32_than_the_whole_batch(
+        tiny_model_dir, block, monkeypatch):
+    """bf16 with tunelab's attention, which takes the matmul path after a cached prefix, in
+    query blocks that each see the prefix and the queries up to their own."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
     exact = load(tiny_model_dir)
     fast = copy.deepcopy(exact).to(torch.bfloat16)
     attention.use_fast_attention(fast)

@@ -1,11 +1,15 @@
-"""Attention for training on a CPU: PyTorch's SDPA, except short bf16 rows, which run as plain
-matmuls and a softmax (what transformers' "eager" attention computes).
+"""Attention for training on a CPU: PyTorch's SDPA, except bf16 rows up to SHORT_ROWS tokens,
+which run as plain matmuls and a softmax (what transformers' "eager" attention computes), in
+causal blocks of queries.
 
 Why by hand: on a CPU, SDPA's flash kernel is the fastest for long rows but carries a fixed cost
 per call that dominates short ones; its bf16 backward most of all. Measured on a 2-core AVX-512
 BF16 EPYC, 8 rows x 9 heads x 100 tokens, forward + backward: flash 15.1 ms, matmuls 4.5 ms; at
-256 tokens they are even (17.1 vs 16.3 ms), and past that flash wins (at 850: 2x). In the demo's
-LoRA steps (8 reviews of ~85 tokens) SDPA was 20% of the step. transformers lets a model pick
+256 tokens they are even (17.1 vs 16.3 ms), and past that whole-row matmuls lose (at 850: 2x)
+unless the queries go in causal blocks (QUERY_BLOCK), which win up to ~768 tokens. In the demo's
+LoRA steps (8 reviews of ~85 tokens) SDPA was 20% of the step; in a full fine-tuning step of the
+bench's rows (1 x 850, 1 x 522, 2 x 305, 4 x 121 tokens) blocks up to 768 instead of whole rows
+up to 192 took the step from 9.52 to 8.95 s (medians of 5, interleaved). transformers lets a model pick
 an attention function by name (AttentionInterface); this one is registered as "tunelab_sdpa",
 with SDPA's masks, so everything else about the model stays SDPA's.
 """
@@ -16,7 +20,14 @@ import torch
 NAME = "tunelab_sdpa"
 # rows up to this many tokens (keys, a cached prefix's included) take the matmul path, in
 # bf16/fp16 only: in fp32 the flash kernel is as fast or faster at every length measured
-SHORT_ROWS = 192
+SHORT_ROWS = 768
+# The matmul path runs queries in blocks of this many, each against the keys up to its last
+# query only (causal: the rest are masked), so a long row skips the masked half of the scores
+# as the flash kernel does, while each block stays one plain batched matmul. Measured on a
+# 2-core AVX-512 BF16 EPYC, one row x 9 heads, forward + backward of one layer: 305 tokens
+# flash 11.1 ms, whole-row matmuls 7.3, blocks of 256 6.3; 522: 17.8 / 17.9 / 12.7; 850:
+# 28.9 / 56.0 / 29.7 (even with flash there, hence SHORT_ROWS).
+QUERY_BLOCK = 256
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -34,18 +45,29 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * (scaling or query.shape[-1] ** -0.5)
-    if attention_mask is None:     # SDPA's mask function leaves plain causal rows to the kernel
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool,
-                                    device=query.device).tril()
-    if attention_mask.dtype == torch.bool:
-        # the dtype's lowest value, not -inf: a row with nothing to attend to (a left pad)
-        # then gets a uniform softmax instead of NaN, as with transformers' eager masks
-        scores = scores.masked_fill(~attention_mask[..., :k_len], torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + attention_mask[..., :k_len]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+    scale = scaling or query.shape[-1] ** -0.5
+    past = k_len - q_len                 # a cached prefix: query i sees keys up to past + i
+    blocks = []
+    for start in range(0, q_len, QUERY_BLOCK):
+        end = min(q_len, start + QUERY_BLOCK)
+        keys = past + end if causal else k_len   # later keys are masked for the whole block
+        scores = torch.matmul(query[:, :, start:end], key[:, :, :keys].transpose(2, 3)) * scale
+        if attention_mask is None:   # SDPA's mask function leaves plain causal rows to the kernel
+            mask = torch.ones(end - start, keys, dtype=torch.bool,
+                              device=query.device).tril(diagonal=start)
+        else:
+            mask = attention_mask[..., start:end, :keys] if attention_mask.shape[-2] > 1 \
+                else attention_mask[..., :keys]
+        if mask.dtype == torch.bool:
+            # the dtype's lowest value, not -inf: a row with nothing to attend to (a left pad)
+            # then gets a uniform softmax instead of NaN, as with transformers' eager masks
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        blocks.append(torch.matmul(probs, value[:, :, :keys]))
+    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def use_fast_attention(model) -> None:

@@ -89,6 +89,12 @@ def test_long_rows_fp32_and_decoding_stay_on_sdpa(tiny_model_dir, monkeypatch):
         assert seen == []                                   # short bf16: the matmul path
         fast.float()(input_ids=torch.randint(5, 400, (2, 20)), use_cache=False)
         assert seen and set(seen) == {20}                   # fp32: SDPA at every length
+    fast.to(torch.bfloat16)
+    seen.clear()    # with gradients (training) the blocks take rows up to TRAINING_ROWS
+    fast(input_ids=torch.randint(5, 400, (1, attention.SHORT_ROWS + 1)), use_cache=False)
+    assert seen == []
+    fast(input_ids=torch.randint(5, 400, (1, attention.TRAINING_ROWS + 1)), use_cache=False)
+    assert seen and set(seen) == {attention.TRAINING_ROWS + 1}
 
 
 def test_a_saved_model_does_not_name_the_attention(tiny_model_dir, tmp_path):

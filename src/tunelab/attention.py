@@ -1,6 +1,6 @@
-"""Attention for training on a CPU: PyTorch's SDPA, except bf16 rows up to SHORT_ROWS tokens,
-which run as plain matmuls and a softmax (what transformers' "eager" attention computes), in
-causal blocks of queries.
+"""Attention for training on a CPU: PyTorch's SDPA, except bf16 rows up to TRAINING_ROWS tokens
+(SHORT_ROWS without gradients), which run as plain matmuls and a softmax (what transformers'
+"eager" attention computes), in causal blocks of queries.
 
 Why by hand: on a CPU, SDPA's flash kernel is the fastest for long rows but carries a fixed cost
 per call that dominates short ones; its bf16 backward most of all. Measured on a 2-core AVX-512
@@ -18,15 +18,19 @@ from __future__ import annotations
 import torch
 
 NAME = "tunelab_sdpa"
-# rows up to this many tokens (keys, a cached prefix's included) take the matmul path, in
-# bf16/fp16 only: in fp32 the flash kernel is as fast or faster at every length measured
-SHORT_ROWS = 768
+# Rows up to this many tokens (keys, a cached prefix's included) take the matmul path, in
+# bf16/fp16 only (in fp32 the flash kernel is as fast or faster at every length measured):
+# TRAINING_ROWS where gradients are computed, SHORT_ROWS without (generation, validation). The
+# flash kernel's forward alone is fast: without gradients the blocks lose past ~192 tokens
+# (16 rows x 405 tokens: flash 61.6 ms, blocks 91.9; 128 x 90 queries on 405 keys: 163 vs 347).
+SHORT_ROWS = 192
+TRAINING_ROWS = 768
 # The matmul path runs queries in blocks of this many, each against the keys up to its last
 # query only (causal: the rest are masked), so a long row skips the masked half of the scores
 # as the flash kernel does, while each block stays one plain batched matmul. Measured on a
 # 2-core AVX-512 BF16 EPYC, one row x 9 heads, forward + backward of one layer: 305 tokens
 # flash 11.1 ms, whole-row matmuls 7.3, blocks of 256 6.3; 522: 17.8 / 17.9 / 12.7; 850:
-# 28.9 / 56.0 / 29.7 (even with flash there, hence SHORT_ROWS).
+# 28.9 / 56.0 / 29.7 (even with flash there, hence TRAINING_ROWS).
 QUERY_BLOCK = 256
 
 
@@ -35,7 +39,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
     q_len, k_len = query.shape[-2], key.shape[-2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if (query.device.type != "cpu" or query.dtype == torch.float32 or k_len > SHORT_ROWS
+    longest = TRAINING_ROWS if torch.is_grad_enabled() else SHORT_ROWS
+    if (query.device.type != "cpu" or query.dtype == torch.float32 or k_len > longest
             or q_len == 1                                   # decoding: SDPA's
             or (q_len != k_len and attention_mask is None)  # a cache with no mask: SDPA's
             or (dropout and module.training)

@@ -7,11 +7,11 @@ per call that dominates short ones; its bf16 backward most of all. Measured on a
 BF16 EPYC, 8 rows x 9 heads x 100 tokens, forward + backward: flash 15.1 ms, matmuls 4.5 ms; at
 256 tokens they are even (17.1 vs 16.3 ms), and past that whole-row matmuls lose (at 850: 2x)
 unless the queries go in causal blocks (QUERY_BLOCK), which win up to ~768 tokens. In the demo's
-LoRA steps (8 reviews of ~85 tokens) SDPA was 20% of the step; in a full fine-tuning step of the
-bench's rows (1 x 850, 1 x 522, 2 x 305, 4 x 121 tokens) blocks up to 768 instead of whole rows
-up to 192 took the step from 9.52 to 8.95 s (medians of 5, interleaved). transformers lets a model pick
-an attention function by name (AttentionInterface); this one is registered as "tunelab_sdpa",
-with SDPA's masks, so everything else about the model stays SDPA's.
+LoRA steps (8 reviews of ~85 tokens) SDPA was 20% of the step; in a full fine-tuning step of
+the bench's rows (1 x 850, 1 x 522, 2 x 305, 4 x 121 tokens) blocks up to 768 instead of whole
+rows up to 192 took the step from 9.52 to 8.95 s (medians of 5, interleaved). transformers lets
+a model pick an attention function by name (AttentionInterface); this one is registered as
+"tunelab_sdpa", with SDPA's masks, so everything else about the model stays SDPA's.
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         end = min(q_len, start + QUERY_BLOCK)
         keys = past + end if causal else k_len   # later keys are masked for the whole block
         scores = torch.matmul(query[:, :, start:end], key[:, :, :keys].transpose(2, 3)) * scale
-        if attention_mask is None:   # SDPA's mask function leaves plain causal rows to the kernel
+        if attention_mask is None:   # plain causal rows, no cache (see above): SDPA's mask
+            # function leaves them to the kernel
             mask = torch.ones(end - start, keys, dtype=torch.bool,
                               device=query.device).tril(diagonal=start)
         else:

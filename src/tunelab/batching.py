@@ -99,7 +99,7 @@ def split_by_tokens(lengths: Sequence[int], budget: int, overhead: int) -> list[
             if padded > budget and j - i > 1:
                 break                      # longer runs starting earlier only pad more
             cost = best[i] + padded + overhead
-            if best[j] is None or cost <= best[j]:   # ties: fewer forwards
+            if best[j] is None or cost <= best[j]:   # ties: the longer last run
                 best[j], cut[j] = cost, i
     runs, j = [], len(ls)
     while j:

@@ -66,9 +66,10 @@ TOKENS_PER_FORWARD = {"cpu": 4096, "gpu": 32768}
 # The fixed cost of one forward and backward pass, in tokens' worth of compute, which decides
 # when splitting a step's examples into one more forward pays for the padding it saves. On CPU
 # measured on SmolLM2-135M, 2 EPYC cores, full fine-tuning in bf16: 1 row of 8 tokens 0.39 s,
-# 1 x 128 0.69 s, 4 x 512 6.8 s (~300 tokens/s), so ~100 tokens; LoRA ~0.2 s at 8 tokens. On a
-# GPU a forward's kernel launches cost milliseconds against ~10^5 tokens/s: ~1,000 tokens
-# (an estimate, not yet measured).
+# 1 x 128 0.69 s, 4 x 512 6.8 s (~300 tokens/s), so ~100 tokens, more where small matmuls run
+# below the peak (1 x 512 took 2.3 s); LoRA ~0.2 s at 8 tokens. On the bench's steps 192 beat
+# 96 (steps 51 vs 56 s in one run each). On a GPU a forward's kernel launches cost milliseconds
+# against ~10^5 tokens/s: ~1,000 tokens (an estimate, not yet measured).
 FORWARD_OVERHEAD_TOKENS = {"cpu": 192, "gpu": 1024}
 
 
@@ -87,7 +88,8 @@ def make_plan(cfg: TrainConfig, n_train: int, *, n_examples: int | None = None,
     n_examples = n_examples or n_train
     epochs = auto_epochs(n_examples) if cfg.epochs == "auto" else float(cfg.epochs)
     batch = auto_batch_size(n_examples) if cfg.batch_size == "auto" else int(cfg.batch_size)
-    micro = cfg.micro_batch_size or auto_micro_batch_size(batch, longest or cfg.max_length,
+    longest = longest or cfg.max_length
+    micro = cfg.micro_batch_size or auto_micro_batch_size(batch, longest,
                                                           world_size, on_gpu)
     if micro * world_size > batch:
         micro = max(1, batch // world_size)
@@ -105,5 +107,5 @@ def make_plan(cfg: TrainConfig, n_train: int, *, n_examples: int | None = None,
                 gradient_accumulation_steps=accum, world_size=world_size, learning_rate=lr,
                 steps_per_epoch=steps_per_epoch, total_steps=total, eval_steps=eval_steps,
                 save_steps=save_steps, logging_steps=logging_steps,
-                forward_tokens=micro * (longest or cfg.max_length),
+                forward_tokens=micro * longest,
                 forward_overhead=FORWARD_OVERHEAD_TOKENS["gpu" if on_gpu else "cpu"])

@@ -15,7 +15,9 @@ for one epoch (the same trained tokens), each in its own process (so peak RSS is
                the precision this CPU runs natively: bf16 with AVX-512 BF16 or AMX, else fp32;
                every token of the same data in 8 x 256-token rows, full logits), what the
                hardware does without a framework; its valid loss is not comparable (it trains
-               on every token, prompts included).
+               on every token, prompts included);
+  (e) plain-heap  (only when asked for: --runners ...,plain-heap) the same loop under the
+               allocator settings tunelab trains with (tunelab.runtime.training_allocator).
 Prints trained tokens/s, total non-padding tokens/s, peak RSS, validation loss (tunelab's
 test_loss on each saved model: one metric for all), the ratios against (a), and the model FLOP
 utilisation of (c) against the matmul peak measured here, now, in that native precision.
@@ -174,6 +176,12 @@ def run_worker(name: str, model_dir: str, data: dict, out: str) -> None:
         r = worker_trl(model_dir, data, out)
     elif name == "plain":
         r = worker_plain(model_dir, data, out)
+    elif name == "plain-heap":
+        # the reference loop with the allocator settings tunelab trains under, to show what
+        # they give a loop with no framework (and that tunelab's ratio is not only them)
+        from tunelab.runtime import training_allocator
+        with training_allocator():
+            r = worker_plain(model_dir, data, out)
     else:
         r = worker_tunelab(model_dir, data, out, "full" if name == "tunelab-full" else "lora")
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before eval
@@ -283,12 +291,13 @@ def report(model_name: str, results: dict, native: str, peak: float) -> None:
                   f"trained tok/s x{r['trained_tps'] / base['trained_tps']:.2f}, peak RSS "
                   f"x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}, valid loss "
                   f"{100 * (r['valid_loss'] / base['valid_loss'] - 1):+.1f}%")
-    plain = results.get("plain")
-    if plain:
+    for ref in ("plain", "plain-heap"):
+        if ref not in results:
+            continue
         for name in ("tunelab", "tunelab-full"):
             if name in results:
-                print(f"{name} / plain ({native}): total tok/s "
-                      f"x{results[name]['total_tps'] / plain['total_tps']:.2f}")
+                print(f"{name} / {ref} ({native}): total tok/s "
+                      f"x{results[name]['total_tps'] / results[ref]['total_tps']:.2f}")
     full = results.get("tunelab-full")
     if full:
         achieved = 6 * full["params"] * full["total_tps"] / 1e9

@@ -238,3 +238,57 @@ def test_bf16_sigkill_then_resume_is_exact(tmp_path, tiny_model_dir, sound_task)
     a = load_file(ref.model_dir / "model.safetensors")
     b = load_file(tmp_path / "run" / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _heap_range() -> tuple[int, int] | None:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith("[heap]"):
+                lo, hi = line.split()[0].split("-")
+                return int(lo, 16), int(hi, 16)
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_training_allocator_keeps_big_blocks_in_the_heap_and_gives_them_back_after():
+    from tunelab.runtime import _glibc, training_allocator
+    if _glibc() is None:
+        pytest.skip("not glibc")
+    big = 96 << 20             # over glibc's largest mmap threshold (32 MiB)
+
+    def in_heap(t: torch.Tensor) -> bool:
+        lo, hi = _heap_range() or (0, 0)
+        return lo <= t.data_ptr() < hi
+
+    assert not in_heap(torch.empty(big, dtype=torch.uint8))    # glibc maps a block of its own
+    with training_allocator():
+        addresses = []
+        for _ in range(3):        # a step's tensors: made, filled, freed, made again
+            t = torch.ones(big, dtype=torch.uint8)
+            addresses.append((t.data_ptr(), in_heap(t)))
+            del t
+        assert all(inside for _, inside in addresses)
+        # freed and asked for again: the same (already faulted-in) memory, not fresh pages
+        assert addresses[1][0] == addresses[2][0]
+        top = _heap_range()[1]
+    # glibc's defaults are back: big blocks are mapped again, and the heap's top was trimmed
+    assert not in_heap(torch.empty(big, dtype=torch.uint8))
+    assert _heap_range()[1] < top - big // 2
+
+
+def test_a_checkpoints_size_is_estimated_from_what_it_holds(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.callbacks import CheckpointBudget, checkpoint_bytes
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    # full fine-tuning in bf16: the weight 2 + its fp32 master 4 + AdamW's moments 8
+    assert checkpoint_bytes(model) == 14 * n
+    budget = CheckpointBudget(keep_best=False, checkpoint_bytes=checkpoint_bytes(model))
+    assert budget.save_seconds == pytest.approx(14 * n / CheckpointBudget.WRITE_BYTES_PER_S)
+    model.float()
+    assert checkpoint_bytes(model) == 12 * n   # an fp32 weight is its own master
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert 0 < adapters < n / 10 and checkpoint_bytes(lora) == 12 * adapters

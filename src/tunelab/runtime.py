@@ -1,7 +1,10 @@
 """Hardware decisions made once: CPU threads and numeric precision."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+from contextlib import contextmanager
 from functools import lru_cache
 
 
@@ -25,6 +28,51 @@ def set_threads(threads: int | None = None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+# glibc's mallopt parameters (malloc.h) and the values it starts with
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_TOP_PAD: 128 * 1024, _M_MMAP_MAX: 65536}
+# while training: never map a block of its own, never give the heap's top back, grow it by this
+_TRAINING_ALLOCATOR = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 1 << 46, _M_TOP_PAD: 256 << 20}
+
+
+@lru_cache(maxsize=1)
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextmanager
+def training_allocator():
+    """Keep freed memory in the process while training (glibc only; elsewhere a no-op).
+
+    Why: glibc serves every block over its mmap threshold (32 MiB at most) with a fresh mmap
+    and unmaps it on free, so each step's big tensors (every weight's gradient, a forward's
+    activations, the optimizer's temporaries) come back as new pages, which the kernel faults in
+    and zeroes one 4 KiB page at a time. PyTorch's CPU allocator is plain posix_memalign, no
+    cache. Measured on SmolLM2-135M full fine-tuning (2-core EPYC, bench/train.py's rows), the
+    five steps of the run: 49.7 / 46.8 s as glibc starts, 44.0 with no mmaps and no trim, 41.1
+    with a 256 MiB top pad as well; peak RSS 7.3 -> 7.6 GB (freed blocks are reused, not
+    returned). The same effect as running under jemalloc or tcmalloc, which PyTorch's CPU
+    performance guides recommend, without a preload. On leaving, glibc's defaults come back and
+    the heap is trimmed, so a long-lived process (a notebook) gets its memory back.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    for param, value in _TRAINING_ALLOCATOR.items():
+        libc.mallopt(param, value)
+    try:
+        yield
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items():
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)
 
 
 @lru_cache(maxsize=1)

@@ -327,7 +327,8 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     import datasets
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from tunelab.train.callbacks import CheckpointBudget, EvaluateAtEpochEnd, EventReporter
+    from tunelab.train.callbacks import (CheckpointBudget, EvaluateAtEpochEnd, EventReporter,
+                                         checkpoint_bytes)
     from tunelab.train.trainer import StepCollator, TunelabTrainer
 
     cfg, plan = prep.cfg, prep.plan
@@ -364,7 +365,8 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
                                             saves_with_evaluations=cfg.save_steps is None),
                          *(callbacks or [])]
     if cfg.save_steps is None and args.world_size == 1:
-        trainer_callbacks.insert(1, CheckpointBudget(keep_best=args.load_best_model_at_end))
+        trainer_callbacks.insert(1, CheckpointBudget(keep_best=args.load_best_model_at_end,
+                                                     checkpoint_bytes=checkpoint_bytes(model)))
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
         trainer_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
@@ -414,8 +416,10 @@ def run_training(built: Built):
                 built.reporter.continue_from(last)
             built.channel.subscribe(MetricsLog(run_dir.metrics_file, run_dir.log_file))
     resume_from = str(prep.resume_from) if prep.resume_from else None
+    from tunelab.runtime import training_allocator
     try:
-        output = trainer.train(resume_from_checkpoint=resume_from)
+        with training_allocator():
+            output = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException as e:
         if built.is_main:
             run_dir.after_failure()

@@ -333,6 +333,23 @@ def test_auto_hyperparameters():
     assert big.learning_rate == 2e-5
 
 
+def test_validation_batches_fill_the_forward_token_budget():
+    from tunelab.train.auto import TOKENS_PER_FORWARD
+    cfg = TrainConfig(train_file="t.jsonl")
+    # the demo's reviews: 8 rows a training forward, 21 a validation one (no backward to keep
+    # activations for), split by the whole budget
+    demo = make_plan(cfg, 630, longest=195, longest_valid=195)
+    assert (demo.micro_batch_size, demo.forward_tokens) == (8, 1560)
+    assert demo.eval_batch_size == TOKENS_PER_FORWARD["cpu"] // 195 == 21
+    assert demo.eval_forward_tokens == TOKENS_PER_FORWARD["cpu"]
+    # short validation rows: at most MAX_EVAL_BATCH; a validation row longer than the budget:
+    # never fewer rows than a training forward holds
+    assert make_plan(cfg, 630, longest=195, longest_valid=10).eval_batch_size == 64
+    long = make_plan(cfg, 630, longest=100, longest_valid=9000)
+    assert long.eval_batch_size == long.micro_batch_size == 8
+    assert long.eval_forward_tokens == TOKENS_PER_FORWARD["cpu"]
+
+
 def test_lora_trains_the_chat_tokens_a_base_model_gained(tmp_path):
     """A base model without a chat template gets ChatML tokens with fresh embedding rows; LoRA
     must train those rows (else <|im_end|> stays random and the model never learns to stop)."""

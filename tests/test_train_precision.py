@@ -219,6 +219,29 @@ def test_bf16_lora_keeps_the_base_in_bf16(tmp_path, tiny_model_dir, sound_task):
     assert adapter and all(t.dtype in (torch.float32, torch.bfloat16) for t in adapter.values())
 
 
+def test_bf16_lora_adapters_stay_bf16_with_fp32_masters(tmp_path, tiny_model_dir, sound_task):
+    """PEFT would cast the adapters up to fp32 (and every adapted layer's input with them);
+    tunelab keeps them bf16 and steps their fp32 masters, stochastically rounded."""
+    from transformers import TrainerCallback
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+            opt = getattr(optimizer, "optimizer", optimizer)
+            seen["adapters"] = {n: p.dtype for n, p in model.named_parameters()
+                                if p.requires_grad}
+            seen["optimizer"] = type(opt).__name__
+            seen["masters"] = {m.dtype for m in opt.masters}
+            seen["apart"] = all(m is not p for p, m in zip(opt.model_params, opt.masters))
+    tunelab.train({"model": str(tiny_model_dir), "train_file": str(sound_task["train"]),
+                   "output_dir": str(tmp_path / "l"), "precision": "bf16", "max_steps": 2},
+                  quiet=True, callbacks=[Look()])
+    assert seen["adapters"] and all("lora" in n for n in seen["adapters"])
+    assert set(seen["adapters"].values()) == {torch.bfloat16}
+    assert seen["optimizer"] == "MasterWeightAdamW" and seen["masters"] == {torch.float32}
+    assert seen["apart"]
+
+
 def test_bf16_sigkill_then_resume_is_exact(tmp_path, tiny_model_dir, sound_task):
     """The checkpoint's bf16 weights are rounded: resuming must take the fp32 masters from the
     optimizer state, or the curve after the kill drifts from an uninterrupted run."""

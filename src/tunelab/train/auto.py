@@ -43,6 +43,11 @@ class Plan:
     logging_steps: int
     forward_tokens: int        # padded tokens one forward pass may hold (micro x the longest)
     forward_overhead: int      # a forward's fixed cost, in tokens' worth (FORWARD_OVERHEAD_TOKENS)
+    # validation: no activations are kept for a backward, so its batches fill the whole token
+    # budget at the longest validation row (the demo's 91 reviews: 8 rows a batch 5.9-7.5 s, 21
+    # rows 4.9-5.5 s)
+    eval_batch_size: int = 1
+    eval_forward_tokens: int = 0
 
 
 def auto_epochs(n: int) -> float:
@@ -71,6 +76,7 @@ TOKENS_PER_FORWARD = {"cpu": 4096, "gpu": 32768}
 # 96 (steps 51 vs 56 s in one run each). On a GPU a forward's kernel launches cost milliseconds
 # against ~10^5 tokens/s: ~1,000 tokens (an estimate, not yet measured).
 FORWARD_OVERHEAD_TOKENS = {"cpu": 192, "gpu": 1024}
+MAX_EVAL_BATCH = 64
 
 
 def auto_micro_batch_size(batch: int, longest: int, world_size: int, on_gpu: bool) -> int:
@@ -80,9 +86,11 @@ def auto_micro_batch_size(batch: int, longest: int, world_size: int, on_gpu: boo
 
 
 def make_plan(cfg: TrainConfig, n_train: int, *, n_examples: int | None = None,
-              longest: int | None = None, world_size: int = 1, on_gpu: bool = False) -> Plan:
+              longest: int | None = None, longest_valid: int | None = None, world_size: int = 1,
+              on_gpu: bool = False) -> Plan:
     """`n_train`: training rows (packed rows when packing); `n_examples`: the examples in them,
-    which the auto rules follow; `longest`: the longest row, in tokens."""
+    which the auto rules follow; `longest`: the longest row, in tokens (`longest_valid`: of the
+    validation rows)."""
     if n_train < 1:
         raise TunelabError("no training examples", field="train_file")
     n_examples = n_examples or n_train
@@ -103,9 +111,14 @@ def make_plan(cfg: TrainConfig, n_train: int, *, n_examples: int | None = None,
     eval_steps = cfg.eval_steps or max(1, math.ceil(total / 5))
     save_steps = cfg.save_steps or eval_steps
     logging_steps = min(cfg.logging_steps, max(1, total // 5))
+    budget = TOKENS_PER_FORWARD["gpu" if on_gpu else "cpu"]
+    longest_valid = longest_valid or longest
+    eval_batch = max(micro, min(MAX_EVAL_BATCH, budget // max(1, longest_valid)))
     return Plan(epochs=epochs, batch_size=effective, micro_batch_size=micro,
                 gradient_accumulation_steps=accum, world_size=world_size, learning_rate=lr,
                 steps_per_epoch=steps_per_epoch, total_steps=total, eval_steps=eval_steps,
                 save_steps=save_steps, logging_steps=logging_steps,
                 forward_tokens=micro * longest,
-                forward_overhead=FORWARD_OVERHEAD_TOKENS["gpu" if on_gpu else "cpu"])
+                forward_overhead=FORWARD_OVERHEAD_TOKENS["gpu" if on_gpu else "cpu"],
+                eval_batch_size=eval_batch,
+                eval_forward_tokens=max(micro * longest, budget))

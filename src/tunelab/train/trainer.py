@@ -96,9 +96,11 @@ class TunelabTrainer(Trainer):
     # the Trainer must neither divide it by the accumulation steps again nor skip counting.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, objective, config, keep_checkpoints: int = 2, **kwargs):
+    def __init__(self, *args, objective, config, keep_checkpoints: int = 2,
+                 eval_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective, self.config = objective, config
+        self.eval_collator = eval_collator
         self.model_accepts_loss_kwargs = True   # count items whatever the model class
         self.keep_checkpoints = keep_checkpoints
         # the objective's statistics summed since the last log, per mode
@@ -119,6 +121,17 @@ class TunelabTrainer(Trainer):
             return super()._get_eval_sampler(eval_dataset)
         return LengthGroupedSampler(self.args.eval_batch_size,
                                     lengths=[self.objective.row_length(r) for r in eval_dataset])
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Validation batches split by their own token budget: without a backward to keep
+        activations for, a forward can hold more rows (the Trainer has one collator for all)."""
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
 
     def _get_num_items_in_batch(self, batch_samples, device):
         """What the objective normalises by (trained tokens, pairs), over the optimizer step's

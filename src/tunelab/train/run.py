@@ -177,15 +177,9 @@ def _apply_method(model, cfg: TrainConfig):
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=
                                                 cfg.gradient_checkpointing)
-    # PEFT casts bf16 adapters up to fp32 by default; then every adapted layer casts its input
-    # up and the adapter's output back, runs rank-r matmuls in fp32 at half the bf16 rate, and
-    # the optimizer steps them as they are. A bf16 base here means bf16 weights with fp32
-    # masters (tunelab.train.precision): adapters kept in bf16 get their fp32 masters there,
-    # like any weight (the demo: 8 LoRA steps under the profiler 14.9 -> 12.6 s)
-    keep_dtype = next(model.parameters()).dtype == torch.bfloat16 and cfg.method != "qlora"
     try:
         with peft_quietly():
-            peft_model = get_peft_model(model, lora, autocast_adapter_dtype=not keep_dtype)
+            peft_model = get_peft_model(model, lora)
     except ValueError as e:  # unknown target modules
         raise TunelabError(str(e).splitlines()[0], field="lora.target_modules") from None
     # PEFT records the folder it loaded the base from (for the builtin model, a cache path on

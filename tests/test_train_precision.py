@@ -240,38 +240,6 @@ def test_bf16_sigkill_then_resume_is_exact(tmp_path, tiny_model_dir, sound_task)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _heap_range() -> tuple[int, int] | None:
-    with open("/proc/self/maps") as f:
-        for line in f:
-            if line.rstrip().endswith("[heap]"):
-                lo, hi = line.split()[0].split("-")
-                return int(lo, 16), int(hi, 16)
-    return None
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_the_training_allocator_keeps_big_blocks_in_the_heap_and_gives_them_back_after():
-    from tunelab.runtime import _glibc, training_allocator
-    if _glibc() is None:
-        pytest.skip("not glibc")
-    big = 96 << 20             # over glibc's largest mmap threshold (32 MiB)
-
-    def in_heap(t: torch.Tensor) -> bool:
-        lo, hi = _heap_range() or (0, 0)
-        return lo <= t.data_ptr() < hi
-
-    with training_allocator():
-        addresses = []
-        for _ in range(3):        # a step's tensors: made, filled, freed, made again
-            t = torch.ones(big, dtype=torch.uint8)
-            addresses.append((t.data_ptr(), in_heap(t)))
-            del t
-        # freed and asked for again: the same (already faulted-in) memory, not fresh pages
-        assert addresses[1][0] == addresses[2][0]
-        top = _heap_range()[1]
-    assert _heap_range() is not None and top > 0
-
-
 def test_a_checkpoints_size_is_estimated_from_what_it_holds(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -24,8 +24,7 @@ weight per step (0.12 s for 135M weights on 2 EPYC cores, against 0.03 s for a n
 Memory per trainable parameter: bf16 weight 2 + fp32 master 4 + AdamW moments 8 + fp32 gradient
 4 (the bf16 gradient is freed as soon as it is folded into the master's) = 18 bytes, against
 fp32 weight 4 + gradient 4 + moments 8 + autocast's bf16 weight cache 2 = 18 for autocast.
-Frozen weights (LoRA's base) cost 2 bytes instead of 4. LoRA adapters on a bf16 base are bf16
-weights with fp32 masters like any other (run.py keeps PEFT from casting them to fp32).
+Frozen weights (LoRA's base) cost 2 bytes instead of 4.
 """
 from __future__ import annotations
 

@@ -159,7 +159,6 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
 
 
 def _apply_method(model, cfg: TrainConfig):
-    import torch
     if cfg.method == "full":
         if cfg.freeze_layers:
             _freeze_lower_layers(model, cfg.freeze_layers)

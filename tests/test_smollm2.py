@@ -25,7 +25,7 @@ def test_smollm2_end_to_end(tmp_path, sound_task, monkeypatch):
         warnings.simplefilter("always")
         result = tunelab.train({"train_file": str(sound_task["train"]),
                                 "valid_file": str(sound_task["test"]),
-                                "output_dir": str(tmp_path / "run"), "max_steps": 4,
+                                "output_dir": str(tmp_path / "run"), "max_steps": 8,
                                 "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
                                 "eval_steps": 2, "save_steps": 2}, quiet=True)
     # the adapter records the builtin's name as its base: PEFT must not look that name up on
@@ -34,7 +34,10 @@ def test_smollm2_end_to_end(tmp_path, sound_task, monkeypatch):
                 "save_embedding_layers" in str(w.message)], [str(w.message) for w in seen]
     entries = [json.loads(l) for l in open(result.metrics_file)]
     train_losses = [e["train_loss"] for e in entries if "train_loss" in e]
-    assert len(train_losses) == 4 and train_losses[-1] < train_losses[0]
+    assert len(train_losses) == 8 and train_losses[-1] < train_losses[0]
+    # 8 steps, not 4: after 4 (valid loss ~2.5) the model has learned that answers are short
+    # but not yet what they are, and whether its first token is <|im_end|> (an empty answer)
+    # turned on bf16 rounding (autograd's attention backward or tunelab's own, same losses)
     tuned, tok2 = models.load(result.model_dir)
     out = generate(tuned, tok2, [[{"role": "user", "content": "What sound does a cow make?"}]],
                    max_new_tokens=8)[0]

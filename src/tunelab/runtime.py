@@ -33,8 +33,10 @@ def set_threads(threads: int | None = None) -> int:
 # glibc's mallopt parameters (malloc.h) and the values it starts with
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_TOP_PAD: 128 * 1024, _M_MMAP_MAX: 65536}
-# while training: never map a block of its own, never give the heap's top back, grow it by this
-_TRAINING_ALLOCATOR = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 1 << 46, _M_TOP_PAD: 256 << 20}
+# while training: never map a block of its own, keep up to 2 GiB free at the heap's top (mallopt
+# takes a C int: a larger value wraps, and 1 << 46 silently became 0, trim always), grow it by
+# 256 MiB at a time
+_TRAINING_ALLOCATOR = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1, _M_TOP_PAD: 256 << 20}
 
 
 @lru_cache(maxsize=1)
@@ -66,12 +68,12 @@ def training_allocator():
         yield
         return
     for param, value in _TRAINING_ALLOCATOR.items():
-        libc.mallopt(param, value)
+        libc.mallopt(ctypes.c_int(param), ctypes.c_int(value))
     try:
         yield
     finally:
         for param, value in _GLIBC_DEFAULTS.items():
-            libc.mallopt(param, value)
+            libc.mallopt(ctypes.c_int(param), ctypes.c_int(value))
         libc.malloc_trim(0)
 
 

@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3
 import string
 import threading
 import time
@@ -343,9 +344,20 @@ class Store:
         def _connect(dbapi_conn, _record):
             dbapi_conn.isolation_level = None   # we issue BEGIN ourselves (below)
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")   # readers never block the writer
-            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=60000")
+            # readers never block the writer. Switching a new database to WAL takes an exclusive
+            # lock and fails at once, busy timeout or not, while another connection (serve and
+            # its workers starting together) holds one: waited for here, up to the same 60 s
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    cur.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
         @event.listens_for(self.engine, "begin")

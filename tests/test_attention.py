@@ -32,14 +32,18 @@ def batch(kind: str):
         mask = torch.ones_like(ids)
         mask[1, :10], mask[2, :25] = 0, 0
         return {"input_ids": ids, "attention_mask": mask}
+    pos = torch.cat([torch.arange(15), torch.arange(20), torch.arange(5)])
     if kind == "packed":        # three examples in one row, isolated by their position ids
-        pos = torch.cat([torch.arange(15), torch.arange(20), torch.arange(5)]).expand(3, -1)
-        return {"input_ids": ids, "position_ids": pos.contiguous()}
+        return {"input_ids": ids, "position_ids": pos.expand(3, -1).contiguous()}
+    if kind == "flat":          # the same, with the sequences' bounds (a flat forward)
+        cu = torch.tensor([0, 15, 35, 40], dtype=torch.int32)
+        return {"input_ids": ids[:1], "position_ids": pos[None], "cu_seq_lens_q": cu,
+                "cu_seq_lens_k": cu, "max_length_q": 20, "max_length_k": 20}
     return {"input_ids": ids}
 
 
 @pytest.mark.parametrize("block", [attention.QUERY_BLOCK, 16])   # 40 tokens: 1 or 3 blocks
-@pytest.mark.parametrize("kind", ["causal", "right-padded", "left-padded", "packed"])
+@pytest.mark.parametrize("kind", ["causal", "right-padded", "left-padded", "packed", "flat"])
 def test_the_matmul_path_computes_what_sdpa_computes(tiny_model_dir, kind, block, monkeypatch):
     """Against the model in fp32: the bf16 matmul path is no further off than bf16 SDPA."""
     from transformers import AttentionInterface
@@ -55,7 +59,7 @@ def test_the_matmul_path_computes_what_sdpa_computes(tiny_model_dir, kind, block
     AttentionInterface.register(attention.NAME, spy)
     try:
         b = batch(kind)
-        keep = b.get("attention_mask", torch.ones(3, 40)).bool()
+        keep = b.get("attention_mask", torch.ones_like(b["input_ids"])).bool()
         outs = []
         for model in (exact, ref, fast):
             out = model(**b, use_cache=False)
@@ -95,6 +99,34 @@ def test_long_rows_fp32_and_decoding_stay_on_sdpa(tiny_model_dir, monkeypatch):
     assert seen == []
     fast(input_ids=torch.randint(5, 400, (1, attention.TRAINING_ROWS + 1)), use_cache=False)
     assert seen and set(seen) == {attention.TRAINING_ROWS + 1}
+
+
+def test_a_flat_forward_keeps_each_sequence_to_itself_in_any_dtype(tiny_model_dir, monkeypatch):
+    """The sequences of a flat forward go through the blocks one by one (fp32 too: the
+    alternative is SDPA over the whole row's block-diagonal mask), and each sequence's logits
+    are what it gets alone."""
+    from transformers.integrations import sdpa_attention
+    seen = []
+    real = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda m, q, *a, **kw: seen.append(q.shape[-2]) or real(m, q, *a, **kw))
+    _, fast = two_models(tiny_model_dir)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(5, 400, (n,), generator=g) for n in (7, 30, 12)]
+    cu = torch.tensor([0, 7, 37, 49], dtype=torch.int32)
+    flat = {"input_ids": torch.cat(seqs)[None],
+            "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 30, "max_length_k": 30}
+    for dtype in (torch.float32, torch.bfloat16):
+        fast.to(dtype)
+        with torch.no_grad():
+            together = fast(**flat, use_cache=False).logits[0].float()
+            assert seen == []                   # every layer, every sequence: the blocks
+            alone = torch.cat([fast(input_ids=s[None], use_cache=False).logits[0].float()
+                               for s in seqs])
+        seen.clear()
+        tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+        assert ((together - alone).norm() / alone.norm()).item() < tolerance
 
 
 def test_a_saved_model_does_not_name_the_attention(tiny_model_dir, tmp_path):

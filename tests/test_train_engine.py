@@ -173,7 +173,30 @@ def test_a_step_is_split_into_forwards_by_padded_tokens():
         assert _split_cost(runs, ls, overhead) == _cheapest_split(ls, budget, overhead)
 
 
-def test_the_step_collator_pads_each_forward_and_loses_no_row(smol_tokenizer, mixed_lengths):
+def _rows_of(forward) -> list[tuple[list[int], list[int]]]:
+    """The (input_ids, labels) rows in a padded or a flat forward."""
+    if "cu_seq_lens_q" in forward:      # flat: one row, the sequences end to end
+        bounds = forward["cu_seq_lens_q"].tolist()
+        assert forward["input_ids"].shape[0] == 1 and bounds[-1] == forward["input_ids"].shape[1]
+        ids, labels, pos = (forward[k][0].tolist() for k in ("input_ids", "labels",
+                                                              "position_ids"))
+        out = []
+        for a, b in zip(bounds, bounds[1:]):
+            assert pos[a:b] == list(range(b - a)) and labels[a] == -100
+            out.append((ids[a:b], labels[a:b]))
+        return out
+    out = []
+    for ids, mask, labels in zip(forward["input_ids"], forward["attention_mask"],
+                                 forward["labels"]):
+        n = int(mask.sum())
+        assert (labels[n:] == -100).all()
+        out.append((ids[:n].tolist(), labels[:n].tolist()))
+    return out
+
+
+def test_the_step_collator_loses_no_row_and_goes_flat_for_mixed_lengths(smol_tokenizer,
+                                                                        mixed_lengths):
+    from tunelab.batching import split_by_tokens
     from tunelab.data.conversation import read_conversations
     from tunelab.data.render import render_examples
     from tunelab.objectives import get
@@ -181,17 +204,63 @@ def test_the_step_collator_pads_each_forward_and_loses_no_row(smol_tokenizer, mi
     tok = smol_tokenizer
     rows = render_examples([c.messages for c in read_conversations(mixed_lengths)], tok,
                            max_length=256)[:16]
-    longest = max(len(r["input_ids"]) for r in rows)
-    step = StepCollator(get("sft"), tok.pad_token_id, forward_tokens=4 * longest, overhead=8)(rows)
-    seen = []
-    for f in step["forwards"]:
-        assert f["input_ids"].numel() <= 4 * longest or f["input_ids"].shape[0] == 1
-        for ids, mask, labels in zip(f["input_ids"], f["attention_mask"], f["labels"]):
-            n = int(mask.sum())
-            seen.append((ids[:n].tolist(), labels[:n].tolist()))
-            assert (labels[n:] == -100).all()
+    lengths = [len(r["input_ids"]) for r in rows]
+    longest = max(lengths)
+    # (these rows share SmolLM2's default system prompt: where it can run once, padded wins)
+    step = StepCollator(get("sft"), tok.pad_token_id, forward_tokens=4 * longest, overhead=8,
+                        shared_prefix=False)(rows)
+    # mixed lengths: flat, in fewer forwards than padded ones of similar lengths, none padded
+    assert all("cu_seq_lens_q" in f and "attention_mask" not in f for f in step["forwards"])
+    assert len(step["forwards"]) < len(split_by_tokens(lengths, 4 * longest, 8))
+    assert all(f["input_ids"].numel() <= 4 * longest for f in step["forwards"])
+    seen = [r for f in step["forwards"] for r in _rows_of(f)]
     assert sorted(seen) == sorted((r["input_ids"], r["labels"]) for r in rows)
-    assert len(step["forwards"]) > 16 // 4 - 1
+    # DPO's pairs do not flatten: padded, and every row still there
+    assert not get("dpo").flattens
+
+
+def test_rows_sharing_a_long_prompt_stay_padded_so_the_prompt_runs_once(smol_tokenizer):
+    from tunelab.data.render import render_examples
+    from tunelab.objectives import get
+    from tunelab.train.trainer import StepCollator
+    tok = smol_tokenizer
+    system = {"role": "system", "content": "Classify the review as positive or negative. " * 4}
+    convs = [[system, {"role": "user", "content": f"review number {i}: fine"},
+              {"role": "assistant", "content": "positive"}] for i in range(8)]
+    rows = render_examples(convs, tok, max_length=256)
+    longest = max(len(r["input_ids"]) for r in rows)
+
+    def layout(shared_prefix):
+        step = StepCollator(get("sft"), tok.pad_token_id, forward_tokens=12 * longest,
+                            overhead=192, shared_prefix=shared_prefix)(rows)
+        assert sorted(r for f in step["forwards"] for r in _rows_of(f)) == \
+            sorted((r["input_ids"], r["labels"]) for r in rows)
+        return ["flat" if "cu_seq_lens_q" in f else "padded" for f in step["forwards"]]
+    assert layout(shared_prefix=True) == ["padded"]
+    # where the prefix cannot run once (DDP), equal lengths cost the same either way: padded
+    assert layout(shared_prefix=False) == ["padded"]
+    # with rows of other lengths and prompts (the demo's replay rows): those go flat
+    others = render_examples([[{"role": "user", "content": "word " * n},
+                               {"role": "assistant", "content": "ok " * n}]
+                              for n in (30, 55, 80)], tok, max_length=256)
+    rows += others
+    assert sorted(layout(shared_prefix=True)) == ["flat", "padded"]
+
+
+def test_split_flat_fills_forwards_up_to_the_budget():
+    import random
+
+    from tunelab.batching import split_flat
+    assert split_flat([850, 57, 400, 61, 300, 65, 90, 200], 1024) == \
+        [[0, 6, 5], [2, 4, 7, 3, 1]]          # 850+90+65, 400+300+200+61+57: longest first
+    assert split_flat([5000, 10], 3400) == [[0], [1]]          # too long: alone
+    rng = random.Random(0)
+    for _ in range(200):
+        ls = [rng.randint(1, 900) for _ in range(rng.randint(1, 12))]
+        runs = split_flat(ls, 1800)
+        assert sorted(i for r in runs for i in r) == list(range(len(ls)))
+        assert all(sum(ls[i] for i in r) <= 1800 or len(r) == 1 for r in runs)
+        assert len(runs) <= -(-sum(ls) // 1800) * 2     # first-fit: at most twice the bound
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir, mixed_lengths):

@@ -48,56 +48,87 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
     q_len, k_len = query.shape[-2], key.shape[-2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    segments = _segments(kwargs.get("cu_seq_lens_q"), q_len, k_len)
     longest = TRAINING_ROWS if torch.is_grad_enabled() else SHORT_ROWS
-    if (query.device.type != "cpu" or query.dtype == torch.float32 or k_len > longest
+    if segments is not None:
+        # a flat forward (tunelab.batching.flatten_rows): several sequences in one row, each
+        # attending to itself only. transformers' block-diagonal mask over the whole row (from
+        # the position_ids) is correct but costs the row's length squared; each sequence on its
+        # own costs its own length squared, in any dtype
+        longest = TRAINING_ROWS
+    too_long = (max(b - a for a, b in segments) if segments else k_len) > longest
+    if (query.device.type != "cpu" or too_long
+            or (query.dtype == torch.float32 and segments is None)
             or q_len == 1                                   # decoding: SDPA's
             or (q_len != k_len and attention_mask is None)  # a cache with no mask: SDPA's
             or (dropout and module.training)
-            or (attention_mask is None and not causal)      # bidirectional: SDPA's business
+            or (not causal and (attention_mask is None or segments is not None))  # bidirectional:
+            # SDPA's business
             or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks"))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = scaling or query.shape[-1] ** -0.5
+    if segments is not None:
+        attention_mask = None        # each sequence is plainly causal within itself
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                     or value.requires_grad):
-        out = _BlockAttention.apply(query, key, value, attention_mask, scale, causal)
+        out = _BlockAttention.apply(query, key, value, attention_mask, scale, causal, segments)
     else:
-        out, _ = _forward_blocks(query, key, value, attention_mask, scale, causal)
+        out, _ = _forward_blocks(query, key, value, attention_mask, scale, causal, segments)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _forward_blocks(query, key, value, attention_mask, scale, causal, *, keep=False):
+def _segments(cu_seq_lens, q_len: int, k_len: int) -> tuple[tuple[int, int], ...] | None:
+    """The sequences of a flat forward, as (start, end) along the row, from the cumulative
+    lengths transformers passes varlen kernels (`cu_seq_lens_q`); None for ordinary rows."""
+    if cu_seq_lens is None or q_len != k_len:
+        return None
+    bounds = cu_seq_lens.tolist()
+    if bounds[-1] != q_len:
+        return None
+    return tuple((a, b) for a, b in zip(bounds, bounds[1:]) if b > a)
+
+
+def _forward_blocks(query, key, value, attention_mask, scale, causal, segments=None, *,
+                    keep=False):
     """The output, and each block's probabilities if `keep` (for a backward)."""
     probs, outs = [], []
-    for start, end, keys in _blocks(query.shape[-2], key.shape[-2], causal):
-        p = _block_probs(query, key, attention_mask, scale, causal, start, end, keys)
+    for q0, q1, k0, k1 in _blocks(query.shape[-2], key.shape[-2], causal, segments):
+        p = _block_probs(query, key, attention_mask, scale, q0, q1, k0, k1)
         if keep:
             probs.append(p)
-        outs.append(torch.matmul(p, value[:, :, :keys]))
+        outs.append(torch.matmul(p, value[:, :, k0:k1]))
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)), probs
 
 
-def _blocks(q_len: int, k_len: int, causal: bool):
-    """(first query, end query, keys it sees) per block of QUERY_BLOCK queries."""
+def _blocks(q_len: int, k_len: int, causal: bool, segments=None):
+    """(first query, end query, first key, end key) per block of QUERY_BLOCK queries: the keys
+    the block's queries may see (later keys are masked for the whole block, so skipped)."""
+    if segments is not None:     # a flat forward: each sequence sees only itself
+        for a, b in segments:
+            for start in range(a, b, QUERY_BLOCK):
+                end = min(b, start + QUERY_BLOCK)
+                yield start, end, a, end
+        return
     past = k_len - q_len                 # a cached prefix: query i sees keys up to past + i
     for start in range(0, q_len, QUERY_BLOCK):
         end = min(q_len, start + QUERY_BLOCK)
-        yield start, end, past + end if causal else k_len   # later keys: masked for the block
+        yield start, end, 0, past + end if causal else k_len
 
 
-def _block_probs(query, key, attention_mask, scale, causal, start, end, keys):
+def _block_probs(query, key, attention_mask, scale, q0, q1, k0, k1):
     """The block's attention probabilities, in the query's dtype (softmax taken in fp32)."""
-    scores = torch.matmul(query[:, :, start:end], key[:, :, :keys].transpose(2, 3)) * scale
-    if attention_mask is None:   # plain causal rows, no cache (see above): SDPA's mask function
-        # leaves them to the kernel
+    scores = torch.matmul(query[:, :, q0:q1], key[:, :, k0:k1].transpose(2, 3)) * scale
+    if attention_mask is None:   # plain causal rows, no cache (see above; SDPA's mask function
+        # leaves them to the kernel), or a flat forward's sequence: query i sees keys up to i
         past = key.shape[-2] - query.shape[-2]
-        mask = torch.ones(end - start, keys, dtype=torch.bool,
-                          device=query.device).tril(diagonal=start + past)
+        mask = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool,
+                          device=query.device).tril(diagonal=q0 + past - k0)
     else:
-        mask = attention_mask[..., start:end, :keys] if attention_mask.shape[-2] > 1 \
-            else attention_mask[..., :keys]
+        mask = attention_mask[..., q0:q1, k0:k1] if attention_mask.shape[-2] > 1 \
+            else attention_mask[..., k0:k1]
     if mask.dtype == torch.bool:
         # the dtype's lowest value, not -inf: a row with nothing to attend to (a left pad) then
         # gets a uniform softmax instead of NaN, as with transformers' eager masks
@@ -120,11 +151,11 @@ class _BlockAttention(torch.autograd.Function):
     (a left pad) gets a uniform P, and no gradient either, since no loss reads its output."""
 
     @staticmethod
-    def forward(ctx, query, key, value, attention_mask, scale, causal):
-        out, probs = _forward_blocks(query, key, value, attention_mask, scale, causal,
+    def forward(ctx, query, key, value, attention_mask, scale, causal, segments):
+        out, probs = _forward_blocks(query, key, value, attention_mask, scale, causal, segments,
                                      keep=True)
         ctx.save_for_backward(query, key, value, out, *probs)
-        ctx.scale, ctx.causal = scale, causal
+        ctx.scale, ctx.causal, ctx.segments = scale, causal, segments
         return out
 
     @staticmethod
@@ -136,16 +167,16 @@ class _BlockAttention(torch.autograd.Function):
         dq = torch.empty_like(query)
         dk = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
         dv = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-        for p, (start, end, keys) in zip(probs, _blocks(query.shape[-2], key.shape[-2],
-                                                         ctx.causal)):
-            d_o = grad_out[:, :, start:end]
-            dv[:, :, :keys] += torch.matmul(p.transpose(2, 3), d_o)
-            dp = torch.matmul(d_o, value[:, :, :keys].transpose(2, 3))
-            ds = (p * (dp.float() - delta[:, :, start:end])).to(query.dtype)
-            dq[:, :, start:end] = torch.matmul(ds, key[:, :, :keys]) * ctx.scale
-            dk[:, :, :keys] += torch.matmul(ds.transpose(2, 3), query[:, :, start:end])
+        for p, (q0, q1, k0, k1) in zip(probs, _blocks(query.shape[-2], key.shape[-2],
+                                                       ctx.causal, ctx.segments)):
+            d_o = grad_out[:, :, q0:q1]
+            dv[:, :, k0:k1] += torch.matmul(p.transpose(2, 3), d_o)
+            dp = torch.matmul(d_o, value[:, :, k0:k1].transpose(2, 3))
+            ds = (p * (dp.float() - delta[:, :, q0:q1])).to(query.dtype)
+            dq[:, :, q0:q1] = torch.matmul(ds, key[:, :, k0:k1]) * ctx.scale
+            dk[:, :, k0:k1] += torch.matmul(ds.transpose(2, 3), query[:, :, q0:q1])
         dk *= ctx.scale
-        return dq, dk.to(key.dtype), dv.to(value.dtype), None, None, None
+        return dq, dk.to(key.dtype), dv.to(value.dtype), None, None, None, None
 
 
 def use_fast_attention(model) -> None:

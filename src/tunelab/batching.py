@@ -64,6 +64,63 @@ def pad_rows(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, tor
     return batch
 
 
+def flatten_rows(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Rows (input_ids + labels) -> one row holding them all, no padding ("padding-free"):
+    position_ids restart at 0 for each, each's first token is never predicted from the one
+    before it (label -100), and cu_seq_lens_q / _k (the cumulative lengths varlen attention
+    kernels take: flash-attention's, and tunelab.attention's blocks, which transformers passes
+    them to) keep every sequence to itself. Without those, transformers' own block-diagonal mask
+    from the positions does the same at the cost of the whole row's length squared.
+
+    Against padded forwards of similar lengths: no token is padding, and a step's rows go in
+    fewer forwards, each with its fixed cost (full fine-tuning writes every weight's gradient
+    once per backward). TRL's padding_free and transformers' DataCollatorWithFlattening flatten
+    the same way; they are written for a GPU's flash-attention and decide nothing about the
+    number of forwards, hence this (and the choice in StepCollator)."""
+    ids, labels, positions, bounds = [], [], [], [0]
+    for r in rows:
+        n = len(r["input_ids"])
+        ids += r["input_ids"]
+        labels += [IGNORE_INDEX, *r["labels"][1:]]
+        positions += range(n)
+        bounds.append(bounds[-1] + n)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": longest, "max_length_k": longest}
+
+
+def split_flat(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Rows (their lengths) -> flat forwards of at most `budget` tokens each (a longer row goes
+    alone): first-fit decreasing, so as few forwards as the budget allows."""
+    forwards: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = next((f for f, free in enumerate(room) if free >= lengths[i]), None)
+        if at is None:
+            forwards.append([])
+            room.append(budget)
+            at = len(forwards) - 1
+        forwards[at].append(i)
+        room[at] -= lengths[i]
+    return forwards
+
+
+def common_prefix(rows: Sequence[dict[str, Any]]) -> int:
+    """How many leading tokens all rows share before the first one any row trains on (what
+    shared_prefix_length will find in their padded forward, by the same rules)."""
+    first = rows[0]["input_ids"]
+    n = min(len(r["input_ids"]) for r in rows) - 1      # every row keeps a token after it
+    for r in rows:
+        ids, labels = r["input_ids"], r["labels"]
+        k = 0
+        while k < n and ids[k] == first[k] and labels[k + 1] == IGNORE_INDEX:
+            k += 1
+        n = k
+    return n
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-pad generation prompts: every row's last prompt token is at the same column."""
     width = max(len(p) for p in prompts)

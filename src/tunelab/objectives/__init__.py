@@ -85,6 +85,12 @@ class Objective:
     def collate(self, rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    # whether its rows can also go end to end in one row, no padding (collate_flat)
+    flattens: ClassVar[bool] = False
+
+    def collate_flat(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
+
     def items(self, batch: dict[str, Any]) -> int:
         """What the loss of a batch is normalised by."""
         raise NotImplementedError

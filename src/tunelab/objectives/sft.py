@@ -51,6 +51,12 @@ class SFT(Objective):
         from tunelab.batching import pad_rows
         return pad_rows(rows, pad_token_id)
 
+    flattens = True
+
+    def collate_flat(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        from tunelab.batching import flatten_rows
+        return flatten_rows(rows)
+
     def items(self, batch: dict[str, Any]) -> int:
         from tunelab.data.render import IGNORE_INDEX
         return batch["labels"][:, 1:].ne(IGNORE_INDEX).sum()

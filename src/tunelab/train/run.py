@@ -322,6 +322,16 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Prepared:
                     train_batches, plan, objective, precision, tensorboard, len(replay_rows))
 
 
+def _flat_forwards_pay(model, device) -> bool:
+    """Whether flat forwards (tunelab.batching.flatten_rows) run each sequence on its own: on a
+    CPU tunelab.attention's blocks take the sequences' bounds; on a GPU flash-attention's varlen
+    kernels do. Any other attention gets transformers' block-diagonal mask over the whole row:
+    right, but the row's length squared (32k tokens: a 1 GB mask), so padded forwards there."""
+    from tunelab.attention import NAME
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    return (device.type == "cpu" and impl == NAME) or impl.startswith("flash_attention")
+
+
 def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = None,
           should_cancel: Callable[[], bool] | None = None) -> Built:
     """Load the model, apply the method, and assemble the Trainer with its callbacks."""
@@ -355,14 +365,18 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     reporter = EventReporter(channel, _started_data(prep, trainable, total),
                              metric_names=prep.objective.metric_names,
                              should_cancel=should_cancel)
-    # splits a step into forward passes and pads them (plain rows, and packed rows for training;
-    # validation is never packed, so its loss compares across configs) with the objective's
-    # collate, shared with eval; it decides nothing about supervision
+    # splits a step into forward passes, padded or flat (plain rows, and packed rows for
+    # training), with the objective's collate, shared with eval; it decides nothing about
+    # supervision
+    from tunelab.batching import shares_prefixes
+    layout = {"shared_prefix": shares_prefixes(model) and args.world_size == 1,  # DDP: 1 forward
+              "flat": _flat_forwards_pay(model, args.device)}
     collator = StepCollator(prep.objective, prep.tokenizer.pad_token_id,
-                            forward_tokens=plan.forward_tokens, overhead=plan.forward_overhead)
+                            forward_tokens=plan.forward_tokens, overhead=plan.forward_overhead,
+                            **layout)
     eval_collator = StepCollator(prep.objective, prep.tokenizer.pad_token_id,
                                  forward_tokens=plan.eval_forward_tokens,
-                                 overhead=plan.forward_overhead)
+                                 overhead=plan.forward_overhead, **layout)
     # the reporter comes last: it sees (and may veto) what the others decided for a step
     trainer_callbacks = [EvaluateAtEpochEnd(steps_per_epoch=plan.steps_per_epoch,
                                             thin_cadence=cfg.eval_steps is None,

@@ -75,20 +75,63 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 
 class StepCollator:
     """A loader batch (this process's rows of one optimizer step, or a validation batch) ->
-    {"forwards": [padded batch, ...]}: the rows split into forward passes of similar lengths
-    within `forward_tokens` padded tokens (tunelab.batching.split_by_tokens), each padded by the
-    objective's collate."""
+    {"forwards": [batch, ...]}, whichever of two ways computes fewer tokens' worth (a forward's
+    fixed cost counted as `overhead` tokens):
+    - padded: the rows split into forward passes of similar lengths within `forward_tokens`
+      padded tokens (tunelab.batching.split_by_tokens), each padded by the objective's collate;
+      a prefix every row of a forward shares (a system prompt, an instruction) then runs once,
+      where the model allows it (`shared_prefix`: tunelab.batching.shares_prefixes);
+    - flat (objectives that can, `objective.flattens`, where the attention takes sequences'
+      bounds, `flat`: tunelab.train.run._flat_forwards_pay): the rows end to end in as few forwards
+      of `forward_tokens` tokens as fit (tunelab.batching.flatten_rows), no padding at all.
+    or both: the runs whose prefix runs once padded, the other rows flat. Mixed lengths go flat
+    (the bench's 57-850-token rows: 3-4 padded forwards a step -> 1-2 flat), rows sharing a long
+    prompt go padded (the demo's reviews: 50 of ~86 tokens shared), its replay rows flat."""
 
-    def __init__(self, objective, pad_token_id: int, *, forward_tokens: int, overhead: int):
+    def __init__(self, objective, pad_token_id: int, *, forward_tokens: int, overhead: int,
+                 shared_prefix: bool = False, flat: bool = True):
         self.objective, self.pad_token_id = objective, pad_token_id
         self.forward_tokens, self.overhead = forward_tokens, overhead
+        self.shared_prefix = shared_prefix
+        self.flat = flat and getattr(objective, "flattens", False)
 
     def __call__(self, rows: list[dict]) -> dict[str, list[dict[str, torch.Tensor]]]:
         from tunelab.batching import split_by_tokens
-        runs = split_by_tokens([self.objective.row_length(r) for r in rows],
-                               self.forward_tokens, self.overhead)
-        return {"forwards": [self.objective.collate([rows[i] for i in run], self.pad_token_id)
-                             for run in runs]}
+        lengths = [self.objective.row_length(r) for r in rows]
+        runs = split_by_tokens(lengths, self.forward_tokens, self.overhead)
+        padded_cost = [self._padded_cost(rows, lengths, run) for run in runs]
+        layouts = [(list(range(len(runs))), [])]        # (the padded runs kept, the flat rows)
+        if self.flat and "position_ids" not in rows[0]:
+            # the runs that compute fewer tokens padded (a prefix that runs once) stay padded,
+            # the other rows go flat; or all flat
+            keep = [k for k, run in enumerate(runs)
+                    if padded_cost[k] - self.overhead <= sum(lengths[i] for i in run)]
+            rest = [i for k, run in enumerate(runs) if k not in keep for i in run]
+            layouts += [(keep, rest)] if keep and rest else []
+            layouts.append(([], list(range(len(rows)))))
+
+        def cost(layout):      # tokens' worth computed, each forward's fixed cost included
+            kept, flat = layout
+            return (sum(padded_cost[k] for k in kept) + sum(lengths[i] for i in flat)
+                    + self.overhead * len(self._split_flat([lengths[i] for i in flat])))
+        kept, flat = min(layouts, key=cost)             # ties: the first, padded
+        return {"forwards": [self.objective.collate([rows[i] for i in runs[k]], self.pad_token_id)
+                             for k in kept] +
+                [self.objective.collate_flat([rows[flat[i]] for i in part])
+                 for part in self._split_flat([lengths[i] for i in flat])]}
+
+    def _split_flat(self, lengths: list[int]) -> list[list[int]]:
+        from tunelab.batching import split_flat
+        return split_flat(lengths, self.forward_tokens) if lengths else []
+
+    def _padded_cost(self, rows, lengths, run) -> int:
+        from tunelab.batching import MIN_SHARED_PREFIX, common_prefix
+        cost = len(run) * max(lengths[i] for i in run) + self.overhead
+        if self.shared_prefix and len(run) > 1:
+            shared = common_prefix([rows[i] for i in run])
+            if shared >= MIN_SHARED_PREFIX:
+                cost -= (len(run) - 1) * shared     # computed once, not once per row
+        return cost
 
 
 class TunelabTrainer(Trainer):
@@ -258,6 +301,7 @@ class TunelabTrainer(Trainer):
             return
         pad = self.processing_class.pad_token_id
         seen = sum(int(f["attention_mask"].sum()) if "attention_mask" in f
+                   else f["input_ids"].numel() if "cu_seq_lens_q" in f      # flat: no padding
                    else int((f["input_ids"] != pad).sum()) for f in inputs["forwards"])
         seen = torch.as_tensor(seen, device=self.args.device, dtype=torch.int64)
         self.state.num_input_tokens_seen += self.accelerator.gather(seen).sum().item()

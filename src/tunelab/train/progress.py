@@ -77,7 +77,7 @@ class ProgressDisplay:
         packed = f" (packed into {d['packed_rows']} rows)" if d.get("packed_rows") else ""
         procs = d.get("world_size", 1)
         split = (f" over {procs} processes" if procs > 1 else "") + \
-            (f", forward passes of up to {d['forward_tokens']:,} padded tokens"
+            (f", forward passes of up to {d['forward_tokens']:,} tokens"
              if d.get("forward_tokens") else "")
         # max_steps may end the run before the planned epochs do
         epochs = min(d["epochs"], e.total_steps / d.get("steps_per_epoch", e.total_steps))

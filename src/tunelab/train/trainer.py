@@ -22,8 +22,8 @@
   autocast over fp32 weights, with the gradient norm and clipping on the fp32 master gradients;
 - a non-finite loss stops the run at the step it happens (the stock Trainer filters NaN out of
   its logs and keeps going, and would then save NaN weights);
-- an optimizer step's forward passes made by padded tokens, not by a fixed count of rows
-  (StepCollator): the Trainer sees one batch per step (no accumulation of its own) and
+- an optimizer step's forward passes made by tokens, not by a fixed count of rows, padded or
+  flat (StepCollator): the Trainer sees one batch per step (no accumulation of its own) and
   training_step runs the step's forwards, accumulating gradients.
 """
 from __future__ import annotations
@@ -99,16 +99,17 @@ class StepCollator:
         from tunelab.batching import split_by_tokens
         lengths = [self.objective.row_length(r) for r in rows]
         runs = split_by_tokens(lengths, self.forward_tokens, self.overhead)
+        if not self.flat or "position_ids" in rows[0]:   # packed rows: padded as they are
+            return {"forwards": [self.objective.collate([rows[i] for i in run],
+                                                        self.pad_token_id) for run in runs]}
         padded_cost = [self._padded_cost(rows, lengths, run) for run in runs]
-        layouts = [(list(range(len(runs))), [])]        # (the padded runs kept, the flat rows)
-        if self.flat and "position_ids" not in rows[0]:
-            # the runs that compute fewer tokens padded (a prefix that runs once) stay padded,
-            # the other rows go flat; or all flat
-            keep = [k for k, run in enumerate(runs)
-                    if padded_cost[k] - self.overhead <= sum(lengths[i] for i in run)]
-            rest = [i for k, run in enumerate(runs) if k not in keep for i in run]
-            layouts += [(keep, rest)] if keep and rest else []
-            layouts.append(([], list(range(len(rows)))))
+        # (the padded runs kept, the flat rows): all padded; the runs that compute fewer tokens
+        # padded (a prefix that runs once) padded and the other rows flat; all flat
+        keep = [k for k, run in enumerate(runs)
+                if padded_cost[k] - self.overhead <= sum(lengths[i] for i in run)]
+        rest = [i for k, run in enumerate(runs) if k not in keep for i in run]
+        layouts = [(list(range(len(runs))), []), *([(keep, rest)] if keep and rest else []),
+                   ([], list(range(len(rows))))]
 
         def cost(layout):      # tokens' worth computed, each forward's fixed cost included
             kept, flat = layout

@@ -108,7 +108,8 @@ class _TrainConfig(_Strict):
                               "(chat, eval, compare, the server load it so), and `tunelab "
                               "export` merges on demand")
     # Measured against it (bench/train_match.py, SmolLM2 full, 200 steps at TRL's schedule):
-    # validation loss 0.0599 grouped, 0.0389 not, TRL 0.0369. For it, the demo (LoRA, replay
+    # validation loss 0.0599 grouped, 0.0389 not, TRL 0.0369 (seed 1: 0.1451 grouped, 0.0409
+    # not). For it, the demo (LoRA, replay
     # rows): 96.7% accuracy, valid loss 0.0477, training 251 s grouped; 93.3%, 0.0729, 298 s
     # not (one run each, flat forwards in both). Turned off, the DPO test on the tiny model fell
     # from >= 75% to 38% held-out pair accuracy. Kept on.

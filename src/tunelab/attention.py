@@ -49,13 +49,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     q_len, k_len = query.shape[-2], key.shape[-2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     segments = _segments(kwargs.get("cu_seq_lens_q"), q_len, k_len)
-    longest = TRAINING_ROWS if torch.is_grad_enabled() else SHORT_ROWS
-    if segments is not None:
-        # a flat forward (tunelab.batching.flatten_rows): several sequences in one row, each
-        # attending to itself only. transformers' block-diagonal mask over the whole row (from
-        # the position_ids) is correct but costs the row's length squared; each sequence on its
-        # own costs its own length squared, in any dtype
-        longest = TRAINING_ROWS
+    # a flat forward (tunelab.batching.flatten_rows): several sequences in one row, each
+    # attending to itself only. transformers' block-diagonal mask over the whole row (from the
+    # position_ids) is correct but costs the row's length squared; each sequence on its own in
+    # the blocks costs its own length squared, in any dtype, with gradients or without
+    longest = TRAINING_ROWS if torch.is_grad_enabled() or segments is not None else SHORT_ROWS
     too_long = (max(b - a for a, b in segments) if segments else k_len) > longest
     if (query.device.type != "cpu" or too_long
             or (query.dtype == torch.float32 and segments is None)

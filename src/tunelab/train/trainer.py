@@ -96,7 +96,7 @@ class StepCollator:
         self.flat = flat and getattr(objective, "flattens", False)
 
     def __call__(self, rows: list[dict]) -> dict[str, list[dict[str, torch.Tensor]]]:
-        from tunelab.batching import split_by_tokens
+        from tunelab.batching import split_by_tokens, split_flat
         lengths = [self.objective.row_length(r) for r in rows]
         runs = split_by_tokens(lengths, self.forward_tokens, self.overhead)
         if not self.flat or "position_ids" in rows[0]:   # packed rows: padded as they are
@@ -108,22 +108,20 @@ class StepCollator:
         keep = [k for k, run in enumerate(runs)
                 if padded_cost[k] - self.overhead <= sum(lengths[i] for i in run)]
         rest = [i for k, run in enumerate(runs) if k not in keep for i in run]
-        layouts = [(list(range(len(runs))), []), *([(keep, rest)] if keep and rest else []),
-                   ([], list(range(len(rows))))]
-
-        def cost(layout):      # tokens' worth computed, each forward's fixed cost included
-            kept, flat = layout
-            return (sum(padded_cost[k] for k in kept) + sum(lengths[i] for i in flat)
-                    + self.overhead * len(self._split_flat([lengths[i] for i in flat])))
-        kept, flat = min(layouts, key=cost)             # ties: the first, padded
+        layouts = []
+        for kept, flat in [(list(range(len(runs))), []),
+                           *([(keep, rest)] if keep and rest else []),
+                           ([], list(range(len(rows))))]:
+            parts = [[flat[i] for i in part] for part in
+                     split_flat([lengths[i] for i in flat], self.forward_tokens)] if flat else []
+            # tokens' worth computed, each forward's fixed cost included
+            cost = (sum(padded_cost[k] for k in kept) + sum(lengths[i] for i in flat)
+                    + self.overhead * len(parts))
+            layouts.append((cost, kept, parts))
+        _, kept, parts = min(layouts, key=lambda layout: layout[0])   # ties: the first, padded
         return {"forwards": [self.objective.collate([rows[i] for i in runs[k]], self.pad_token_id)
                              for k in kept] +
-                [self.objective.collate_flat([rows[flat[i]] for i in part])
-                 for part in self._split_flat([lengths[i] for i in flat])]}
-
-    def _split_flat(self, lengths: list[int]) -> list[list[int]]:
-        from tunelab.batching import split_flat
-        return split_flat(lengths, self.forward_tokens) if lengths else []
+                [self.objective.collate_flat([rows[i] for i in part]) for part in parts]}
 
     def _padded_cost(self, rows, lengths, run) -> int:
         from tunelab.batching import MIN_SHARED_PREFIX, common_prefix

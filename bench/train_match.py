@@ -45,7 +45,7 @@ def make_data(folder: Path, n_train: int) -> dict[str, str]:
 
 
 def worker(name: str, model_dir: str, data: dict, out: str, method: str, batch: int,
-           tunelab_options: dict) -> dict:
+           seed: int, tunelab_options: dict) -> dict:
     import time
 
     from train import Timer, valid_loss
@@ -62,7 +62,7 @@ def worker(name: str, model_dir: str, data: dict, out: str, method: str, batch: 
                "method": method, "epochs": 1, "batch_size": batch, "micro_batch_size": batch,
                "learning_rate": LR[method], "lr_scheduler": "linear", "warmup_ratio": 0.0,
                "weight_decay": 0.0, "max_grad_norm": 1.0, "max_length": 512,
-               **tunelab_options}
+               "seed": seed, **tunelab_options}
         if method == "lora":
             cfg["lora"] = lora
         res = tunelab.train(cfg, quiet=True, callbacks=[timer])
@@ -85,7 +85,7 @@ def worker(name: str, model_dir: str, data: dict, out: str, method: str, batch: 
                          bf16=cpu_has_bf16(), per_device_train_batch_size=batch,
                          gradient_accumulation_steps=1, learning_rate=LR[method],
                          lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                         max_grad_norm=1.0, max_length=512, save_strategy="no",
+                         max_grad_norm=1.0, max_length=512, save_strategy="no", seed=seed,
                          include_num_input_tokens_seen="non_padding")
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=[timer], peft_config=peft_config)
@@ -105,6 +105,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--method", default="full", choices=sorted(LR))
+    ap.add_argument("--seed", type=int, default=42,
+                    help="both runners' seed: the order they see the examples in, the weights "
+                         "of a LoRA adapter (the data stay the same)")
     ap.add_argument("--runners", default="trl,tunelab")
     ap.add_argument("--tunelab", default="{}", help="tunelab config overrides, JSON")
     ap.add_argument("--worker")
@@ -123,7 +126,7 @@ def main() -> None:
     results = {}
     for name in a.runners.split(","):
         kw = {"model_dir": model_dir, "data": data, "out": str(work / name),
-              "method": a.method, "batch": a.batch, "tunelab_options": json.loads(a.tunelab)}
+              "method": a.method, "batch": a.batch, "seed": a.seed, "tunelab_options": json.loads(a.tunelab)}
         proc = subprocess.run([sys.executable, __file__, "--worker", name, "--args",
                                json.dumps(kw)], capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -132,7 +135,7 @@ def main() -> None:
             continue
         results[name] = json.loads(line[-1][7:])
     print(f"SmolLM2-135M, {a.method}, {a.steps} x {a.batch} examples (one epoch), "
-          f"lr {LR[a.method]}, linear, no warmup")
+          f"lr {LR[a.method]}, linear, no warmup, seed {a.seed}")
     print(f"{'runner':9} {'steps':>6} {'train s':>8} {'tok/s':>7} {'valid loss':>11}")
     for name, r in results.items():
         print(f"{name:9} {r['steps']:>6} {r['seconds']:>8.1f} {r['tokens'] / r['seconds']:>7.1f} "

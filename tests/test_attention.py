@@ -134,3 +134,66 @@ def test_a_saved_model_does_not_name_the_attention(tiny_model_dir, tmp_path):
     fast.save_pretrained(tmp_path / "m")
     assert attention.NAME not in (tmp_path / "m" / "config.json").read_text()
     json.loads((tmp_path / "m" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("block", [attention.QUERY_BLOCK, 8])    # suffixes in 1 or 2+ blocks
+def test_rows_sharing_a_prefix_in_a_flat_forward_see_it_once_and_nothing_else(tiny_model_dir,
+                                                                              block, monkeypatch):
+    """Two rows P+a and P+b and an unrelated row c, flat with P once (a prefix tree): each
+    row's logits are what it gets alone, through the blocks only, in fp32 and bf16; and the
+    loss on the trained tokens and its gradients are the padded batch's."""
+    from transformers.integrations import sdpa_attention
+
+    from tunelab.batching import flatten_rows, pad_rows, trained_token_loss
+    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+    seen = []
+    real = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda m, q, *a, **kw: seen.append(q.shape[-2]) or real(m, q, *a, **kw))
+    _, fast = two_models(tiny_model_dir)
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(5, 400, (20,), generator=g).tolist()
+    seqs = [prefix + torch.randint(5, 400, (n,), generator=g).tolist() for n in (11, 6)]
+    seqs.append(torch.randint(5, 400, (9,), generator=g).tolist())
+    rows = [{"input_ids": s, "labels": [-100] * 21 + s[21:] if k < 2 else [-100] + s[1:]}
+            for k, s in enumerate(seqs)]
+    flat = flatten_rows(rows, [0, 20, 0])
+    assert flat["input_ids"].shape[1] == 31 + 6 + 9 and "cu_seq_lens_q" not in flat
+    assert flat["position_ids"][0, 31:37].tolist() == list(range(20, 26))
+    for dtype in (torch.float32, torch.bfloat16):
+        fast.to(dtype)
+        with torch.no_grad():
+            together = fast(**{k: v for k, v in flat.items() if k != "labels"},
+                            use_cache=False).logits[0].float()
+            assert seen == []
+            alone = [fast(input_ids=torch.tensor([s]), use_cache=False).logits[0].float()
+                     for s in seqs]
+        seen.clear()
+        # the second row's own tokens: its logits alone past the prefix
+        expected = torch.cat([alone[0], alone[1][20:], alone[2]])
+        tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+        assert ((together - expected).norm() / expected.norm()).item() < tolerance
+    fast.float()
+    grads = []
+    for batch in (flat, pad_rows(rows, 0)):
+        fast.zero_grad()
+        out = trained_token_loss(fast, batch, share_prefix=False)
+        out.loss_sum.backward()
+        grads.append((out.loss_sum.item(), int(out.trained),
+                      fast.model.layers[0].self_attn.k_proj.weight.grad.clone()))
+    (l_flat, n_flat, g_flat), (l_pad, n_pad, g_pad) = grads
+    assert n_flat == n_pad == 10 + 5 + 8
+    assert l_flat == pytest.approx(l_pad, rel=1e-5)
+    assert ((g_flat - g_pad).norm() / g_pad.norm()).item() < 1e-4
+
+
+def test_a_prefix_tree_never_falls_back_to_a_mask_that_would_hide_the_prefix(tiny_model_dir,
+                                                                             monkeypatch):
+    from tunelab.batching import flatten_rows
+    _, fast = two_models(tiny_model_dir)
+    rows = [{"input_ids": list(range(5, 45)), "labels": [-100] * 40},
+            {"input_ids": list(range(5, 35)) + [7, 8], "labels": [-100] * 31 + [8]}]
+    flat = flatten_rows(rows, [0, 30])
+    monkeypatch.setattr(attention, "TRAINING_ROWS", 16)       # too long for the blocks now
+    with pytest.raises(RuntimeError, match="shared prefixes"):
+        fast(**{k: v for k, v in flat.items() if k != "labels"}, use_cache=False)

@@ -117,8 +117,9 @@ def test_what_is_shared_stops_before_any_trained_position_and_short_prefixes_are
 
 
 def test_training_runs_the_shared_prefix_once_per_batch(tiny_model_dir, tmp_path):
-    """A tunelab run on rows with a common system prompt and instruction: the model sees the
-    prefix as one row, then every row's rest (not the whole rows)."""
+    """A tunelab run on rows with a common system prompt and instruction: on a CPU each step is
+    one flat forward holding the prefix once and every row's rest after it (a prefix tree),
+    never the whole rows."""
     import tunelab
     from tunelab.data.io import write_jsonl
     system = {"role": "system", "content": "You are a careful assistant. " * 4}
@@ -130,7 +131,7 @@ def test_training_runs_the_shared_prefix_once_per_batch(tiny_model_dir, tmp_path
     real = transformers.LlamaModel.forward
 
     def spy(self, input_ids=None, *a, **kw):
-        seen.append((tuple(input_ids.shape), kw.get("past_key_values") is not None))
+        seen.append((tuple(input_ids.shape), kw.get("tunelab_segments")))
         return real(self, input_ids, *a, **kw)
 
     transformers.LlamaModel.forward = spy
@@ -140,9 +141,12 @@ def test_training_runs_the_shared_prefix_once_per_batch(tiny_model_dir, tmp_path
                        "batch_size": 8, "precision": "fp32"}, quiet=True)
     finally:
         transformers.LlamaModel.forward = real
-    assert all(cached for _, cached in seen)               # no whole-batch forward at all
-    prefixes = [s for s, _ in seen if s[0] == 1]
-    rests = [s for s, _ in seen if s[0] == 8]
-    assert len(prefixes) == len(rests) == 2                # 16 rows, batch 8: two steps
-    assert all(s[1] >= 30 for s in prefixes)               # system prompt and user header
-    assert all(s[1] < 15 for s in rests)                   # the rest: user turn and answer
+    train = seen[:2]                                       # 16 rows, batch 8: two steps
+    assert all(shape[0] == 1 and segments is not None for shape, segments in train)
+    for shape, segments in train:
+        starts, ends, p0, p1 = segments.T.tolist()
+        assert len(starts) == 8 and ends[-1] == shape[1]
+        shared = {b - a for a, b in zip(p0[1:], p1[1:])}
+        assert len(shared) == 1 and min(shared) >= 30     # system prompt and user header
+        assert all(b - a < 15 for a, b in zip(starts[1:], ends[1:]))   # the rest of a row
+        assert set(p0[1:]) == {0}                          # seen in the first row's copy

@@ -175,15 +175,23 @@ def test_a_step_is_split_into_forwards_by_padded_tokens():
 
 def _rows_of(forward) -> list[tuple[list[int], list[int]]]:
     """The (input_ids, labels) rows in a padded or a flat forward."""
-    if "cu_seq_lens_q" in forward:      # flat: one row, the sequences end to end
-        bounds = forward["cu_seq_lens_q"].tolist()
-        assert forward["input_ids"].shape[0] == 1 and bounds[-1] == forward["input_ids"].shape[1]
+    if "cu_seq_lens_q" in forward or "tunelab_segments" in forward:
+        # flat: one row, the sequences end to end, a shared prefix once (in its tree's first)
+        if "cu_seq_lens_q" in forward:
+            bounds = forward["cu_seq_lens_q"].tolist()
+            segments = [(a, b, a, a) for a, b in zip(bounds, bounds[1:])]
+        else:
+            segments = forward["tunelab_segments"].tolist()
+        assert forward["input_ids"].shape[0] == 1 and \
+            segments[-1][1] == forward["input_ids"].shape[1]
         ids, labels, pos = (forward[k][0].tolist() for k in ("input_ids", "labels",
                                                               "position_ids"))
         out = []
-        for a, b in zip(bounds, bounds[1:]):
-            assert pos[a:b] == list(range(b - a)) and labels[a] == -100
-            out.append((ids[a:b], labels[a:b]))
+        for a, b, p0, p1 in segments:
+            assert pos[a:b] == list(range(p1 - p0, p1 - p0 + b - a)) and labels[a] == -100
+            # the prefix's labels are the first row's, untrained; this row's first token after
+            # it is untrained too (its -100 here loses nothing)
+            out.append((ids[p0:p1] + ids[a:b], [-100] * (p1 - p0) + labels[a:b]))
         return out
     out = []
     for ids, mask, labels in zip(forward["input_ids"], forward["attention_mask"],
@@ -219,32 +227,67 @@ def test_the_step_collator_loses_no_row_and_goes_flat_for_mixed_lengths(smol_tok
     assert not get("dpo").flattens
 
 
-def test_rows_sharing_a_long_prompt_stay_padded_so_the_prompt_runs_once(smol_tokenizer):
+def test_rows_sharing_a_long_prompt_run_it_once_padded_or_in_a_prefix_tree(smol_tokenizer):
+    from tunelab.batching import common_prefix, flat_tokens
     from tunelab.data.render import render_examples
     from tunelab.objectives import get
     from tunelab.train.trainer import StepCollator
     tok = smol_tokenizer
     system = {"role": "system", "content": "Classify the review as positive or negative. " * 4}
-    convs = [[system, {"role": "user", "content": f"review number {i}: fine"},
+    convs = [[system, {"role": "user", "content": f"review number {i}: fine" + " ok" * i},
               {"role": "assistant", "content": "positive"}] for i in range(8)]
     rows = render_examples(convs, tok, max_length=256)
     longest = max(len(r["input_ids"]) for r in rows)
 
-    def layout(shared_prefix):
+    def layout(**kw):
         step = StepCollator(get("sft"), tok.pad_token_id, forward_tokens=12 * longest,
-                            overhead=192, shared_prefix=shared_prefix)(rows)
+                            overhead=192, **kw)(rows)
         assert sorted(r for f in step["forwards"] for r in _rows_of(f)) == \
             sorted((r["input_ids"], r["labels"]) for r in rows)
-        return ["flat" if "cu_seq_lens_q" in f else "padded" for f in step["forwards"]]
-    assert layout(shared_prefix=True) == ["padded"]
-    # where the prefix cannot run once (DDP), equal lengths cost the same either way: padded
-    assert layout(shared_prefix=False) == ["padded"]
-    # with rows of other lengths and prompts (the demo's replay rows): those go flat
+        return [("tree" if "tunelab_segments" in f else "flat") if "position_ids" in f
+                else "padded" for f in step["forwards"]], step["forwards"]
+    assert layout(shared_prefix=True)[0] == ["padded"]
+    # where the prompt cannot run once (DDP), flat wins: no padding
+    assert layout(shared_prefix=False)[0] == ["flat"]
+    # where the attention sees a shared prefix in a flat row: a tree, the prompt once, no pads
+    kinds, forwards = layout(shared_prefix=True, prefix_trees=True)
+    assert kinds == ["tree"]
+    shared = forwards[0]["tunelab_segments"][1:, 3] - forwards[0]["tunelab_segments"][1:, 2]
+    assert (shared == common_prefix(rows)).all() and common_prefix(rows) > 40   # the system prompt
+    assert forwards[0]["input_ids"].numel() == \
+        sum(len(r["input_ids"]) for r in rows) - int(shared.sum())
+    assert flat_tokens(forwards[0]) == sum(len(r["input_ids"]) for r in rows)
+    # with rows of other lengths and prompts (the demo's replay rows): those go flat beside
+    # the padded prompt-sharing run, or in the same flat forward as the tree
     others = render_examples([[{"role": "user", "content": "word " * n},
                                {"role": "assistant", "content": "ok " * n}]
                               for n in (30, 55, 80)], tok, max_length=256)
     rows += others
-    assert sorted(layout(shared_prefix=True)) == ["flat", "padded"]
+    assert sorted(layout(shared_prefix=True)[0]) == ["flat", "padded"]
+    kinds, forwards = layout(shared_prefix=True, prefix_trees=True)
+    assert kinds == ["tree"]
+    assert forwards[0]["tunelab_segments"].shape[0] == len(rows)
+
+
+def test_prefix_trees_group_rows_by_their_shared_untrained_prefix():
+    from tunelab.batching import flatten_rows, prefix_trees
+
+    def row(prompt, answer):
+        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+    a, b = list(range(100, 130)), list(range(200, 240))
+    rows = [row(a + [1, 2], [9]), row(b + [3], [8, 8]), row(a + [5], [7]), row([1] * 5, [2]),
+            row(a + [6, 6, 6], [7]), row(b + [4, 4], [9])]
+    units = prefix_trees(rows, budget=1000, longest=1024)
+    assert sorted((sorted(m), s) for m, s in units) == [([0, 2, 4], 30), ([1, 5], 40), ([3], 0)]
+    # the budget caps a unit (the prefix counted once); rows past `longest` share nothing
+    assert sorted(len(m) for m, _ in prefix_trees(rows, budget=38, longest=1024)) == [1, 1, 1, 1, 2]
+    assert sorted((sorted(m), s) for m, s in prefix_trees(rows, budget=1000, longest=40)) == \
+        [([0, 2, 4], 30), ([1], 0), ([3], 0), ([5], 0)]           # the b rows: 43 tokens
+    # a prefix that ends inside the trained part is refused, as is one the head does not share
+    with pytest.raises(ValueError, match="shared prefix"):
+        flatten_rows([rows[0], rows[2]], [0, 32])
+    with pytest.raises(ValueError, match="shared prefix"):
+        flatten_rows([rows[0], rows[1]], [0, 30])
 
 
 def test_split_flat_fills_forwards_up_to_the_budget():

@@ -48,13 +48,15 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
     q_len, k_len = query.shape[-2], key.shape[-2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    segments = _segments(kwargs.get("cu_seq_lens_q"), q_len, k_len)
+    segments = _segments(kwargs, q_len, k_len)
     # a flat forward (tunelab.batching.flatten_rows): several sequences in one row, each
-    # attending to itself only. transformers' block-diagonal mask over the whole row (from the
-    # position_ids) is correct but costs the row's length squared; each sequence on its own in
-    # the blocks costs its own length squared, in any dtype, with gradients or without
+    # attending to itself only (and a sequence after a shared prefix to that prefix too).
+    # transformers' block-diagonal mask over the whole row (from the position_ids) is right for
+    # plain sequences but costs the row's length squared; each sequence on its own in the
+    # blocks costs its own length squared, in any dtype, with gradients or without
     longest = TRAINING_ROWS if torch.is_grad_enabled() or segments is not None else SHORT_ROWS
-    too_long = (max(b - a for a, b in segments) if segments else k_len) > longest
+    too_long = (max(b - a + p1 - p0 for a, b, p0, p1 in segments) if segments
+                else k_len) > longest
     if (query.device.type != "cpu" or too_long
             or (query.dtype == torch.float32 and segments is None)
             or q_len == 1                                   # decoding: SDPA's
@@ -63,6 +65,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             or (not causal and (attention_mask is None or segments is not None))  # bidirectional:
             # SDPA's business
             or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks"))):
+        if segments is not None and any(p1 > p0 for _, _, p0, p1 in segments):
+            # no mask transformers can build says "this sequence also sees that prefix"
+            raise RuntimeError("a flat forward with shared prefixes reached an attention that "
+                               "cannot run it (tunelab.batching.prefix_trees must not build "
+                               "it for this model or these lengths)")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     groups = query.shape[1] // key.shape[1]
@@ -78,53 +85,86 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     return out.transpose(1, 2).contiguous(), None
 
 
-def _segments(cu_seq_lens, q_len: int, k_len: int) -> tuple[tuple[int, int], ...] | None:
-    """The sequences of a flat forward, as (start, end) along the row, from the cumulative
-    lengths transformers passes varlen kernels (`cu_seq_lens_q`); None for ordinary rows."""
-    if cu_seq_lens is None or q_len != k_len:
+Segment = tuple[int, int, int, int]
+
+
+def _segments(kwargs, q_len: int, k_len: int) -> tuple[Segment, ...] | None:
+    """The sequences of a flat forward, as (start, end, prefix start, prefix end) along the row:
+    a sequence after a shared prefix (`tunelab_segments`, from flatten_rows) also sees that
+    prefix's keys; plain ones (the cumulative lengths transformers passes varlen kernels,
+    `cu_seq_lens_q`) have an empty prefix. None for ordinary rows."""
+    if q_len != k_len:
+        return None
+    tree = kwargs.get("tunelab_segments")
+    if tree is not None:
+        return tuple(tuple(s) for s in tree.tolist())
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None:
         return None
     bounds = cu_seq_lens.tolist()
     if bounds[-1] != q_len:
         return None
-    return tuple((a, b) for a, b in zip(bounds, bounds[1:]) if b > a)
+    return tuple((a, b, a, a) for a, b in zip(bounds, bounds[1:]) if b > a)
 
 
 def _forward_blocks(query, key, value, attention_mask, scale, causal, segments=None, *,
                     keep=False):
     """The output, and each block's probabilities if `keep` (for a backward)."""
     probs, outs = [], []
-    for q0, q1, k0, k1 in _blocks(query.shape[-2], key.shape[-2], causal, segments):
-        p = _block_probs(query, key, attention_mask, scale, q0, q1, k0, k1)
+    for q0, q1, keys in _blocks(query.shape[-2], key.shape[-2], causal, segments):
+        p = _block_probs(query, key, attention_mask, scale, q0, q1, keys)
         if keep:
             probs.append(p)
-        outs.append(torch.matmul(p, value[:, :, k0:k1]))
+        outs.append(torch.matmul(p, _take(value, keys)))
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)), probs
 
 
 def _blocks(q_len: int, k_len: int, causal: bool, segments=None):
-    """(first query, end query, first key, end key) per block of QUERY_BLOCK queries: the keys
-    the block's queries may see (later keys are masked for the whole block, so skipped)."""
-    if segments is not None:     # a flat forward: each sequence sees only itself
-        for a, b in segments:
+    """(first query, end query, key ranges) per block of QUERY_BLOCK queries: the keys the
+    block's queries may see (later keys are masked for the whole block, so skipped). The last
+    range is causal for the block's queries; a shared prefix before it is seen whole."""
+    if segments is not None:     # a flat forward: each sequence sees only itself (+ its prefix)
+        for a, b, p0, p1 in segments:
             for start in range(a, b, QUERY_BLOCK):
                 end = min(b, start + QUERY_BLOCK)
-                yield start, end, a, end
+                yield start, end, ((p0, p1), (a, end)) if p1 > p0 else ((a, end),)
         return
     past = k_len - q_len                 # a cached prefix: query i sees keys up to past + i
     for start in range(0, q_len, QUERY_BLOCK):
         end = min(q_len, start + QUERY_BLOCK)
-        yield start, end, 0, past + end if causal else k_len
+        yield start, end, ((0, past + end if causal else k_len),)
 
 
-def _block_probs(query, key, attention_mask, scale, q0, q1, k0, k1):
+def _take(x, ranges):
+    """x's positions in the key ranges, along dim 2 (a view for one range)."""
+    if len(ranges) == 1:
+        (a, b), = ranges
+        return x[:, :, a:b]
+    return torch.cat([x[:, :, a:b] for a, b in ranges], dim=2)
+
+
+def _give(grad, block_grad, ranges):
+    """grad[ranges] += block_grad (the inverse of _take)."""
+    at = 0
+    for a, b in ranges:
+        grad[:, :, a:b] += block_grad[:, :, at:at + b - a]
+        at += b - a
+
+
+def _block_probs(query, key, attention_mask, scale, q0, q1, keys):
     """The block's attention probabilities, in the query's dtype (softmax taken in fp32)."""
-    scores = torch.matmul(query[:, :, q0:q1], key[:, :, k0:k1].transpose(2, 3)) * scale
+    scores = torch.matmul(query[:, :, q0:q1], _take(key, keys).transpose(2, 3)) * scale
     if attention_mask is None:   # plain causal rows, no cache (see above; SDPA's mask function
         # leaves them to the kernel), or a flat forward's sequence: query i sees keys up to i
+        # (and its shared prefix, the first range, whole)
         past = key.shape[-2] - query.shape[-2]
+        k0, k1 = keys[-1]
         mask = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool,
                           device=query.device).tril(diagonal=q0 + past - k0)
+        if len(keys) > 1:
+            mask = torch.cat([mask.new_ones(q1 - q0, scores.shape[-1] - (k1 - k0)), mask], 1)
     else:
+        (k0, k1), = keys
         mask = attention_mask[..., q0:q1, k0:k1] if attention_mask.shape[-2] > 1 \
             else attention_mask[..., k0:k1]
     if mask.dtype == torch.bool:
@@ -165,14 +205,14 @@ class _BlockAttention(torch.autograd.Function):
         dq = torch.empty_like(query)
         dk = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
         dv = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-        for p, (q0, q1, k0, k1) in zip(probs, _blocks(query.shape[-2], key.shape[-2],
-                                                       ctx.causal, ctx.segments)):
+        for p, (q0, q1, keys) in zip(probs, _blocks(query.shape[-2], key.shape[-2],
+                                                    ctx.causal, ctx.segments)):
             d_o = grad_out[:, :, q0:q1]
-            dv[:, :, k0:k1] += torch.matmul(p.transpose(2, 3), d_o)
-            dp = torch.matmul(d_o, value[:, :, k0:k1].transpose(2, 3))
+            _give(dv, torch.matmul(p.transpose(2, 3), d_o), keys)
+            dp = torch.matmul(d_o, _take(value, keys).transpose(2, 3))
             ds = (p * (dp.float() - delta[:, :, q0:q1])).to(query.dtype)
-            dq[:, :, q0:q1] = torch.matmul(ds, key[:, :, k0:k1]) * ctx.scale
-            dk[:, :, k0:k1] += torch.matmul(ds.transpose(2, 3), query[:, :, q0:q1])
+            dq[:, :, q0:q1] = torch.matmul(ds, _take(key, keys)) * ctx.scale
+            _give(dk, torch.matmul(ds.transpose(2, 3), query[:, :, q0:q1]), keys)
         dk *= ctx.scale
         return dq, dk.to(key.dtype), dv.to(value.dtype), None, None, None, None
 

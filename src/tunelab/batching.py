@@ -64,7 +64,8 @@ def pad_rows(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, tor
     return batch
 
 
-def flatten_rows(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def flatten_rows(rows: Sequence[dict[str, Any]],
+                 shared: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """Rows (input_ids + labels) -> one row holding them all, no padding ("padding-free"):
     position_ids restart at 0 for each, each's first token is never predicted from the one
     before it (label -100), and cu_seq_lens_q / _k (the cumulative lengths varlen attention
@@ -72,23 +73,81 @@ def flatten_rows(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     them to) keep every sequence to itself. Without those, transformers' own block-diagonal mask
     from the positions does the same at the cost of the whole row's length squared.
 
+    `shared[i] > 0`: row i starts with the first shared[i] tokens of the last row before it
+    with shared 0 (its tree's first row; prefix_trees finds them), which are not repeated: row i
+    keeps only the rest, at positions from shared[i] on, and sees the first row's copy of the
+    prefix (`tunelab_segments`: start, end, prefix start, prefix end per sequence, which only
+    tunelab.attention's blocks read; no cu_seq_lens then, so that no other kernel mistakes the
+    sequences for independent ones). A system prompt or an instruction then runs once a forward.
+
     Against padded forwards of similar lengths: no token is padding, and a step's rows go in
     fewer forwards, each with its fixed cost (full fine-tuning writes every weight's gradient
     once per backward). TRL's padding_free and transformers' DataCollatorWithFlattening flatten
     the same way; they are written for a GPU's flash-attention and decide nothing about the
     number of forwards, hence this (and the choice in StepCollator)."""
-    ids, labels, positions, bounds = [], [], [], [0]
-    for r in rows:
-        n = len(r["input_ids"])
-        ids += r["input_ids"]
-        labels += [IGNORE_INDEX, *r["labels"][1:]]
-        positions += range(n)
-        bounds.append(bounds[-1] + n)
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-            "max_length_q": longest, "max_length_k": longest}
+    shared = shared or [0] * len(rows)
+    ids, labels, positions, segments = [], [], [], []
+    head, head_start = None, 0          # the tree's first row, where its tokens start
+    for r, n_shared in zip(rows, shared):
+        start = len(ids)
+        if n_shared:
+            if (head is None or r["input_ids"][:n_shared] != head["input_ids"][:n_shared]
+                    or r["labels"][n_shared] != IGNORE_INDEX):
+                raise ValueError("a row's shared prefix is not its tree's first row's, or its "
+                                 "first token after it is trained")
+            prefix = (head_start, head_start + n_shared)
+        else:
+            head, head_start, prefix = r, start, (start, start)
+        ids += r["input_ids"][n_shared:]
+        labels += [IGNORE_INDEX, *r["labels"][n_shared + 1:]]
+        positions += range(n_shared, len(r["input_ids"]))
+        segments.append((start, len(ids), *prefix))
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+             "position_ids": torch.tensor([positions])}
+    if any(shared):
+        batch["tunelab_segments"] = torch.tensor(segments)
+        return batch
+    cu = torch.tensor([0, *(b for _, b, _, _ in segments)], dtype=torch.int32)
+    longest = max(b - a for a, b, _, _ in segments)
+    return {**batch, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
+            "max_length_k": longest}
+
+
+def flat_tokens(forward: dict[str, torch.Tensor]) -> int:
+    """The tokens of the rows in a flat forward (a shared prefix counted once per row)."""
+    n = forward["input_ids"].numel()
+    if "tunelab_segments" in forward:
+        seg = forward["tunelab_segments"]
+        n += int((seg[:, 3] - seg[:, 2]).sum())
+    return n
+
+
+def prefix_trees(rows: Sequence[dict[str, Any]], budget: int,
+                 longest: int) -> list[tuple[list[int], int]]:
+    """Rows -> (row indices, shared tokens) units for flatten_rows: rows that share a prefix
+    of at least MIN_SHARED_PREFIX untrained tokens (common_prefix's rules) in one unit, the
+    prefix counted once; every other row a unit of its own (shared 0). A unit holds at most
+    `budget` tokens (a longer row alone), and only rows of at most `longest` tokens share (the
+    attention's blocks see a prefix only for rows they take: tunelab.attention.TRAINING_ROWS).
+
+    Rows sorted by their tokens put those with a common prefix side by side; a row joins the
+    unit before it while the tokens saved do not shrink (a shorter common prefix over more
+    rows can save less)."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["input_ids"])
+    units: list[tuple[list[int], int]] = []
+    for i in order:
+        n = len(rows[i]["input_ids"])
+        if units and n <= longest:
+            members, shared = units[-1]
+            if all(len(rows[j]["input_ids"]) <= longest for j in members):
+                now = common_prefix([rows[j] for j in members] + [rows[i]])
+                size = now + sum(len(rows[j]["input_ids"]) - now for j in [*members, i])
+                if (now >= MIN_SHARED_PREFIX and size <= budget
+                        and now * len(members) >= shared * (len(members) - 1)):
+                    units[-1] = ([*members, i], now)
+                    continue
+        units.append(([i], 0))
+    return [(members, shared if len(members) > 1 else 0) for members, shared in units]
 
 
 def split_flat(lengths: Sequence[int], budget: int) -> list[list[int]]:

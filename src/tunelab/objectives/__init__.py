@@ -88,7 +88,10 @@ class Objective:
     # whether its rows can also go end to end in one row, no padding (collate_flat)
     flattens: ClassVar[bool] = False
 
-    def collate_flat(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def collate_flat(self, rows: Sequence[dict[str, Any]],
+                     shared: Sequence[int] | None = None) -> dict[str, Any]:
+        """Rows end to end in one (tunelab.batching.flatten_rows); shared[i]: tokens row i
+        shares with its prefix tree's first row."""
         raise NotImplementedError
 
     def items(self, batch: dict[str, Any]) -> int:

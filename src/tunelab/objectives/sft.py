@@ -53,9 +53,10 @@ class SFT(Objective):
 
     flattens = True
 
-    def collate_flat(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def collate_flat(self, rows: Sequence[dict[str, Any]],
+                     shared: Sequence[int] | None = None) -> dict[str, Any]:
         from tunelab.batching import flatten_rows
-        return flatten_rows(rows)
+        return flatten_rows(rows, shared)
 
     def items(self, batch: dict[str, Any]) -> int:
         from tunelab.data.render import IGNORE_INDEX

@@ -145,8 +145,7 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
         report_to=["tensorboard"] if tensorboard else "none",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing
-        else "random",
+        train_sampling_strategy="group_by_length" if _groups_by_length(cfg) else "random",
         remove_unused_columns=False,
         label_names=["labels"],   # PEFT wraps forward(); without this eval loss is dropped
         include_num_input_tokens_seen="non_padding",
@@ -156,6 +155,17 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
         log_level_replica="error",   # the Trainer would turn other processes' warnings back on
         dataloader_num_workers=0,
     )
+
+
+def _groups_by_length(cfg: TrainConfig) -> bool:
+    """Steps of similar lengths: by default only for objectives whose rows are padded (DPO's
+    pairs). Rows that go flat (SFT) have no padding to save, and grouping costs quality where
+    length goes with the answer (see config.py's group_by_length)."""
+    if cfg.packing:
+        return False
+    if cfg.group_by_length is not None:
+        return cfg.group_by_length
+    return not get_objective(cfg.objective).flattens
 
 
 def _apply_method(model, cfg: TrainConfig):
@@ -369,8 +379,12 @@ def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = Non
     # training), with the objective's collate, shared with eval; it decides nothing about
     # supervision
     from tunelab.batching import shares_prefixes
+    flat = _flat_forwards_pay(model, args.device)
     layout = {"shared_prefix": shares_prefixes(model) and args.world_size == 1,  # DDP: 1 forward
-              "flat": _flat_forwards_pay(model, args.device)}
+              "flat": flat,
+              # one forward either way (DDP too); a prefix seen whole needs full attention
+              # (shares_prefixes) and tunelab.attention's blocks (flash-attention cannot)
+              "prefix_trees": flat and args.device.type == "cpu" and shares_prefixes(model)}
     collator = StepCollator(prep.objective, prep.tokenizer.pad_token_id,
                             forward_tokens=plan.forward_tokens, overhead=plan.forward_overhead,
                             **layout)

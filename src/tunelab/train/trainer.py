@@ -83,20 +83,24 @@ class StepCollator:
       where the model allows it (`shared_prefix`: tunelab.batching.shares_prefixes);
     - flat (objectives that can, `objective.flattens`, where the attention takes sequences'
       bounds, `flat`: tunelab.train.run._flat_forwards_pay): the rows end to end in as few forwards
-      of `forward_tokens` tokens as fit (tunelab.batching.flatten_rows), no padding at all.
+      of `forward_tokens` tokens as fit (tunelab.batching.flatten_rows), no padding at all; with
+      `prefix_trees` (tunelab.attention's blocks), rows that share a prompt share one copy of it
+      (tunelab.batching.prefix_trees).
     or both: the runs whose prefix runs once padded, the other rows flat. Mixed lengths go flat
-    (the bench's 57-850-token rows: 3-4 padded forwards a step -> 1-2 flat), rows sharing a long
-    prompt go padded (the demo's reviews: 50 of ~86 tokens shared), its replay rows flat."""
+    (the bench's 57-850-token rows: 3-4 padded forwards a step -> 1-2 flat); rows sharing a long
+    prompt (the demo's reviews: 50 of ~86 tokens shared) go flat in prefix trees where the
+    attention runs them, else padded, their prompt run once either way."""
 
     def __init__(self, objective, pad_token_id: int, *, forward_tokens: int, overhead: int,
-                 shared_prefix: bool = False, flat: bool = True):
+                 shared_prefix: bool = False, flat: bool = True, prefix_trees: bool = False):
         self.objective, self.pad_token_id = objective, pad_token_id
         self.forward_tokens, self.overhead = forward_tokens, overhead
         self.shared_prefix = shared_prefix
         self.flat = flat and getattr(objective, "flattens", False)
+        self.prefix_trees = self.flat and prefix_trees
 
     def __call__(self, rows: list[dict]) -> dict[str, list[dict[str, torch.Tensor]]]:
-        from tunelab.batching import split_by_tokens, split_flat
+        from tunelab.batching import split_by_tokens
         lengths = [self.objective.row_length(r) for r in rows]
         runs = split_by_tokens(lengths, self.forward_tokens, self.overhead)
         if not self.flat or "position_ids" in rows[0]:   # packed rows: padded as they are
@@ -112,16 +116,35 @@ class StepCollator:
         for kept, flat in [(list(range(len(runs))), []),
                            *([(keep, rest)] if keep and rest else []),
                            ([], list(range(len(rows))))]:
-            parts = [[flat[i] for i in part] for part in
-                     split_flat([lengths[i] for i in flat], self.forward_tokens)] if flat else []
+            parts, flat_cost = self._flat_parts(rows, lengths, flat)
             # tokens' worth computed, each forward's fixed cost included
-            cost = (sum(padded_cost[k] for k in kept) + sum(lengths[i] for i in flat)
-                    + self.overhead * len(parts))
+            cost = sum(padded_cost[k] for k in kept) + flat_cost
             layouts.append((cost, kept, parts))
         _, kept, parts = min(layouts, key=lambda layout: layout[0])   # ties: the first, padded
         return {"forwards": [self.objective.collate([rows[i] for i in runs[k]], self.pad_token_id)
                              for k in kept] +
-                [self.objective.collate_flat([rows[i] for i in part]) for part in parts]}
+                [self.objective.collate_flat([rows[i] for i, _ in part],
+                                             [shared for _, shared in part])
+                 for part in parts]}
+
+    def _flat_parts(self, rows, lengths, flat: list[int]):
+        """The rows `flat` -> flat forwards (lists of (row, tokens it shares with its tree's
+        first row)) within the token budget, and their cost in tokens' worth."""
+        from tunelab.attention import TRAINING_ROWS
+        from tunelab.batching import prefix_trees, split_flat
+        if not flat:
+            return [], 0
+        if self.prefix_trees:
+            units = [([flat[i] for i in members], shared) for members, shared in
+                     prefix_trees([rows[i] for i in flat], self.forward_tokens, TRAINING_ROWS)]
+        else:
+            units = [([i], 0) for i in flat]
+        sizes = [sum(lengths[i] for i in members) - shared * (len(members) - 1)
+                 for members, shared in units]
+        parts = [[(i, shared if k else 0) for u in part
+                  for members, shared in [units[u]] for k, i in enumerate(members)]
+                 for part in split_flat(sizes, self.forward_tokens)]
+        return parts, sum(sizes) + self.overhead * len(parts)
 
     def _padded_cost(self, rows, lengths, run) -> int:
         from tunelab.batching import MIN_SHARED_PREFIX, common_prefix
@@ -298,9 +321,10 @@ class TunelabTrainer(Trainer):
         forwards, then gathered once: one collective per step on every rank."""
         if self.args.include_num_input_tokens_seen == "no":
             return
+        from tunelab.batching import flat_tokens
         pad = self.processing_class.pad_token_id
         seen = sum(int(f["attention_mask"].sum()) if "attention_mask" in f
-                   else f["input_ids"].numel() if "cu_seq_lens_q" in f      # flat: no padding
+                   else flat_tokens(f) if "cu_seq_lens_q" in f or "tunelab_segments" in f
                    else int((f["input_ids"] != pad).sum()) for f in inputs["forwards"])
         seen = torch.as_tensor(seen, device=self.args.device, dtype=torch.int64)
         self.state.num_input_tokens_seen += self.accelerator.gather(seen).sum().item()

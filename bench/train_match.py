@@ -33,19 +33,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 LR = {"full": 2e-5, "lora": 2e-4}
 
 
-def make_data(folder: Path, n_train: int) -> dict[str, str]:
+def make_data(folder: Path, n_train: int, order_seed: int | None) -> dict[str, str]:
+    """The training examples (the same ones whatever the seed), shuffled by `order_seed` when
+    both runners keep the file's order."""
+    import random
+
     from tunelab.data.io import write_jsonl
     from tunelab.demo import stars_conversation
     from tunelab.data.generators.reviews import generate_reviews
     rows = [stars_conversation(r.text, r.stars) for r in generate_reviews(n_train + 150, seed=1)]
     folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "train.jsonl", rows[:n_train])
+    train = rows[:n_train]
+    if order_seed is not None:
+        random.Random(order_seed).shuffle(train)
+    write_jsonl(folder / "train.jsonl", train)
     write_jsonl(folder / "val.jsonl", rows[n_train:])
     return {"train": str(folder / "train.jsonl"), "val": str(folder / "val.jsonl")}
 
 
 def worker(name: str, model_dir: str, data: dict, out: str, method: str, batch: int,
-           seed: int, tunelab_options: dict) -> dict:
+           seed: int, same_order: bool, tunelab_options: dict) -> dict:
     import time
 
     from train import Timer, valid_loss
@@ -62,7 +69,8 @@ def worker(name: str, model_dir: str, data: dict, out: str, method: str, batch: 
                "method": method, "epochs": 1, "batch_size": batch, "micro_batch_size": batch,
                "learning_rate": LR[method], "lr_scheduler": "linear", "warmup_ratio": 0.0,
                "weight_decay": 0.0, "max_grad_norm": 1.0, "max_length": 512,
-               "seed": seed, **tunelab_options}
+               "seed": seed, **({"shuffle": False} if same_order else {}),
+               **tunelab_options}
         if method == "lora":
             cfg["lora"] = lora
         res = tunelab.train(cfg, quiet=True, callbacks=[timer])
@@ -86,6 +94,7 @@ def worker(name: str, model_dir: str, data: dict, out: str, method: str, batch: 
                          gradient_accumulation_steps=1, learning_rate=LR[method],
                          lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
                          max_grad_norm=1.0, max_length=512, save_strategy="no", seed=seed,
+                         train_sampling_strategy="sequential" if same_order else "random",
                          include_num_input_tokens_seen="non_padding")
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=[timer], peft_config=peft_config)
@@ -108,6 +117,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42,
                     help="both runners' seed: the order they see the examples in, the weights "
                          "of a LoRA adapter (the data stay the same)")
+    ap.add_argument("--same-order", action="store_true",
+                    help="both runners train on the same steps: the train file shuffled by the "
+                         "seed, kept in that order (what is left to differ is the "
+                         "implementation: precision, loss, kernels)")
     ap.add_argument("--runners", default="trl,tunelab")
     ap.add_argument("--tunelab", default="{}", help="tunelab config overrides, JSON")
     ap.add_argument("--worker")
@@ -121,12 +134,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tunelab-match-"))
     # the runs' models and checkpoints, 2-3 GB an invocation: gone when the bench ends
     atexit.register(shutil.rmtree, work, True)
-    data = make_data(work / "data", a.steps * a.batch)
+    data = make_data(work / "data", a.steps * a.batch, a.seed if a.same_order else None)
     model_dir = resolve("smollm2-135m-instruct").path
     results = {}
     for name in a.runners.split(","):
         kw = {"model_dir": model_dir, "data": data, "out": str(work / name),
-              "method": a.method, "batch": a.batch, "seed": a.seed, "tunelab_options": json.loads(a.tunelab)}
+              "method": a.method, "batch": a.batch, "seed": a.seed, "same_order": a.same_order,
+              "tunelab_options": json.loads(a.tunelab)}
         proc = subprocess.run([sys.executable, __file__, "--worker", name, "--args",
                                json.dumps(kw)], capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -135,7 +149,8 @@ def main() -> None:
             continue
         results[name] = json.loads(line[-1][7:])
     print(f"SmolLM2-135M, {a.method}, {a.steps} x {a.batch} examples (one epoch), "
-          f"lr {LR[a.method]}, linear, no warmup, seed {a.seed}")
+          f"lr {LR[a.method]}, linear, no warmup, seed {a.seed}"
+          + (", the same steps for both" if a.same_order else ""))
     print(f"{'runner':9} {'steps':>6} {'train s':>8} {'tok/s':>7} {'valid loss':>11}")
     for name, r in results.items():
         print(f"{name:9} {r['steps']:>6} {r['seconds']:>8.1f} {r['tokens'] / r['seconds']:>7.1f} "

@@ -523,3 +523,36 @@ def test_length_grouped_steps_come_in_a_random_order_not_a_sweep():
     assert sum(a > b for a, b in zip(ours, ours[1:])) < 40   # a sweep would give 49
     sampler.set_epoch(2)
     assert list(sampler) != order
+
+
+def test_sft_steps_are_random_dpo_steps_length_grouped_and_shuffle_false_keeps_the_file_order(
+        tmp_path, tiny_model_dir, sound_task, monkeypatch):
+    from tunelab.train import trainer as trainer_module
+    from tunelab.train.run import _groups_by_length
+
+    def cfg(**kw):
+        return TrainConfig(model="m", train_file="t.jsonl", output_dir="o", **kw)
+    # SFT rows go flat (no padding to save); DPO's pairs are padded
+    assert not _groups_by_length(cfg()) and _groups_by_length(cfg(objective="dpo"))
+    assert _groups_by_length(cfg(group_by_length=True))
+    assert not _groups_by_length(cfg(objective="dpo", shuffle=False))
+    with pytest.raises(ValueError, match="group_by_length: reorders"):
+        cfg(shuffle=False, group_by_length=True)
+    # shuffle: false -> each step holds the next rows of the file, every epoch
+    steps = []
+    real = trainer_module.StepCollator.__call__
+
+    def spy(self, rows):
+        steps.append([r["input_ids"] for r in rows])
+        return real(self, rows)
+    monkeypatch.setattr(trainer_module.StepCollator, "__call__", spy)
+    run = tunelab.train({"model": str(tiny_model_dir), "train_file": str(sound_task["train"]),
+                         "output_dir": str(tmp_path / "run"), "method": "full", "epochs": 2,
+                         "batch_size": 8, "shuffle": False, "precision": "fp32"}, quiet=True)
+    from tunelab.data.conversation import read_conversations
+    from tunelab.data.render import render_examples
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    rows = render_examples([c.messages for c in read_conversations(sound_task["train"])], tok,
+                           max_length=TrainConfig.model_fields["max_length"].default)
+    in_order = [[r["input_ids"] for r in rows[i:i + 8]] for i in range(0, 40, 8)]
+    assert run.steps == 10 and steps[:10] == in_order * 2

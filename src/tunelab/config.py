@@ -107,15 +107,19 @@ class _TrainConfig(_Strict):
                               "a 13 MB adapter). Off, the run folder means base + adapter "
                               "(chat, eval, compare, the server load it so), and `tunelab "
                               "export` merges on demand")
-    # Measured against it (bench/train_match.py, SmolLM2 full, 200 steps at TRL's schedule):
-    # validation loss 0.0599 grouped, 0.0389 not, TRL 0.0369 (seed 1: 0.1451 grouped, 0.0409
-    # not). For it, the demo (LoRA, replay
-    # rows): 96.7% accuracy, valid loss 0.0477, training 251 s grouped; 93.3%, 0.0729, 298 s
-    # not (one run each, flat forwards in both). Turned off, the DPO test on the tiny model fell
-    # from >= 75% to 38% held-out pair accuracy. Kept on.
+    # Off for SFT, measured (bench/train_match.py, SmolLM2 full, 200 steps at TRL's schedule):
+    # validation loss 0.0599/0.1451 grouped at seeds 42/1, 0.0389/0.0409 not, TRL 0.0369/0.0686
+    # (length goes with the answer in the demo's task: grouped steps hold one kind of answer).
+    # The demo (LoRA, replay rows): 96.1% accuracy, 259 s of training ungrouped with prefix
+    # trees; 96.7%, 251 s grouped. On for DPO: ungrouped, the DPO test on the tiny model fell
+    # from >= 75% to 38% held-out pair accuracy at lr 2e-3 (its pairs are padded anyway).
     group_by_length: bool | None = Field(
         None, description="steps of similar lengths: less padding. Default: on for DPO (its "
         "pairs are padded), off for SFT (its rows go flat, with no padding to save)")
+
+    shuffle: bool = Field(True, description="a new random order each epoch; false: the "
+                          "train file's order every epoch (a curriculum, or two tools "
+                          "compared on the same steps)")
 
     logging_steps: int = Field(10, ge=1, le=MAX_STEPS)
     eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
@@ -149,6 +153,11 @@ class _TrainConfig(_Strict):
                 if getattr(self, name):
                     raise ValueError(f"{name}: applies to conversations (objective 'sft'), not "
                                      f"to {OBJECTIVES[self.objective].data_kind}")
+        if not self.shuffle:
+            for name in ("group_by_length", "replay_file"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: reorders the rows (or mixes replay rows in), "
+                                     "while shuffle: false keeps the train file's order")
         if self.method == "full" and self.lora != LoraSettings():
             raise ValueError("lora: settings given but method is 'full'")
         if self.freeze_layers and self.method != "full":

@@ -145,7 +145,8 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
         report_to=["tensorboard"] if tensorboard else "none",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        train_sampling_strategy="group_by_length" if _groups_by_length(cfg) else "random",
+        train_sampling_strategy="group_by_length" if _groups_by_length(cfg)
+        else "random" if cfg.shuffle else "sequential",
         remove_unused_columns=False,
         label_names=["labels"],   # PEFT wraps forward(); without this eval loss is dropped
         include_num_input_tokens_seen="non_padding",
@@ -161,7 +162,7 @@ def _groups_by_length(cfg: TrainConfig) -> bool:
     """Steps of similar lengths: by default only for objectives whose rows are padded (DPO's
     pairs). Rows that go flat (SFT) have no padding to save, and grouping costs quality where
     length goes with the answer (see config.py's group_by_length)."""
-    if cfg.packing:
+    if cfg.packing or not cfg.shuffle:
         return False
     if cfg.group_by_length is not None:
         return cfg.group_by_length

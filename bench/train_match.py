@@ -9,9 +9,10 @@ seen once, 150 held out. Both runs: AdamW, learning rate 2e-5 (full; 2e-4 LoRA r
 same modules), linear decay, no warmup, no weight decay, gradient clipping at 1.0, the loss
 on the completion only, each in the precision it picks on this CPU by default (TRL: fp32
 weights under bf16 autocast where bf16 is native; tunelab: bf16 weights with fp32 masters,
-stochastically rounded). What differs is the implementation: data order (TRL shuffles,
-tunelab groups by length), loss normalisation, the chunked head and loss, the precision
-scheme. This says whether tunelab's speed costs quality; bench/train.py says how fast.
+stochastically rounded). What differs is the implementation: data order (each shuffles with
+its own sampler; with --same-order both keep the train file's order, shuffled once by the
+seed), loss normalisation, the chunked head and loss, flat forwards, the precision scheme.
+This says whether tunelab's speed costs quality; bench/train.py says how fast.
 Not a test: no assertions.
 """
 from __future__ import annotations

@@ -111,8 +111,7 @@ class _TrainConfig(_Strict):
     # validation loss 0.0599/0.1451 grouped at seeds 42/1, 0.0389/0.0409 not, TRL 0.0369/0.0686
     # (length goes with the answer in the demo's task: grouped steps hold one kind of answer).
     # The demo (LoRA, replay rows): 96.1% accuracy, 259 s of training ungrouped with prefix
-    # trees; 96.7%, 251 s grouped. On for DPO: ungrouped, the DPO test on the tiny model fell
-    # from >= 75% to 38% held-out pair accuracy at lr 2e-3 (its pairs are padded anyway).
+    # trees; 96.7%, 251 s grouped. On for DPO, whose pairs are padded: grouping saves padding.
     group_by_length: bool | None = Field(
         None, description="steps of similar lengths: less padding. Default: on for DPO (its "
         "pairs are padded), off for SFT (its rows go flat, with no padding to save)")

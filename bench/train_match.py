@@ -53,7 +53,7 @@ def make_data(folder: Path, n_train: int, order_seed: int | None) -> dict[str, s
 
 
 def worker(name: str, model_dir: str, data: dict, out: str, method: str, batch: int,
-           seed: int, same_order: bool, tunelab_options: dict) -> dict:
+           seed: int, same_order: bool, fp32: bool, tunelab_options: dict) -> dict:
     import time
 
     from train import Timer, valid_loss
@@ -71,6 +71,7 @@ def worker(name: str, model_dir: str, data: dict, out: str, method: str, batch: 
                "learning_rate": LR[method], "lr_scheduler": "linear", "warmup_ratio": 0.0,
                "weight_decay": 0.0, "max_grad_norm": 1.0, "max_length": 512,
                "seed": seed, **({"shuffle": False} if same_order else {}),
+               **({"precision": "fp32"} if fp32 else {}),
                **tunelab_options}
         if method == "lora":
             cfg["lora"] = lora
@@ -91,7 +92,7 @@ def worker(name: str, model_dir: str, data: dict, out: str, method: str, batch: 
             peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
                                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
         args = SFTConfig(output_dir=out, use_cpu=True, num_train_epochs=1, report_to="none",
-                         bf16=cpu_has_bf16(), per_device_train_batch_size=batch,
+                         bf16=cpu_has_bf16() and not fp32, per_device_train_batch_size=batch,
                          gradient_accumulation_steps=1, learning_rate=LR[method],
                          lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
                          max_grad_norm=1.0, max_length=512, save_strategy="no", seed=seed,
@@ -122,7 +123,11 @@ def main() -> None:
                     help="both runners train on the same steps: the train file shuffled by the "
                          "seed, kept in that order (what is left to differ is the "
                          "implementation: precision, loss, kernels)")
+    ap.add_argument("--fp32", action="store_true",
+                    help="both in fp32 (TRL bf16=False, tunelab precision: fp32)")
     ap.add_argument("--runners", default="trl,tunelab")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="work in DIR and keep its data and models (each runner's in DIR/NAME)")
     ap.add_argument("--tunelab", default="{}", help="tunelab config overrides, JSON")
     ap.add_argument("--worker")
     ap.add_argument("--args")
@@ -132,15 +137,19 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(a.worker, **kw)), flush=True)
         return
     from tunelab.models import resolve
-    work = Path(tempfile.mkdtemp(prefix="tunelab-match-"))
-    # the runs' models and checkpoints, 2-3 GB an invocation: gone when the bench ends
-    atexit.register(shutil.rmtree, work, True)
+    if a.keep:
+        work = Path(a.keep)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="tunelab-match-"))
+        # the runs' models and checkpoints, 2-3 GB an invocation: gone when the bench ends
+        atexit.register(shutil.rmtree, work, True)
     data = make_data(work / "data", a.steps * a.batch, a.seed if a.same_order else None)
     model_dir = resolve("smollm2-135m-instruct").path
     results = {}
     for name in a.runners.split(","):
         kw = {"model_dir": model_dir, "data": data, "out": str(work / name),
               "method": a.method, "batch": a.batch, "seed": a.seed, "same_order": a.same_order,
+              "fp32": a.fp32,
               "tunelab_options": json.loads(a.tunelab)}
         proc = subprocess.run([sys.executable, __file__, "--worker", name, "--args",
                                json.dumps(kw)], capture_output=True, text=True)
@@ -151,7 +160,7 @@ def main() -> None:
         results[name] = json.loads(line[-1][7:])
     print(f"SmolLM2-135M, {a.method}, {a.steps} x {a.batch} examples (one epoch), "
           f"lr {LR[a.method]}, linear, no warmup, seed {a.seed}"
-          + (", the same steps for both" if a.same_order else ""))
+          + (", the same steps for both" if a.same_order else "") + (", fp32" if a.fp32 else ""))
     print(f"{'runner':9} {'steps':>6} {'train s':>8} {'tok/s':>7} {'valid loss':>11}")
     for name, r in results.items():
         print(f"{name:9} {r['steps']:>6} {r['seconds']:>8.1f} {r['tokens'] / r['seconds']:>7.1f} "

@@ -528,16 +528,18 @@ def test_length_grouped_steps_come_in_a_random_order_not_a_sweep():
 def test_sft_steps_are_random_dpo_steps_length_grouped_and_shuffle_false_keeps_the_file_order(
         tmp_path, tiny_model_dir, sound_task, monkeypatch):
     from tunelab.train import trainer as trainer_module
-    from tunelab.train.run import _groups_by_length
+    from tunelab.train.run import _sampling_strategy
 
-    def cfg(**kw):
-        return TrainConfig(model="m", train_file="t.jsonl", output_dir="o", **kw)
+    def strategy(**kw):
+        return _sampling_strategy(TrainConfig(model="m", train_file="t.jsonl", output_dir="o",
+                                              **kw))
     # SFT rows go flat (no padding to save); DPO's pairs are padded
-    assert not _groups_by_length(cfg()) and _groups_by_length(cfg(objective="dpo"))
-    assert _groups_by_length(cfg(group_by_length=True))
-    assert not _groups_by_length(cfg(objective="dpo", shuffle=False))
+    assert strategy() == "random" and strategy(objective="dpo") == "group_by_length"
+    assert strategy(group_by_length=True) == "group_by_length"
+    assert strategy(group_by_length=True, packing=True) == "random"
+    assert strategy(objective="dpo", shuffle=False) == "sequential"
     with pytest.raises(ValueError, match="group_by_length: reorders"):
-        cfg(shuffle=False, group_by_length=True)
+        strategy(shuffle=False, group_by_length=True)
     # shuffle: false -> each step holds the next rows of the file, every epoch
     steps = []
     real = trainer_module.StepCollator.__call__

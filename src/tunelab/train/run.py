@@ -145,8 +145,7 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
         report_to=["tensorboard"] if tensorboard else "none",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        train_sampling_strategy="group_by_length" if _groups_by_length(cfg)
-        else "random" if cfg.shuffle else "sequential",
+        train_sampling_strategy=_sampling_strategy(cfg),
         remove_unused_columns=False,
         label_names=["labels"],   # PEFT wraps forward(); without this eval loss is dropped
         include_num_input_tokens_seen="non_padding",
@@ -158,15 +157,17 @@ def _training_arguments(cfg: TrainConfig, plan: Plan, work: Path, has_valid: boo
     )
 
 
-def _groups_by_length(cfg: TrainConfig) -> bool:
-    """Steps of similar lengths: by default only for objectives whose rows are padded (DPO's
-    pairs). Rows that go flat (SFT) have no padding to save, and grouping costs quality where
-    length goes with the answer (see config.py's group_by_length)."""
-    if cfg.packing or not cfg.shuffle:
-        return False
-    if cfg.group_by_length is not None:
-        return cfg.group_by_length
-    return not get_objective(cfg.objective).flattens
+def _sampling_strategy(cfg: TrainConfig) -> str:
+    """The order of the training rows: the file's (shuffle: false), else random, in steps of
+    similar lengths by default only for objectives whose rows are padded (DPO's pairs). Rows
+    that go flat (SFT) have no padding to save, and grouping costs quality where length goes
+    with the answer (see config.py's group_by_length)."""
+    if not cfg.shuffle:
+        return "sequential"
+    grouped = cfg.group_by_length
+    if grouped is None:
+        grouped = not get_objective(cfg.objective).flattens
+    return "group_by_length" if grouped and not cfg.packing else "random"
 
 
 def _apply_method(model, cfg: TrainConfig):

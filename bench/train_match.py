@@ -3,9 +3,16 @@ in the same amount, same optimizer settings, >= 200 optimizer steps; the validat
 each saved model, measured the same way.
 
     .venv/bin/python bench/train_match.py [--steps 200] [--batch 4] [--method full]
+        [--task stars|write] [--seeds 42,1,2] [--same-order] [--fp32]
 
-The data: the demo's star-rating reviews (tunelab.demo), `steps x batch` training examples
-seen once, 150 held out. Both runs: AdamW, learning rate 2e-5 (full; 2e-4 LoRA r16 on the
+The data, `steps x batch` training examples seen once, 150 held out; two tasks on the same
+generated reviews:
+- `stars` (the demo's, tunelab.demo): a review in, its star rating out. The answer is one digit
+  and the end-of-turn token, the loss near zero after 200 steps and carried by a few borderline
+  reviews: which of them flip follows the trajectory, so one run's loss moves up to 2x.
+- `write`: "Write a 4-star review of a laptop." in, the review out (~40 tokens). The loss is
+  spread over every token of 150 reviews and settles near the generator's own entropy: a
+  measure of the same training that a few examples cannot swing. Both runs: AdamW, learning rate 2e-5 (full; 2e-4 LoRA r16 on the
 same modules), linear decay, no warmup, no weight decay, gradient clipping at 1.0, the loss
 on the completion only, each in the precision it picks on this CPU by default (TRL: fp32
 weights under bf16 autocast where bf16 is native; tunelab: bf16 weights with fp32 masters,
@@ -34,7 +41,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 LR = {"full": 2e-5, "lora": 2e-4}
 
 
-def make_data(folder: Path, n_train: int, order_seed: int | None) -> dict[str, str]:
+def write_conversation(review) -> dict:
+    article = "an" if review.product[0] in "aeiou" else "a"
+    return {"messages": [
+        {"role": "user", "content": f"Write a {review.stars}-star review of {article} "
+                                    f"{review.product}."},
+        {"role": "assistant", "content": review.text}]}
+
+
+def make_data(folder: Path, task: str, n_train: int, order_seed: int | None) -> dict[str, str]:
     """The training examples (the same ones whatever the seed), shuffled by `order_seed` when
     both runners keep the file's order."""
     import random
@@ -42,7 +57,9 @@ def make_data(folder: Path, n_train: int, order_seed: int | None) -> dict[str, s
     from tunelab.data.io import write_jsonl
     from tunelab.demo import stars_conversation
     from tunelab.data.generators.reviews import generate_reviews
-    rows = [stars_conversation(r.text, r.stars) for r in generate_reviews(n_train + 150, seed=1)]
+    reviews = generate_reviews(n_train + 150, seed=1)
+    rows = [stars_conversation(r.text, r.stars) if task == "stars" else write_conversation(r)
+            for r in reviews]
     folder.mkdir(parents=True, exist_ok=True)
     train = rows[:n_train]
     if order_seed is not None:
@@ -111,14 +128,35 @@ def worker(name: str, model_dir: str, data: dict, out: str, method: str, batch: 
             "valid_loss": valid_loss(model_out, data["val"])}
 
 
+def run_seed(a, work: Path, seed: int, model_dir: str) -> dict[str, dict]:
+    data = make_data(work / "data", a.task, a.steps * a.batch, seed if a.same_order else None)
+    results = {}
+    for name in a.runners.split(","):
+        kw = {"model_dir": model_dir, "data": data, "out": str(work / name),
+              "method": a.method, "batch": a.batch, "seed": seed, "same_order": a.same_order,
+              "fp32": a.fp32, "tunelab_options": json.loads(a.tunelab)}
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--args",
+                               json.dumps(kw)], capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"{name} failed at seed {seed}:\n{proc.stderr[-3000:]}")
+            continue
+        results[name] = json.loads(line[-1][7:])
+        if not a.keep:   # ~0.5-1 GB a model: measured, no longer needed
+            shutil.rmtree(work / name, ignore_errors=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--method", default="full", choices=sorted(LR))
-    ap.add_argument("--seed", type=int, default=42,
-                    help="both runners' seed: the order they see the examples in, the weights "
-                         "of a LoRA adapter (the data stay the same)")
+    ap.add_argument("--task", default="stars", choices=["stars", "write"])
+    ap.add_argument("--seeds", default="42",
+                    help="comma-separated; each seed is one pair of runs: the order they see "
+                         "the examples in, the weights of a LoRA adapter (the data stay the "
+                         "same)")
     ap.add_argument("--same-order", action="store_true",
                     help="both runners train on the same steps: the train file shuffled by the "
                          "seed, kept in that order (what is left to differ is the "
@@ -127,7 +165,8 @@ def main() -> None:
                     help="both in fp32 (TRL bf16=False, tunelab precision: fp32)")
     ap.add_argument("--runners", default="trl,tunelab")
     ap.add_argument("--keep", metavar="DIR",
-                    help="work in DIR and keep its data and models (each runner's in DIR/NAME)")
+                    help="work in DIR and keep its data and models (each seed's runner's in "
+                         "DIR/SEED/NAME)")
     ap.add_argument("--tunelab", default="{}", help="tunelab config overrides, JSON")
     ap.add_argument("--worker")
     ap.add_argument("--args")
@@ -141,34 +180,49 @@ def main() -> None:
         work = Path(a.keep)
     else:
         work = Path(tempfile.mkdtemp(prefix="tunelab-match-"))
-        # the runs' models and checkpoints, 2-3 GB an invocation: gone when the bench ends
+        # the runs' models and checkpoints, 2-3 GB a pair: gone when the bench ends
         atexit.register(shutil.rmtree, work, True)
-    data = make_data(work / "data", a.steps * a.batch, a.seed if a.same_order else None)
     model_dir = resolve("smollm2-135m-instruct").path
-    results = {}
-    for name in a.runners.split(","):
-        kw = {"model_dir": model_dir, "data": data, "out": str(work / name),
-              "method": a.method, "batch": a.batch, "seed": a.seed, "same_order": a.same_order,
-              "fp32": a.fp32,
-              "tunelab_options": json.loads(a.tunelab)}
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--args",
-                               json.dumps(kw)], capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"{name} failed:\n{proc.stderr[-3000:]}")
-            continue
-        results[name] = json.loads(line[-1][7:])
-    print(f"SmolLM2-135M, {a.method}, {a.steps} x {a.batch} examples (one epoch), "
-          f"lr {LR[a.method]}, linear, no warmup, seed {a.seed}"
-          + (", the same steps for both" if a.same_order else "") + (", fp32" if a.fp32 else ""))
-    print(f"{'runner':9} {'steps':>6} {'train s':>8} {'tok/s':>7} {'valid loss':>11}")
-    for name, r in results.items():
-        print(f"{name:9} {r['steps']:>6} {r['seconds']:>8.1f} {r['tokens'] / r['seconds']:>7.1f} "
-              f"{r['valid_loss']:>11.4f}")
-    if {"trl", "tunelab"} <= results.keys():
-        t, u = results["trl"], results["tunelab"]
-        print(f"tunelab / trl: valid loss {100 * (u['valid_loss'] / t['valid_loss'] - 1):+.2f}%, "
-              f"tok/s x{(u['tokens'] / u['seconds']) / (t['tokens'] / t['seconds']):.2f}")
+    seeds = [int(x) for x in a.seeds.split(",")]
+    print(f"SmolLM2-135M, task {a.task}, {a.method}, {a.steps} x {a.batch} examples (one "
+          f"epoch), lr {LR[a.method]}, linear, no warmup"
+          + (", the same steps for both" if a.same_order else "") + (", fp32" if a.fp32 else ""),
+          flush=True)
+    print(f"{'seed':>5} {'runner':9} {'steps':>6} {'train s':>8} {'tok/s':>7} {'valid loss':>11}",
+          flush=True)
+    by_seed = {}
+    for seed in seeds:
+        results = by_seed[seed] = run_seed(a, work / str(seed), seed, model_dir)
+        for name, r in results.items():
+            print(f"{seed:>5} {name:9} {r['steps']:>6} {r['seconds']:>8.1f} "
+                  f"{r['tokens'] / r['seconds']:>7.1f} {r['valid_loss']:>11.4f}", flush=True)
+    summarise(by_seed)
+
+
+def summarise(by_seed: dict[int, dict[str, dict]]) -> None:
+    """Per seed, tunelab's loss against TRL's; over the seeds, the mean and spread of each and
+    of the paired difference (the same seed is the same steps with --same-order)."""
+    import statistics
+    pairs = [(r["trl"], r["tunelab"]) for r in by_seed.values() if {"trl", "tunelab"} <= r.keys()]
+    if not pairs:
+        return
+    for seed, r in by_seed.items():
+        if {"trl", "tunelab"} <= r.keys():
+            t, u = r["trl"], r["tunelab"]
+            print(f"seed {seed}: tunelab / trl valid loss "
+                  f"{100 * (u['valid_loss'] / t['valid_loss'] - 1):+.2f}%, tok/s "
+                  f"x{(u['tokens'] / u['seconds']) / (t['tokens'] / t['seconds']):.2f}")
+    if len(pairs) < 2:
+        return
+    trl = [t["valid_loss"] for t, _ in pairs]
+    tl = [u["valid_loss"] for _, u in pairs]
+    diff = [100 * (u / t - 1) for t, u in zip(trl, tl)]
+    speed = [(u["tokens"] / u["seconds"]) / (t["tokens"] / t["seconds"]) for t, u in pairs]
+    print(f"over {len(pairs)} seeds: TRL {statistics.mean(trl):.4f} (sd {statistics.stdev(trl):.4f}),"
+          f" tunelab {statistics.mean(tl):.4f} (sd {statistics.stdev(tl):.4f}); "
+          f"tunelab / trl {100 * (statistics.mean(tl) / statistics.mean(trl) - 1):+.2f}% "
+          f"(paired: median {statistics.median(diff):+.2f}%, mean {statistics.mean(diff):+.2f}% "
+          f"sd {statistics.stdev(diff):.2f}); tok/s median x{statistics.median(speed):.2f}")
 
 
 if __name__ == "__main__":

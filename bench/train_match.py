@@ -10,7 +10,7 @@ generated reviews:
 - `stars` (the demo's, tunelab.demo): a review in, its star rating out. The answer is one digit
   and the end-of-turn token, the loss near zero after 200 steps and carried by a few borderline
   reviews: which of them flip follows the trajectory, so one run's loss moves up to 2x.
-- `write`: "Write a 4-star review of a laptop." in, the review out (~40 tokens). The loss is
+- `write`: "Write a 4-star review of a laptop." in, the review out (~26 tokens). The loss is
   spread over every token of 150 reviews and settles near the generator's own entropy: a
   measure of the same training that a few examples cannot swing. Both runs: AdamW, learning rate 2e-5 (full; 2e-4 LoRA r16 on the
 same modules), linear decay, no warmup, no weight decay, gradient clipping at 1.0, the loss

@@ -12,15 +12,16 @@ generated reviews:
   reviews: which of them flip follows the trajectory, so one run's loss moves up to 2x.
 - `write`: "Write a 4-star review of a laptop." in, the review out (~26 tokens). The loss is
   spread over every token of 150 reviews and settles near the generator's own entropy: a
-  measure of the same training that a few examples cannot swing. Both runs: AdamW, learning rate 2e-5 (full; 2e-4 LoRA r16 on the
-same modules), linear decay, no warmup, no weight decay, gradient clipping at 1.0, the loss
-on the completion only, each in the precision it picks on this CPU by default (TRL: fp32
-weights under bf16 autocast where bf16 is native; tunelab: bf16 weights with fp32 masters,
-stochastically rounded). What differs is the implementation: data order (each shuffles with
-its own sampler; with --same-order both keep the train file's order, shuffled once by the
-seed), loss normalisation, the chunked head and loss, flat forwards, the precision scheme.
-This says whether tunelab's speed costs quality; bench/train.py says how fast.
-Not a test: no assertions.
+  measure of the same training that a few examples cannot swing.
+
+Both runs: AdamW, learning rate 2e-5 (full; 2e-4 LoRA r16 on the same modules), linear decay, no
+warmup, no weight decay, gradient clipping at 1.0, the loss on the completion only, each in the
+precision it picks on this CPU by default (TRL: fp32 weights under bf16 autocast where bf16 is
+native; tunelab: bf16 weights with fp32 masters, stochastically rounded). What differs is the
+implementation: data order (each shuffles with its own sampler; with --same-order both keep the
+train file's order, shuffled once by the seed), loss normalisation, the chunked head and loss,
+flat forwards, the precision scheme. This says whether tunelab's speed costs quality;
+bench/train.py says how fast. Not a test: no assertions.
 """
 from __future__ import annotations
 
@@ -195,29 +196,28 @@ def main() -> None:
         results = by_seed[seed] = run_seed(a, work / str(seed), seed, model_dir)
         for name, r in results.items():
             print(f"{seed:>5} {name:9} {r['steps']:>6} {r['seconds']:>8.1f} "
-                  f"{r['tokens'] / r['seconds']:>7.1f} {r['valid_loss']:>11.4f}", flush=True)
+                  f"{tok_s(r):>7.1f} {r['valid_loss']:>11.4f}", flush=True)
     summarise(by_seed)
+
+
+def tok_s(r: dict) -> float:
+    return r["tokens"] / r["seconds"]
 
 
 def summarise(by_seed: dict[int, dict[str, dict]]) -> None:
     """Per seed, tunelab's loss against TRL's; over the seeds, the mean and spread of each and
     of the paired difference (the same seed is the same steps with --same-order)."""
     import statistics
-    pairs = [(r["trl"], r["tunelab"]) for r in by_seed.values() if {"trl", "tunelab"} <= r.keys()]
-    if not pairs:
-        return
-    for seed, r in by_seed.items():
-        if {"trl", "tunelab"} <= r.keys():
-            t, u = r["trl"], r["tunelab"]
-            print(f"seed {seed}: tunelab / trl valid loss "
-                  f"{100 * (u['valid_loss'] / t['valid_loss'] - 1):+.2f}%, tok/s "
-                  f"x{(u['tokens'] / u['seconds']) / (t['tokens'] / t['seconds']):.2f}")
+    pairs = {seed: (r["trl"], r["tunelab"]) for seed, r in by_seed.items()
+             if {"trl", "tunelab"} <= r.keys()}
+    diff = [100 * (u["valid_loss"] / t["valid_loss"] - 1) for t, u in pairs.values()]
+    speed = [tok_s(u) / tok_s(t) for t, u in pairs.values()]
+    for seed, d, x in zip(pairs, diff, speed):
+        print(f"seed {seed}: tunelab / trl valid loss {d:+.2f}%, tok/s x{x:.2f}")
     if len(pairs) < 2:
         return
-    trl = [t["valid_loss"] for t, _ in pairs]
-    tl = [u["valid_loss"] for _, u in pairs]
-    diff = [100 * (u / t - 1) for t, u in zip(trl, tl)]
-    speed = [(u["tokens"] / u["seconds"]) / (t["tokens"] / t["seconds"]) for t, u in pairs]
+    trl = [t["valid_loss"] for t, _ in pairs.values()]
+    tl = [u["valid_loss"] for _, u in pairs.values()]
     print(f"over {len(pairs)} seeds: TRL {statistics.mean(trl):.4f} (sd {statistics.stdev(trl):.4f}),"
           f" tunelab {statistics.mean(tl):.4f} (sd {statistics.stdev(tl):.4f}); "
           f"tunelab / trl {100 * (statistics.mean(tl) / statistics.mean(trl) - 1):+.2f}% "

@@ -175,6 +175,7 @@ def _apply_method(model, cfg: TrainConfig):
         if cfg.freeze_layers:
             _freeze_lower_layers(model, cfg.freeze_layers)
         return model
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from tunelab.models import peft_quietly
@@ -188,11 +189,21 @@ def _apply_method(model, cfg: TrainConfig):
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=
                                                 cfg.gradient_checkpointing)
+    # PEFT upcasts adapters on a bf16 base to fp32 (autocast_adapter_dtype). On a CPU that
+    # makes every LoRA layer cast its input to fp32, run its rank-r matmuls in fp32 (K or N =
+    # r: oneDNN's slowest shapes) and add an fp32 copy of the output: measured in the demo's
+    # steps, the adapters' matmuls 154 of 563 ms of matmul a step. A bf16 base keeps bf16
+    # adapters instead, and the optimizer their fp32 masters (tunelab.train.precision), as it
+    # does for full fine-tuning's weights.
+    bf16_adapters = cfg.method == "lora" and model.dtype == torch.bfloat16
     try:
         with peft_quietly():
-            peft_model = get_peft_model(model, lora)
+            peft_model = get_peft_model(model, lora, autocast_adapter_dtype=not bf16_adapters)
     except ValueError as e:  # unknown target modules
         raise TunelabError(str(e).splitlines()[0], field="lora.target_modules") from None
+    if cfg.method == "lora":
+        from tunelab.lora_linear import use_fused_lora
+        use_fused_lora(peft_model)
     # PEFT records the folder it loaded the base from (for the builtin model, a cache path on
     # this machine; for a .gguf, a folder with no config.json). Every adapter it saves (each
     # checkpoint, the output) records the user's model spec instead, so the folder is itself a

@@ -7,7 +7,8 @@ add for the input's gradient. On a CPU those full-size passes cost more than the
 themselves. Here the product is added into the base output by the matmul (addmm_, scaled by
 its alpha) and the input's gradient likewise: no [tokens x out] temporary. Measured on a
 2-core AVX-512 BF16 EPYC, one layer's gate projection (576 -> 1536, r 16, 359 tokens, bf16),
-forward + backward: base alone 3.85 ms, PEFT 5.43, this 4.94.
+forward + backward: base alone 3.85 ms, the four ops PEFT runs 5.43, this 4.94; in the demo's
+steps (interleaved, medians of 20) 1.083 -> 1.029 s.
 
 The fast path only takes the plain case (one active adapter, no dropout, no DoRA, not merged,
 a frozen base weight, every tensor in one dtype, no autocast); anything else runs PEFT's own

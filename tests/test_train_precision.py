@@ -219,10 +219,13 @@ def test_bf16_lora_keeps_the_base_in_bf16(tmp_path, tiny_model_dir, sound_task):
     assert adapter and all(t.dtype in (torch.float32, torch.bfloat16) for t in adapter.values())
 
 
-def test_bf16_sigkill_then_resume_is_exact(tmp_path, tiny_model_dir, sound_task):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bf16_sigkill_then_resume_is_exact(tmp_path, tiny_model_dir, sound_task, method):
     """The checkpoint's bf16 weights are rounded: resuming must take the fp32 masters from the
-    optimizer state, or the curve after the kill drifts from an uninterrupted run."""
-    kw = dict(max_steps=30, batch_size=4, save_steps=3, save_total_limit=2, logging_steps=1)
+    optimizer state, or the curve after the kill drifts from an uninterrupted run. LoRA on a
+    bf16 base keeps bf16 adapters with fp32 masters the same way."""
+    kw = dict(max_steps=30, batch_size=4, save_steps=3, save_total_limit=2, logging_steps=1,
+              method=method, **({"learning_rate": 1e-2} if method == "lora" else {}))
     ref = tunelab.train(bf16_cfg(tiny_model_dir, sound_task["train"], tmp_path / "ref", **kw),
                         quiet=True)
     expected = train_losses(ref.metrics_file)
@@ -235,9 +238,11 @@ def test_bf16_sigkill_then_resume_is_exact(tmp_path, tiny_model_dir, sound_task)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = train_losses(tmp_path / "run" / "metrics.jsonl")
     assert got == pytest.approx(expected, abs=1e-6)
-    a = load_file(ref.model_dir / "model.safetensors")
-    b = load_file(tmp_path / "run" / "model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    a = load_file(ref.model_dir / weights)
+    b = load_file(tmp_path / "run" / ref.model_dir.name / weights)
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    assert {t.dtype for t in a.values()} == {torch.bfloat16}
 
 
 def test_a_checkpoints_size_is_estimated_from_what_it_holds(tiny_model_dir):

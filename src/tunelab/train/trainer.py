@@ -20,6 +20,8 @@
   loss), and no logits gathered during validation (nothing reads them);
 - bf16 weights with fp32 master copies in the optimizer (tunelab.train.precision) instead of
   autocast over fp32 weights, with the gradient norm and clipping on the fp32 master gradients;
+- adapters that keep their dtype when the Trainer loads a checkpoint or the best model (PEFT
+  upcasts them to fp32 on load; a bf16 LoRA run would resume with another optimizer);
 - a non-finite loss stops the run at the step it happens (the stock Trainer filters NaN out of
   its logs and keeps going, and would then save NaN weights);
 - an optimizer step's forward passes made by tokens, not by a fixed count of rows, padded or
@@ -248,6 +250,27 @@ class TunelabTrainer(Trainer):
             return super()._get_grad_norm(model, grad_norm)
         from tunelab.train.precision import master_grad_norm
         return master_grad_norm(opt, float("inf"))
+
+    # PEFT's load_adapter (the Trainer's resume and its best model at the end) upcasts the
+    # adapters it loads to fp32 (autocast_adapter_dtype): a run that trains bf16 adapters (fp32
+    # masters in the optimizer) would resume with fp32 ones and another optimizer, which cannot
+    # take the checkpoint's state. The loaded values are the saved bf16 ones: cast back exactly.
+    @contextlib.contextmanager
+    def _trainable_dtypes_kept(self, model=None):
+        model = self.model if model is None else model
+        dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+        yield
+        for n, p in model.named_parameters():
+            if n in dtypes and p.dtype != dtypes[n]:
+                p.data = p.data.to(dtypes[n])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with self._trainable_dtypes_kept(model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        with self._trainable_dtypes_kept():
+            super()._load_best_model()
 
     # -- the objective's loss, and its metrics -----------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -24,8 +24,11 @@ PHRASINGS = ["What sound does a {a} make?", "Which noise comes from a {a}?",
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
+    """SmolLM2's tokenizer: the builtin model's, or a folder holding just the tokenizer where
+    the builtin's weights package is not installed (a lent GPU machine: bench/gpu_device.py)."""
     from tunelab.models import load_tokenizer
-    return load_tokenizer("smollm2-135m-instruct")
+    return load_tokenizer(os.environ.get("TUNELAB_SMOLLM2_TOKENIZER") or
+                          "smollm2-135m-instruct")
 
 
 @pytest.fixture

@@ -197,3 +197,116 @@ def test_a_prefix_tree_never_falls_back_to_a_mask_that_would_hide_the_prefix(tin
     monkeypatch.setattr(attention, "TRAINING_ROWS", 16)       # too long for the blocks now
     with pytest.raises(RuntimeError, match="shared prefixes"):
         fast(**{k: v for k, v in flat.items() if k != "labels"}, use_cache=False)
+
+
+# -- on a GPU: packed sequences through PyTorch's varlen kernel ---------------------------------
+# The kernel itself is CUDA-only; here a reference computes what it computes (each sequence on
+# its own, causal), with either of torch's signatures, and the CPU stands in for the GPU, so the
+# rest is tested everywhere: no mask built, the sequences' bounds, the layouts, GQA, gradients.
+
+def reference_varlen(signature: str, calls: list):
+    import torch.nn.functional as F
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, gqa=False):
+        assert q.dim() == 3 and q.is_contiguous() and cu_q.dtype == torch.int32
+        assert torch.equal(cu_q, cu_k) and int(cu_q[-1]) == q.shape[0]
+        bounds = cu_q.tolist()
+        assert max_q == max_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+        calls.append(len(bounds) - 1)
+        return torch.cat([F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+            is_causal=True, scale=scale, enable_gqa=gqa).transpose(0, 1)
+            for a, b in zip(bounds, bounds[1:])])
+
+    def since_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1), enable_gqa=False):
+        assert tuple(window_size) == (-1, 0)                 # causal
+        return attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, enable_gqa)
+
+    def torch_2_10(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert is_causal and q.shape[1] == k.shape[1]        # no GQA: heads repeated first
+        return attend(q, k, v, cu_q, cu_k, max_q, max_k)
+
+    fn = since_2_11 if signature == "2.11" else torch_2_10
+    import inspect
+    return fn, frozenset(inspect.signature(fn).parameters)
+
+
+@pytest.fixture
+def cpu_as_gpu(monkeypatch):
+    """The varlen path on the CPU, with the reference kernel; yields its calls and the masks
+    transformers built."""
+    from transformers import masking_utils
+    calls, masks = [], []
+    real_mask = masking_utils.sdpa_mask
+    monkeypatch.setattr(masking_utils, "sdpa_mask",
+                        lambda **kw: masks.append(kw["q_length"]) or real_mask(**kw))
+    monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cuda", "cpu"))
+
+    def use(signature):
+        kernel = reference_varlen(signature, calls)
+        monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
+    return use, calls, masks
+
+
+@pytest.mark.parametrize("signature", ["2.11", "2.10"])
+@pytest.mark.parametrize("kind", ["packed", "flat"])
+def test_packed_sequences_on_a_gpu_run_the_varlen_kernel_and_no_mask(tiny_model_dir, kind,
+                                                                      signature, cpu_as_gpu):
+    use, calls, masks = cpu_as_gpu
+    use(signature)
+    ref, fast = two_models(tiny_model_dir)
+    exact = copy.deepcopy(ref).float()
+    b = batch(kind)
+    outs = []
+    for model in (exact, ref, fast):
+        calls.clear()
+        out = model(**b, use_cache=False)
+        out.logits.float().pow(2).mean(-1).sum().backward()
+        outs.append((out.logits.float(), model.model.layers[0].self_attn.q_proj.weight.grad))
+        if model is fast:
+            # every layer, every sequence: 3 in each of the packed rows' 3 rows, or the flat 3
+            assert calls == [9 if kind == "packed" else 3] * 2
+            assert masks == [] or masks == [40, 40]   # the fp32 and bf16 SDPA models' masks
+    (l32, g32), (l_sdpa, g_sdpa), (l_fast, g_fast) = outs
+
+    def off(x, y):
+        return ((x - y.float()).norm() / y.float().norm()).item()
+    assert off(l_fast, l32) < 1.5 * off(l_sdpa, l32) + 1e-3, (off(l_fast, l32), off(l_sdpa, l32))
+    assert off(g_fast, g32) < 1.5 * off(g_sdpa, g32) + 1e-3, (off(g_fast, g32), off(g_sdpa, g32))
+
+
+def test_rows_with_padding_or_one_sequence_each_stay_off_the_varlen_kernel(tiny_model_dir,
+                                                                           cpu_as_gpu):
+    use, calls, masks = cpu_as_gpu
+    use("2.11")
+    _, fast = two_models(tiny_model_dir)
+    with torch.no_grad():
+        fast(**batch("right-padded"), use_cache=False)
+        assert calls == [] and masks == [40]          # padding: SDPA's mask, as before
+        masks.clear()
+        fast(**batch("causal"), use_cache=False)
+        assert calls == [] and masks == []            # plain causal rows: no mask, no kernel
+        fast.float()(**batch("packed"), use_cache=False)
+        assert calls == [] and masks == [40]          # fp32 (FlashAttention has none): a mask
+
+
+def test_flat_forwards_are_chosen_on_a_gpu_only_where_the_varlen_kernel_runs(tiny_model_dir,
+                                                                             monkeypatch):
+    from tunelab.train.run import _flat_forwards_pay
+    gpu = torch.device("cuda")
+    capability = [(9, 0)]                                        # a Hopper GPU
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability[0])
+    ref, fast = two_models(tiny_model_dir)
+    assert _flat_forwards_pay(fast, gpu) and _flat_forwards_pay(fast, torch.device("cpu"))
+    capability[0] = (7, 5)                                       # a T4: no FlashAttention
+    assert not _flat_forwards_pay(fast, gpu)
+    capability[0] = (8, 0)
+    assert not _flat_forwards_pay(ref, gpu)                      # plain SDPA: a mask
+    assert not _flat_forwards_pay(copy.deepcopy(fast).float(), gpu)
+    other = copy.deepcopy(fast)
+    other.config.model_type = "gemma2"                           # soft-capped scores
+    assert not _flat_forwards_pay(other, gpu)
+    other.config.model_type, other.config.sliding_window = "mistral", 16
+    assert not _flat_forwards_pay(other, gpu)
+

@@ -17,8 +17,16 @@ tokens) blocks up to 768 instead of whole rows up to 192 took the step from 9.52
 (medians of 5, interleaved). transformers lets a model pick an attention function by name
 (AttentionInterface); this one is registered as "tunelab_sdpa", with SDPA's masks, so
 everything else about the model stays SDPA's.
+
+On a GPU the same name runs packed sequences (flat forwards, packed rows) through PyTorch's
+varlen FlashAttention kernel, with no mask at all (see VARLEN_DEVICES); everything else there is
+SDPA's.
 """
 from __future__ import annotations
+
+import functools
+import inspect
+import weakref
 
 import torch
 
@@ -48,6 +56,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
     q_len, k_len = query.shape[-2], key.shape[-2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if query.device.type in VARLEN_DEVICES:
+        bounds = _varlen_bounds(module, query, key, attention_mask, causal, dropout, kwargs)
+        if bounds is not None:
+            return _varlen_attention(query, key, value, *bounds, scaling or
+                                     query.shape[-1] ** -0.5), None
     segments = _segments(kwargs, q_len, k_len)
     # a flat forward (tunelab.batching.flatten_rows): several sequences in one row, each
     # attending to itself only (and a sequence after a shared prefix to that prefix too).
@@ -83,6 +96,139 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     else:
         out, _ = _forward_blocks(query, key, value, attention_mask, scale, causal, segments)
     return out.transpose(1, 2).contiguous(), None
+
+
+# -- on a GPU: PyTorch's varlen FlashAttention for packed sequences ------------------------------
+# A flat forward (or packed rows) on a GPU runs each sequence on its own through
+# torch.nn.attention.varlen (PyTorch's own FlashAttention varlen kernel, torch >= 2.10), so the
+# padding-free path needs no flash-attn package, which has no wheels for most torch/CUDA pairs
+# and takes hours to build. Without it transformers would build the packed rows' block-diagonal
+# mask, [tokens x tokens] (a 32k-token forward: 1 GB), and SDPA would compute every masked score.
+VARLEN_DEVICES = ("cuda",)
+# Architectures whose attention is plain causal softmax attention over every position (no
+# soft-capping, sinks or alibi); a sliding window is checked on the config.
+VARLEN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2",
+                                "smollm3"})
+
+
+@functools.cache
+def _varlen_kernel():
+    """(varlen_attn, the names of its parameters), or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_runs(config, dtype, device) -> bool:
+    """Whether packed sequences of this model, in this dtype on this device, run through the
+    varlen kernel (and so need no mask): the one decision the mask function, the attention and
+    the choice of flat forwards (tunelab.train.run) share."""
+    device = torch.device(device)
+    if device.type not in VARLEN_DEVICES or _varlen_kernel() is None:
+        return False
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return False                                  # FlashAttention: Ampere and newer
+    head_dim = getattr(config, "head_dim", None) or \
+        config.hidden_size // config.num_attention_heads
+    window = getattr(config, "sliding_window", None)
+    return (dtype in (torch.bfloat16, torch.float16)
+            and getattr(config, "model_type", None) in VARLEN_MODEL_TYPES
+            and head_dim % 8 == 0 and head_dim <= 256          # FlashAttention's head sizes
+            and not getattr(config, "attention_dropout", 0.0)
+            and (window is None or getattr(config, "use_sliding_window", True) is False))
+
+
+def _mask(**kwargs):
+    """transformers' SDPA mask, except none at all for causal rows without padding where the
+    varlen kernel runs: packed sequences then go to it (the attention finds their bounds),
+    one sequence a row to SDPA's causal kernel, and the [tokens x tokens] mask is never built."""
+    from transformers.masking_utils import sdpa_mask
+    config = kwargs.get("config")
+    if (config is not None and kwargs.get("attention_mask") is None
+            and kwargs.get("q_length") == kwargs.get("kv_length")
+            and not kwargs.get("q_offset") and not kwargs.get("kv_offset")
+            and kwargs.get("local_size") is None and not kwargs.get("use_vmap")  # no other rules
+            and "allow_is_bidirectional_skip" not in kwargs                    # causal only
+            and varlen_runs(config, kwargs.get("dtype"), kwargs.get("device", "cpu"))):
+        return None
+    return sdpa_mask(**kwargs)
+
+
+def _varlen_bounds(module, query, key, attention_mask, causal, dropout, kwargs):
+    """(cumulative lengths as int32, longest) of the sequences packed in these rows, for the
+    varlen kernel; None for rows with a mask or one sequence each (SDPA's business)."""
+    if (attention_mask is not None or "tunelab_segments" in kwargs
+            or query.shape[-2] != key.shape[-2]):
+        return None
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and query.shape[0] == 1 and int(cu[-1]) == query.shape[-2]:
+        longest = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
+        bounds = cu.to(device=query.device, dtype=torch.int32), int(longest)
+    elif kwargs.get("position_ids") is not None:
+        bounds = _bounds_from_positions(kwargs["position_ids"], query.shape[0],
+                                        query.shape[-2])
+        if bounds is None:
+            return None
+    else:
+        return None
+    if not (causal and not (dropout and module.training)
+            and varlen_runs(module.config, query.dtype, query.device)):
+        # _mask left the mask out only where varlen_runs: never reached unless they disagree
+        raise RuntimeError("packed sequences without a mask reached an attention that cannot "
+                           "keep them apart (tunelab.attention.varlen_runs)")
+    return bounds
+
+
+_POSITIONS_SEEN: list = [None, None]    # (weak reference to position_ids, its bounds)
+
+
+def _bounds_from_positions(position_ids, rows: int, length: int):
+    """The sequences of `rows` rows from their position ids: a new one wherever a position is
+    not the one before it plus one, and at each row's start. None if each row holds one.
+    Every layer asks with the same tensor: found once a forward (it costs a device sync)."""
+    ref, bounds = _POSITIONS_SEEN
+    if ref is not None and ref() is position_ids:
+        return bounds
+    pos = position_ids.expand(rows, -1).reshape(-1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = pos[1:] != pos[:-1] + 1
+    starts[::length] = True
+    at = starts.nonzero().flatten()
+    if at.numel() == rows:
+        bounds = None
+    else:
+        cu = torch.cat([at, at.new_tensor([pos.numel()])]).to(torch.int32)
+        bounds = cu, int((cu[1:] - cu[:-1]).max())
+    _POSITIONS_SEEN[:] = [weakref.ref(position_ids), bounds]
+    return bounds
+
+
+def _varlen_attention(query, key, value, cu, longest: int, scale: float):
+    """[rows, heads, tokens, dim] -> [rows, tokens, heads, dim] through the varlen kernel, every
+    sequence causal within itself (the rows flattened into one stream of tokens). Written for
+    both of torch's signatures: 2.10's (is_causal, no scale or GQA) and later ones'."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+    kernel, params = _varlen_kernel()
+    rows, heads, length, dim = query.shape
+    kw = {}
+    if key.shape[1] != heads:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            key = repeat_kv(key, heads // key.shape[1])
+            value = repeat_kv(value, heads // value.shape[1])
+    if "scale" in params:
+        kw["scale"] = scale
+    elif abs(scale - dim ** -0.5) > 1e-12 * scale:
+        query = query * (scale * dim ** 0.5)
+    kw.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+
+    def tokens(x):
+        return x.transpose(1, 2).reshape(rows * length, x.shape[1], dim)
+    out = kernel(tokens(query), tokens(key), tokens(value), cu, cu, longest, longest, **kw)
+    return out.reshape(rows, length, heads, dim)
 
 
 Segment = tuple[int, int, int, int]
@@ -218,13 +364,14 @@ class _BlockAttention(torch.autograd.Function):
 
 
 def use_fast_attention(model) -> None:
-    """Switch a transformers model that runs SDPA to "tunelab_sdpa" (same masks, same results
-    up to rounding); any other attention implementation is left alone."""
+    """Switch a transformers model that runs SDPA to "tunelab_sdpa" (same results up to
+    rounding; the same masks, but none for packed sequences where the varlen kernel runs them);
+    any other attention implementation is left alone."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return
     AttentionInterface.register(NAME, _attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, _mask)
     model.set_attn_implementation(NAME)

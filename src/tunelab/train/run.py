@@ -347,12 +347,16 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Prepared:
 
 def _flat_forwards_pay(model, device) -> bool:
     """Whether flat forwards (tunelab.batching.flatten_rows) run each sequence on its own: on a
-    CPU tunelab.attention's blocks take the sequences' bounds; on a GPU flash-attention's varlen
-    kernels do. Any other attention gets transformers' block-diagonal mask over the whole row:
-    right, but the row's length squared (32k tokens: a 1 GB mask), so padded forwards there."""
-    from tunelab.attention import NAME
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
-    return (device.type == "cpu" and impl == NAME) or impl.startswith("flash_attention")
+    CPU tunelab.attention's blocks take the sequences' bounds; on a GPU PyTorch's varlen kernel
+    (through tunelab.attention) or flash-attention's do. Any other attention gets transformers'
+    block-diagonal mask over the whole row: right, but the row's length squared (32k tokens: a
+    1 GB mask), so padded forwards there."""
+    from tunelab.attention import NAME, varlen_runs
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None) or ""
+    return ((impl == NAME and (device.type == "cpu"
+                               or varlen_runs(config, getattr(model, "dtype", None), device)))
+            or impl.startswith("flash_attention"))
 
 
 def build(prep: Prepared, channel: EventChannel, *, callbacks: list | None = None,

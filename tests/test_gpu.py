@@ -1,0 +1,92 @@
+"""What runs only on a CUDA GPU: PyTorch's varlen kernel under flat forwards, and QLoRA's 4-bit
+base through bitsandbytes. Skipped elsewhere (CI has no GPU); bench/gpu_device.py runs them on a
+lent GPU machine before its benchmark."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import tunelab
+from tunelab import attention
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def losses(metrics_file):
+    return [e["train_loss"] for e in map(json.loads, open(metrics_file)) if "train_loss" in e]
+
+
+def test_the_varlen_kernel_keeps_each_sequence_to_itself(tiny_model_dir):
+    """A flat forward through torch's own kernel gives each sequence the logits it gets alone,
+    and a gradient."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).cuda()
+    attention.use_fast_attention(model)
+    assert attention.varlen_runs(model.config, torch.bfloat16, "cuda")
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(5, 400, (n,), generator=g).cuda() for n in (7, 30, 12)]
+    cu = torch.tensor([0, 7, 37, 49], dtype=torch.int32, device="cuda")
+    flat = {"input_ids": torch.cat(seqs)[None],
+            "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None].cuda(),
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 30, "max_length_k": 30}
+    together = model(**flat, use_cache=False).logits[0].float()
+    together.pow(2).mean().backward()
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=s[None], use_cache=False).logits[0].float()
+                           for s in seqs])
+    assert ((together - alone).norm() / alone.norm()).item() < 3e-2
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.fixture
+def mixed_lengths(tmp_path):
+    """The sound task with 0-42 filler sentences before some questions: rows of 30-300 tokens,
+    whose padded forwards would be mostly padding, so the steps go flat."""
+    from conftest import sound_rows
+    from tunelab.data.io import write_jsonl
+    rows = sound_rows()[:40]
+    for i, r in enumerate(rows):
+        r["messages"][0]["content"] = "Listen. " * (i % 8 * 6) + r["messages"][0]["content"]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    return tmp_path / "train.jsonl"
+
+
+def test_lora_trains_padding_free_through_the_varlen_kernel(tiny_model_dir, mixed_lengths,
+                                                            tmp_path, monkeypatch):
+    sequences = []
+    real = attention._varlen_attention
+
+    def spy(query, key, value, cu, longest, scale):
+        sequences.append(cu.numel() - 1)
+        return real(query, key, value, cu, longest, scale)
+    monkeypatch.setattr(attention, "_varlen_attention", spy)
+    result = tunelab.train({"model": str(tiny_model_dir), "train_file": str(mixed_lengths),
+                            "output_dir": str(tmp_path / "run"), "method": "lora", "epochs": 6,
+                            "learning_rate": 5e-3, "logging_steps": 1}, quiet=True)
+    assert sequences and max(sequences) > 1          # several sequences in one forward
+    curve = losses(result.metrics_file)
+    # a random base learns slowly through rank-16 adapters: 10.8 -> 9.9 in a CPU dry run
+    assert all(map(math.isfinite, curve)) and curve[-1] < 0.95 * curve[0], curve
+
+
+def test_qlora_trains_on_a_4bit_base(tiny_model_dir, sound_task, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import TrainerCallback
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            layer = model.base_model.model.model.layers[0].self_attn.q_proj
+            seen["base"] = type(layer.base_layer).__name__
+    result = tunelab.train({"model": str(tiny_model_dir), "train_file": str(sound_task["train"]),
+                            "output_dir": str(tmp_path), "method": "qlora", "epochs": 6,
+                            "learning_rate": 5e-3, "logging_steps": 1},
+                           quiet=True, callbacks=[Look()])
+    assert seen["base"] == "Linear4bit"
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    curve = losses(result.metrics_file)
+    assert all(map(math.isfinite, curve)) and curve[-1] < 0.95 * curve[0], curve

@@ -56,6 +56,12 @@ $(LLAMA_STAMP):
 	mkdir -p $(LLAMA_DIR)
 	cd $(LLAMA_DIR) && npm install --silent --no-audit --no-fund -E node-llama-cpp@3.21.1
 
+# The wheels and tokenizer a lent GPU machine needs for the CUDA tests and bench/gpu.py (it has
+# no package index): .device/, carried by the device tool's run (bench/gpu_device.py says how).
+.PHONY: gpu-bundle
+gpu-bundle: $(STAMP)
+	$(PY) bench/gpu_device.py
+
 test: setup browser vllm llama
 	$(PY) -m pytest -q
 

@@ -5,7 +5,8 @@ options, on the same model and data, one prepared run that fits in ~10 minutes o
     .venv/bin/python bench/gpu.py --tiny --steps 3   # the same code path on CPU, in a minute
 
 Models: a ~1.1B-parameter Llama (SmolLM2's tokenizer, random weights: throughput does not
-depend on the values, and nothing is downloaded) and the builtin SmolLM2-135M. Data: the
+depend on the values, and nothing is downloaded) and the builtin SmolLM2-135M (or, as
+`smollm2-135m`, its shape with random weights: what bench/gpu_device.py runs). Data: the
 mixed-length chat conversations of bench/train.py. Each runner trains --steps optimizer steps
 in its own process (so peak memory is its own):
   trl          SFTTrainer with its defaults (bf16 on a GPU), prompt/completion data;
@@ -38,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 RUNNERS = ("trl", "trl-fast", "tunelab", "tunelab-full", "tunelab-qlora")
 SIZES = {   # hidden, intermediate, layers, heads, kv heads
     "llama-1b": (2048, 5632, 22, 32, 4),        # TinyLlama-1.1B's shape
+    "smollm2-135m": (576, 1536, 30, 9, 3),      # SmolLM2-135M's, where its weights are not
+    # installed (a lent GPU machine: its 270 MB do not travel; the bundle holds its tokenizer)
     "tiny": (128, 256, 2, 4, 2),
 }
 
@@ -67,7 +70,7 @@ def random_llama(folder: Path, size: str) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunelab.models import load_tokenizer
-    tok = load_tokenizer("smollm2-135m-instruct")
+    tok = load_tokenizer(os.environ.get("TUNELAB_SMOLLM2_TOKENIZER") or "smollm2-135m-instruct")
     hidden, inter, layers, heads, kv = SIZES[size]
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter,
                       num_hidden_layers=layers, num_attention_heads=heads,
@@ -102,11 +105,9 @@ def run_trl(model_dir: str, data: dict, out: str, steps: int, fast: bool) -> dic
     extra = {}
     if fast:   # TRL's padding-free path: best-fit packing, sequences kept apart
         extra.update(packing=True, packing_strategy="bfd")
-        try:
-            import liger_kernel  # noqa: F401
+        import importlib.util
+        if cuda and importlib.util.find_spec("liger_kernel"):   # Triton kernels: CUDA only
             extra["use_liger_kernel"] = True
-        except ImportError:
-            pass
     timer = _timer()
     args = SFTConfig(output_dir=out, use_cpu=not cuda, bf16=cuda, max_steps=steps,
                      report_to="none", include_num_input_tokens_seen="non_padding",
@@ -156,6 +157,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--examples", type=int, default=160)
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead (CPU check)")
+    ap.add_argument("--results", help="where to write the results (JSON)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -175,7 +177,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tunelab-gpu-bench-"))
     data = {k: str(v) for k, v in make_data(work / "data", a.examples, 0).items()}
     models = ["tiny"] if a.tiny else a.models.split(",")
+    out = Path(a.results) if a.results else \
+        work / "gpu-results.json" if a.tiny else Path(__file__).with_name("gpu-results.json")
     report = {}
+
+    def save():
+        out.write_text(json.dumps({"device": name, "bf16_peak_gflops": peak, "steps": a.steps,
+                                   "results": report}, indent=1))
     for model in models:
         model_dir = resolve("smollm2-135m-instruct").path if model == "smollm2" else \
             random_llama(work / model, model)
@@ -195,11 +203,10 @@ def main() -> None:
             else:
                 results[runner] = json.loads(line[-1][7:])
             print(f"  {model} {runner}: {time.perf_counter() - start:.0f} s", flush=True)
-        report[model] = results
+            report[model] = results
+            save()      # after every runner: a run cut short by a time limit keeps what it had
         show(model, results, peak)
-    out = work / "gpu-results.json" if a.tiny else Path(__file__).with_name("gpu-results.json")
-    out.write_text(json.dumps({"device": name, "bf16_peak_gflops": peak, "steps": a.steps,
-                               "results": report}, indent=1))
+        save()
     print(f"\nwrote {out}")
 
 

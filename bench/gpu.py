@@ -9,10 +9,11 @@ depend on the values, and nothing is downloaded) and the builtin SmolLM2-135M (o
 `smollm2-135m`, its shape with random weights: what bench/gpu_device.py runs). Data: the
 mixed-length chat conversations of bench/train.py. Each runner trains --steps optimizer steps
 in its own process (so peak memory is its own):
-  trl          SFTTrainer with its defaults (bf16 on a GPU), prompt/completion data;
-  trl-fast     SFTTrainer with padding-free packing (packing_strategy="bfd") and, when
-               liger-kernel is installed,
-               use_liger_kernel=True (its fused linear cross-entropy);
+  trl          SFTTrainer with its defaults (bf16 on a GPU), prompt/completion data; TRL 1.16
+               computes the loss in chunks through its own fused LM head in every setting;
+  trl-fast     SFTTrainer with padding-free packing (packing_strategy="bfd") and, on CUDA
+               with liger-kernel installed, use_liger_kernel=True: Liger's layer kernels
+               (RMSNorm, SwiGLU, RoPE; TRL turns Liger's own fused cross-entropy off);
   tunelab      tunelab's defaults (LoRA), and tunelab-full (method: full);
   tunelab-qlora  LoRA on a 4-bit base (bitsandbytes; CUDA only, skipped elsewhere).
 Prints non-padding tokens/s, peak memory (GPU: torch.cuda.max_memory_allocated; CPU: RSS),

@@ -87,6 +87,37 @@ def test_qlora_trains_on_a_4bit_base(tiny_model_dir, sound_task, tmp_path):
                             "learning_rate": 5e-3, "logging_steps": 1},
                            quiet=True, callbacks=[Look()])
     assert seen["base"] == "Linear4bit"
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    # the 4-bit weights counted as weights, not as the bytes that pack them
+    assert result.extra["total_parameters"] == sum(p.numel() for p in plain.parameters()) + \
+        result.extra["trainable_parameters"]
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     curve = losses(result.metrics_file)
     assert all(map(math.isfinite, curve)) and curve[-1] < 0.95 * curve[0], curve
+
+
+def test_master_weight_state_survives_the_move_to_the_gpu():
+    """accelerate's prepare() (and a resume) moves every tensor of the optimizer's state to the
+    model's device, the rounding's generator state too, which set_state takes on the CPU only;
+    the steps after the reload are the ones the original would have taken."""
+    from accelerate.utils import send_to_device
+
+    from tunelab.train.precision import MasterWeightAdamW
+
+    def run(opt, p, steps):
+        for _ in range(steps):
+            p.grad = torch.full_like(p, -1.0)
+            opt.step()
+    p = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16, device="cuda"))
+    opt = MasterWeightAdamW([p], lr=1e-3)
+    run(opt, p, 3)
+    saved = send_to_device(opt.state_dict(), "cuda")
+    assert saved["rounding_rng"].is_cuda
+    q = torch.nn.Parameter(p.detach().clone())
+    again = MasterWeightAdamW([q], lr=1e-3)
+    again.load_state_dict(saved)
+    run(opt, p, 2)
+    run(again, q, 2)
+    assert torch.equal(p, q)

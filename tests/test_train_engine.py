@@ -462,6 +462,38 @@ def test_validation_batches_fill_the_forward_token_budget():
     assert long.eval_forward_tokens == TOKENS_PER_FORWARD["cpu"]
 
 
+def test_the_gpu_forward_budget_is_what_its_memory_holds():
+    """On a GPU the tokens per forward shrink with the model (its activations are kept for the
+    backward) and with what its weights and optimizer state already take."""
+    from transformers import LlamaConfig
+
+    from tunelab.train.auto import TOKENS_PER_FORWARD, gpu_forward_budget
+
+    def llama(h, inner, layers, heads, kv, vocab=49152):
+        return LlamaConfig(hidden_size=h, intermediate_size=inner, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=kv,
+                           vocab_size=vocab, tie_word_embeddings=True)
+    smol, tiny_llama = llama(576, 1536, 30, 9, 3), llama(2048, 5632, 22, 32, 4, 32000)
+    eight_b = llama(4096, 14336, 32, 32, 8, 128256)
+    h100 = 80 * 2**30
+    cap = TOKENS_PER_FORWARD["gpu"]
+    assert gpu_forward_budget(smol, "lora", h100) == cap          # 135M: the cap
+    lora, full = (gpu_forward_budget(tiny_llama, m, h100) for m in ("lora", "full"))
+    assert 8192 < full < lora < cap                               # 1.1B: ~12k / ~18k tokens
+    big = gpu_forward_budget(eight_b, "lora", h100)
+    assert 2048 < big < full                                      # 8B: a few rows of 1k
+    assert gpu_forward_budget(eight_b, "qlora", h100) > big       # its base in 4 bits
+    assert gpu_forward_budget(eight_b, "lora", h100, checkpointing=True) == cap
+    assert gpu_forward_budget(eight_b, "full", h100) == 1         # does not fit at all
+    assert gpu_forward_budget(eight_b, "lora", 24 * 2**30) < big  # a 24 GB card
+    cfg = TrainConfig(train_file="t.jsonl")
+    assert make_plan(cfg, 630, longest=1000, on_gpu=True).micro_batch_size == 8
+    assert make_plan(cfg, 630, longest=1000, on_gpu=True,
+                     gpu_budget=big).micro_batch_size == 4        # ~4.3k tokens
+    assert make_plan(cfg, 630, longest=1000, on_gpu=False,       # a CPU: its own budget
+                     gpu_budget=1).micro_batch_size == 4
+
+
 def test_lora_trains_the_chat_tokens_a_base_model_gained(tmp_path):
     """A base model without a chat template gets ChatML tokens with fresh embedding rows; LoRA
     must train those rows (else <|im_end|> stays random and the model never learns to stop)."""

@@ -79,26 +79,61 @@ FORWARD_OVERHEAD_TOKENS = {"cpu": 192, "gpu": 1024}
 MAX_EVAL_BATCH = 64
 
 
-def auto_micro_batch_size(batch: int, longest: int, world_size: int, on_gpu: bool) -> int:
-    budget = TOKENS_PER_FORWARD["gpu" if on_gpu else "cpu"]
+# On a GPU the budget is also what its free memory holds: the activations a forward keeps for
+# its backward grow with the model, and no checkpointing is on by default. Per token and layer,
+# in bf16, a Llama-style layer keeps ~36 x hidden bytes (norm inputs and their fp32 upcasts,
+# q/k/v, RoPE's outputs, the attention's output, o_proj's input) plus ~8 x intermediate (the
+# MLP's gate, up, SiLU and product), a little more with LoRA's dropout: taken here as 40 and 10
+# (an estimate from the saved tensors, not yet measured: bench/gpu.py prints the peak).
+# SmolLM2-135M: ~1 MB a token, 32k tokens fit an 80 GB GPU; TinyLlama-1.1B ~3 MB; an 8B ~10 MB.
+ACTIVATION_BYTES = {"hidden": 40, "intermediate": 10}
+# Bytes a parameter holds in training besides activations: full fine-tuning's bf16 weight and
+# gradient, fp32 master, its gradient and two AdamW moments; LoRA/DoRA the bf16 base; QLoRA the
+# 4-bit base (0.5, with its quantization constants)
+STATE_BYTES = {"full": 20.0, "lora": 2.0, "dora": 2.0, "qlora": 0.6}
+GPU_MEMORY_USE = 0.7    # of the free memory: the allocator's fragmentation, CUDA's workspaces
+
+
+def gpu_forward_budget(config, method: str, free_bytes: int, *,
+                       checkpointing: bool = False) -> int:
+    """Tokens per forward that this model's activations fit into `free_bytes` of GPU memory,
+    beside its weights and optimizer state; TOKENS_PER_FORWARD["gpu"] at most."""
+    h = config.hidden_size
+    inner = getattr(config, "intermediate_size", None) or 4 * h
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * (h // heads)
+    params = layers * (2 * h * h + 2 * h * kv + 3 * h * inner) + \
+        config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    per_layer = ACTIVATION_BYTES["hidden"] * h + ACTIVATION_BYTES["intermediate"] * inner
+    # with checkpointing a layer keeps its input only, and one layer is recomputed at a time
+    per_token = layers * 2 * h + per_layer if checkpointing else layers * per_layer
+    room = GPU_MEMORY_USE * free_bytes - params * STATE_BYTES.get(method, STATE_BYTES["full"])
+    return int(max(1, min(TOKENS_PER_FORWARD["gpu"], room // per_token)))
+
+
+def auto_micro_batch_size(batch: int, longest: int, world_size: int, budget: int) -> int:
     cap = max(1, min(batch // world_size or 1, budget // max(1, longest)))
     return 1 << (cap.bit_length() - 1)   # a power of two: it divides the usual batch sizes
 
 
 def make_plan(cfg: TrainConfig, n_train: int, *, n_examples: int | None = None,
               longest: int | None = None, longest_valid: int | None = None, world_size: int = 1,
-              on_gpu: bool = False) -> Plan:
+              on_gpu: bool = False, gpu_budget: int | None = None) -> Plan:
     """`n_train`: training rows (packed rows when packing); `n_examples`: the examples in them,
     which the auto rules follow; `longest`: the longest row, in tokens (`longest_valid`: of the
-    validation rows)."""
+    validation rows); `gpu_budget`: tokens per forward the GPU's memory holds
+    (gpu_forward_budget), if known."""
     if n_train < 1:
         raise TunelabError("no training examples", field="train_file")
     n_examples = n_examples or n_train
     epochs = auto_epochs(n_examples) if cfg.epochs == "auto" else float(cfg.epochs)
     batch = auto_batch_size(n_examples) if cfg.batch_size == "auto" else int(cfg.batch_size)
     longest = longest or cfg.max_length
-    micro = cfg.micro_batch_size or auto_micro_batch_size(batch, longest,
-                                                          world_size, on_gpu)
+    budget = TOKENS_PER_FORWARD["gpu" if on_gpu else "cpu"]
+    if on_gpu and gpu_budget:
+        budget = min(budget, gpu_budget)
+    micro = cfg.micro_batch_size or auto_micro_batch_size(batch, longest, world_size, budget)
     if micro * world_size > batch:
         micro = max(1, batch // world_size)
     accum = max(1, round(batch / (micro * world_size)))
@@ -111,7 +146,6 @@ def make_plan(cfg: TrainConfig, n_train: int, *, n_examples: int | None = None,
     eval_steps = cfg.eval_steps or max(1, math.ceil(total / 5))
     save_steps = cfg.save_steps or eval_steps
     logging_steps = min(cfg.logging_steps, max(1, total // 5))
-    budget = TOKENS_PER_FORWARD["gpu" if on_gpu else "cpu"]
     longest_valid = longest_valid or longest
     eval_batch = max(micro, min(MAX_EVAL_BATCH, budget // max(1, longest_valid)))
     return Plan(epochs=epochs, batch_size=effective, micro_batch_size=micro,

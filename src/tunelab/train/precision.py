@@ -54,8 +54,14 @@ def dither_pool(generator: torch.Generator) -> torch.Tensor:
                          generator=generator, device=generator.device)
 
 
+def dither_slices(n: int) -> int:
+    """How many DITHER_CHUNK slices (each with its own offset into the pool) n weights take."""
+    return (n + DITHER_CHUNK - 1) // DITHER_CHUNK
+
+
 def stochastic_round_(out: torch.Tensor, master: torch.Tensor, generator: torch.Generator,
-                      pool: torch.Tensor | None = None) -> None:
+                      pool: torch.Tensor | None = None,
+                      offsets: list[int] | None = None) -> None:
     """out (bf16) <- master (fp32) rounded stochastically, in place.
 
     A bf16 number is the top 16 bits of an fp32 one. Adding a uniform random integer in
@@ -64,6 +70,8 @@ def stochastic_round_(out: torch.Tensor, master: torch.Tensor, generator: torch.
     Written by hand: torch has no stochastic-rounding cast. The dither is read from `pool`
     (dither_pool: one per optimizer step, shared by every tensor) at a random offset per slice
     of DITHER_CHUNK weights: drawing one random number per weight would cost ~6x the rest.
+    `offsets` (one per slice) may be drawn by the caller for many tensors at once: on a GPU
+    reading them is a device sync.
     """
     if not (out.dtype == torch.bfloat16 and master.dtype == torch.float32
             and out.is_contiguous() and master.is_contiguous()):
@@ -74,8 +82,9 @@ def stochastic_round_(out: torch.Tensor, master: torch.Tensor, generator: torch.
     src = master.view(-1).view(torch.int32)
     dst = out.view(-1).view(torch.int16)
     n = src.numel()
-    offsets = torch.randint(0, DITHER_CHUNK, ((n + DITHER_CHUNK - 1) // DITHER_CHUNK,),
-                            generator=generator, device=generator.device).tolist()
+    if offsets is None:
+        offsets = torch.randint(0, DITHER_CHUNK, (dither_slices(n),), generator=generator,
+                                device=generator.device).tolist()
     for i, start in enumerate(range(0, n, DITHER_CHUNK)):
         end = min(n, start + DITHER_CHUNK)
         bits = src[start:end] + pool[offsets[i]:offsets[i] + end - start]
@@ -148,12 +157,18 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self.fold_grads()
         loss = super().step(closure)
         pool = dither_pool(self.rounding)
-        for p, m in zip(self.model_params, self.masters):
-            if m is not p:
-                stochastic_round_(p, m, self.rounding, pool)
-                # The Trainer clears gradients with model.zero_grad(), which never sees the
-                # masters: a master gradient left here would be added into the next step's.
-                m.grad = None
+        rounded = [(p, m) for p, m in zip(self.model_params, self.masters) if m is not p]
+        slices = [dither_slices(m.numel()) for _, m in rounded]
+        # every tensor's offsets in one draw: one device sync a step on a GPU, not one a tensor
+        offsets = torch.randint(0, DITHER_CHUNK, (sum(slices),), generator=self.rounding,
+                                device=self.rounding.device).tolist()
+        at = 0
+        for (p, m), k in zip(rounded, slices):
+            stochastic_round_(p, m, self.rounding, pool, offsets[at:at + k])
+            at += k
+            # The Trainer clears gradients with model.zero_grad(), which never sees the
+            # masters: a master gradient left here would be added into the next step's.
+            m.grad = None
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -176,7 +191,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
         rng = state_dict.pop("rounding_rng", None)
         super().load_state_dict(state_dict)
         if rng is not None:
-            self.rounding.set_state(rng)
+            # a CPU byte tensor, whatever the generator's device; accelerate's prepare() and
+            # the Trainer's resume move every tensor of the state to the model's device first
+            self.rounding.set_state(rng.to("cpu"))
         with torch.no_grad():
             for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
                 if m is p:

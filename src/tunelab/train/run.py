@@ -94,6 +94,25 @@ def _check_target_modules(cfg: TrainConfig, source) -> None:
                            f"layers: {', '.join(linear)})", field="lora.target_modules")
 
 
+def _gpu_budget(cfg: TrainConfig, source) -> int | None:
+    """The tokens per forward this GPU's free memory holds for this model (auto.py); None
+    where micro_batch_size is set or the architecture's sizes are not in its config."""
+    import torch
+    from transformers import AutoConfig
+
+    from tunelab.train.auto import gpu_forward_budget
+    if cfg.micro_batch_size:
+        return None
+    config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    config = getattr(config, "text_config", config)
+    if not all(hasattr(config, k) for k in ("hidden_size", "num_hidden_layers",
+                                            "num_attention_heads", "vocab_size")):
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return gpu_forward_budget(config, cfg.method, free,
+                              checkpointing=cfg.gradient_checkpointing)
+
+
 def _want_tensorboard(cfg: TrainConfig) -> bool:
     import importlib.util
     installed = importlib.util.find_spec("tensorboard") is not None
@@ -239,8 +258,13 @@ def _freeze_lower_layers(model, n: int) -> None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) weights. A 4-bit parameter (bitsandbytes' Params4bit: QLoRA's base)
+    packs two weights in each byte of its storage, so its numel() counts a fraction of them."""
+    def weights(p) -> int:
+        return p.numel() * 2 * p.element_size() if type(p).__name__ == "Params4bit" \
+            else p.numel()
+    trainable = sum(weights(p) for p in model.parameters() if p.requires_grad)
+    total = sum(weights(p) for p in model.parameters())
     return trainable, total
 
 
@@ -340,7 +364,8 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Prepared:
                      longest=max(map(objective.row_length, train_batches)),
                      longest_valid=max(map(objective.row_length, valid_rows), default=None),
                      world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                     on_gpu=torch.cuda.is_available())
+                     on_gpu=torch.cuda.is_available(),
+                     gpu_budget=_gpu_budget(cfg, source) if torch.cuda.is_available() else None)
     return Prepared(cfg, run_dir, resume_from, source, tokenizer, train_rows, valid_rows,
                     train_batches, plan, objective, precision, tensorboard, len(replay_rows))
 

@@ -188,7 +188,7 @@ def main() -> None:
     for model in models:
         model_dir = resolve("smollm2-135m-instruct").path if model == "smollm2" else \
             random_llama(work / model, model)
-        results = {}
+        results = report[model] = {}
         for runner in a.runners.split(","):
             if runner == "tunelab-qlora" and dev != "cuda":
                 results[runner] = {"skipped": "QLoRA needs CUDA (bitsandbytes)"}
@@ -204,7 +204,6 @@ def main() -> None:
             else:
                 results[runner] = json.loads(line[-1][7:])
             print(f"  {model} {runner}: {time.perf_counter() - start:.0f} s", flush=True)
-            report[model] = results
             save()      # after every runner: a run cut short by a time limit keeps what it had
         show(model, results, peak)
         save()

@@ -42,6 +42,17 @@ def batch(kind: str):
     return {"input_ids": ids}
 
 
+def three_sequences_flat(device="cpu"):
+    """Three sequences (7, 30, 12 tokens), and the flat forward holding them."""
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(5, 400, (n,), generator=g).to(device) for n in (7, 30, 12)]
+    cu = torch.tensor([0, 7, 37, 49], dtype=torch.int32, device=device)
+    return seqs, {"input_ids": torch.cat(seqs)[None],
+                  "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None].to(device),
+                  "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 30,
+                  "max_length_k": 30}
+
+
 @pytest.mark.parametrize("block", [attention.QUERY_BLOCK, 16])   # 40 tokens: 1 or 3 blocks
 @pytest.mark.parametrize("kind", ["causal", "right-padded", "left-padded", "packed", "flat"])
 def test_the_matmul_path_computes_what_sdpa_computes(tiny_model_dir, kind, block, monkeypatch):
@@ -111,12 +122,7 @@ def test_a_flat_forward_keeps_each_sequence_to_itself_in_any_dtype(tiny_model_di
     monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
                         lambda m, q, *a, **kw: seen.append(q.shape[-2]) or real(m, q, *a, **kw))
     _, fast = two_models(tiny_model_dir)
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(5, 400, (n,), generator=g) for n in (7, 30, 12)]
-    cu = torch.tensor([0, 7, 37, 49], dtype=torch.int32)
-    flat = {"input_ids": torch.cat(seqs)[None],
-            "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 30, "max_length_k": 30}
+    seqs, flat = three_sequences_flat()
     for dtype in (torch.float32, torch.bfloat16):
         fast.to(dtype)
         with torch.no_grad():

@@ -3,20 +3,17 @@ base through bitsandbytes. Skipped elsewhere (CI has no GPU); bench/gpu_device.p
 lent GPU machine before its benchmark."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
 import tunelab
+from test_attention import three_sequences_flat
+from test_train_precision import train_losses
 from tunelab import attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def losses(metrics_file):
-    return [e["train_loss"] for e in map(json.loads, open(metrics_file)) if "train_loss" in e]
 
 
 def test_the_varlen_kernel_keeps_each_sequence_to_itself(tiny_model_dir):
@@ -26,12 +23,7 @@ def test_the_varlen_kernel_keeps_each_sequence_to_itself(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).cuda()
     attention.use_fast_attention(model)
     assert attention.varlen_runs(model.config, torch.bfloat16, "cuda")
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(5, 400, (n,), generator=g).cuda() for n in (7, 30, 12)]
-    cu = torch.tensor([0, 7, 37, 49], dtype=torch.int32, device="cuda")
-    flat = {"input_ids": torch.cat(seqs)[None],
-            "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None].cuda(),
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 30, "max_length_k": 30}
+    seqs, flat = three_sequences_flat("cuda")
     together = model(**flat, use_cache=False).logits[0].float()
     together.pow(2).mean().backward()
     with torch.no_grad():
@@ -68,7 +60,7 @@ def test_lora_trains_padding_free_through_the_varlen_kernel(tiny_model_dir, mixe
                             "output_dir": str(tmp_path / "run"), "method": "lora", "epochs": 6,
                             "learning_rate": 5e-3, "logging_steps": 1}, quiet=True)
     assert sequences and max(sequences) > 1          # several sequences in one forward
-    curve = losses(result.metrics_file)
+    curve = train_losses(result.metrics_file)
     # a random base learns slowly through rank-16 adapters: 10.8 -> 9.9 in a CPU dry run
     assert all(map(math.isfinite, curve)) and curve[-1] < 0.95 * curve[0], curve
 
@@ -94,7 +86,7 @@ def test_qlora_trains_on_a_4bit_base(tiny_model_dir, sound_task, tmp_path):
     assert result.extra["total_parameters"] == sum(p.numel() for p in plain.parameters()) + \
         result.extra["trainable_parameters"]
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
-    curve = losses(result.metrics_file)
+    curve = train_losses(result.metrics_file)
     assert all(map(math.isfinite, curve)) and curve[-1] < 0.95 * curve[0], curve
 
 

@@ -59,6 +59,13 @@ def dither_slices(n: int) -> int:
     return (n + DITHER_CHUNK - 1) // DITHER_CHUNK
 
 
+def dither_offsets(generator: torch.Generator, slices: int) -> list[int]:
+    """Each slice's random offset into the pool (read back to the host: a device sync on a
+    GPU, so drawn for many tensors at once where it can be)."""
+    return torch.randint(0, DITHER_CHUNK, (slices,), generator=generator,
+                         device=generator.device).tolist()
+
+
 def stochastic_round_(out: torch.Tensor, master: torch.Tensor, generator: torch.Generator,
                       pool: torch.Tensor | None = None,
                       offsets: list[int] | None = None) -> None:
@@ -83,8 +90,7 @@ def stochastic_round_(out: torch.Tensor, master: torch.Tensor, generator: torch.
     dst = out.view(-1).view(torch.int16)
     n = src.numel()
     if offsets is None:
-        offsets = torch.randint(0, DITHER_CHUNK, (dither_slices(n),), generator=generator,
-                                device=generator.device).tolist()
+        offsets = dither_offsets(generator, dither_slices(n))
     for i, start in enumerate(range(0, n, DITHER_CHUNK)):
         end = min(n, start + DITHER_CHUNK)
         bits = src[start:end] + pool[offsets[i]:offsets[i] + end - start]
@@ -160,8 +166,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         rounded = [(p, m) for p, m in zip(self.model_params, self.masters) if m is not p]
         slices = [dither_slices(m.numel()) for _, m in rounded]
         # every tensor's offsets in one draw: one device sync a step on a GPU, not one a tensor
-        offsets = torch.randint(0, DITHER_CHUNK, (sum(slices),), generator=self.rounding,
-                                device=self.rounding.device).tolist()
+        offsets = dither_offsets(self.rounding, sum(slices))
         at = 0
         for (p, m), k in zip(rounded, slices):
             stochastic_round_(p, m, self.rounding, pool, offsets[at:at + k])

@@ -18,6 +18,11 @@ for one epoch (the same trained tokens), each in its own process (so peak RSS is
                on every token, prompts included);
   (e) plain-heap  (only when asked for: --runners ...,plain-heap) the same loop under the
                allocator settings tunelab trains with (tunelab.runtime.training_allocator).
+  (f) trl-fast  (only when asked for) TRL as in (a) but without gradient checkpointing, which
+               TRL turns on by default (memory for speed): the fastest TRL full fine-tuning here;
+  (g) trl-lora  (only when asked for) TRL as in (a) with a PEFT LoRA of tunelab's defaults (r 16,
+               alpha 32, no dropout, every linear layer, lr 2e-4): the same method as (b).
+tunelab's runs save their checkpoints inside the timed window (its defaults); TRL's save none.
 Prints trained tokens/s, total non-padding tokens/s, peak RSS, validation loss (tunelab's
 test_loss on each saved model: one metric for all), the ratios against (a), and the model FLOP
 utilisation of (c) against the matmul peak measured here, now, in that native precision.
@@ -92,7 +97,7 @@ class Timer:
         return _T()
 
 
-def worker_trl(model_dir: str, data: dict, out: str) -> dict:
+def worker_trl(model_dir: str, data: dict, out: str, variant: str = "") -> dict:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -108,11 +113,18 @@ def worker_trl(model_dir: str, data: dict, out: str) -> dict:
     # TRL turns bf16 autocast on by default; on a CPU without native bf16 (AVX2 only) every
     # matmul would then run emulated, ~50x slower than fp32: nobody would keep that, so the
     # peer runs in fp32 there, its other defaults unchanged
+    changed = {"fast": {"gradient_checkpointing": False},
+               "lora": {"learning_rate": 2e-4}}.get(variant, {})
     args = SFTConfig(output_dir=out, use_cpu=True, num_train_epochs=1, report_to="none",
                      bf16=cpu_has_bf16(),
-                     include_num_input_tokens_seen="non_padding", save_strategy="no")
+                     include_num_input_tokens_seen="non_padding", save_strategy="no", **changed)
+    peft_config = None
+    if variant == "lora":
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_prompt_completion(data["train"]),
-                         processing_class=tok, callbacks=[timer])
+                         processing_class=tok, callbacks=[timer], peft_config=peft_config)
     trained = sum(sum(1 for x in lab if x != -100) for lab in trainer.train_dataset["labels"])
     trainer.train()
     trainer.save_model(out + "/model")
@@ -174,8 +186,8 @@ def valid_loss(model_dir: str, val_file: str) -> float:
 def run_worker(name: str, model_dir: str, data: dict, out: str) -> None:
     from tunelab.runtime import set_threads
     set_threads()
-    if name == "trl":
-        r = worker_trl(model_dir, data, out)
+    if name.startswith("trl"):
+        r = worker_trl(model_dir, data, out, name.removeprefix("trl").removeprefix("-"))
     elif name == "plain":
         r = worker_plain(model_dir, data, out)
     elif name == "plain-heap":
@@ -295,6 +307,13 @@ def report(model_name: str, results: dict, native: str, peak: float) -> None:
                   f"trained tok/s x{r['trained_tps'] / base['trained_tps']:.2f}, peak RSS "
                   f"x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}, valid loss "
                   f"{100 * (r['valid_loss'] / base['valid_loss'] - 1):+.1f}%")
+    # each of tunelab's runs against TRL's same method, where that peer ran
+    for name, peer in (("tunelab", "trl-lora"), ("tunelab-full", "trl-fast")):
+        if name in results and peer in results:
+            r, p = results[name], results[peer]
+            print(f"{name} / {peer}: total tok/s x{r['total_tps'] / p['total_tps']:.2f}, peak "
+                  f"RSS x{r['peak_rss_mb'] / p['peak_rss_mb']:.2f}, valid loss "
+                  f"{100 * (r['valid_loss'] / p['valid_loss'] - 1):+.1f}%")
     for ref in ("plain", "plain-heap"):
         if ref not in results:
             continue

@@ -13,7 +13,10 @@ in its own process (so peak memory is its own):
                computes the loss in chunks through its own fused LM head in every setting;
   trl-fast     SFTTrainer with padding-free packing (packing_strategy="bfd") and, on CUDA
                with liger-kernel installed, use_liger_kernel=True: Liger's layer kernels
-               (RMSNorm, SwiGLU, RoPE; TRL turns Liger's own fused cross-entropy off);
+               (RMSNorm, SwiGLU, RoPE; TRL turns Liger's own fused cross-entropy off).
+               Checked on CPU (2026-12-08, triton 3.9 installed beside it): liger-kernel
+               0.8.5 binds those three into transformers 5.23's Llama, PEFT-wrapped too;
+               the Triton kernels themselves run on CUDA only;
   tunelab      tunelab's defaults (LoRA), and tunelab-full (method: full);
   tunelab-qlora  LoRA on a 4-bit base (bitsandbytes; CUDA only, skipped elsewhere).
 Prints non-padding tokens/s, peak memory (GPU: torch.cuda.max_memory_allocated; CPU: RSS),

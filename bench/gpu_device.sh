@@ -24,6 +24,7 @@ for m in ('liger_kernel', 'bitsandbytes', 'flash_attn'):
     print(m, 'yes' if u.find_spec(m) else 'no')"
 } 2>&1 | tee "$OUT/versions.txt"
 timeout "${TESTS_SECONDS:-150}" "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_gpu.py tests/test_attention.py 2>&1 | tail -40 | tee "$OUT/tests.txt"
+    tests/test_gpu.py tests/test_attention.py \
+    tests/test_train_engine.py::test_qlora_trains_on_a_4bit_base 2>&1 | tail -40 | tee "$OUT/tests.txt"
 timeout "${BENCH_SECONDS:-380}" "$PY" bench/gpu.py ${BENCH_ARGS:---models llama-1b,smollm2-135m} \
     --results "$OUT/gpu-results.json" 2>&1 | tee "$OUT/bench.txt"

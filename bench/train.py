@@ -22,6 +22,7 @@ for one epoch (the same trained tokens), each in its own process (so peak RSS is
                TRL turns on by default (memory for speed): the fastest TRL full fine-tuning here;
   (g) trl-lora  (only when asked for) TRL as in (a) with a PEFT LoRA of tunelab's defaults (r 16,
                alpha 32, no dropout, every linear layer, lr 2e-4): the same method as (b).
+  (h) tunelab-qlora, tunelab-dora  (only when asked for) tunelab's defaults with that method.
 tunelab's runs save their checkpoints inside the timed window (its defaults); TRL's save none.
 Prints trained tokens/s, total non-padding tokens/s, peak RSS, validation loss (tunelab's
 test_loss on each saved model: one metric for all), the ratios against (a), and the model FLOP
@@ -197,7 +198,8 @@ def run_worker(name: str, model_dir: str, data: dict, out: str) -> None:
         with training_allocator():
             r = worker_plain(model_dir, data, out)
     else:
-        r = worker_tunelab(model_dir, data, out, "full" if name == "tunelab-full" else "lora")
+        r = worker_tunelab(model_dir, data, out,
+                           name.removeprefix("tunelab").removeprefix("-") or "lora")
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before eval
     r["valid_loss"] = valid_loss(r["model_dir"], data["val"])
     print("RESULT " + json.dumps(r), flush=True)

@@ -606,11 +606,6 @@ def test_schemathesis_finds_no_server_errors(srv):
 
 
 # ---- what is known when a request arrives is answered then (400 naming the field) -------------
-def _no_gpu_here() -> bool:
-    import shutil
-    return shutil.which("nvidia-smi") is None
-
-
 @pytest.mark.parametrize("path, body, status, param, code", [
     # an absurd number of steps or tokens: refused by the config's bounds (tunelab.config)
     ("/v1/fine_tuning/jobs", {"tunelab": {"max_steps": 10**12}}, 400, "tunelab.max_steps",
@@ -651,21 +646,38 @@ def test_problems_known_on_arrival_are_refused_naming_the_field(a, srv, files, p
         assert (ids(h, "/v1/fine_tuning/jobs"), ids(h, "/v1/tunelab/evaluations")) == before
 
 
-@pytest.mark.skipif(not _no_gpu_here(), reason="this host has a GPU: qlora may run here")
-def test_qlora_without_a_gpu_is_refused_up_front(a, srv, files):
-    """No worker of this server reports a CUDA GPU (the tests' machine has none): a QLoRA job
-    could only fail once a worker loads bitsandbytes, so it is a 400 now, on the plan too."""
+def test_qlora_plans_where_bitsandbytes_runs(a, srv, files):
+    """bitsandbytes (installed with tunelab[qlora]) runs QLoRA's 4-bit base on this host's CPU,
+    so a QLoRA job is accepted here, GPU or not."""
     body = {"model": "tiny", "training_file": files[0].id, "tunelab": {"method": "qlora"}}
     with srv.http(srv.keys["a"]) as h:
-        workers = h.get("/v1/tunelab/workers").json()["data"]
-        assert workers and not any(w["resources"].get("gpus") for w in workers)
-        for path in ("/v1/fine_tuning/jobs", "/v1/tunelab/plan"):
-            err = _error(h.post(path, json=body), 400)
-            assert (err["param"], err["code"]) == ("tunelab.method", "method_unavailable")
-            assert "CUDA" in err["message"] and "'lora'" in err["message"]
-        # the same request with lora plans fine
-        body["tunelab"]["method"] = "lora"
-        assert h.post("/v1/tunelab/plan", json=body).status_code == 200
+        r = h.post("/v1/tunelab/plan", json=body)
+        assert r.status_code == 200, r.text
+
+
+def test_qlora_is_refused_up_front_where_it_cannot_run(monkeypatch):
+    """Where bitsandbytes cannot run here and no live worker reports a GPU, a QLoRA job could
+    only fail once a worker loads the model: a 400 at once instead, with the reason."""
+    from types import SimpleNamespace
+
+    from tunelab.server import api_jobs
+    from tunelab.server.errors import APIError
+    why = "QLoRA ... is not installed: pip install 'tunelab[qlora]' (or use method: lora)"
+    monkeypatch.setattr(api_jobs, "_qlora_unavailable_here", lambda: why)
+    workers = []
+    ctx = SimpleNamespace(settings=SimpleNamespace(ray_address=None),
+                          store=SimpleNamespace(live_workers=lambda within: workers))
+    with pytest.raises(APIError) as info:
+        api_jobs.check_method_available(ctx, "qlora")
+    assert (info.value.status, info.value.param, info.value.code) == \
+        (400, "tunelab.method", "method_unavailable")
+    assert why in info.value.message
+    api_jobs.check_method_available(ctx, "lora")                 # other methods: no question
+    workers.append(SimpleNamespace(resources={"gpus": [{"name": "H100"}]}))
+    api_jobs.check_method_available(ctx, "qlora")                # a GPU worker takes it
+    monkeypatch.setattr(api_jobs, "_qlora_unavailable_here", lambda: None)
+    workers.clear()
+    api_jobs.check_method_available(ctx, "qlora")                # runs here
 
 
 @pytest.mark.parametrize("content, ctype, status, code, said", [

@@ -3,6 +3,7 @@ metrics files, best checkpoint / early stopping, and failures that keep the last
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -396,7 +397,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_
 @pytest.mark.parametrize("overrides,field,needle", [
     ({"lora": {"r": 0}}, "lora.r", "greater than or equal to 1"),
     ({"batch_size": 0}, "batch_size", "greater than 0"),
-    ({"method": "qlora"}, "method", "CUDA"),
     ({"method": "lora", "freeze_layers": 1}, "freeze_layers", "full"),
     ({"max_length": 12}, "messages", "nothing left to train on"),
     ({"lora": {"target_modules": ["nope_proj"]}}, "lora.target_modules", "nope_proj"),
@@ -412,6 +412,49 @@ def test_impossible_configs_fail_before_the_model_loads(tmp_path, tiny_model_dir
         tunelab.train(data, quiet=True)
     assert info.value.field == field and needle in str(info.value)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_qlora_without_bitsandbytes_fails_before_the_model_loads(tmp_path, tiny_model_dir,
+                                                                 sound_task, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)    # as if not installed
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(TunelabError) as info:
+        tunelab.train(base_cfg(tiny_model_dir, sound_task["train"], tmp_path / "o",
+                               method="qlora"), quiet=True)
+    assert info.value.field == "method" and "tunelab[qlora]" in str(info.value)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_qlora_trains_on_a_4bit_base(tiny_model_dir, sound_task, tmp_path):
+    """QLoRA on whatever device is here (bitsandbytes runs its 4-bit layers on the CPU too):
+    the base's linear layers are 4-bit, its weights are counted as weights, the adapter learns
+    and the run's model answers, loaded on its base."""
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            layer = model.base_model.model.model.layers[0].self_attn.q_proj
+            seen["base"] = type(layer.base_layer).__name__
+            seen["packed"] = layer.base_layer.weight.dtype
+    result = tunelab.train({"model": str(tiny_model_dir), "train_file": str(sound_task["train"]),
+                            "output_dir": str(tmp_path), "method": "qlora", "epochs": 6,
+                            "learning_rate": 5e-3, "logging_steps": 1},
+                           quiet=True, callbacks=[Look()])
+    assert seen == {"base": "Linear4bit", "packed": torch.uint8}
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    # the 4-bit weights counted as weights, not as the bytes that pack them
+    assert result.extra["total_parameters"] == sum(p.numel() for p in plain.parameters()) + \
+        result.extra["trainable_parameters"]
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    curve = [loss for _, loss in train_losses(result.metrics_file)]
+    assert all(map(math.isfinite, curve)) and curve[-1] < 0.95 * curve[0], curve
+    from tunelab.inference import generate_completions
+    model, tok = models.load(result.output_dir)
+    [answer] = generate_completions(model, tok, [sound_rows()[0]["messages"][:-1]],
+                                    max_new_tokens=8)
+    assert answer.text.strip()
 
 
 def test_freeze_layers_and_dora(tmp_path, tiny_model_dir, sound_task):

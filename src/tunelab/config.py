@@ -67,8 +67,9 @@ class _TrainConfig(_Strict):
     output_dir: Path = Path("runs/latest")
     overwrite: bool = Field(False, description="replace an existing output_dir")
 
-    # lora: low-rank adapters; dora: weight-decomposed LoRA; qlora: LoRA on a 4-bit base (CUDA +
-    # bitsandbytes only); full: every weight (optionally freezing the lower layers).
+    # lora: low-rank adapters; dora: weight-decomposed LoRA; qlora: LoRA on a 4-bit base
+    # (bitsandbytes: CUDA, or its CPU backend); full: every weight (optionally freezing the
+    # lower layers).
     method: Literal["lora", "dora", "qlora", "full"] = "lora"
     lora: LoraSettings = LoraSettings()
     freeze_layers: int = Field(0, ge=0, le=10_000,

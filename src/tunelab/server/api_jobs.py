@@ -108,23 +108,26 @@ def job_options(body: FineTuningJobCreate) -> tuple[dict, bool]:
 
 
 def check_method_available(ctx: Context, method: str) -> None:
-    """QLoRA needs a CUDA GPU (bitsandbytes): refused at once when no live worker of this
-    server reports one and this host has none, rather than queued to fail."""
-    if method != "qlora" or ctx.settings.ray_address:   # a Ray cluster's GPUs are its own
+    """QLoRA needs bitsandbytes (on a CUDA GPU, or on the CPU with its CPU backend): refused at
+    once when it cannot run on this host and no live worker of this server reports a GPU,
+    rather than queued to fail."""
+    if method != "qlora" or ctx.settings.ray_address:   # a Ray cluster's nodes are its own
+        return
+    why = _qlora_unavailable_here()
+    if why is None:
         return
     from tunelab.jobs.worker import LEASE_SECONDS
     workers = ctx.store.live_workers(3 * LEASE_SECONDS)
-    if any((w.resources or {}).get("gpus") for w in workers) or _local_gpus():
+    if any((w.resources or {}).get("gpus") for w in workers):
         return
-    raise APIError(400, "method 'qlora' quantizes the base model to 4 bits with bitsandbytes, "
-                   "which needs a CUDA GPU; no worker of this server has one (use 'lora')",
+    raise APIError(400, f"method 'qlora' cannot run on this server: {why}",
                    param="tunelab.method", code="method_unavailable")
 
 
 @functools.cache
-def _local_gpus() -> int:
-    from tunelab.jobs.presence import resources
-    return len(resources().get("gpus") or [])
+def _qlora_unavailable_here() -> str | None:
+    from tunelab.train.run import qlora_unavailable
+    return qlora_unavailable()
 
 
 def file_problem(store: Store, objective: Objective, f: File | None, file_id: str, *,

@@ -62,17 +62,30 @@ def partial_dir(cfg: TrainConfig) -> Path:
     return RunDir(cfg.output_dir).partial
 
 
-def _check_method(cfg: TrainConfig) -> None:
+def qlora_unavailable() -> str | None:
+    """Why QLoRA cannot run on this host (None: it can). bitsandbytes runs its 4-bit NF4 layers
+    on a CUDA GPU, and since its multi-backend releases on the CPU too (pure PyTorch ops: on
+    this project's AVX-512 machines a 4-bit Linear's forward within 15% of bf16's)."""
+    import importlib.util
+
     import torch
-    if cfg.method == "qlora":
-        import importlib.util
-        if not torch.cuda.is_available():
-            raise TunelabError("QLoRA quantizes the base model to 4 bits with bitsandbytes, which "
-                               "needs a CUDA GPU; none is available (use method: lora)",
-                               field="method")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise TunelabError("QLoRA needs bitsandbytes: pip install bitsandbytes",
-                               field="method")
+    # On AVX-512 BF16 CPUs bitsandbytes first tries a faster 4-bit matmul fetched from the
+    # Hub by the `kernels` package, and warns at import when it cannot (offline, or no
+    # `kernels`); its own dequantize-then-matmul is what runs then, and is what was measured
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ("QLoRA quantizes the base model to 4 bits with bitsandbytes, which is not "
+                "installed: pip install 'tunelab[qlora]' (or use method: lora)")
+    if not torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes.backends.cpu") \
+            is None:
+        return ("QLoRA on a CPU needs bitsandbytes >= 0.48 (its CPU backend); this one runs on "
+                "CUDA GPUs only: pip install -U 'tunelab[qlora]' (or use method: lora)")
+    return None
+
+
+def _check_method(cfg: TrainConfig) -> None:
+    if cfg.method == "qlora" and (why := qlora_unavailable()):
+        raise TunelabError(why, field="method")
 
 
 def _check_target_modules(cfg: TrainConfig, source) -> None:
@@ -274,11 +287,15 @@ def _load_model(cfg: TrainConfig, tokenizer, source, precision: str):
     from tunelab.train.precision import weight_dtype
     kwargs = {"dtype": weight_dtype(precision, cfg.method)}
     if cfg.method == "qlora":
-        import torch
         from transformers import BitsAndBytesConfig
+
+        from tunelab.runtime import torch_dtype
+        # the 4-bit weights are dequantized to the run's precision for each matmul: bf16 where
+        # the hardware has it, fp16 on older GPUs, fp32 on a CPU without AVX-512 BF16 or AMX
+        # (emulated bf16 there is ~50x slower)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=torch_dtype(precision))
     model = models.load_model(cfg.model, tokenizer=tokenizer, source=source, **kwargs)
     model.config.use_cache = False   # also required for packed rows to be isolated
     use_fast_attention(model)

@@ -218,9 +218,14 @@ def _apply_method(model, cfg: TrainConfig):
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
                       use_dora=cfg.method == "dora", trainable_token_indices=added or None)
     if cfg.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=
-                                                cfg.gradient_checkpointing)
+        # What PEFT's prepare_model_for_kbit_training does (freeze the base; with gradient
+        # checkpointing, gradients through the inputs) but its cast of every weight it did not
+        # quantize (embeddings, norms, LM head) to fp32: the residual stream followed them into
+        # fp32, and SmolLM2's QLoRA peaked at x1.64 LoRA's memory on a CPU. They stay in the
+        # run's precision, frozen, as LoRA's base does; the adapters train in fp32.
+        model.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
     # PEFT upcasts adapters on a bf16 base to fp32 (autocast_adapter_dtype). On a CPU that
     # makes every LoRA layer cast its input to fp32, run its rank-r matmuls in fp32 (K or N =
     # r: oneDNN's slowest shapes) and add an fp32 copy of the output: measured in the demo's

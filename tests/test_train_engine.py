@@ -437,11 +437,18 @@ def test_qlora_trains_on_a_4bit_base(tiny_model_dir, sound_task, tmp_path):
             layer = model.base_model.model.model.layers[0].self_attn.q_proj
             seen["base"] = type(layer.base_layer).__name__
             seen["packed"] = layer.base_layer.weight.dtype
+            seen["embeddings"] = model.get_input_embeddings().weight.dtype
+            seen["adapters"] = {p.dtype for p in model.parameters() if p.requires_grad}
     result = tunelab.train({"model": str(tiny_model_dir), "train_file": str(sound_task["train"]),
                             "output_dir": str(tmp_path), "method": "qlora", "epochs": 6,
                             "learning_rate": 5e-3, "logging_steps": 1},
                            quiet=True, callbacks=[Look()])
-    assert seen == {"base": "Linear4bit", "packed": torch.uint8}
+    # what it does not quantize stays in the run's precision (PEFT's k-bit preparation would
+    # make it fp32), and the adapters train as LoRA's do (bf16, with fp32 masters)
+    from tunelab.runtime import torch_dtype
+    native = torch_dtype("auto")
+    assert seen == {"base": "Linear4bit", "packed": torch.uint8, "embeddings": native,
+                    "adapters": {native}}
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
     # the 4-bit weights counted as weights, not as the bytes that pack them

@@ -34,15 +34,14 @@ import torch
 
 
 def uses_master_weights(precision: str, method: str) -> bool:
-    """bf16 runs keep bf16 weights and fp32 masters; QLoRA's base is 4-bit and frozen (its
-    adapters train in fp32 under autocast) and fp16 needs autocast's loss scaling."""
-    return precision == "bf16" and method in ("full", "lora", "dora")
+    """bf16 runs keep bf16 weights (QLoRA: those it does not quantize to 4 bits) and fp32
+    masters of what trains; fp16 needs autocast's loss scaling."""
+    return precision == "bf16" and method in ("full", "lora", "dora", "qlora")
 
 
 def weight_dtype(precision: str, method: str) -> torch.dtype:
     """The dtype the model's weights are loaded in for training (QLoRA: those not quantized)."""
-    bf16 = uses_master_weights(precision, method) or (precision == "bf16" and method == "qlora")
-    return torch.bfloat16 if bf16 else torch.float32
+    return torch.bfloat16 if uses_master_weights(precision, method) else torch.float32
 
 
 DITHER_CHUNK = 1 << 21   # weights rounded per slice: a 16 MiB dither pool serves any tensor

@@ -222,7 +222,7 @@ def _apply_method(model, cfg: TrainConfig):
         # checkpointing, gradients through the inputs) but its cast of every weight it did not
         # quantize (embeddings, norms, LM head) to fp32: the residual stream followed them into
         # fp32, and SmolLM2's QLoRA peaked at x1.64 LoRA's memory on a CPU. They stay in the
-        # run's precision, frozen, as LoRA's base does; the adapters train in fp32.
+        # run's precision, frozen, as LoRA's base does, and the adapters train as LoRA's.
         model.requires_grad_(False)
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
@@ -232,7 +232,7 @@ def _apply_method(model, cfg: TrainConfig):
     # steps, the adapters' matmuls 154 of 563 ms of matmul a step. A bf16 base keeps bf16
     # adapters instead, and the optimizer their fp32 masters (tunelab.train.precision), as it
     # does for full fine-tuning's weights.
-    bf16_adapters = cfg.method == "lora" and model.dtype == torch.bfloat16
+    bf16_adapters = cfg.method in ("lora", "qlora") and model.dtype == torch.bfloat16
     try:
         with peft_quietly():
             peft_model = get_peft_model(model, lora, autocast_adapter_dtype=not bf16_adapters)

@@ -219,13 +219,13 @@ def test_bf16_lora_keeps_the_base_in_bf16(tmp_path, tiny_model_dir, sound_task):
     assert adapter and all(t.dtype in (torch.float32, torch.bfloat16) for t in adapter.values())
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_bf16_sigkill_then_resume_is_exact(tmp_path, tiny_model_dir, sound_task, method):
     """The checkpoint's bf16 weights are rounded: resuming must take the fp32 masters from the
     optimizer state, or the curve after the kill drifts from an uninterrupted run. LoRA on a
-    bf16 base keeps bf16 adapters with fp32 masters the same way."""
+    bf16 base, and QLoRA on a 4-bit one, keep bf16 adapters with fp32 masters the same way."""
     kw = dict(max_steps=30, batch_size=4, save_steps=3, save_total_limit=2, logging_steps=1,
-              method=method, **({"learning_rate": 1e-2} if method == "lora" else {}))
+              method=method, **({"learning_rate": 1e-2} if method != "full" else {}))
     ref = tunelab.train(bf16_cfg(tiny_model_dir, sound_task["train"], tmp_path / "ref", **kw),
                         quiet=True)
     expected = train_losses(ref.metrics_file)
@@ -238,7 +238,7 @@ def test_bf16_sigkill_then_resume_is_exact(tmp_path, tiny_model_dir, sound_task,
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = train_losses(tmp_path / "run" / "metrics.jsonl")
     assert got == pytest.approx(expected, abs=1e-6)
-    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    weights = "adapter_model.safetensors" if method != "full" else "model.safetensors"
     a = load_file(ref.model_dir / weights)
     b = load_file(tmp_path / "run" / ref.model_dir.name / weights)
     assert a and all(torch.equal(a[k], b[k]) for k in a)

@@ -654,6 +654,36 @@ def test_the_train_view_offers_dpo_with_its_own_settings(page, server, files, pa
                            ".toLowerCase() === 'succeeded'", timeout=240_000)
 
 
+def test_the_train_view_offers_qlora_and_its_job_trains(page, server, files, shots):
+    """QLoRA is a method card beside LoRA and full; it keeps LoRA's rank box and its job
+    trains here, on the CPU (bitsandbytes' CPU backend)."""
+    upload(page, files["good"])
+    page.wait_for_selector(".step:first-child .sub:has-text('Every example')")
+    page.goto(page.base + "/#/train")
+    page.wait_for_selector("#f-model")
+    page.select_option("#f-model", "tiny")
+    methods = page.eval_on_selector_all("input[name=method]", "ms => ms.map(m => m.value)")
+    assert methods == ["lora", "qlora", "full"]
+    page.check("input[name=method][value=full]")
+    assert page.is_hidden("#f-rank")
+    page.check("input[name=method][value=qlora]")
+    assert page.is_visible("#f-rank")
+    page.fill("#f-rank", "4")
+    page.wait_for_selector(".plan[aria-busy=false]")
+    assert "Learning rate2.0e-4" in page.text_content(".plan")     # LoRA's auto rate
+    assert "(the sft QLoRA rate)" in page.text_content("#f-lr-hint")
+    shots(page, "train-qlora")   # the phone width overflows nothing with a third card
+    page.click("button[form=train-form]")
+    page.wait_for_url("**/#/jobs/ftjob-*")
+    job_id = page.url.rsplit("/", 1)[1]
+    page.wait_for_function("document.querySelector('.job-status .pill')?.textContent.trim()"
+                           ".toLowerCase() === 'succeeded'", timeout=240_000)
+    with server.http(server.key) as h:
+        job = h.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["tunelab"]["config"]["method"] == "qlora"
+    assert job["tunelab"]["config"]["lora"]["r"] == 4
+
+
 def test_the_job_page_plots_dpo_metrics(page, server, pair_files, shots):
     """A DPO job with a validation file: the page plots loss, reward accuracy and reward
     margin, and its checkpoint table shows the objective's metrics."""

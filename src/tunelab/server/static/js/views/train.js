@@ -16,6 +16,7 @@ const SHARED = { n_epochs: "f-epochs", batch_size: "f-batch", learning_rate_mult
 
 const METHODS = [
   ["lora", "LoRA", "Trains small adapter matrices beside the frozen model: fast, light on memory, the usual choice."],
+  ["qlora", "QLoRA", "LoRA over a 4-bit copy of the model: a quarter of the memory for its weights, a little slower. For a model too big for LoRA."],
   ["full", "Full", "Updates every weight: the most capacity, but needs more memory, data and care."],
 ];
 
@@ -99,6 +100,7 @@ export async function render(root, { query }, ctx) {
 
   const objective = () => objs.find((o) => o.api_type === objectiveGroup.querySelector("input:checked").value) || objs[0];
   const method = () => methodGroup.querySelector("input:checked").value;
+  const hasAdapters = () => ["lora", "qlora"].includes(method());
 
   const form = h("form", { class: "train-form", novalidate: true },
     card("Objective", objectiveGroup, { sub: "What is optimised." }),
@@ -168,7 +170,7 @@ export async function render(root, { query }, ctx) {
     for (const x of own) if (x.o === o) hp[x.hp.name] = x.input.value ? +x.input.value : "auto";
     const extra = { method: method() };
     if (!dedupeWrap.hidden && dedupe.checked) extra.dedupe = true;
-    if (method() === "lora" && rank.value) extra.lora = { r: +rank.value };
+    if (hasAdapters() && rank.value) extra.lora = { r: +rank.value };
     if (maxLen.value) extra.max_length = +maxLen.value;
     const body = { model: modelSel.value === OTHER ? modelOther.value.trim() : modelSel.value,
                    method: { type: o.api_type, [o.api_type]: { hyperparameters: hp } }, tunelab: extra };
@@ -209,7 +211,7 @@ export async function render(root, { query }, ctx) {
     const hp = p.method[p.method.type].hyperparameters;
     hints.n_epochs.textContent = n ? `auto = ${fmtNum(p.epochs)} for ${fmtInt(n)} examples · ${describe("n_epochs")}.` : describe("n_epochs");
     hints.batch_size.textContent = n ? `auto = ${fmtInt(p.batch_size)} · ${describe("batch_size")}.` : describe("batch_size");
-    hints.learning_rate_multiplier.textContent = `auto = 1 × ${fmtNum(p.auto_learning_rate)} (the ${o.name} ${m === "full" ? "full fine-tuning" : m} rate); scales the learning rate.`;
+    hints.learning_rate_multiplier.textContent = `auto = 1 × ${fmtNum(p.auto_learning_rate)} (the ${o.name} ${m === "full" ? "full fine-tuning" : METHODS.find(([v]) => v === m)[1]} rate); scales the learning rate.`;
     const tps = tokensPerSecond(ctx, modelSel.value === OTHER ? null : modelSel.value);
     const ownRows = own.filter((x) => x.o === o).flatMap((x) => [h("dt", {}, cap(x.hp.name.replace(/_/g, " "))), h("dd", {}, String(hp[x.hp.name] ?? "—"))]);
     plan.replaceChildren(
@@ -229,7 +231,7 @@ export async function render(root, { query }, ctx) {
 
   const update = () => {
     const o = objective();
-    form.querySelector(".lora-only").hidden = method() !== "lora";
+    form.querySelector(".lora-only").hidden = !hasAdapters();
     for (const x of own) x.wrap.hidden = x.o !== o;
     for (const hp of o.hyperparameters || []) {     // the bounds the API takes
       const box = boxes[hp.name];

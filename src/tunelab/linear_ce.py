@@ -87,6 +87,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     targets: [N] token ids (every one trained). Differentiable in hidden and weight.
     """
     chunk = max(16, CHUNK_ELEMENTS // weight.size(0))
-    # the products in the head's dtype, as autocast would run them (it does not reach a custom
-    # Function): QLoRA's fp32 adapters can hand a bf16 head fp32 hidden states
-    return _LinearCrossEntropy.apply(hidden.to(weight.dtype), weight, targets, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
